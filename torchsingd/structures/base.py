@@ -1,0 +1,216 @@
+"""The protocol every structured matrix family implements.
+
+A structured matrix is a ``d x d`` matrix from a set that is closed under ``+``,
+scalar ``*`` and ``@`` (a matrix group once invertible), stored by the few numbers
+that define it. SINGD keeps its Kronecker factors ``K``, ``C`` and their momenta in
+such a set, so every operation the optimizer needs is expressed here *with* the
+structure: no method on the optimizer's path builds a dense ``d x d`` matrix
+(``to_dense`` and ``from_dense`` exist for tests, debugging and users).
+
+Notation (ALGORITHM.md section 4): ``P(M)`` is the projection of a symmetric matrix
+``M`` onto the structure. It keeps the diagonal, so ``avgtr(P(M)) = avgtr(M)``.
+
+Every family stores a tuple of tensors (:meth:`StructuredMatrix.tensors`). Any values
+of these tensors define a member of the family, which makes element-wise operations
+(``add_``, ``mul_``, ``max_abs``, copying for checkpoints) family-independent.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+class StructuredMatrix(ABC):
+    """A square matrix of a structured family, stored by its defining tensors.
+
+    Subclasses implement the abstract methods below; each is documented with the
+    dense computation it must equal (the tests check exactly these equalities).
+
+    Attributes:
+        family: The registry name of the family (e.g. ``"blockdiagonal"``).
+        dim: The matrix dimension ``d``.
+    """
+
+    family: ClassVar[str]
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    # ------------------------------------------------------------------ storage
+    @abstractmethod
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The tensors that define the matrix (views of the storage, not copies)."""
+
+    @abstractmethod
+    def options(self) -> tuple[int, ...]:
+        """The family's size parameters (e.g. ``(B,)`` for block-diagonal)."""
+
+    @classmethod
+    @abstractmethod
+    def zeros(
+        cls,
+        dim: int,
+        *options: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> StructuredMatrix:
+        """The zero matrix of dimension ``dim`` in this family."""
+
+    @abstractmethod
+    def _with_tensors(self, tensors: tuple[Tensor, ...]) -> StructuredMatrix:
+        """A member of the same family and options, defined by ``tensors``."""
+
+    @classmethod
+    def eye(
+        cls,
+        dim: int,
+        *options: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> StructuredMatrix:
+        """The identity matrix of dimension ``dim`` in this family."""
+        out = cls.zeros(dim, *options, dtype=dtype, device=device)
+        out.add_identity_(1.0)
+        return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.dim, self.dim))
+
+    def numel(self) -> int:
+        """How many numbers the structure stores."""
+        return sum(t.numel() for t in self.tensors())
+
+    def nbytes(self) -> int:
+        """How many bytes the structure stores."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def clone(self) -> StructuredMatrix:
+        return self._with_tensors(tuple(t.clone() for t in self.tensors()))
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> StructuredMatrix:
+        return self._with_tensors(tuple(t.to(dtype=dtype, device=device) for t in self.tensors()))
+
+    def copy_(self, other: StructuredMatrix) -> StructuredMatrix:
+        """Overwrite the values in place with ``other``'s (same family and shape)."""
+        self._check_compatible(other)
+        for t, o in zip(self.tensors(), other.tensors(), strict=True):
+            t.copy_(o)
+        return self
+
+    # -------------------------------------------------------- element-wise ops
+    def add_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> StructuredMatrix:
+        """``self <- self + alpha * other`` in place."""
+        self._check_compatible(other)
+        for t, o in zip(self.tensors(), other.tensors(), strict=True):
+            t.add_(o, alpha=alpha)
+        return self
+
+    def mul_(self, value: float | Tensor) -> StructuredMatrix:
+        """``self <- value * self`` in place."""
+        for t in self.tensors():
+            t.mul_(value)
+        return self
+
+    def max_abs(self) -> Tensor:
+        """The largest absolute entry of the matrix (its infinity vector norm)."""
+        values = [t.abs().max() for t in self.tensors() if t.numel() > 0]
+        if not values:
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.stack(values).max()
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors())
+
+    # --------------------------------------------------- structure-aware algebra
+    @abstractmethod
+    def add_identity_(self, value: float) -> StructuredMatrix:
+        """``self <- self + value * I`` in place."""
+
+    @abstractmethod
+    def trace(self) -> Tensor:
+        """``trace(self)`` as a 0-d tensor."""
+
+    def average_trace(self) -> Tensor:
+        """``avgtr(self) = trace(self) / d``."""
+        return self.trace() / self.dim
+
+    @abstractmethod
+    def mm(self, X: Tensor) -> Tensor:
+        """``self @ X`` for a dense ``X`` of shape ``[d, n]``; returns ``[d, n]``."""
+
+    @abstractmethod
+    def tmm(self, X: Tensor) -> Tensor:
+        """``self^T @ X`` for a dense ``X`` of shape ``[d, n]``; returns ``[d, n]``."""
+
+    @abstractmethod
+    def matmul(self, other: StructuredMatrix) -> StructuredMatrix:
+        """``self @ other`` for a member of the same family; stays in the family."""
+
+    @abstractmethod
+    def inner(self) -> StructuredMatrix:
+        """``P(self^T @ self)``."""
+
+    @abstractmethod
+    def inner_of(self, Z: Tensor) -> StructuredMatrix:
+        """``P(self^T @ Z @ Z^T @ self)`` for a dense ``Z`` of shape ``[d, n]``."""
+
+    @classmethod
+    @abstractmethod
+    def from_dense(cls, M: Tensor, *options: int) -> StructuredMatrix:
+        """``P(M)`` for a symmetric dense ``M`` of shape ``[d, d]``."""
+
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """The represented matrix as a dense ``[d, d]`` tensor (tests and debugging)."""
+
+    def __matmul__(self, other: StructuredMatrix | Tensor) -> StructuredMatrix | Tensor:
+        if isinstance(other, Tensor):
+            return self.mm(other)
+        return self.matmul(other)
+
+    def __repr__(self) -> str:
+        opts = ",".join(str(o) for o in self.options())
+        name = f"{self.family}:{opts}" if opts else self.family
+        return f"{type(self).__name__}({name}, dim={self.dim}, dtype={self.dtype})"
+
+    def _check_compatible(self, other: StructuredMatrix) -> None:
+        if type(other) is not type(self) or other.dim != self.dim:
+            raise ValueError(f"Incompatible structured matrices: {self!r} and {other!r}.")
+        if other.options() != self.options():
+            raise ValueError(f"Incompatible structure options: {self!r} and {other!r}.")
+
+
+def check_square(M: Tensor, name: str = "M") -> int:
+    """Return ``d`` for a ``[d, d]`` tensor, else raise a ``ValueError``."""
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {tuple(M.shape)}.")
+    return M.shape[0]
+
+
+def check_rows(X: Tensor, dim: int) -> None:
+    """Raise a ``ValueError`` unless ``X`` is a ``[dim, n]`` matrix."""
+    if X.ndim != 2 or X.shape[0] != dim:
+        raise ValueError(f"Expected a matrix with {dim} rows, got shape {tuple(X.shape)}.")
+
+
+def col_sq_sum(X: Tensor) -> Tensor:
+    """``diag(X^T X)``: the column sums of ``X * X`` (shape ``[n]`` for ``X: [m, n]``)."""
+    return (X * X).sum(0)
+
+
+def row_sq_sum(X: Tensor) -> Tensor:
+    """``diag(X X^T)``: the row sums of ``X * X`` (shape ``[m]`` for ``X: [m, n]``)."""
+    return (X * X).sum(1)

@@ -1,0 +1,113 @@
+"""Block-diagonal matrices with blocks of size ``B``.
+
+Members: ``floor(d / B)`` dense ``B x B`` blocks on the diagonal, then one dense block
+of size ``d mod B`` (absent when ``B`` divides ``d``; the only block when ``d < B``).
+``P(M)`` keeps the diagonal blocks of ``M``. Stores ``floor(d/B) B^2 + (d mod B)^2``
+numbers (about ``d B``). Registry names: ``"blockdiagonal"`` (``B = 30``),
+``"blockdiagonal:B"``, and the reference's ``"blockBdiagonal"`` (e.g. ``"block30diagonal"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square
+
+DEFAULT_BLOCK_SIZE = 30
+
+
+class BlockDiagonalMatrix(StructuredMatrix):
+    """``blockdiag(blocks[0], ..., blocks[n-1], last)``.
+
+    Args:
+        blocks: ``[n, B, B]`` full blocks.
+        last: ``[r, r]`` trailing block with ``0 <= r < B``.
+        block_size: ``B`` (needed when ``n == 0``).
+    """
+
+    family = "blockdiagonal"
+
+    def __init__(self, blocks: Tensor, last: Tensor, block_size: int) -> None:
+        if blocks.ndim != 3 or blocks.shape[1:] != (block_size, block_size):
+            raise ValueError(
+                f"blocks must have shape [n, {block_size}, {block_size}], "
+                f"got {tuple(blocks.shape)}."
+            )
+        r = check_square(last, "last")
+        if r >= block_size:
+            raise ValueError(f"The last block must be smaller than {block_size}, got {r}.")
+        super().__init__(blocks.shape[0] * block_size + r)
+        self.blocks, self.last, self.block_size = blocks, last, block_size
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.blocks, self.last)
+
+    def options(self) -> tuple[int, ...]:
+        return (self.block_size,)
+
+    @classmethod
+    def zeros(cls, dim, block_size=DEFAULT_BLOCK_SIZE, dtype=None, device=None):
+        n, r = divmod(dim, block_size)
+        blocks = torch.zeros(n, block_size, block_size, dtype=dtype, device=device)
+        return cls(blocks, torch.zeros(r, r, dtype=dtype, device=device), block_size)
+
+    def _with_tensors(self, tensors):
+        return BlockDiagonalMatrix(*tensors, self.block_size)
+
+    def add_identity_(self, value: float) -> BlockDiagonalMatrix:
+        self.blocks.diagonal(dim1=1, dim2=2).add_(value)
+        self.last.diagonal().add_(value)
+        return self
+
+    def trace(self) -> Tensor:
+        return self.blocks.diagonal(dim1=1, dim2=2).sum() + self.last.diagonal().sum()
+
+    def _split(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        """Split rows of ``X: [d, m]`` into ``[n, B, m]`` and ``[r, m]``."""
+        check_rows(X, self.dim)
+        n, B = self.blocks.shape[0], self.block_size
+        return X[: n * B].reshape(n, B, X.shape[1]), X[n * B :]
+
+    def _join(self, top: Tensor, bottom: Tensor) -> Tensor:
+        return torch.cat([top.reshape(-1, bottom.shape[1]), bottom])
+
+    def mm(self, X: Tensor) -> Tensor:
+        top, bottom = self._split(X)
+        return self._join(torch.bmm(self.blocks, top), self.last @ bottom)
+
+    def tmm(self, X: Tensor) -> Tensor:
+        top, bottom = self._split(X)
+        return self._join(torch.bmm(self.blocks.mT, top), self.last.T @ bottom)
+
+    def matmul(self, other: StructuredMatrix) -> BlockDiagonalMatrix:
+        self._check_compatible(other)
+        return BlockDiagonalMatrix(
+            torch.bmm(self.blocks, other.blocks), self.last @ other.last, self.block_size
+        )
+
+    def inner(self) -> BlockDiagonalMatrix:
+        return BlockDiagonalMatrix(
+            torch.bmm(self.blocks.mT, self.blocks), self.last.T @ self.last, self.block_size
+        )
+
+    def inner_of(self, Z: Tensor) -> BlockDiagonalMatrix:
+        top, bottom = self._split(Z)
+        S_top = torch.bmm(self.blocks.mT, top)
+        S_bottom = self.last.T @ bottom
+        return BlockDiagonalMatrix(
+            torch.bmm(S_top, S_top.mT), S_bottom @ S_bottom.T, self.block_size
+        )
+
+    @classmethod
+    def from_dense(cls, M: Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> BlockDiagonalMatrix:
+        dim = check_square(M)
+        n, _ = divmod(dim, block_size)
+        B = block_size
+        head = M[: n * B, : n * B].reshape(n, B, n, B)
+        idx = torch.arange(n, device=M.device)
+        blocks = head[idx, :, idx, :].clone()
+        return cls(blocks, M[n * B :, n * B :].clone(), block_size)
+
+    def to_dense(self) -> Tensor:
+        return torch.block_diag(*self.blocks.unbind(0), self.last)

@@ -1,0 +1,68 @@
+"""Dense matrices: no structure (INGD when used for both factors).
+
+``P(M) = M``. Stores ``d^2`` numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square
+
+
+class DenseMatrix(StructuredMatrix):
+    """A full ``d x d`` matrix ``mat``."""
+
+    family = "dense"
+
+    def __init__(self, mat: Tensor) -> None:
+        super().__init__(check_square(mat, "mat"))
+        self.mat = mat
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.mat,)
+
+    def options(self) -> tuple[int, ...]:
+        return ()
+
+    @classmethod
+    def zeros(cls, dim, *options, dtype=None, device=None) -> DenseMatrix:
+        return cls(torch.zeros(dim, dim, dtype=dtype, device=device))
+
+    def _with_tensors(self, tensors):
+        return DenseMatrix(*tensors)
+
+    def add_identity_(self, value: float) -> DenseMatrix:
+        self.mat.diagonal().add_(value)
+        return self
+
+    def trace(self) -> Tensor:
+        return self.mat.diagonal().sum()
+
+    def mm(self, X: Tensor) -> Tensor:
+        check_rows(X, self.dim)
+        return self.mat @ X
+
+    def tmm(self, X: Tensor) -> Tensor:
+        check_rows(X, self.dim)
+        return self.mat.T @ X
+
+    def matmul(self, other: StructuredMatrix) -> DenseMatrix:
+        self._check_compatible(other)
+        return DenseMatrix(self.mat @ other.mat)
+
+    def inner(self) -> DenseMatrix:
+        return DenseMatrix(self.mat.T @ self.mat)
+
+    def inner_of(self, Z: Tensor) -> DenseMatrix:
+        S = self.tmm(Z)
+        return DenseMatrix(S @ S.T)
+
+    @classmethod
+    def from_dense(cls, M: Tensor, *options: int) -> DenseMatrix:
+        check_square(M)
+        return cls(M.clone())
+
+    def to_dense(self) -> Tensor:
+        return self.mat.clone()

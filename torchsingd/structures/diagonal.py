@@ -1,0 +1,69 @@
+"""Diagonal matrices.
+
+``P(M) = diag(M)``. Stores ``d`` numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, row_sq_sum
+
+
+class DiagonalMatrix(StructuredMatrix):
+    """``diag(d)`` for a vector ``diag`` of length ``d``."""
+
+    family = "diagonal"
+
+    def __init__(self, diag: Tensor) -> None:
+        if diag.ndim != 1:
+            raise ValueError(f"diag must be a vector, got shape {tuple(diag.shape)}.")
+        super().__init__(diag.shape[0])
+        self.diag = diag
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.diag,)
+
+    def options(self) -> tuple[int, ...]:
+        return ()
+
+    @classmethod
+    def zeros(cls, dim, *options, dtype=None, device=None) -> DiagonalMatrix:
+        return cls(torch.zeros(dim, dtype=dtype, device=device))
+
+    def _with_tensors(self, tensors):
+        return DiagonalMatrix(*tensors)
+
+    def add_identity_(self, value: float) -> DiagonalMatrix:
+        self.diag.add_(value)
+        return self
+
+    def trace(self) -> Tensor:
+        return self.diag.sum()
+
+    def mm(self, X: Tensor) -> Tensor:
+        check_rows(X, self.dim)
+        return self.diag.unsqueeze(1) * X
+
+    def tmm(self, X: Tensor) -> Tensor:
+        return self.mm(X)
+
+    def matmul(self, other: StructuredMatrix) -> DiagonalMatrix:
+        self._check_compatible(other)
+        return DiagonalMatrix(self.diag * other.diag)
+
+    def inner(self) -> DiagonalMatrix:
+        return DiagonalMatrix(self.diag * self.diag)
+
+    def inner_of(self, Z: Tensor) -> DiagonalMatrix:
+        check_rows(Z, self.dim)
+        return DiagonalMatrix(self.diag * self.diag * row_sq_sum(Z))
+
+    @classmethod
+    def from_dense(cls, M: Tensor, *options: int) -> DiagonalMatrix:
+        check_square(M)
+        return cls(M.diagonal().clone())
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(self.diag)

@@ -1,0 +1,176 @@
+"""Hierarchical matrices with dense corners of sizes ``K1`` and ``K2``.
+
+Members (rows split as ``k1 | m | k2``)::
+
+    [ A  B1       B2 ]     A: [k1, k1] dense,  B = [B1 B2]: [k1, m + k2]
+    [ 0  diag(c)  0  ]     c: [m]
+    [ 0  D        E  ]     D: [k2, m],  E: [k2, k2] dense
+
+Sizing for dimension ``d``: ``d <= K1``: only ``A``; ``d <= K1 + K2``: ``A`` (``K1``) and
+``E`` (``d - K1``); else ``A``, ``E`` and a diagonal of ``m = d - K1 - K2``.
+``P(M)``: ``A = M11``, ``B = 2 M[1, 2:3]``, ``c = diag(M22)``, ``D = 2 M32``,
+``E = M33``. Stores about ``d (K1 + K2)`` numbers. Registry names:
+``"hierarchical"`` (15, 15), ``"hierarchical:K1,K2"``, the reference's
+``"hierarchicalK1_K2"`` (e.g. ``"hierarchical15_15"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchsingd.structures.base import (
+    StructuredMatrix,
+    check_rows,
+    check_square,
+    col_sq_sum,
+    row_sq_sum,
+)
+
+DEFAULT_K1 = 15
+DEFAULT_K2 = 15
+
+
+def hierarchical_sizes(dim: int, K1: int, K2: int) -> tuple[int, int, int]:
+    """``(k1, m, k2)``: sizes of the top block, the diagonal and the bottom block."""
+    if dim <= K1:
+        return dim, 0, 0
+    if dim <= K1 + K2:
+        return K1, 0, dim - K1
+    return K1, dim - K1 - K2, K2
+
+
+class HierarchicalMatrix(StructuredMatrix):
+    """See the module docstring for the layout of ``A, B, c, D, E``."""
+
+    family = "hierarchical"
+
+    def __init__(self, A: Tensor, B: Tensor, c: Tensor, D: Tensor, E: Tensor, K1: int, K2: int):
+        k1, k2, m = check_square(A, "A"), check_square(E, "E"), c.shape[0]
+        if c.ndim != 1 or B.shape != (k1, m + k2) or D.shape != (k2, m):
+            raise ValueError(
+                f"Inconsistent hierarchical blocks: A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                f"c {tuple(c.shape)}, D {tuple(D.shape)}, E {tuple(E.shape)}."
+            )
+        super().__init__(k1 + m + k2)
+        if hierarchical_sizes(self.dim, K1, K2) != (k1, m, k2):
+            raise ValueError(f"Block sizes {(k1, m, k2)} do not match K1={K1}, K2={K2}.")
+        self.A, self.B, self.c, self.D, self.E = A, B, c, D, E
+        self.K1, self.K2 = K1, K2
+        self.k1, self.m, self.k2 = k1, m, k2
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.A, self.B, self.c, self.D, self.E)
+
+    def options(self) -> tuple[int, ...]:
+        return (self.K1, self.K2)
+
+    @classmethod
+    def zeros(cls, dim, K1=DEFAULT_K1, K2=DEFAULT_K2, dtype=None, device=None):
+        k1, m, k2 = hierarchical_sizes(dim, K1, K2)
+
+        def z(*shape):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(z(k1, k1), z(k1, m + k2), z(m), z(k2, m), z(k2, k2), K1, K2)
+
+    def _with_tensors(self, tensors):
+        return HierarchicalMatrix(*tensors, self.K1, self.K2)
+
+    def add_identity_(self, value: float) -> HierarchicalMatrix:
+        self.A.diagonal().add_(value)
+        self.c.add_(value)
+        self.E.diagonal().add_(value)
+        return self
+
+    def trace(self) -> Tensor:
+        return self.A.diagonal().sum() + self.c.sum() + self.E.diagonal().sum()
+
+    def _split_rows(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        check_rows(X, self.dim)
+        return X[: self.k1], X[self.k1 : self.k1 + self.m], X[self.k1 + self.m :]
+
+    def _B12(self) -> tuple[Tensor, Tensor]:
+        return self.B[:, : self.m], self.B[:, self.m :]
+
+    def mm(self, X: Tensor) -> Tensor:
+        X1, X2, X3 = self._split_rows(X)
+        B1, B2 = self._B12()
+        top = self.A @ X1 + B1 @ X2 + B2 @ X3
+        middle = self.c.unsqueeze(1) * X2
+        bottom = self.D @ X2 + self.E @ X3
+        return torch.cat([top, middle, bottom])
+
+    def tmm(self, X: Tensor) -> Tensor:
+        X1, X2, X3 = self._split_rows(X)
+        B1, B2 = self._B12()
+        top = self.A.T @ X1
+        middle = B1.T @ X1 + self.c.unsqueeze(1) * X2 + self.D.T @ X3
+        bottom = B2.T @ X1 + self.E.T @ X3
+        return torch.cat([top, middle, bottom])
+
+    def matmul(self, other: StructuredMatrix) -> HierarchicalMatrix:
+        self._check_compatible(other)
+        B1, B2 = self._B12()
+        oB1, oB2 = other._B12()
+        B_new = torch.cat(
+            [self.A @ oB1 + B1 * other.c + B2 @ other.D, self.A @ oB2 + B2 @ other.E], dim=1
+        )
+        return HierarchicalMatrix(
+            self.A @ other.A,
+            B_new,
+            self.c * other.c,
+            self.D * other.c + self.E @ other.D,
+            self.E @ other.E,
+            self.K1,
+            self.K2,
+        )
+
+    def inner(self) -> HierarchicalMatrix:
+        B1, B2 = self._B12()
+        return HierarchicalMatrix(
+            self.A.T @ self.A,
+            2 * (self.A.T @ self.B),
+            self.c * self.c + col_sq_sum(B1) + col_sq_sum(self.D),
+            2 * (B2.T @ B1 + self.E.T @ self.D),
+            self.E.T @ self.E + B2.T @ B2,
+            self.K1,
+            self.K2,
+        )
+
+    def inner_of(self, Z: Tensor) -> HierarchicalMatrix:
+        S1, S2, S3 = self._split_rows(self.tmm(Z))
+        return HierarchicalMatrix(
+            S1 @ S1.T,
+            2 * (S1 @ torch.cat([S2, S3]).T),
+            row_sq_sum(S2),
+            2 * (S3 @ S2.T),
+            S3 @ S3.T,
+            self.K1,
+            self.K2,
+        )
+
+    @classmethod
+    def from_dense(cls, M: Tensor, K1: int = DEFAULT_K1, K2: int = DEFAULT_K2):
+        dim = check_square(M)
+        k1, m, _ = hierarchical_sizes(dim, K1, K2)
+        s = k1 + m
+        return cls(
+            M[:k1, :k1].clone(),
+            2 * M[:k1, k1:],
+            M.diagonal()[k1:s].clone(),
+            2 * M[s:, k1:s],
+            M[s:, s:].clone(),
+            K1,
+            K2,
+        )
+
+    def to_dense(self) -> Tensor:
+        out = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+        k1, s = self.k1, self.k1 + self.m
+        out[:k1, :k1] = self.A
+        out[:k1, k1:] = self.B
+        out[k1:s, k1:s] = torch.diag(self.c)
+        out[s:, k1:s] = self.D
+        out[s:, s:] = self.E
+        return out
