@@ -83,8 +83,9 @@ def valid_forms() -> str:
     for family, info in FAMILIES.items():
         if info.option_names:
             sizes = ",".join(info.option_names)
-            forms.append(f"'{family}' (= '{family}:{','.join(map(str, info.defaults))}'), "
-                         f"'{family}:{sizes}'")
+            forms.append(
+                f"'{family}' (= '{family}:{','.join(map(str, info.defaults))}'), '{family}:{sizes}'"
+            )
         else:
             forms.append(f"'{family}'")
     forms.append("'blockBdiagonal' (e.g. 'block30diagonal')")
@@ -103,8 +104,9 @@ def get_structure(name: str | StructureSpec) -> StructureSpec:
     if isinstance(name, StructureSpec):
         return name
     if not isinstance(name, str):
-        raise ValueError(f"A structure name must be a string, got {name!r}. "
-                         f"Valid forms: {valid_forms()}.")
+        raise ValueError(
+            f"A structure name must be a string, got {name!r}. Valid forms: {valid_forms()}."
+        )
     text = name.strip().lower()
     for pattern, family in _LEGACY:
         match = pattern.match(text)

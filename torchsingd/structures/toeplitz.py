@@ -125,8 +125,7 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
     def from_dense(cls, M: Tensor, *options: int) -> TrilToeplitzMatrix:
         d = check_square(M)
         sums = torch.stack(
-            [M.diagonal().sum()]
-            + [M.diagonal(-j).sum() + M.diagonal(j).sum() for j in range(1, d)]
+            [M.diagonal().sum()] + [M.diagonal(-j).sum() + M.diagonal(j).sum() for j in range(1, d)]
         )
         return cls(project_diagonal_sums(sums))
 

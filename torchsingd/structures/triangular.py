@@ -29,8 +29,9 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
     def __init__(self, a: Tensor, b: Tensor, C: Tensor, k: int = DEFAULT_CORNER) -> None:
         kk, m = check_square(C, "C"), a.shape[0]
         if a.ndim != 1 or b.shape != (kk, m):
-            raise ValueError(f"Inconsistent blocks a {tuple(a.shape)}, b {tuple(b.shape)}, "
-                             f"C {tuple(C.shape)}.")
+            raise ValueError(
+                f"Inconsistent blocks a {tuple(a.shape)}, b {tuple(b.shape)}, C {tuple(C.shape)}."
+            )
         super().__init__(m + kk)
         if kk != min(k, self.dim):
             raise ValueError(f"Corner size {kk} does not match k={k} for d={self.dim}.")
@@ -84,13 +85,17 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
 
     def inner(self):
         return TrilTopLeftDiagonalMatrix(
-            self.a * self.a + col_sq_sum(self.b), 2 * (self.C.T @ self.b), self.C.T @ self.C,
+            self.a * self.a + col_sq_sum(self.b),
+            2 * (self.C.T @ self.b),
+            self.C.T @ self.C,
             self.k,
         )
 
     def outer(self):
         return TrilTopLeftDiagonalMatrix(
-            self.a * self.a, 2 * (self.b * self.a), self.b @ self.b.T + self.C @ self.C.T,
+            self.a * self.a,
+            2 * (self.b * self.a),
+            self.b @ self.b.T + self.C @ self.C.T,
             self.k,
         )
 
@@ -121,8 +126,9 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
     def __init__(self, A: Tensor, b: Tensor, c: Tensor, k: int = DEFAULT_CORNER) -> None:
         kk, m = check_square(A, "A"), c.shape[0]
         if c.ndim != 1 or b.shape != (m, kk):
-            raise ValueError(f"Inconsistent blocks A {tuple(A.shape)}, b {tuple(b.shape)}, "
-                             f"c {tuple(c.shape)}.")
+            raise ValueError(
+                f"Inconsistent blocks A {tuple(A.shape)}, b {tuple(b.shape)}, c {tuple(c.shape)}."
+            )
         super().__init__(m + kk)
         if kk != min(k, self.dim):
             raise ValueError(f"Corner size {kk} does not match k={k} for d={self.dim}.")
@@ -171,19 +177,25 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
     def matmul(self, other):
         self._check_compatible(other)
         return TrilBottomRightDiagonalMatrix(
-            self.A @ other.A, self.b @ other.A + self.c.unsqueeze(1) * other.b,
-            self.c * other.c, self.k,
+            self.A @ other.A,
+            self.b @ other.A + self.c.unsqueeze(1) * other.b,
+            self.c * other.c,
+            self.k,
         )
 
     def inner(self):
         return TrilBottomRightDiagonalMatrix(
-            self.A.T @ self.A + self.b.T @ self.b, 2 * (self.c.unsqueeze(1) * self.b),
-            self.c * self.c, self.k,
+            self.A.T @ self.A + self.b.T @ self.b,
+            2 * (self.c.unsqueeze(1) * self.b),
+            self.c * self.c,
+            self.k,
         )
 
     def outer(self):
         return TrilBottomRightDiagonalMatrix(
-            self.A @ self.A.T, 2 * (self.b @ self.A.T), row_sq_sum(self.b) + self.c * self.c,
+            self.A @ self.A.T,
+            2 * (self.b @ self.A.T),
+            row_sq_sum(self.b) + self.c * self.c,
             self.k,
         )
 
@@ -195,8 +207,7 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
     def from_dense(cls, M, k=DEFAULT_CORNER):
         d = check_square(M)
         kk = min(k, d)
-        return cls(M[:kk, :kk].clone(), M[kk:, :kk] + M[:kk, kk:].T,
-                   M.diagonal()[kk:].clone(), k)
+        return cls(M[:kk, :kk].clone(), M[kk:, :kk] + M[:kk, kk:].T, M.diagonal()[kk:].clone(), k)
 
     def to_dense(self):
         kk = self.A.shape[0]
