@@ -1,0 +1,574 @@
+"""The ``SINGD`` optimizer: hooks, parameter groups and state around :mod:`.update`.
+
+This module is bookkeeping only. It
+
+1. finds the supported layers of a model through the layer registry,
+2. installs one forward hook per layer which, on preconditioner-update steps
+   (``t % T == 0``) and when gradients are enabled, puts a tensor hook on the layer's
+   output; in the backward pass that hook turns the layer's input and output gradient
+   into ``H_K = P(K^T a^T a K)`` and ``H_C = P(C^T g^T g C)`` (summed over backward
+   passes of one step),
+3. in :meth:`SINGD.step` calls the pure functions of :mod:`torchsingd.optim.update`
+   for every layer, checks that every result is finite, and only then writes them.
+
+A tensor hook on the output (rather than a module backward hook) keeps working when
+the output feeds an in-place activation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from torchsingd.layers import KFAC_APPROXIMATIONS, LOSS_AVERAGES, LayerAdapter, get_adapter
+from torchsingd.optim.update import natural_gradient, parameter_step, update_factors
+from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
+
+_CALLABLE_LR_COV = "<callable lr_cov: taken from the optimizer that loads this state>"
+
+
+@dataclass
+class LayerState:
+    """Everything SINGD keeps for one preconditioned layer.
+
+    ``K``: ``[d_i, d_i]``, ``C``: ``[d_o, d_o]`` (structured); ``m_K``, ``m_C``: their
+    momenta (``None`` when ``alpha1 == 0``); ``H_K``, ``H_C``: statistics captured in
+    the backward passes of step ``capture_step`` (``None`` when nothing is pending),
+    computed from output gradients divided by ``capture_scale``.
+    """
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    group_index: int
+    K: StructuredMatrix
+    C: StructuredMatrix
+    m_K: StructuredMatrix | None = None
+    m_C: StructuredMatrix | None = None
+    H_K: StructuredMatrix | None = None
+    H_C: StructuredMatrix | None = None
+    capture_step: int = -1
+    capture_scale: float = 1.0
+
+    def clear_captures(self) -> None:
+        self.H_K = self.H_C = None
+        self.capture_step = -1
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_structures(value: Any) -> tuple[StructureSpec, StructureSpec]:
+    """``structures`` as two specs (``K`` then ``C``); a single name applies to both."""
+    if isinstance(value, (str, StructureSpec)):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(
+            f"structures must be a name or a pair of names (for K and C), got {value!r}."
+        )
+    return get_structure(value[0]), get_structure(value[1])
+
+
+def parse_dtypes(value: Any) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """``preconditioner_dtype`` as a pair (``K`` then ``C``); one dtype applies to both."""
+    if value is None or isinstance(value, torch.dtype):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(
+            "preconditioner_dtype must be None, a torch.dtype, or a pair of them "
+            f"(for K and C), got {value!r}."
+        )
+    for d in value:
+        if d is not None and not (isinstance(d, torch.dtype) and d.is_floating_point):
+            raise ValueError(f"preconditioner_dtype entries must be floating dtypes, got {d!r}.")
+    return value[0], value[1]
+
+
+def validate_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the first invalid hyper-parameter of ``group``."""
+
+    def bad(name: str, why: str) -> None:
+        raise ValueError(f"Invalid {name}={group[name]!r}: {why}.")
+
+    for name in ("lr", "damping", "weight_decay"):
+        if not _is_number(group[name]) or not group[name] >= 0.0:
+            bad(name, "must be a number >= 0")
+    for name in ("momentum", "alpha1"):
+        if not _is_number(group[name]) or not 0.0 <= group[name] < 1.0:
+            bad(name, "must be a number in [0, 1)")
+    if not isinstance(group["T"], int) or isinstance(group["T"], bool) or group["T"] < 1:
+        bad("T", "the preconditioner update interval must be an integer >= 1")
+    lr_cov = group["lr_cov"]
+    if not callable(lr_cov) and (not _is_number(lr_cov) or not lr_cov >= 0.0):
+        bad("lr_cov", "must be a number >= 0 or a callable of the step")
+    if group["loss_average"] not in LOSS_AVERAGES:
+        bad("loss_average", f"must be one of {LOSS_AVERAGES}")
+    if group["kfac_approx"] not in KFAC_APPROXIMATIONS:
+        bad("kfac_approx", f"must be one of {KFAC_APPROXIMATIONS}")
+    for name in ("kfac_like", "normalize_lr_cov"):
+        if not isinstance(group[name], bool):
+            bad(name, "must be True or False")
+    parse_structures(group["structures"])
+    parse_dtypes(group["preconditioner_dtype"])
+
+
+class SINGD(Optimizer):
+    """Structured inverse-free natural gradient descent (Lin, Dangel et al., ICML 2024).
+
+    A drop-in for the reference ``singd.optim.optimizer.SINGD``: same arguments, names,
+    meanings and defaults; the numbers agree with it (see the README for the one place
+    where the reference deviates from the paper and we follow the paper). Every
+    hyper-parameter, ``structures`` included, can be set per parameter group.
+
+    Args:
+        model: The network. Its supported layers (see :mod:`torchsingd.layers`) are
+            preconditioned with Kronecker factors ``K`` (input side) and ``C``
+            (output side).
+        params: ``None`` (every trainable parameter of a supported layer), an
+            iterable of parameters, or a list of parameter-group dicts. A layer's
+            weight and bias must be in the same group.
+        lr: ``beta2``, the parameter learning rate.
+        momentum: ``alpha2``, momentum on parameter updates.
+        damping: ``lambda``.
+        alpha1: Riemannian momentum on the factor updates (forced to 0 by ``kfac_like``).
+        weight_decay: ``gamma``, added to the natural gradient (coupled decay).
+        T: update the preconditioner every ``T`` steps (statistics are only captured
+            in the backward passes of those steps).
+        loss_average: ``"batch"``, ``"batch+sequence"`` or ``None`` (sum loss): how
+            the loss is normalised, so that ``g`` is scaled consistently.
+        lr_cov: ``beta1``: a number or a callable of the step returning one.
+        structures: names of the structures of ``K`` and ``C`` (a single name for
+            both), e.g. ``("blockdiagonal:32", "diagonal")``; see
+            :func:`torchsingd.structures.get_structure`.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing dimensions.
+        warn_unsupported: warn about trainable parameters of layers that are not
+            supported (only when ``params is None``).
+        kfac_like: use the IKFAC rule.
+        preconditioner_dtype: dtype of ``K, m_K`` and ``C, m_C`` (a pair, or one
+            dtype for both; ``None`` means the weight's dtype). May be bfloat16.
+        init_grad_scale: the initial scale of a ``GradScaler`` used with this
+            optimizer (only for numerical range of the first captures).
+        normalize_lr_cov: normalised gradient descent on the factors.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        alpha1: float = 0.5,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        loss_average: str | None = "batch",
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        structures: tuple[str, str] | str = ("dense", "dense"),
+        kfac_approx: str = "expand",
+        warn_unsupported: bool = True,
+        kfac_like: bool = False,
+        preconditioner_dtype: Any = (None, None),
+        init_grad_scale: float = 1.0,
+        normalize_lr_cov: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if not _is_number(init_grad_scale) or not init_grad_scale > 0:
+            raise ValueError(f"Invalid init_grad_scale={init_grad_scale!r}: must be > 0.")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            alpha1=alpha1,
+            weight_decay=weight_decay,
+            T=T,
+            loss_average=loss_average,
+            lr_cov=lr_cov,
+            structures=structures,
+            kfac_approx=kfac_approx,
+            kfac_like=kfac_like,
+            preconditioner_dtype=preconditioner_dtype,
+            normalize_lr_cov=normalize_lr_cov,
+        )
+        self._model = model
+        self._candidates = self._find_layers(model)
+        if params is None:
+            params = self._default_params(model, warn_unsupported)
+        self.steps = 0
+        self._layers: dict[str, LayerState] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._capture_scale = float(init_grad_scale)
+        self._init_grad_scale = float(init_grad_scale)
+        self._explicit_scale: float | None = None
+        super().__init__(params, defaults)
+        self._build_layers()
+
+    # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def _find_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerAdapter]]:
+        found = []
+        for name, module in model.named_modules():
+            adapter = get_adapter(module)
+            if adapter is not None and module.weight.requires_grad:
+                found.append((name, module, adapter))
+        return found
+
+    def _default_params(self, model: nn.Module, warn_unsupported: bool) -> list[nn.Parameter]:
+        covered: dict[int, nn.Parameter] = {}
+        for _, module, adapter in self._candidates:
+            for p in adapter.params(module):
+                covered[id(p)] = p
+        if warn_unsupported:
+            left = [
+                n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
+            ]
+            if left:
+                warnings.warn(
+                    "SINGD found trainable parameters outside supported layers; they will "
+                    f"NOT be trained by this optimizer: {left}. Train them with another "
+                    "optimizer, or pass warn_unsupported=False to silence this.",
+                    stacklevel=3,
+                )
+        return list(covered.values())
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated); layers of a group added after construction are hooked."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_hyperparameters(group)
+        if group["kfac_like"] and group["alpha1"] != 0.0:
+            warnings.warn(
+                f"Parameter group {len(self.param_groups) - 1} has kfac_like=True; setting "
+                f"alpha1={group['alpha1']} to 0 (IKFAC uses no Riemannian momentum).",
+                stacklevel=2,
+            )
+            group["alpha1"] = 0.0
+        if hasattr(self, "_layers"):
+            self._build_layers()
+
+    def _build_layers(self) -> None:
+        """Create state and hooks for every layer whose weight is in a group."""
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        claimed: set[int] = set()
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        for name, module, adapter in self._candidates:
+            params = adapter.params(module)
+            if id(module.weight) not in group_of:
+                if any(id(p) in group_of for p in params):
+                    raise ValueError(
+                        f"The bias of layer {name!r} is in the optimizer but its weight is "
+                        "not: SINGD preconditions weight and bias together."
+                    )
+                continue
+            groups = {group_of.get(id(p)) for p in params}
+            if len(groups) != 1 or None in groups:
+                raise ValueError(
+                    f"The parameters of layer {name!r} must all be in one parameter group "
+                    f"(found groups {sorted(g for g in groups if g is not None)}, "
+                    f"{'some missing' if None in groups else 'none missing'})."
+                )
+            if any(id(p) in claimed for p in params):
+                raise ValueError(
+                    f"A parameter of layer {name!r} is shared with another preconditioned "
+                    "layer; tied weights are not supported yet."
+                )
+            claimed.update(id(p) for p in params)
+            if name not in self._layers:
+                self._layers[name] = self._new_layer_state(name, module, adapter, groups.pop())
+        orphans = [
+            names.get(id(p), f"<unnamed parameter of shape {tuple(p.shape)}>")
+            for g in self.param_groups
+            for p in g["params"]
+            if id(p) not in claimed
+        ]
+        if orphans:
+            raise ValueError(
+                "These parameters are not part of a layer SINGD can precondition "
+                f"(supported: nn.Linear, nn.Conv2d and registered layers): {orphans}. "
+                "Pass only supported layers' parameters, or register an adapter with "
+                "torchsingd.register_layer."
+            )
+
+    def _new_layer_state(
+        self, name: str, module: nn.Module, adapter: LayerAdapter, group_index: int
+    ) -> LayerState:
+        group = self.param_groups[group_index]
+        spec_K, spec_C = parse_structures(group["structures"])
+        dtype_K, dtype_C = parse_dtypes(group["preconditioner_dtype"])
+        w = module.weight
+        dtype_K, dtype_C = dtype_K or w.dtype, dtype_C or w.dtype
+        d_i, d_o = adapter.dims(module)
+        layer = LayerState(
+            name=name,
+            module=module,
+            adapter=adapter,
+            group_index=group_index,
+            K=spec_K.eye(d_i, dtype=dtype_K, device=w.device),
+            C=spec_C.eye(d_o, dtype=dtype_C, device=w.device),
+        )
+        if group["alpha1"] != 0.0:
+            layer.m_K = spec_K.zeros(d_i, dtype=dtype_K, device=w.device)
+            layer.m_C = spec_C.zeros(d_o, dtype=dtype_C, device=w.device)
+        self._handles.append(module.register_forward_hook(partial(self._forward_hook, layer)))
+        return layer
+
+    @property
+    def layers(self) -> dict[str, LayerState]:
+        """The preconditioned layers by module name (read-only use, please)."""
+        return dict(self._layers)
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (no further statistics are captured)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, layer: LayerState, module: nn.Module, inputs, output) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        if not output.requires_grad:
+            return
+        if self.steps % self.param_groups[layer.group_index]["T"] != 0:
+            return
+        x = inputs[0].detach()
+        output.register_hook(partial(self._capture, layer, x))
+
+    def _capture(self, layer: LayerState, x: Tensor, grad_output: Tensor) -> None:
+        """Backward tensor hook: add this pass's ``H_K``, ``H_C`` to the layer's state."""
+        group = self.param_groups[layer.group_index]
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            a = layer.adapter.input_rows(layer.module, x.to(layer.K.dtype), group["kfac_approx"])
+            g = layer.adapter.grad_rows(
+                layer.module,
+                grad_output.detach().to(layer.C.dtype),
+                group["loss_average"],
+                group["kfac_approx"],
+            )
+            if self._capture_scale != 1.0:
+                g = g / self._capture_scale
+            H_K, H_C = layer.K.inner_of(a.T), layer.C.inner_of(g.T)
+        if layer.capture_step == self.steps and layer.H_K is not None:
+            layer.H_K.add_(H_K)
+            layer.H_C.add_(H_C)
+        else:
+            layer.H_K, layer.H_C = H_K, H_C
+            layer.capture_step = self.steps
+            layer.capture_scale = self._capture_scale
+
+    # ------------------------------------------------------------------- step
+    def set_current_grad_scale(self, grad_scale: float) -> None:
+        """Tell the optimizer the loss scale of this step's backward pass.
+
+        Needed only when gradients were unscaled before ``step`` (e.g. after
+        ``scaler.unscale_(optimizer)`` for clipping): then ``.grad`` is unscaled but
+        the captured output gradients are not.
+        """
+        self._explicit_scale = float(grad_scale)
+
+    def _read_scales(self) -> tuple[float, float, bool]:
+        """``(scale of .grad, scale of captured g, found_inf)`` for this step."""
+        grad_scale = getattr(self, "grad_scale", None)
+        grad_scale = 1.0 if grad_scale is None else float(grad_scale)
+        found_inf = getattr(self, "found_inf", None)
+        found_inf = bool(found_inf) if found_inf is not None else False
+        g_scale = self._explicit_scale if self._explicit_scale is not None else grad_scale
+        if self.steps == 0 and self._init_grad_scale == 1.0 and g_scale != 1.0:
+            warnings.warn(
+                f"A gradient scale of {g_scale} is used at step 0; pass "
+                f"init_grad_scale={g_scale} to SINGD for better numerics in the first "
+                "backward pass.",
+                stacklevel=3,
+            )
+        return grad_scale, g_scale, found_inf
+
+    def _skip(self, why: str, g_scale: float) -> None:
+        warnings.warn(f"SINGD skipped step {self.steps}: {why}.", stacklevel=3)
+        for layer in self._layers.values():
+            layer.clear_captures()
+        self._end_step(g_scale)
+
+    def _end_step(self, g_scale: float) -> None:
+        self.steps += 1
+        self._capture_scale = g_scale
+        self._explicit_scale = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update the preconditioners (every ``T`` steps) and the parameters.
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss (its
+                backward pass is captured like any other).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, g_scale, found_inf = self._read_scales()
+        if found_inf:
+            self._skip("the gradient scaler found inf/NaN gradients", g_scale)
+            return loss
+
+        pending = []
+        for layer in self._layers.values():
+            group = self.param_groups[layer.group_index]
+            if layer.module.weight.grad is None:
+                continue
+            K, C, m_K, m_C = layer.K, layer.C, layer.m_K, layer.m_C
+            update_now = self.steps % group["T"] == 0
+            if update_now and layer.H_K is not None and layer.capture_step == self.steps:
+                lr_cov = group["lr_cov"]
+                lr_cov = float(lr_cov(self.steps)) if callable(lr_cov) else float(lr_cov)
+                new = update_factors(
+                    K,
+                    C,
+                    m_K,
+                    m_C,
+                    layer.H_K,
+                    layer.H_C,
+                    damping=group["damping"],
+                    alpha1=group["alpha1"],
+                    lr_cov=lr_cov,
+                    kfac_like=group["kfac_like"],
+                    normalize_lr_cov=group["normalize_lr_cov"],
+                    H_C_scale=(layer.capture_scale / g_scale) ** 2,
+                )
+                K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
+            G = layer.adapter.grad_matrix(layer.module)
+            if grad_scale != 1.0:
+                G = G / grad_scale
+            pending.append((layer, group, K, C, m_K, m_C, natural_gradient(K, C, G)))
+
+        if pending:
+            finite = torch.stack([torch.isfinite(p[-1]).all() for p in pending]).all()
+            if not bool(finite):
+                self._skip("non-finite natural gradient (inf/NaN gradients or factors)", g_scale)
+                return loss
+
+        for layer, group, K, C, m_K, m_C, nat in pending:
+            layer.K, layer.C, layer.m_K, layer.m_C = K, C, m_K, m_C
+            params = layer.adapter.params(layer.module)
+            directions = layer.adapter.split_matrix(layer.module, nat)
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            buffers = parameter_step(
+                params,
+                directions,
+                buffers,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+            )
+            for p, buf in zip(params, buffers, strict=True):
+                if buf is not None:
+                    self.state[p]["momentum_buffer"] = buf
+        for layer in self._layers.values():
+            layer.clear_captures()
+        self._end_step(g_scale)
+        return loss
+
+    # -------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim`` state plus SINGD's factors, momenta and step counter.
+
+        A callable ``lr_cov`` is not saved (it may not pickle); the loading
+        optimizer's own callable is used.
+        """
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            if callable(group["lr_cov"]):
+                group["lr_cov"] = _CALLABLE_LR_COV
+
+        def tensors(x: StructuredMatrix | None) -> list[Tensor] | None:
+            return None if x is None else list(x.tensors())
+
+        sd["singd"] = {
+            "steps": self.steps,
+            "capture_scale": self._capture_scale,
+            "layers": {
+                name: {
+                    "structures": (str(type(s.K).family), str(type(s.C).family)),
+                    "K": tensors(s.K),
+                    "C": tensors(s.C),
+                    "m_K": tensors(s.m_K),
+                    "m_C": tensors(s.m_C),
+                    "H_K": tensors(s.H_K),
+                    "H_C": tensors(s.H_C),
+                    "capture_step": s.capture_step,
+                    "capture_scale": s.capture_scale,
+                }
+                for name, s in self._layers.items()
+            },
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`; the layers must match by name and shape."""
+        state_dict = dict(state_dict)
+        if "singd" not in state_dict:
+            raise ValueError("This state dict was not produced by torchsingd.SINGD.")
+        extra = state_dict.pop("singd")
+        callables = [g["lr_cov"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, current in zip(self.param_groups, callables, strict=True):
+            if group["lr_cov"] == _CALLABLE_LR_COV:
+                if not callable(current):
+                    raise ValueError(
+                        "The saved state used a callable lr_cov; construct the loading "
+                        "optimizer with the same callable."
+                    )
+                group["lr_cov"] = current
+        missing = set(self._layers) ^ set(extra["layers"])
+        if missing:
+            raise ValueError(f"Saved and current preconditioned layers differ: {sorted(missing)}.")
+        for name, saved in extra["layers"].items():
+            layer = self._layers[name]
+            if saved["structures"] != (type(layer.K).family, type(layer.C).family):
+                raise ValueError(
+                    f"Layer {name!r} was saved with structures {saved['structures']}, but "
+                    f"this optimizer uses {(type(layer.K).family, type(layer.C).family)}."
+                )
+            layer.K = _restore(layer.K, saved["K"], f"{name}.K")
+            layer.C = _restore(layer.C, saved["C"], f"{name}.C")
+            layer.m_K = _restore_optional(layer.K, saved["m_K"], f"{name}.m_K")
+            layer.m_C = _restore_optional(layer.C, saved["m_C"], f"{name}.m_C")
+            layer.H_K = _restore_optional(layer.K, saved["H_K"], f"{name}.H_K")
+            layer.H_C = _restore_optional(layer.C, saved["H_C"], f"{name}.H_C")
+            layer.capture_step = saved["capture_step"]
+            layer.capture_scale = saved["capture_scale"]
+        self.steps = extra["steps"]
+        self._capture_scale = extra["capture_scale"]
+
+
+def _restore(like: StructuredMatrix, tensors: list[Tensor], what: str) -> StructuredMatrix:
+    """A copy of ``like`` holding ``tensors`` (in ``like``'s dtype and device)."""
+    current = like.tensors()
+    if len(tensors) != len(current) or any(
+        t.shape != c.shape for t, c in zip(tensors, current, strict=True)
+    ):
+        raise ValueError(f"Saved {what} does not match the current layer's shapes.")
+    return like._with_tensors(
+        tuple(
+            t.detach().to(dtype=c.dtype, device=c.device).clone()
+            for t, c in zip(tensors, current, strict=True)
+        )
+    )
+
+
+def _restore_optional(
+    like: StructuredMatrix, tensors: list[Tensor] | None, what: str
+) -> StructuredMatrix | None:
+    return None if tensors is None else _restore(like, tensors, what)

@@ -1,0 +1,143 @@
+"""The math of one layer's SINGD step: tensors in, tensors out (ALGORITHM.md section 3).
+
+Nothing here touches modules, hooks or optimizer state; the optimizer gathers the
+inputs, calls these functions, checks the results and commits them. Each function
+names its quantities as the paper does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from torchsingd.structures import StructuredMatrix
+
+
+@dataclass
+class FactorUpdate:
+    """The result of :func:`update_factors`: new ``K``, ``C`` and momenta ``m_K``, ``m_C``.
+
+    ``m_K``/``m_C`` are ``None`` when ``alpha1 == 0`` (no momentum is kept).
+    """
+
+    K: StructuredMatrix
+    C: StructuredMatrix
+    m_K: StructuredMatrix | None
+    m_C: StructuredMatrix | None
+
+
+def riemannian_momentum_step(
+    H: StructuredMatrix,
+    H_coeff: float | Tensor,
+    XtX: StructuredMatrix,
+    damping_coeff: float | Tensor,
+    scale: float,
+    m_old: StructuredMatrix | None,
+    alpha1: float,
+) -> StructuredMatrix:
+    """``m = scale * (H_coeff * H + damping_coeff * XtX - I) + alpha1 * m_old``."""
+    m = H.clone().mul_(H_coeff)
+    m.add_(XtX, alpha=damping_coeff)
+    m.add_identity_(-1.0).mul_(scale)
+    if m_old is not None and alpha1 != 0.0:
+        m.add_(m_old, alpha=alpha1)
+    return m
+
+
+def update_factors(
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    m_K: StructuredMatrix | None,
+    m_C: StructuredMatrix | None,
+    H_K: StructuredMatrix,
+    H_C: StructuredMatrix,
+    *,
+    damping: float,
+    alpha1: float,
+    lr_cov: float,
+    kfac_like: bool,
+    normalize_lr_cov: bool,
+    H_C_scale: float = 1.0,
+) -> FactorUpdate:
+    """One preconditioner update (step 1 of ALGORITHM.md section 3).
+
+    Args:
+        K, C: current factors (``[d_i, d_i]``, ``[d_o, d_o]`` structured).
+        m_K, m_C: current momenta, or ``None`` when ``alpha1 == 0``.
+        H_K, H_C: ``P_K(K^T a^T a K)`` and ``P_C(C^T g^T g C)``, summed over the
+            backward passes of this step.
+        damping: ``lambda``. alpha1: Riemannian momentum. lr_cov: ``beta1`` (a number).
+        kfac_like: IKFAC's rule instead of SINGD's.
+        normalize_lr_cov: divide ``beta1`` by ``max(1, max|m|)`` per factor and scale
+            the step by ``1 - alpha1``.
+        H_C_scale: a factor that multiplies ``H_C`` wherever it appears (used to
+            divide out a gradient scale that changed after the backward pass).
+
+    Returns:
+        New ``K``, ``C`` (``K - beta1 K m_K``, ``C - beta1 C m_C``) and new momenta;
+        the inputs are not modified.
+    """
+    scale = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
+    KtK, CtC = K.inner(), C.inner()
+    if kfac_like:
+        coeff_HK, coeff_HC = 1.0, H_C_scale
+        damp_K = damp_C = damping
+    else:
+        coeff_HK = H_C_scale * H_C.average_trace()
+        coeff_HC = H_C_scale * H_K.average_trace()
+        damp_K = damping * CtC.average_trace()
+        damp_C = damping * KtK.average_trace()
+    new_m_K = riemannian_momentum_step(H_K, coeff_HK, KtK, damp_K, scale, m_K, alpha1)
+    new_m_C = riemannian_momentum_step(H_C, coeff_HC, CtC, damp_C, scale, m_C, alpha1)
+
+    beta1_K = beta1_C = lr_cov
+    if normalize_lr_cov:
+        beta1_K = lr_cov / max(1.0, float(new_m_K.max_abs()))
+        beta1_C = lr_cov / max(1.0, float(new_m_C.max_abs()))
+    new_K = K.clone().add_(K.matmul(new_m_K), alpha=-beta1_K)
+    new_C = C.clone().add_(C.matmul(new_m_C), alpha=-beta1_C)
+    keep = alpha1 != 0.0
+    return FactorUpdate(new_K, new_C, new_m_K if keep else None, new_m_C if keep else None)
+
+
+def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+    """``C C^T @ grad @ K K^T`` for ``grad: [d_o, d_i]``, in the factors' dtypes.
+
+    ``grad`` is cast to ``K``'s dtype for the ``K`` products and to ``C``'s dtype for
+    the ``C`` products; the result comes back in ``grad``'s dtype.
+    """
+    right = K.mm(K.tmm(grad.T.to(K.dtype))).T  # grad K K^T = (K K^T grad^T)^T
+    out = C.mm(C.tmm(right.to(C.dtype)))
+    return out.to(grad.dtype)
+
+
+def parameter_step(
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> list[Tensor | None]:
+    """Step 3 of ALGORITHM.md: ``u = G_nat + gamma W``; ``b <- alpha2 b + u``; ``W -= lr b``.
+
+    Updates ``params`` (and existing ``momentum_buffers``) in place and returns the
+    momentum buffers (new ones are created when ``momentum != 0`` and none exists).
+    """
+    out: list[Tensor | None] = []
+    for p, u, buf in zip(params, directions, momentum_buffers, strict=True):
+        if weight_decay != 0.0:
+            u = u.add(p, alpha=weight_decay)
+        if momentum != 0.0:
+            if buf is None:
+                buf = torch.clone(u).detach()
+            else:
+                buf.mul_(momentum).add_(u)
+            u = buf
+        p.add_(u, alpha=-lr)
+        out.append(buf)
+    return out
