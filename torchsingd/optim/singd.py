@@ -205,6 +205,7 @@ class SINGD(Optimizer):
         if params is None:
             params = self._default_params(model, warn_unsupported)
         self.steps = 0
+        self.skipped_steps = 0
         self._layers: dict[str, LayerState] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._capture_scale = float(init_grad_scale)
@@ -327,6 +328,22 @@ class SINGD(Optimizer):
         """The preconditioned layers by module name (read-only use, please)."""
         return dict(self._layers)
 
+    def state_bytes(self) -> int:
+        """Bytes of every tensor the optimizer keeps between steps.
+
+        Counts ``K``, ``C``, ``m_K``, ``m_C`` of every layer and the parameters'
+        momentum buffers (pending ``H`` statistics are transient and not counted).
+        """
+        total = 0
+        for layer in self._layers.values():
+            for x in (layer.K, layer.C, layer.m_K, layer.m_C):
+                total += 0 if x is None else x.nbytes()
+        for state in self.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    total += value.numel() * value.element_size()
+        return total
+
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (no further statistics are captured)."""
         for handle in self._handles:
@@ -388,12 +405,18 @@ class SINGD(Optimizer):
                 f"A gradient scale of {g_scale} is used at step 0; pass "
                 f"init_grad_scale={g_scale} to SINGD for better numerics in the first "
                 "backward pass.",
-                stacklevel=3,
+                stacklevel=4,
             )
         return grad_scale, g_scale, found_inf
 
     def _skip(self, why: str, g_scale: float) -> None:
-        warnings.warn(f"SINGD skipped step {self.steps}: {why}.", stacklevel=3)
+        """Leave parameters and factors untouched, drop this step's captures, warn."""
+        self.skipped_steps += 1
+        warnings.warn(
+            f"SINGD skipped a step: {why}; parameters and state are unchanged "
+            "(see SINGD.skipped_steps).",
+            stacklevel=4,
+        )
         for layer in self._layers.values():
             layer.clear_captures()
         self._end_step(g_scale)
@@ -403,7 +426,6 @@ class SINGD(Optimizer):
         self._capture_scale = g_scale
         self._explicit_scale = None
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update the preconditioners (every ``T`` steps) and the parameters.
 
@@ -418,10 +440,15 @@ class SINGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.no_grad():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         grad_scale, g_scale, found_inf = self._read_scales()
         if found_inf:
             self._skip("the gradient scaler found inf/NaN gradients", g_scale)
-            return loss
+            return
 
         pending = []
         for layer in self._layers.values():
@@ -457,7 +484,7 @@ class SINGD(Optimizer):
             finite = torch.stack([torch.isfinite(p[-1]).all() for p in pending]).all()
             if not bool(finite):
                 self._skip("non-finite natural gradient (inf/NaN gradients or factors)", g_scale)
-                return loss
+                return
 
         for layer, group, K, C, m_K, m_C, nat in pending:
             layer.K, layer.C, layer.m_K, layer.m_C = K, C, m_K, m_C
@@ -478,7 +505,6 @@ class SINGD(Optimizer):
         for layer in self._layers.values():
             layer.clear_captures()
         self._end_step(g_scale)
-        return loss
 
     # -------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

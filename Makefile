@@ -1,0 +1,28 @@
+# Two entry points that do all set-up on a fresh machine:
+#   make demo   - train a small real task with SINGD (several structures) and AdamW
+#   make test   - lint and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test demo lint clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# Pinned first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,experiments]'
+	touch $(STAMP)
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: $(STAMP)
+	$(PY) -m torchsingd.cli demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

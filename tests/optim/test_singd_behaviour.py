@@ -1,0 +1,633 @@
+"""Behaviour of the ``SINGD`` optimizer: checkpoints, loss scaling, skipped steps,
+low precision, parameter groups, gradient accumulation, validation and unsupported
+layers. Small seeded models; oracles are dense float64 formulas of ALGORITHM.md
+written out here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from torchsingd import SINGD
+
+DTYPE = torch.float64
+
+
+# ------------------------------------------------------------------ helpers
+def make_mlp(seed: int = 0, dtype=DTYPE, widths=(6, 8, 3)) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        if i:
+            layers.append(nn.Tanh())
+        layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def make_cnn(seed: int = 0, dtype=DTYPE) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    ).to(dtype)
+
+
+def batch(step: int, shape=(16, 6), d_out: int = 3, dtype=DTYPE):
+    """The data of one step: depends only on ``step`` (no global RNG)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(*shape, generator=gen, dtype=dtype)
+    y = torch.randn(shape[0], d_out, generator=gen, dtype=dtype)
+    return x, y
+
+
+def mse(out, y):
+    return ((out - y) ** 2).mean()
+
+
+def train(model, opt, start, stop, shape=(16, 6), scales=None, dtype=DTYPE):
+    """Plain training loop; ``scales[t]`` emulates ``GradScaler``'s optimizer protocol."""
+    losses = []
+    for t in range(start, stop):
+        x, y = batch(t, shape, dtype=dtype)
+        opt.zero_grad()
+        loss = mse(model(x), y)
+        s = 1.0 if scales is None else scales[t]
+        (loss * s).backward()
+        if scales is not None:
+            opt.grad_scale = torch.tensor(s)
+            opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        if scales is not None:
+            del opt.grad_scale, opt.found_inf
+        losses.append(loss.item())
+    return losses
+
+
+def factor_tensors(opt: SINGD) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in opt.layers.items():
+        for attr in ("K", "C", "m_K", "m_C"):
+            X = getattr(layer, attr)
+            if X is not None:
+                for i, t in enumerate(X.tensors()):
+                    out[f"{name}.{attr}.{i}"] = t.detach().clone()
+    return out
+
+
+def full_state(model: nn.Module, opt: SINGD) -> dict[str, torch.Tensor]:
+    """Every parameter, factor, factor momentum and momentum buffer (cloned)."""
+    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out.update(factor_tensors(opt))
+    for n, p in model.named_parameters():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"buffer.{n}"] = buf.clone()
+    return out
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"not bit-identical: {diff}"
+
+
+def assert_states_close(a: dict, b: dict, rtol: float, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+# --------------------------------------------------------- checkpoint resume
+HP = dict(lr=0.05, momentum=0.9, damping=1e-3, alpha1=0.5, weight_decay=1e-3, T=3)
+CNN_SHAPE = (8, 2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "structure", ["dense", "blockdiagonal:3", "hierarchical:3,2", "triltoeplitz"]
+)
+@pytest.mark.parametrize("callable_lr_cov", [False, True], ids=["float_lr_cov", "callable_lr_cov"])
+def test_checkpoint_resume_is_bit_exact(tmp_path, structure, callable_lr_cov):
+    def hp():
+        lr_cov = (lambda t: 0.05 / (1 + 0.1 * t)) if callable_lr_cov else 0.03
+        return dict(HP, lr_cov=lr_cov, structures=structure)
+
+    model_a = make_cnn(0)
+    opt_a = SINGD(model_a, **hp())
+    train(model_a, opt_a, 0, 20, CNN_SHAPE)
+
+    model_b = make_cnn(0)
+    opt_b = SINGD(model_b, **hp())
+    train(model_b, opt_b, 0, 10, CNN_SHAPE)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, path)
+    del model_b, opt_b
+
+    model_c = make_cnn(seed=123)  # a different initialisation: only the checkpoint counts
+    opt_c = SINGD(model_c, **hp())
+    ckpt = torch.load(path)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    assert opt_c.steps == 10
+    if callable_lr_cov:
+        assert callable(opt_c.param_groups[0]["lr_cov"])
+    train(model_c, opt_c, 10, 20, CNN_SHAPE)
+
+    assert opt_c.steps == opt_a.steps == 20
+    state_a, state_c = full_state(model_a, opt_a), full_state(model_c, opt_c)
+    assert any(k.endswith("m_K.0") for k in state_a) and any(
+        k.startswith("buffer.") for k in state_a
+    )
+    assert_states_equal(state_a, state_c)
+
+
+# --------------------------------------------------------------- loss scaling
+SCALE_SCHEDULES = {
+    "constant": [2.0**10] * 8,
+    "changing": [2.0**10, 2.0**10, 2.0**9, 2.0**9, 2.0**12, 2.0**3, 2.0**3, 2.0**16],
+    "non_power_of_two": [1000.0, 1000.0, 37.5, 37.5, 5e4, 5e4, 3.0, 3.0],
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCALE_SCHEDULES))
+@pytest.mark.parametrize("init_matches", [True, False], ids=["init_matches", "init_1"])
+@pytest.mark.parametrize("T", [1, 2])
+def test_grad_scale_protocol_invariance(schedule, init_matches, T):
+    scales = SCALE_SCHEDULES[schedule]
+    hp = dict(HP, T=T, lr_cov=0.05)
+    model_ref = make_mlp(0)
+    opt_ref = SINGD(model_ref, **hp)
+    train(model_ref, opt_ref, 0, len(scales))
+
+    model = make_mlp(0)
+    opt = SINGD(model, init_grad_scale=scales[0] if init_matches else 1.0, **hp)
+    if init_matches:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning when the initial scale is announced
+            train(model, opt, 0, len(scales), scales=scales)
+    else:
+        with pytest.warns(UserWarning, match="init_grad_scale"):
+            train(model, opt, 0, len(scales), scales=scales)
+    assert_states_close(
+        full_state(model_ref, opt_ref), full_state(model, opt), rtol=1e-10, atol=1e-13
+    )
+
+
+def test_real_grad_scaler_on_cpu_float32():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    steps = 8
+    hp = dict(HP, T=1, lr_cov=0.05)
+    model_ref = make_mlp(0, torch.float32)
+    opt_ref = SINGD(model_ref, **hp)
+    train(model_ref, opt_ref, 0, steps, dtype=torch.float32)
+
+    model = make_mlp(0, torch.float32)
+    opt = SINGD(model, init_grad_scale=2.0**8, **hp)
+    used_scales = []
+    for t in range(steps):
+        x, y = batch(t, dtype=torch.float32)
+        opt.zero_grad()
+        scaler.scale(mse(model(x), y)).backward()
+        used_scales.append(scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert len(set(used_scales)) > 1, "the scale should have grown during the test"
+    assert opt.steps == steps
+    assert_states_close(
+        full_state(model_ref, opt_ref), full_state(model, opt), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_real_grad_scaler_unscale_then_set_current_grad_scale():
+    """``scaler.unscale_`` (e.g. for clipping) + ``set_current_grad_scale``: same result."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=3)
+    steps = 6
+    hp = dict(HP, T=1, lr_cov=0.05)
+    model_ref = make_mlp(0)
+    opt_ref = SINGD(model_ref, **hp)
+    train(model_ref, opt_ref, 0, steps)
+
+    model = make_mlp(0)
+    opt = SINGD(model, init_grad_scale=2.0**6, **hp)
+    for t in range(steps):
+        x, y = batch(t)
+        opt.zero_grad()
+        scaler.scale(mse(model(x), y)).backward()
+        opt.set_current_grad_scale(scaler.get_scale())
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert_states_close(
+        full_state(model_ref, opt_ref), full_state(model, opt), rtol=1e-10, atol=1e-13
+    )
+
+
+# --------------------------------------------------------------- skipped steps
+def _corrupt(kind: str, model: nn.Sequential, opt: SINGD) -> None:
+    if kind == "found_inf":
+        opt.grad_scale = torch.tensor(1.0)
+        opt.found_inf = torch.tensor(1.0)
+    elif kind == "inf_in_weight_grad":
+        model[0].weight.grad[0, 0] = math.inf
+    elif kind == "nan_in_bias_grad":
+        model[2].bias.grad[1] = math.nan
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["found_inf", "inf_in_weight_grad", "nan_in_bias_grad"])
+def test_non_finite_step_is_skipped_without_touching_state(kind):
+    model = make_mlp(0)
+    opt = SINGD(model, **dict(HP, T=1, lr_cov=0.05))
+    train(model, opt, 0, 3)
+
+    x, y = batch(3)
+    opt.zero_grad()
+    mse(model(x), y).backward()
+    assert all(layer.H_K is not None for layer in opt.layers.values())  # captured this step
+    _corrupt(kind, model, opt)
+    before = full_state(model, opt)
+    assert any(k.startswith("buffer.") for k in before) and any(".m_C." in k for k in before)
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step()
+    if kind == "found_inf":
+        del opt.grad_scale, opt.found_inf
+    assert_states_equal(before, full_state(model, opt))
+    assert opt.steps == 4
+    assert all(layer.H_K is None for layer in opt.layers.values())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, 4, 7)
+    after = full_state(model, opt)
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert not torch.equal(after["param.0.weight"], before["param.0.weight"])
+    assert opt.steps == 7
+
+
+def test_real_grad_scaler_overflow_is_skipped():
+    model = make_mlp(0, torch.float32)
+    opt = SINGD(model, init_grad_scale=2.0**127, **dict(HP, T=1, lr_cov=0.05))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120)
+    before = full_state(model, opt)
+    x, y = batch(0, dtype=torch.float32)
+    scaler.scale(1e6 * mse(model(x), y)).backward()  # overflows float32 in the backward pass
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.warns(UserWarning, match="skipped"):
+        scaler.step(opt)
+    scaler.update()
+    assert_states_equal(before, full_state(model, opt))
+    assert opt.steps == 1
+    assert scaler.get_scale() == 2.0**7
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = mse(model(x), y)  # same batch: the loss must go down
+        scaler.scale(loss).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert opt.steps == 6
+    assert all(torch.isfinite(t).all() for t in full_state(model, opt).values())
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------ low precision
+def regression_data(dtype):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(48, 8, generator=gen)
+    w = torch.randn(8, 2, generator=gen)
+    y = torch.tanh(X @ w) + 0.1 * X[:, :2]
+    return X.to(dtype), y.to(dtype)
+
+
+def _train_regression(model, opt, X, y, steps=30, autocast=False):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(X)
+        loss = ((out.float() - y.float()) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    "structure", ["dense", "diagonal", "blockdiagonal:4", "hierarchical:3,2", "triltoeplitz"]
+)
+def test_bfloat16_model_trains(structure):
+    model = make_mlp(0, torch.bfloat16, widths=(8, 16, 2))
+    X, y = regression_data(torch.bfloat16)
+    opt = SINGD(model, lr=0.02, lr_cov=0.05, T=1, structures=structure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in particular: no skipped step
+        losses = _train_regression(model, opt, X, y)
+    assert losses[-1] < 0.7 * losses[0], losses
+    factors = factor_tensors(opt)
+    assert all(t.dtype == torch.bfloat16 for t in factors.values())
+    assert all(torch.isfinite(t).all() for t in factors.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_float32_model_under_bfloat16_autocast_trains():
+    model = make_mlp(0, torch.float32, widths=(8, 16, 2))
+    X, y = regression_data(torch.float32)
+    opt = SINGD(model, lr=0.02, lr_cov=0.05, T=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = _train_regression(model, opt, X, y, autocast=True)
+    assert losses[-1] < 0.7 * losses[0], losses
+    factors = factor_tensors(opt)
+    assert all(t.dtype == torch.float32 for t in factors.values())
+    assert all(torch.isfinite(t).all() for t in factors.values())
+
+
+# -------------------------------------------------------------- param groups
+def test_param_groups_structures_and_intervals():
+    model = make_mlp(0, widths=(6, 8, 7, 3))
+    opt = SINGD(
+        model,
+        params=[
+            {"params": model[0].parameters(), "lr": 0.1, "structures": "diagonal", "T": 1},
+            {
+                "params": [*model[2].parameters(), *model[4].parameters()],
+                "lr": 0.01,
+                "structures": ("blockdiagonal:3", "triltoeplitz"),
+                "T": 3,
+            },
+        ],
+        lr_cov=0.05,
+    )
+    layers = opt.layers
+    assert set(layers) == {"0", "2", "4"}
+    assert (type(layers["0"].K).family, type(layers["0"].C).family) == ("diagonal", "diagonal")
+    for name in ("2", "4"):
+        assert type(layers[name].K).family == "blockdiagonal"
+        assert layers[name].K.options() == (3,)
+        assert type(layers[name].C).family == "triltoeplitz"
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
+    assert [g["T"] for g in opt.param_groups] == [1, 3]
+
+    T_of = {"0": 1, "2": 3, "4": 3}
+    for t in range(7):
+        x, y = batch(t)
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        for name, layer in opt.layers.items():
+            captured = t % T_of[name] == 0
+            assert (layer.H_K is not None) == captured, (t, name)
+            assert (layer.H_C is not None) == captured, (t, name)
+        before = factor_tensors(opt)
+        opt.step()
+        after = factor_tensors(opt)
+        for key in before:
+            name = key.split(".")[0]
+            changed = not torch.equal(before[key], after[key])
+            if key.split(".")[1] in ("K", "C") and after[key].numel() > 0:
+                assert changed == (t % T_of[name] == 0), (t, key)
+
+
+def test_lr_scheduler_and_update_size():
+    model = make_mlp(0)
+    opt = SINGD(model, lr=0.2, momentum=0.0, weight_decay=0.0, T=1, lr_cov=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for t in range(5):
+        lr = opt.param_groups[0]["lr"]
+        assert lr == pytest.approx(0.2 * 0.5 ** (t // 2), rel=1e-15)
+        x, y = batch(t)
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        old = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        for name in ("0", "2"):
+            layer, module = opt.layers[name], model[int(name)]
+            Kd, Cd = layer.K.to_dense(), layer.C.to_dense()  # the factors used in this step
+            G = torch.cat([module.weight.grad, module.bias.grad[:, None]], dim=1)
+            delta = -lr * (Cd @ Cd.T @ G @ Kd @ Kd.T)
+            torch.testing.assert_close(module.weight - old[f"{name}.weight"], delta[:, :-1])
+            torch.testing.assert_close(module.bias - old[f"{name}.bias"], delta[:, -1])
+        sched.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------ gradient accumulation
+def _record(model: nn.Sequential, names):
+    """Hooks recording each layer's input and output gradient per backward pass."""
+    records = {n: [] for n in names}
+    handles = []
+    for n in names:
+
+        def hook(module, inputs, output, n=n):
+            entry = {"x": inputs[0].detach()}
+            records[n].append(entry)
+            output.register_hook(lambda g: entry.__setitem__("g", g.detach()))
+
+        handles.append(model[int(n)].register_forward_hook(hook))
+    return records, handles
+
+
+def test_gradient_accumulation_adds_captures():
+    B = 12
+    x, y = batch(0, (B, 6))
+    model = make_mlp(0)
+    lam, beta1, alpha1 = 1e-3, 0.1, 0.5
+    opt = SINGD(model, lr=0.1, damping=lam, lr_cov=beta1, alpha1=alpha1, T=1)
+    records, handles = _record(model, ["0", "2"])
+    opt.zero_grad()
+    for half in (slice(0, B // 2), slice(B // 2, B)):
+        (mse(model(x[half]), y[half]) / 2).backward()  # the halves sum to the full mean loss
+    for h in handles:
+        h.remove()
+
+    new_K = {}
+    for name, recs in records.items():
+        assert len(recs) == 2
+        d_i, d_o = recs[0]["x"].shape[1] + 1, recs[0]["g"].shape[1]
+        U, G = torch.zeros(d_i, d_i, dtype=DTYPE), torch.zeros(d_o, d_o, dtype=DTYPE)
+        for r in recs:  # spec: a = [x, 1] / sqrt(N_a), g = dL/dout * sqrt(B_pass)
+            n = r["x"].shape[0]
+            a = torch.cat([r["x"], torch.ones(n, 1, dtype=DTYPE)], dim=1) / math.sqrt(n)
+            g = r["g"] * math.sqrt(n)
+            U += a.T @ a
+            G += g.T @ g
+        layer = opt.layers[name]
+        torch.testing.assert_close(layer.H_K.to_dense(), U, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(layer.H_C.to_dense(), G, rtol=1e-12, atol=1e-14)
+        # step 0: K = C = I, m = 0; SINGD rule of ALGORITHM.md section 3, dense
+        I_K = torch.eye(d_i, dtype=DTYPE)
+        mK = 0.5 * (torch.trace(G) / d_o * U + lam * I_K - I_K)
+        new_K[name] = I_K - beta1 * (alpha1 * 0 + mK)
+    opt.step()
+    for name, K in new_K.items():
+        torch.testing.assert_close(opt.layers[name].K.to_dense(), K, rtol=1e-12, atol=1e-14)
+
+    # SINGD is invariant to how the statistics are split (avgtr(H_C) H_K): same as one pass
+    model_full = make_mlp(0)
+    opt_full = SINGD(model_full, lr=0.1, damping=lam, lr_cov=beta1, alpha1=alpha1, T=1)
+    opt_full.zero_grad()
+    mse(model_full(x), y).backward()
+    opt_full.step()
+    assert_states_close(
+        full_state(model_full, opt_full), full_state(model, opt), rtol=1e-10, atol=1e-13
+    )
+
+
+def test_step_with_closure_returns_loss_and_updates():
+    model = make_mlp(0)
+    opt = SINGD(model, lr=0.1, T=1)
+    x, y = batch(0)
+    w0 = model[0].weight.detach().clone()
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = mse(model(x), y)
+        loss.backward()
+        seen.append(loss)
+        return loss
+
+    out = opt.step(closure)
+    assert len(seen) == 1 and out is seen[0]
+    assert not torch.equal(model[0].weight, w0)
+    assert not torch.equal(opt.layers["0"].K.to_dense(), torch.eye(7, dtype=DTYPE))
+    assert opt.step() is None  # without closure
+
+
+# ---------------------------------------------------------------- validation
+INVALID = [
+    ("lr", dict(lr=-1)),
+    ("momentum", dict(momentum=1.5)),
+    ("damping", dict(damping=-1)),
+    ("alpha1", dict(alpha1=1.0)),
+    ("weight_decay", dict(weight_decay=-1)),
+    ("T", dict(T=0)),
+    ("T", dict(T=1.5)),
+    ("lr_cov", dict(lr_cov=-1)),
+    ("loss_average", dict(loss_average="mean")),
+    ("kfac_approx", dict(kfac_approx="foo")),
+    ("structures", dict(structures=("dense",))),
+    ("preconditioner_dtype", dict(preconditioner_dtype=torch.int32)),
+    ("init_grad_scale", dict(init_grad_scale=0)),
+]
+
+
+@pytest.mark.parametrize(
+    "name, kwargs", INVALID, ids=[f"{n}={list(k.values())[0]}" for n, k in INVALID]
+)
+def test_invalid_hyperparameter_raises_naming_it(name, kwargs):
+    with pytest.raises(ValueError) as info:
+        SINGD(make_mlp(0), **kwargs)
+    assert re.search(rf"\b{name}\b", str(info.value)), str(info.value)
+
+
+def test_invalid_hyperparameter_in_param_group():
+    model = make_mlp(0)
+    with pytest.raises(ValueError, match=r"\bmomentum\b"):
+        SINGD(model, params=[{"params": model.parameters(), "momentum": -0.1}])
+
+
+def test_unknown_structure_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        SINGD(make_mlp(0), structures="foo")
+    msg = str(info.value)
+    assert "foo" in msg and "hierarchical15_15" in msg and "blockdiagonal" in msg
+    assert "triltoeplitz" in msg
+
+
+def test_kfac_like_forces_alpha1_zero():
+    with pytest.warns(UserWarning, match="alpha1"):
+        opt = SINGD(make_mlp(0), kfac_like=True, alpha1=0.5)
+    assert opt.param_groups[0]["alpha1"] == 0.0
+    assert all(layer.m_K is None and layer.m_C is None for layer in opt.layers.values())
+
+
+# ----------------------------------------------------- unsupported parameters
+def _model_with_layernorm():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)).to(DTYPE)
+
+
+def test_unsupported_parameters_warn_with_names():
+    model = _model_with_layernorm()
+    with pytest.warns(UserWarning) as record:
+        opt = SINGD(model)
+    msg = " ".join(str(w.message) for w in record)
+    assert "1.weight" in msg and "1.bias" in msg
+    assert set(opt.layers) == {"0", "2"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SINGD(model, warn_unsupported=False)
+
+
+def test_explicit_unsupported_parameter_raises():
+    model = _model_with_layernorm()
+    with pytest.raises(ValueError, match=r"1\.weight"):
+        SINGD(model, params=[*model[0].parameters(), model[1].weight])
+
+
+def test_weight_and_bias_in_different_groups_raise():
+    model = make_mlp(0)
+    with pytest.raises(ValueError, match="'0'"):
+        SINGD(
+            model,
+            params=[
+                {"params": [model[0].weight, *model[2].parameters()]},
+                {"params": [model[0].bias]},
+            ],
+        )
+    with pytest.raises(ValueError, match="'0'"):  # a bias without its weight
+        SINGD(model, params=[model[0].bias, *model[2].parameters()])
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)  # never called
+        self.dead = nn.Linear(4, 2)  # called, but its output does not reach the loss
+
+    def forward(self, x):
+        self.dead(x)
+        return self.used(x)
+
+
+def test_unused_layers_are_skipped():
+    torch.manual_seed(0)
+    model = _Branches().to(DTYPE)
+    opt = SINGD(model, lr=0.1, T=1)
+    before = full_state(model, opt)
+    for t in range(3):
+        x, y = batch(t, (8, 4))
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        assert model.unused.weight.grad is None and model.dead.weight.grad is None
+        opt.step()
+    after = full_state(model, opt)
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        assert same == ("unused" in key or "dead" in key), key
+    assert opt.steps == 3
+
+
+# ------------------------------------------------------------ factor shapes
+def test_preconditioner_dims():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(5, 3))
+    opt = SINGD(model)
+    conv, lin = opt.layers["0"], opt.layers["2"]
+    assert conv.K.to_dense().shape == (2 * 9 + 1, 2 * 9 + 1) and conv.C.to_dense().shape == (6, 6)
+    assert lin.K.to_dense().shape == (6, 6) and lin.C.to_dense().shape == (3, 3)
+    assert torch.equal(lin.K.to_dense(), torch.eye(6)) and torch.equal(
+        conv.C.to_dense(), torch.eye(6)
+    )
+    assert lin.m_K is not None and torch.equal(lin.m_K.to_dense(), torch.zeros(6, 6))

@@ -1,0 +1,352 @@
+"""The pure update functions against ALGORITHM.md sections 3 and 5, written out densely.
+
+Oracles here use only dense float64 matrices and projections written in this file
+(``P`` of ALGORITHM.md section 4 for dense, diagonal, block-diagonal, hierarchical and
+lower-triangular Toeplitz); torchsingd's structured matrices are only the inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchsingd.optim.update import natural_gradient, parameter_step, update_factors
+from torchsingd.structures import get_structure
+
+DTYPE = torch.float64
+D_I, D_O = 7, 5
+
+
+# ------------------------------------------------------------------ oracles
+def project(name: str, M: torch.Tensor) -> torch.Tensor:
+    """Dense ``P(M)`` for a symmetric ``M`` (ALGORITHM.md section 4), written out."""
+    d = M.shape[0]
+    family, _, opts = name.partition(":")
+    if family == "dense":
+        return M.clone()
+    if family == "diagonal":
+        return torch.diag(torch.diagonal(M))
+    if family == "blockdiagonal":
+        B = int(opts)
+        out = torch.zeros_like(M)
+        for start in range(0, d, B):
+            stop = min(start + B, d)
+            out[start:stop, start:stop] = M[start:stop, start:stop]
+        return out
+    if family == "hierarchical":
+        K1, K2 = (int(o) for o in opts.split(","))
+        if d <= K1:
+            k1, m = d, 0
+        elif d <= K1 + K2:
+            k1, m = K1, 0
+        else:
+            k1, m = K1, d - K1 - K2
+        s = k1 + m
+        out = torch.zeros_like(M)
+        out[:k1, :k1] = M[:k1, :k1]
+        out[:k1, k1:] = 2 * M[:k1, k1:]
+        for i in range(k1, s):
+            out[i, i] = M[i, i]
+        out[s:, k1:s] = 2 * M[s:, k1:s]
+        out[s:, s:] = M[s:, s:]
+        return out
+    if family == "triltoeplitz":
+        out = torch.zeros_like(M)
+        for j in range(d):
+            if j == 0:
+                coeff = torch.trace(M) / d
+            else:
+                coeff = (torch.diagonal(M, -j).sum() + torch.diagonal(M, j).sum()) / (d - j)
+            for i in range(j, d):
+                out[i, i - j] = coeff
+        return out
+    raise AssertionError(name)
+
+
+def in_structure(name: str, X: torch.Tensor) -> bool:
+    """Whether the dense ``X`` has the sparsity pattern of the structure."""
+    ones = torch.ones_like(X)
+    pattern = project(name, ones + ones.T) != 0  # projected all-ones: the allowed entries
+    if name.startswith("triltoeplitz"):
+        diagonals_const = all(
+            torch.allclose(torch.diagonal(X, -j), torch.diagonal(X, -j)[0].expand(X.shape[0] - j))
+            for j in range(X.shape[0])
+        )
+        return bool((X[~pattern] == 0).all()) and diagonals_const
+    return bool((X[~pattern] == 0).all())
+
+
+def avgtr(M: torch.Tensor) -> torch.Tensor:
+    return torch.trace(M) / M.shape[0]
+
+
+def dense_update(
+    name_K, name_C, K, C, m_K, m_C, H_K, H_C, damping, alpha1, lr_cov, kfac_like, normalize, hcs
+):
+    """ALGORITHM.md section 3, step 1, with dense matrices (returns K, C, m_K, m_C)."""
+    I_K, I_C = torch.eye(K.shape[0], dtype=DTYPE), torch.eye(C.shape[0], dtype=DTYPE)
+    s = 0.5 * (1 - alpha1) if normalize else 0.5
+    PKtK, PCtC = project(name_K, K.T @ K), project(name_C, C.T @ C)
+    if kfac_like:
+        mK = s * (H_K + damping * PKtK - I_K)
+        mC = s * (hcs * H_C + damping * PCtC - I_C)
+    else:
+        mK = s * (avgtr(hcs * H_C) * H_K + damping * avgtr(C.T @ C) * PKtK - I_K)
+        mC = s * (avgtr(H_K) * hcs * H_C + damping * avgtr(K.T @ K) * PCtC - I_C)
+    if alpha1 != 0:
+        mK = alpha1 * m_K + mK
+        mC = alpha1 * m_C + mC
+    bK = bC = lr_cov
+    if normalize:
+        bK = lr_cov / max(1.0, mK.abs().max().item())
+        bC = lr_cov / max(1.0, mC.abs().max().item())
+    return K - bK * K @ mK, C - bC * C @ mC, mK, mC
+
+
+def random_member(name: str, d: int, gen: torch.Generator, scale: float = 0.3, eye=True):
+    """A random member of the structure (``I + noise`` when ``eye``)."""
+    spec = get_structure(name)
+    Z = spec.zeros(d, dtype=DTYPE)
+    X = Z._with_tensors(
+        tuple(scale * torch.randn(t.shape, generator=gen, dtype=DTYPE) for t in Z.tensors())
+    )
+    if eye:
+        X.add_identity_(1.0)
+    return X
+
+
+STRUCTURES = ["dense", "diagonal", "blockdiagonal:3", "hierarchical:2,2", "triltoeplitz"]
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize(
+    "kfac_like, alpha1",
+    [(False, 0.0), (False, 0.5), (True, 0.0)],
+    ids=["singd", "singd-mom", "ikfac"],
+)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+@pytest.mark.parametrize("hcs", [1.0, 0.25], ids=["hcs1", "hcs0.25"])
+def test_update_factors_matches_dense_formula(structure, kfac_like, alpha1, normalize, hcs):
+    gen = torch.Generator().manual_seed(
+        10 * STRUCTURES.index(structure) + 2 * kfac_like + int(alpha1 > 0)
+    )
+    # Pair different structures for K and C to catch a K/C mix-up.
+    name_K, name_C = structure, ("dense" if structure != "dense" else "diagonal")
+    K = random_member(name_K, D_I, gen)
+    C = random_member(name_C, D_O, gen)
+    m_K = m_C = None
+    if alpha1 != 0:
+        m_K = random_member(name_K, D_I, gen, eye=False)
+        m_C = random_member(name_C, D_O, gen, eye=False)
+    a = 1.5 * torch.randn(10, D_I, generator=gen, dtype=DTYPE)
+    g = 1.5 * torch.randn(12, D_O, generator=gen, dtype=DTYPE)
+    Kd, Cd = K.to_dense(), C.to_dense()
+    assert in_structure(name_K, Kd) and in_structure(name_C, Cd)
+    H_K, H_C = K.inner_of(a.T), C.inner_of(g.T)
+    HKd = project(name_K, Kd.T @ a.T @ a @ Kd)
+    HCd = project(name_C, Cd.T @ g.T @ g @ Cd)
+    torch.testing.assert_close(H_K.to_dense(), HKd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H_C.to_dense(), HCd, rtol=1e-12, atol=1e-12)
+    before = [t.clone() for X in (K, C, H_K, H_C) for t in X.tensors()]
+
+    damping, lr_cov = 0.1, 0.3
+    new = update_factors(
+        K,
+        C,
+        m_K,
+        m_C,
+        H_K,
+        H_C,
+        damping=damping,
+        alpha1=alpha1,
+        lr_cov=lr_cov,
+        kfac_like=kfac_like,
+        normalize_lr_cov=normalize,
+        H_C_scale=hcs,
+    )
+    K1, C1, mK1, mC1 = dense_update(
+        name_K,
+        name_C,
+        Kd,
+        Cd,
+        None if m_K is None else m_K.to_dense(),
+        None if m_C is None else m_C.to_dense(),
+        HKd,
+        HCd,
+        damping,
+        alpha1,
+        lr_cov,
+        kfac_like,
+        normalize,
+        hcs,
+    )
+    if normalize:  # the test must exercise the max(1, max|m|) branch
+        assert mK1.abs().max() > 1 or mC1.abs().max() > 1
+    assert type(new.K) is type(K) and type(new.C) is type(C)
+    torch.testing.assert_close(new.K.to_dense(), K1, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(new.C.to_dense(), C1, rtol=1e-11, atol=1e-12)
+    if alpha1 == 0:
+        assert new.m_K is None and new.m_C is None
+    else:
+        torch.testing.assert_close(new.m_K.to_dense(), mK1, rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(new.m_C.to_dense(), mC1, rtol=1e-11, atol=1e-12)
+    after = [t for X in (K, C, H_K, H_C) for t in X.tensors()]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), "inputs modified"
+
+
+def test_update_factors_from_identity_dense_closed_form():
+    """From ``K = C = I`` (step 0): ``K1 = I - b/2 (avgtr(H_C) H_K + lambda I - I)``."""
+    gen = torch.Generator().manual_seed(3)
+    spec = get_structure("dense")
+    K, C = spec.eye(4, dtype=DTYPE), spec.eye(3, dtype=DTYPE)
+    a = torch.randn(6, 4, generator=gen, dtype=DTYPE)
+    g = torch.randn(5, 3, generator=gen, dtype=DTYPE)
+    U, G = a.T @ a, g.T @ g
+    lam, b = 0.01, 0.1
+    new = update_factors(
+        K,
+        C,
+        None,
+        None,
+        K.inner_of(a.T),
+        C.inner_of(g.T),
+        damping=lam,
+        alpha1=0.0,
+        lr_cov=b,
+        kfac_like=False,
+        normalize_lr_cov=False,
+    )
+    I4, I3 = torch.eye(4, dtype=DTYPE), torch.eye(3, dtype=DTYPE)
+    K1 = I4 - b / 2 * (torch.trace(G) / 3 * U + lam * I4 - I4)
+    C1 = I3 - b / 2 * (torch.trace(U) / 4 * G + lam * I3 - I3)
+    torch.testing.assert_close(new.K.to_dense(), K1, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(new.C.to_dense(), C1, rtol=1e-13, atol=1e-14)
+
+
+# -------------------------------------------------------------- natural gradient
+@pytest.mark.parametrize(
+    "structures",
+    [("dense", "dense"), ("blockdiagonal:3", "diagonal"), ("hierarchical:2,2", "triltoeplitz")],
+)
+def test_natural_gradient_matches_dense(structures):
+    gen = torch.Generator().manual_seed(4)
+    K = random_member(structures[0], D_I, gen)
+    C = random_member(structures[1], D_O, gen)
+    G = torch.randn(D_O, D_I, generator=gen, dtype=DTYPE)
+    Kd, Cd = K.to_dense(), C.to_dense()
+    expected = Cd @ Cd.T @ G @ Kd @ Kd.T
+    out = natural_gradient(K, C, G)
+    assert out.dtype == DTYPE and out.shape == G.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_natural_gradient_mixed_dtypes():
+    gen = torch.Generator().manual_seed(5)
+    K = random_member("dense", D_I, gen).to(torch.float32)
+    C = random_member("blockdiagonal:3", D_O, gen)  # float64
+    G = torch.randn(D_O, D_I, generator=gen, dtype=DTYPE)
+    Kd, Cd = K.to_dense().to(DTYPE), C.to_dense()
+    expected = Cd @ Cd.T @ G @ Kd @ Kd.T
+    out = natural_gradient(K, C, G)
+    assert out.dtype == torch.float64  # the gradient's dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    Kb, Cb = K.to(torch.bfloat16), C.to(torch.bfloat16)
+    out_b = natural_gradient(Kb, Cb, G.float())
+    assert out_b.dtype == torch.float32
+    ref = (
+        Cb.to_dense().double()
+        @ Cb.to_dense().double().T
+        @ G
+        @ Kb.to_dense().double()
+        @ Kb.to_dense().double().T
+    )
+    assert ((out_b.double() - ref).norm() / ref.norm()) < 3e-2
+
+
+# -------------------------------------------------------------- parameter step
+def test_parameter_step_weight_decay_momentum_lr():
+    gen = torch.Generator().manual_seed(6)
+    W = torch.randn(3, 4, generator=gen, dtype=DTYPE)
+    b = torch.randn(3, generator=gen, dtype=DTYPE)
+    u1 = [torch.randn(3, 4, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)]
+    u2 = [torch.randn(3, 4, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)]
+    lr, mom, wd = 0.1, 0.9, 0.01
+    W0, b0 = W.clone(), b.clone()
+
+    bufs = parameter_step([W, b], u1, [None, None], lr=lr, momentum=mom, weight_decay=wd)
+    # step 1: buffer created as u = G_nat + wd * W (no alpha2 factor); W <- W - lr * u
+    e_buf = [u1[0] + wd * W0, u1[1] + wd * b0]
+    assert all(x is not None for x in bufs)
+    torch.testing.assert_close(bufs[0], e_buf[0], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(bufs[1], e_buf[1], rtol=1e-14, atol=1e-15)
+    W1, b1 = W0 - lr * e_buf[0], b0 - lr * e_buf[1]
+    torch.testing.assert_close(W, W1, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(b, b1, rtol=1e-14, atol=1e-15)
+
+    # step 2: buffer updated in place: b <- alpha2 b + u
+    ids = [id(x) for x in bufs]
+    bufs2 = parameter_step([W, b], u2, bufs, lr=lr, momentum=mom, weight_decay=wd)
+    assert [id(x) for x in bufs2] == ids
+    e_buf2 = [mom * e_buf[0] + u2[0] + wd * W1, mom * e_buf[1] + u2[1] + wd * b1]
+    torch.testing.assert_close(bufs2[0], e_buf2[0], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(W, W1 - lr * e_buf2[0], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(b, b1 - lr * e_buf2[1], rtol=1e-14, atol=1e-15)
+
+
+def test_parameter_step_without_momentum_or_decay():
+    W = torch.ones(2, 2, dtype=DTYPE)
+    u = torch.full((2, 2), 3.0, dtype=DTYPE)
+    out = parameter_step([W], [u], [None], lr=0.5, momentum=0.0, weight_decay=0.0)
+    assert out == [None]
+    assert torch.equal(W, torch.full((2, 2), 1.0 - 1.5, dtype=DTYPE))
+    assert torch.equal(u, torch.full((2, 2), 3.0, dtype=DTYPE))  # direction untouched
+
+
+# ------------------------------------------------------- IKFAC first-order theorem
+def _ikfac_error(beta1: float, d: int = 6, lam: float = 0.1) -> tuple[float, float]:
+    """One IKFAC step from ``K0 K0^T = (S_K0 + lam I)^-1``: (error, first-order change)."""
+    gen = torch.Generator().manual_seed(11)
+    eye = torch.eye(d, dtype=DTYPE)
+    M = torch.randn(d, d, generator=gen, dtype=DTYPE)
+    S0 = M @ M.T / d + 0.5 * eye
+    a = torch.randn(20, d, generator=gen, dtype=DTYPE) / 20**0.5
+    U = a.T @ a
+    L = torch.linalg.cholesky(torch.linalg.inv(S0 + lam * eye))
+    spec = get_structure("dense")
+    K0 = spec.from_dense(L)  # dense: P(M) = M, so this holds L (not symmetric) as is
+    assert torch.equal(K0.to_dense(), L)
+    C0 = spec.eye(3, dtype=DTYPE)
+    g = torch.randn(4, 3, generator=gen, dtype=DTYPE)
+    new = update_factors(
+        K0,
+        C0,
+        None,
+        None,
+        K0.inner_of(a.T),
+        C0.inner_of(g.T),
+        damping=lam,
+        alpha1=0.0,
+        lr_cov=beta1,
+        kfac_like=True,
+        normalize_lr_cov=False,
+    )
+    K1 = new.K.to_dense()
+    # the closed form of ALGORITHM.md section 5
+    K1_formula = L @ (eye - beta1 / 2 * (L.T @ U @ L + lam * L.T @ L - eye))
+    torch.testing.assert_close(K1, K1_formula, rtol=1e-13, atol=1e-14)
+    S1 = (1 - beta1) * S0 + beta1 * U
+    target = torch.linalg.inv(S1 + lam * eye)
+    err = torch.linalg.matrix_norm(K1 @ K1.T - target).item()
+    change = torch.linalg.matrix_norm(target - torch.linalg.inv(S0 + lam * eye)).item()
+    return err, change
+
+
+@pytest.mark.parametrize("beta1", [1e-2, 1e-3])
+def test_ikfac_matches_kfac_to_first_order(beta1):
+    err, change = _ikfac_error(beta1)
+    err_half, _ = _ikfac_error(beta1 / 2)
+    ratio = err / err_half
+    assert 3.5 <= ratio <= 4.5, f"err({beta1})/err({beta1 / 2}) = {ratio}"
+    # first order matches: the error is O(beta1) smaller than the change of the target
+    assert err < 2 * beta1 * change, (err, change)

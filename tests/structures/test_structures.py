@@ -1,0 +1,879 @@
+"""Tests of the structured matrix families (ALGORITHM.md section 4).
+
+Every operation of :class:`torchsingd.structures.StructuredMatrix` is compared with the
+dense float64 computation its docstring states. The projection ``P`` is re-implemented
+here from the table in ALGORITHM.md (see ``project``), independently of the package's
+``from_dense``, so that ``inner``/``inner_of``/``from_dense`` are checked against the
+spec rather than against each other.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch import Tensor
+
+from torchsingd.structures import (
+    FAMILIES,
+    BlockDiagonalMatrix,
+    DenseMatrix,
+    DiagonalMatrix,
+    HierarchicalMatrix,
+    StructuredMatrix,
+    StructureSpec,
+    TrilBottomRightDiagonalMatrix,
+    TrilToeplitzMatrix,
+    TrilTopLeftDiagonalMatrix,
+    TriuBottomRightDiagonalMatrix,
+    TriuToeplitzMatrix,
+    TriuTopLeftDiagonalMatrix,
+    get_structure,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny matrices: intra-op threads only add synchronization (10-100x slower when the
+    CPUs are shared), so run this module single-threaded and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- cases
+DIMS = (1, 2, 3, 5, 7, 8, 13)
+TRIANGULAR = ("triltopleftdiag", "trilbottomrightdiag", "triutopleftdiag", "triubottomrightdiag")
+
+# structure name -> dimensions to test (sizes smaller than, equal to and not dividing
+# the blocks / corners, plus d = 1).
+SPEC_DIMS: dict[str, tuple[int, ...]] = {
+    "dense": DIMS,
+    "diagonal": DIMS,
+    "blockdiagonal:3": DIMS,
+    "blockdiagonal:4": DIMS,
+    "blockdiagonal": (1, 13, 30, 31, 61),
+    "hierarchical:3,2": DIMS,
+    "hierarchical:2,4": DIMS,
+    "hierarchical": (1, 15, 16, 30, 31, 40),
+    "triltoeplitz": DIMS,
+    "triutoeplitz": DIMS,
+    **{f"{fam}:{k}": DIMS for fam in TRIANGULAR for k in (1, 2, 3)},
+}
+SPEC_NAMES = tuple(SPEC_DIMS)
+CASES = [pytest.param(name, d, id=f"{name}-d{d}") for name, dims in SPEC_DIMS.items() for d in dims]
+
+
+def seed_of(*parts: object) -> int:
+    """A deterministic seed (Python's ``hash`` of strings is salted per process)."""
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def gen(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_of(*parts))
+
+
+def randn(*shape: int, g: torch.Generator, dtype: torch.dtype = F64) -> Tensor:
+    return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
+
+
+def random_member(spec: StructureSpec, d: int, *tag: object) -> StructuredMatrix:
+    """A member with random values: fill every defining tensor in place."""
+    X = spec.zeros(d, dtype=F64)
+    g = gen(spec.name, d, *tag)
+    for t in X.tensors():
+        t.copy_(torch.randn(t.shape, generator=g, dtype=F64))
+    return X
+
+
+def random_symmetric(d: int, *tag: object, dtype: torch.dtype = F64) -> Tensor:
+    A = randn(d, d, g=gen("sym", d, *tag))
+    return ((A + A.T) / 2).to(dtype)
+
+
+def sym(M: Tensor) -> Tensor:
+    return (M + M.T) / 2
+
+
+def assert_close(got: Tensor, expected: Tensor, tol: float = 1e-12) -> None:
+    """``max|got - expected| <= tol * max(1, max|expected|)`` (same shape)."""
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    got, expected = got.to(F64), expected.to(F64)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (got - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * scale, f"max abs error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+# ------------------------------------------- independent dense projections (the spec)
+def hierarchical_sizes(d: int, K1: int, K2: int) -> tuple[int, int, int]:
+    """ALGORITHM.md: d <= K1: only A; d <= K1+K2: A (K1) and E (d-K1); else A, diag, E."""
+    if d <= K1:
+        return d, 0, 0
+    if d <= K1 + K2:
+        return K1, 0, d - K1
+    return K1, d - K1 - K2, K2
+
+
+def _keep_diag(M: Tensor) -> Tensor:
+    return torch.diag(torch.diagonal(M))
+
+
+def _p_dense(M: Tensor) -> Tensor:
+    return M.clone()
+
+
+def _p_diagonal(M: Tensor) -> Tensor:
+    return _keep_diag(M)
+
+
+def _p_blockdiagonal(M: Tensor, B: int) -> Tensor:
+    out = torch.zeros_like(M)
+    d = M.shape[0]
+    for start in range(0, d, B):
+        end = min(start + B, d)
+        out[start:end, start:end] = M[start:end, start:end]
+    return out
+
+
+def _p_hierarchical(M: Tensor, K1: int, K2: int) -> Tensor:
+    k1, m, _ = hierarchical_sizes(M.shape[0], K1, K2)
+    s = k1 + m
+    out = torch.zeros_like(M)
+    out[:k1, :k1] = M[:k1, :k1]  # A = M11
+    out[:k1, k1:] = 2 * M[:k1, k1:]  # B = 2 M1,rest
+    out[k1:s, k1:s] = _keep_diag(M[k1:s, k1:s])  # c = diag(M22)
+    out[s:, k1:s] = 2 * M[s:, k1:s]  # D = 2 M32
+    out[s:, s:] = M[s:, s:]  # E = M33
+    return out
+
+
+def _toeplitz_coefficients(M: Tensor) -> list[Tensor]:
+    d = M.shape[0]
+    coeffs = [torch.diagonal(M).sum() / d]
+    for j in range(1, d):
+        coeffs.append((torch.diagonal(M, -j).sum() + torch.diagonal(M, j).sum()) / (d - j))
+    return coeffs
+
+
+def _p_triltoeplitz(M: Tensor) -> Tensor:
+    out = torch.zeros_like(M)
+    for j, c in enumerate(_toeplitz_coefficients(M)):
+        for i in range(j, M.shape[0]):
+            out[i, i - j] = c
+    return out
+
+
+def _p_triutoeplitz(M: Tensor) -> Tensor:
+    out = torch.zeros_like(M)
+    for j, c in enumerate(_toeplitz_coefficients(M)):
+        for i in range(j, M.shape[0]):
+            out[i - j, i] = c
+    return out
+
+
+def _p_triltopleftdiag(M: Tensor, k: int) -> Tensor:
+    m = M.shape[0] - min(k, M.shape[0])  # [diag 0; b C], C dense k x k
+    out = torch.zeros_like(M)
+    out[:m, :m] = _keep_diag(M[:m, :m])
+    out[m:, :m] = M[m:, :m] + M[:m, m:].T
+    out[m:, m:] = M[m:, m:]
+    return out
+
+
+def _p_trilbottomrightdiag(M: Tensor, k: int) -> Tensor:
+    kk = min(k, M.shape[0])  # [A 0; b diag], A dense k x k
+    out = torch.zeros_like(M)
+    out[:kk, :kk] = M[:kk, :kk]
+    out[kk:, :kk] = M[kk:, :kk] + M[:kk, kk:].T
+    out[kk:, kk:] = _keep_diag(M[kk:, kk:])
+    return out
+
+
+def _p_triutopleftdiag(M: Tensor, k: int) -> Tensor:
+    m = M.shape[0] - min(k, M.shape[0])  # [diag b; 0 C]
+    out = torch.zeros_like(M)
+    out[:m, :m] = _keep_diag(M[:m, :m])
+    out[:m, m:] = M[:m, m:] + M[m:, :m].T
+    out[m:, m:] = M[m:, m:]
+    return out
+
+
+def _p_triubottomrightdiag(M: Tensor, k: int) -> Tensor:
+    kk = min(k, M.shape[0])  # [A b; 0 diag]
+    out = torch.zeros_like(M)
+    out[:kk, :kk] = M[:kk, :kk]
+    out[:kk, kk:] = M[:kk, kk:] + M[kk:, :kk].T
+    out[kk:, kk:] = _keep_diag(M[kk:, kk:])
+    return out
+
+
+PROJECTIONS = {
+    "dense": _p_dense,
+    "diagonal": _p_diagonal,
+    "blockdiagonal": _p_blockdiagonal,
+    "hierarchical": _p_hierarchical,
+    "triltoeplitz": _p_triltoeplitz,
+    "triutoeplitz": _p_triutoeplitz,
+    "triltopleftdiag": _p_triltopleftdiag,
+    "trilbottomrightdiag": _p_trilbottomrightdiag,
+    "triutopleftdiag": _p_triutopleftdiag,
+    "triubottomrightdiag": _p_triubottomrightdiag,
+}
+
+
+def project(spec: StructureSpec, M: Tensor) -> Tensor:
+    """``P(M)`` as a dense matrix, from the table in ALGORITHM.md section 4."""
+    return PROJECTIONS[spec.cls.family](M, *spec.options)
+
+
+def pattern(spec: StructureSpec, d: int) -> Tensor:
+    """Where members may be non-zero: ``P`` of the all-ones matrix is non-zero there."""
+    return project(spec, torch.ones(d, d, dtype=F64)) != 0
+
+
+def assert_member(spec: StructureSpec, Xd: Tensor, tol: float = 1e-12) -> None:
+    """``Xd`` (dense) has the structure: zero off the pattern, Toeplitz if required."""
+    d = Xd.shape[0]
+    assert torch.all(Xd[~pattern(spec, d)] == 0), "non-zero entries off the pattern"
+    if spec.cls.family in ("triltoeplitz", "triutoeplitz"):
+        scale = max(1.0, Xd.abs().max().item())
+        for j in range(-d + 1, d):
+            diagonal = torch.diagonal(Xd, j)
+            assert (diagonal - diagonal[0]).abs().max() <= tol * scale, f"diagonal {j}"
+
+
+def expected_numel(spec: StructureSpec, d: int) -> int:
+    """The documented number of stored values."""
+    family, opts = spec.cls.family, spec.options
+    if family == "dense":
+        return d * d
+    if family in ("diagonal", "triltoeplitz", "triutoeplitz"):
+        return d
+    if family == "blockdiagonal":
+        (B,) = opts
+        return (d // B) * B * B + (d % B) ** 2
+    if family == "hierarchical":
+        k1, m, k2 = hierarchical_sizes(d, *opts)
+        return k1 * k1 + k1 * (m + k2) + m + k2 * m + k2 * k2
+    assert family in TRIANGULAR
+    k = min(opts[0], d)
+    return (d - k) + k * (d - k) + k * k
+
+
+# --------------------------------------------------------------------- meta tests
+def test_every_registered_family_is_tested():
+    tested = {get_structure(name).cls.family for name in SPEC_NAMES}
+    assert tested == set(FAMILIES)
+    assert set(PROJECTIONS) == set(FAMILIES)
+
+
+# ------------------------------------------------------------- constructors/storage
+@pytest.mark.parametrize("name, d", CASES)
+def test_zeros_eye_and_numel(name, d):
+    spec = get_structure(name)
+    Z = spec.zeros(d, dtype=F64)
+    Id = spec.eye(d, dtype=F64)
+    for X in (Z, Id):
+        assert isinstance(X, spec.cls)
+        assert X.dim == d and X.shape == (d, d)
+        assert X.options() == spec.options
+        assert X.dtype == F64
+        assert all(t.dtype == F64 for t in X.tensors())
+    assert torch.equal(Z.to_dense(), torch.zeros(d, d, dtype=F64))
+    assert torch.equal(Id.to_dense(), torch.eye(d, dtype=F64))
+    assert Z.numel() == Id.numel() == expected_numel(spec, d) == spec.numel(d)
+    assert spec.eye(d).dtype == spec.zeros(d).dtype == torch.get_default_dtype()
+    assert Z.nbytes() == 8 * expected_numel(spec, d)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_member_layout_matches_spec(name, d):
+    """A random member has exactly the spec's sparsity pattern, one stored number per
+    free entry (Toeplitz: per diagonal), and ``from_dense`` recovers it from its
+    symmetric part when its dense diagonal blocks are symmetric."""
+    spec = get_structure(name)
+    X = random_member(spec, d, "layout").to_dense()
+    assert_member(spec, X)
+    if spec.cls.family in ("triltoeplitz", "triutoeplitz"):
+        assert int((X != 0).sum()) == d * (d + 1) // 2
+    else:
+        assert torch.equal(X != 0, pattern(spec, d))
+        assert int(pattern(spec, d).sum()) == expected_numel(spec, d)
+    # P(sym(X)) = X once the dense diagonal blocks (A, E, C, blocks) are symmetric.
+    Xs = project(spec, sym(X))
+    assert_member(spec, Xs)
+    assert_close(project(spec, sym(Xs)), Xs)
+    assert_close(spec.from_dense(sym(Xs)).to_dense(), Xs)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_projection_idempotent(name, d):
+    spec = get_structure(name)
+    PM = project(spec, random_symmetric(d, "idem"))
+    assert_close(project(spec, sym(PM)), PM)
+    assert_close(spec.from_dense(sym(PM)).to_dense(), PM)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_from_dense_equals_independent_projection(name, d):
+    spec = get_structure(name)
+    M = random_symmetric(d, "from_dense")
+    M_before = M.clone()
+    P = spec.from_dense(M)
+    assert isinstance(P, spec.cls) and P.options() == spec.options and P.dim == d
+    assert_close(P.to_dense(), project(spec, M))
+    assert torch.equal(M, M_before)
+    # The result does not alias the input.
+    M.fill_(7.0)
+    assert_close(P.to_dense(), project(spec, M_before))
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_projection_keeps_trace(name, d):
+    spec = get_structure(name)
+    M = random_symmetric(d, "trace")
+    avgtr = torch.trace(M) / d
+    assert_close(torch.trace(project(spec, M)) / d, avgtr)
+    P = spec.from_dense(M)
+    assert_close(P.average_trace(), avgtr)
+    assert_close(P.trace(), torch.trace(M))
+
+
+# ---------------------------------------------------------------------- products
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("name, d", CASES)
+def test_mm_and_tmm(name, d, n, layout):
+    spec = get_structure(name)
+    X = random_member(spec, d, "mm")
+    Xd = X.to_dense()
+    Z = randn(d, n, g=gen(name, d, n, "Z"))
+    if layout == "transposed":
+        Z = Z.T.contiguous().T  # same values, column-major strides
+    Z_before = Z.clone()
+    for got in (X.mm(Z), X @ Z):
+        assert_close(got, Xd @ Z)
+    T = X.tmm(Z)
+    assert_close(T, Xd.T @ Z)
+    T.fill_(1.0)  # results are fresh tensors: writing to them changes no input
+    assert torch.equal(Z, Z_before)
+    assert torch.equal(X.to_dense(), Xd)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_matmul_closure(name, d):
+    """``X @ Y`` equals the dense product, and that product is again a member."""
+    spec = get_structure(name)
+    X, Y = random_member(spec, d, "X"), random_member(spec, d, "Y")
+    Xd, Yd = X.to_dense(), Y.to_dense()
+    XY = X @ Y
+    assert isinstance(XY, spec.cls) and XY.options() == spec.options and XY.dim == d
+    assert XY.numel() == X.numel()
+    assert_close(XY.to_dense(), Xd @ Yd)
+    assert_close(X.matmul(Y).to_dense(), Xd @ Yd)
+    # Membership shown independently: the dense product has the structure's pattern.
+    assert_member(spec, Xd @ Yd)
+    # Inputs are untouched, and the result shares no storage with them.
+    XY.mul_(0.0).add_identity_(2.0)
+    assert torch.equal(X.to_dense(), Xd) and torch.equal(Y.to_dense(), Yd)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_inner(name, d):
+    spec = get_structure(name)
+    X = random_member(spec, d, "inner")
+    Xd = X.to_dense()
+    G = X.inner()
+    assert isinstance(G, spec.cls) and G.options() == spec.options and G.dim == d
+    assert_close(G.to_dense(), project(spec, Xd.T @ Xd))
+    G.mul_(0.0).add_identity_(2.0)
+    assert torch.equal(X.to_dense(), Xd)
+
+
+@pytest.mark.parametrize("shape", ["n=1", "n<d", "n=d", "n>d"])
+@pytest.mark.parametrize("name, d", CASES)
+def test_inner_of(name, d, shape):
+    n = {"n=1": 1, "n<d": max(1, d // 2), "n=d": d, "n>d": 2 * d + 3}[shape]
+    spec = get_structure(name)
+    X = random_member(spec, d, "inner_of")
+    Xd = X.to_dense()
+    Z = randn(d, n, g=gen(name, d, n, "inner_of_Z"))
+    Z_before = Z.clone()
+    expected = project(spec, Xd.T @ Z @ Z.T @ Xd)
+    for Zl in (Z, Z.T.contiguous().T):  # contiguous and column-major
+        G = X.inner_of(Zl)
+        assert isinstance(G, spec.cls) and G.options() == spec.options and G.dim == d
+        assert_close(G.to_dense(), expected)
+        G.mul_(0.0).add_identity_(2.0)
+    assert torch.equal(X.to_dense(), Xd) and torch.equal(Z, Z_before)
+
+
+# ----------------------------------------------------------------- element-wise
+@pytest.mark.parametrize("name, d", CASES)
+def test_trace_and_average_trace(name, d):
+    spec = get_structure(name)
+    X = random_member(spec, d, "trace")
+    Xd = X.to_dense()
+    assert X.trace().shape == () and X.average_trace().shape == ()
+    assert_close(X.trace(), torch.trace(Xd))
+    assert_close(X.average_trace(), torch.trace(Xd) / d)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_add_mul_add_identity(name, d):
+    spec = get_structure(name)
+    X, Y = random_member(spec, d, "X"), random_member(spec, d, "Y")
+    Xd, Yd = X.to_dense(), Y.to_dense()
+
+    assert X.add_(Y, alpha=-0.75) is X
+    assert_close(X.to_dense(), Xd - 0.75 * Yd)
+    assert torch.equal(Y.to_dense(), Yd)
+    assert X.add_(Y) is X
+    assert_close(X.to_dense(), Xd + 0.25 * Yd)
+    X.add_(Y, alpha=torch.tensor(-0.25, dtype=F64))
+    assert_close(X.to_dense(), Xd)
+
+    assert Y.mul_(-2.5) is Y
+    assert_close(Y.to_dense(), -2.5 * Yd)
+    Y.mul_(torch.tensor(0.5, dtype=F64))
+    assert_close(Y.to_dense(), -1.25 * Yd)
+
+    Xd = X.to_dense()
+    assert X.add_identity_(1.5) is X
+    assert_close(X.to_dense(), Xd + 1.5 * torch.eye(d, dtype=F64))
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_incompatible_operands_raise(name, d):
+    spec = get_structure(name)
+    X = spec.eye(d, dtype=F64)
+    with pytest.raises(ValueError):
+        X.add_(spec.eye(d + 1, dtype=F64))
+    with pytest.raises(ValueError):
+        X.matmul(spec.eye(d + 1, dtype=F64))
+    other = get_structure("diagonal" if spec.cls.family == "dense" else "dense").eye(d)
+    with pytest.raises(ValueError):
+        X.add_(other)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_max_abs(name, d):
+    """Every family here stores matrix entries, so ``max_abs`` is the dense max |entry|."""
+    spec = get_structure(name)
+    X = random_member(spec, d, "max_abs")
+    assert_close(X.max_abs(), X.to_dense().abs().max())
+    X.mul_(-3.0)
+    assert_close(X.max_abs(), X.to_dense().abs().max())
+    assert float(spec.zeros(d, dtype=F64).max_abs()) == 0.0
+    assert float(spec.eye(d, dtype=F64).max_abs()) == 1.0
+    assert X.is_finite()
+    next(t for t in X.tensors() if t.numel()).view(-1)[0] = float("nan")
+    assert not X.is_finite()
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_clone_copy_to(name, d):
+    spec = get_structure(name)
+    X = random_member(spec, d, "X")
+    Xd = X.to_dense()
+
+    C = X.clone()
+    assert isinstance(C, spec.cls) and C.options() == spec.options
+    assert torch.equal(C.to_dense(), Xd)
+    C.mul_(2.0).add_identity_(1.0)
+    assert torch.equal(X.to_dense(), Xd)  # the clone does not share storage
+    X.add_identity_(3.0)
+    assert torch.equal(C.to_dense(), 2 * Xd + torch.eye(d, dtype=F64))
+
+    Y = random_member(spec, d, "Y")
+    Yd = Y.to_dense()
+    assert X.copy_(Y) is X
+    assert torch.equal(X.to_dense(), Yd)
+    X.mul_(5.0)
+    assert torch.equal(Y.to_dense(), Yd)  # copy_ copies values, not storage
+
+    for dtype in (torch.float32, torch.bfloat16):
+        L = Y.to(dtype)
+        assert isinstance(L, spec.cls) and L.options() == spec.options
+        assert L.dtype == dtype and all(t.dtype == dtype for t in L.tensors())
+        assert torch.equal(L.to_dense(), Yd.to(dtype))
+        assert Y.dtype == F64
+    assert torch.equal(Y.to(F64).to_dense(), Yd)
+
+
+# ------------------------------------------------------------- low precision
+LOW_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+LOW_DIMS = {"triltoeplitz": (1, 5, 13, 40, 300), "triutoeplitz": (1, 5, 13, 40, 300)}
+LOW_CASES = [
+    pytest.param(name, d, dtype, id=f"{name}-d{d}-{str(dtype).split('.')[-1]}")
+    for name in SPEC_NAMES
+    for d in LOW_DIMS.get(name, (1, 5, 13, 40))  # Toeplitz: counts d - j > 256 in bf16
+    for dtype in LOW_TOL
+]
+
+
+def _dense_results(X: StructuredMatrix, Y: StructuredMatrix, Z: Tensor) -> dict[str, Tensor]:
+    return {
+        "mm": X.mm(Z),
+        "tmm": X.tmm(Z),
+        "@": (X @ Y).to_dense(),
+        "inner": X.inner().to_dense(),
+        "inner_of": X.inner_of(Z).to_dense(),
+        "add_identity_": X.clone().add_identity_(0.5).to_dense(),
+    }
+
+
+@pytest.mark.parametrize("name, d, dtype", LOW_CASES)
+def test_low_precision(name, d, dtype):
+    """Ops run in float32/bfloat16/float16, keep the dtype, and match float64.
+
+    The float64 reference uses the same (rounded) inputs, so only the arithmetic's
+    rounding is measured: ``max|err| <= tol * max|reference|``.
+    """
+    spec = get_structure(name)
+    scale = 0.5 / d**0.5  # moderate magnitudes, well-conditioned (near I)
+
+    def member(tag):
+        X = random_member(spec, d, tag).mul_(scale).add_identity_(1.0)
+        return X.to(dtype)
+
+    X, Y = member("X"), member("Y")
+    Z = randn(d, 8, g=gen(name, d, "Z"), dtype=dtype)
+    Id = spec.eye(d, dtype=dtype)
+    assert Id.dtype == dtype and all(t.dtype == dtype for t in Id.tensors())
+    assert torch.equal(Id.to_dense(), torch.eye(d, dtype=dtype))
+
+    low = _dense_results(X, Y, Z)
+    ref = _dense_results(X.to(F64), Y.to(F64), Z.to(F64))
+    failures = []
+    for op, got in low.items():
+        if got.dtype != dtype:
+            failures.append(f"{op}: dtype {got.dtype}")
+            continue
+        err = (got.to(F64) - ref[op]).abs().max().item()
+        bound = LOW_TOL[dtype] * ref[op].abs().max().item()
+        if not err <= bound:
+            failures.append(f"{op}: error {err:.3e} > {bound:.3e}")
+    assert not failures, failures
+    for R in (X @ Y, X.inner(), X.inner_of(Z), X.clone().add_identity_(1.0)):
+        assert all(t.dtype == dtype for t in R.tensors())
+
+
+# ----------------------------------------------- large dimensions: no d x d temporary
+LARGE_D = 4096
+
+
+@pytest.mark.parametrize("name", ["diagonal", "blockdiagonal:8"])
+def test_large_dimension_runs(name):
+    spec = get_structure(name)
+    X = random_member(spec, LARGE_D, "large")
+    Z = randn(LARGE_D, 16, g=gen(name, "largeZ"))
+    Y = X.mm(Z)
+    G = X.inner_of(Z)
+    H = X.inner()
+    assert Y.shape == (LARGE_D, 16)
+    assert isinstance(G, spec.cls) and isinstance(H, spec.cls)
+    assert X.numel() == G.numel() == H.numel() == expected_numel(spec, LARGE_D)
+    assert spec.numel(LARGE_D) == expected_numel(spec, LARGE_D)
+    # Spot check the first block against a small dense computation.
+    b = 8 if spec.cls.family == "blockdiagonal" else 1
+    Xb = _leading_block(X, b)
+    assert_close(Y[:b], Xb @ Z[:b])
+    assert_close(_leading_block(G, b), Xb.T @ Z[:b] @ Z[:b].T @ Xb)
+    assert_close(_leading_block(H, b), Xb.T @ Xb)
+
+
+def _leading_block(X: StructuredMatrix, b: int) -> Tensor:
+    if isinstance(X, DiagonalMatrix):
+        return torch.diag(X.diag[:b])
+    assert isinstance(X, BlockDiagonalMatrix) and X.block_size == b
+    return X.blocks[0]
+
+
+NO_DENSE_D = 1024
+
+
+@pytest.mark.parametrize("name", [n for n in SPEC_NAMES if n != "dense"])
+def test_no_dense_temporary(name):
+    """The optimizer's operations create no tensor with ``d^2 / 4`` or more entries."""
+    dispatch = pytest.importorskip("torch.utils._python_dispatch")
+
+    class LargestTensor(dispatch.TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    d = NO_DENSE_D
+    spec = get_structure(name)
+    X, Y = random_member(spec, d, "X"), random_member(spec, d, "Y")
+    Z = randn(d, 16, g=gen(name, "noDenseZ"))
+    with LargestTensor() as mode:
+        K = spec.eye(d, dtype=F64)
+        K.add_(X, alpha=0.1).mul_(0.9).add_identity_(0.1)
+        K.mm(Z), K.tmm(Z), K @ Y, K.inner(), K.inner_of(Z)
+        K.trace(), K.average_trace(), K.max_abs(), K.clone().copy_(Y)
+    assert 0 < mode.largest < d * d // 4, mode.largest
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+@pytest.mark.parametrize("d", [1, 100, 1000, LARGE_D])
+def test_numel_formula(name, d):
+    spec = get_structure(name)
+    assert spec.numel(d) == expected_numel(spec, d)
+
+
+# ------------------------------------------------------------------------ registry
+@pytest.mark.parametrize(
+    "text, cls, options, canonical",
+    [
+        ("dense", DenseMatrix, (), "dense"),
+        ("diagonal", DiagonalMatrix, (), "diagonal"),
+        ("blockdiagonal", BlockDiagonalMatrix, (30,), "blockdiagonal:30"),
+        ("blockdiagonal:32", BlockDiagonalMatrix, (32,), "blockdiagonal:32"),
+        ("block30diagonal", BlockDiagonalMatrix, (30,), "blockdiagonal:30"),
+        ("block3diagonal", BlockDiagonalMatrix, (3,), "blockdiagonal:3"),
+        ("hierarchical", HierarchicalMatrix, (15, 15), "hierarchical:15,15"),
+        ("hierarchical:16,8", HierarchicalMatrix, (16, 8), "hierarchical:16,8"),
+        ("hierarchical15_15", HierarchicalMatrix, (15, 15), "hierarchical:15,15"),
+        ("hierarchical3_2", HierarchicalMatrix, (3, 2), "hierarchical:3,2"),
+        ("triltoeplitz", TrilToeplitzMatrix, (), "triltoeplitz"),
+        ("triutoeplitz", TriuToeplitzMatrix, (), "triutoeplitz"),
+        ("triltopleftdiag", TrilTopLeftDiagonalMatrix, (1,), "triltopleftdiag:1"),
+        ("triltopleftdiag:4", TrilTopLeftDiagonalMatrix, (4,), "triltopleftdiag:4"),
+        ("trilbottomrightdiag", TrilBottomRightDiagonalMatrix, (1,), "trilbottomrightdiag:1"),
+        ("triutopleftdiag:2", TriuTopLeftDiagonalMatrix, (2,), "triutopleftdiag:2"),
+        ("triubottomrightdiag", TriuBottomRightDiagonalMatrix, (1,), "triubottomrightdiag:1"),
+        ("DENSE", DenseMatrix, (), "dense"),
+        ("  Diagonal\n", DiagonalMatrix, (), "diagonal"),
+        ("BlockDiagonal:32", BlockDiagonalMatrix, (32,), "blockdiagonal:32"),
+        ("Block30Diagonal", BlockDiagonalMatrix, (30,), "blockdiagonal:30"),
+        (" HIERARCHICAL:16,8 ", HierarchicalMatrix, (16, 8), "hierarchical:16,8"),
+        ("Hierarchical15_15", HierarchicalMatrix, (15, 15), "hierarchical:15,15"),
+        ("\tTrilTopLeftDiag:4", TrilTopLeftDiagonalMatrix, (4,), "triltopleftdiag:4"),
+    ],
+    ids=lambda value: repr(value) if isinstance(value, str) else "",
+)
+def test_get_structure_accepts(text, cls, options, canonical):
+    spec = get_structure(text)
+    assert spec.cls is cls
+    assert spec.options == options
+    assert spec.name == canonical == str(spec)
+    assert get_structure(spec) is spec
+    assert get_structure(spec.name) == spec
+    for d in (1, 7, 50):
+        assert spec.numel(d) == expected_numel(spec, d)
+        assert spec.eye(d).numel() == spec.numel(d)
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_canonical_name_round_trip(name):
+    spec = get_structure(name)
+    assert get_structure(spec.name) == spec
+    assert spec.name.startswith(spec.cls.family)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "blockdiag",
+        "foo",
+        "",
+        "   ",
+        "blockdiagonal:x",
+        "blockdiagonal:0",
+        "blockdiagonal:-3",
+        "blockdiagonal:3,4",
+        "hierarchical:3",
+        "hierarchical:0,3",
+        "hierarchical:3,",
+        "hierarchical0_15",
+        "dense:3",
+        "diagonal:1",
+        "triltoeplitz:2",
+        "block0diagonal",
+        "triltopleftdiag:0",
+        "triltopleftdiag:1,2",
+        "blockdiagonal 32",
+    ],
+    ids=repr,
+)
+def test_get_structure_rejects(text):
+    with pytest.raises(ValueError) as info:
+        get_structure(text)
+    message = str(info.value)
+    assert "blockdiagonal" in message
+    assert "hierarchical15_15" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(text, id=repr(text))
+        for text in ("blockdiagonal:", "dense:", "blockdiagonal:3_0", "block030diagonal")
+    ],
+)
+@pytest.mark.xfail(strict=True, reason="torchsingd: lenient parsing (int() and empty sizes)")
+def test_get_structure_rejects_undocumented_forms(text):
+    """Not of the documented forms ``FAMILY``, ``FAMILY:N[,M]``, ``blockBdiagonal``..."""
+    with pytest.raises(ValueError):
+        get_structure(text)
+
+
+@pytest.mark.parametrize("value", [None, 3, ("dense",)], ids=repr)
+def test_get_structure_rejects_non_strings(value):
+    with pytest.raises(ValueError, match="hierarchical15_15"):
+        get_structure(value)
+
+
+# ---------------------------------------------------------- zero-column inputs
+ZERO_COLUMN_BUGS = {
+    "blockdiagonal": ("mm", "tmm"),  # BlockDiagonalMatrix._join: reshape(-1, 0) of 0 elements
+    "triltoeplitz": ("inner_of",),  # TrilToeplitzMatrix.project_gram: conv output .view(d)
+    "triutoeplitz": ("inner_of",),
+}
+
+
+@pytest.mark.parametrize(
+    "name, op",
+    [
+        pytest.param(
+            name,
+            op,
+            id=f"{name}-{op}",
+            marks=pytest.mark.xfail(
+                strict=True, raises=RuntimeError, reason="torchsingd bug: n = 0 columns"
+            )
+            if op in ZERO_COLUMN_BUGS.get(get_structure(name).cls.family, ())
+            else (),
+        )
+        for name in SPEC_NAMES
+        for op in ("mm", "tmm", "inner_of")
+    ],
+)
+def test_zero_columns(name, op):
+    """A ``[d, 0]`` input (an empty batch) gives an empty product / the zero matrix."""
+    d = 7
+    spec = get_structure(name)
+    X = random_member(spec, d, "zero_cols")
+    Z = torch.zeros(d, 0, dtype=F64)
+    out = getattr(X, op)(Z)
+    if op == "inner_of":
+        assert torch.equal(out.to_dense(), torch.zeros(d, d, dtype=F64))
+    else:
+        assert out.shape == (d, 0)
+
+
+# ------------------------------------------------- the reference package as oracle
+def _reference_classes() -> dict[str, type]:
+    pytest.importorskip("singd")
+    from singd.structures.blockdiagonal import Block3DiagonalMatrix, Block30DiagonalMatrix
+    from singd.structures.dense import DenseMatrix as RefDense
+    from singd.structures.diagonal import DiagonalMatrix as RefDiagonal
+    from singd.structures.hierarchical import Hierarchical3_2Matrix, Hierarchical15_15Matrix
+    from singd.structures.trilbottomrightdiag import TrilBottomRightDiagonalMatrix as RefTrilBR
+    from singd.structures.triltoeplitz import TrilToeplitzMatrix as RefTrilToeplitz
+    from singd.structures.triltopleftdiag import TrilTopLeftDiagonalMatrix as RefTrilTL
+    from singd.structures.triubottomrightdiag import TriuBottomRightDiagonalMatrix as RefTriuBR
+    from singd.structures.triutoeplitz import TriuToeplitzMatrix as RefTriuToeplitz
+    from singd.structures.triutopleftdiag import TriuTopLeftDiagonalMatrix as RefTriuTL
+
+    return {
+        "dense": RefDense,
+        "diagonal": RefDiagonal,
+        "blockdiagonal:30": Block30DiagonalMatrix,
+        "blockdiagonal:3": Block3DiagonalMatrix,
+        "hierarchical:15,15": Hierarchical15_15Matrix,
+        "hierarchical:3,2": Hierarchical3_2Matrix,
+        "triltoeplitz": RefTrilToeplitz,
+        "triutoeplitz": RefTriuToeplitz,
+        "triltopleftdiag:1": RefTrilTL,
+        "trilbottomrightdiag:1": RefTrilBR,
+        "triutopleftdiag:1": RefTriuTL,
+        "triubottomrightdiag:1": RefTriuBR,
+    }
+
+
+REFERENCE_CASES = [
+    pytest.param(name, d, id=f"{name}-d{d}")
+    for name, dims in {
+        "dense": DIMS,
+        "diagonal": DIMS,
+        "blockdiagonal:30": (1, 13, 30, 31, 61),
+        "blockdiagonal:3": DIMS,
+        "hierarchical:15,15": (1, 15, 16, 30, 31, 40),
+        "hierarchical:3,2": DIMS,
+        "triltoeplitz": DIMS,
+        "triutoeplitz": DIMS,
+        "triltopleftdiag:1": DIMS,
+        "trilbottomrightdiag:1": DIMS,
+        "triutopleftdiag:1": DIMS,
+        "triubottomrightdiag:1": DIMS,
+    }.items()
+    for d in dims
+]
+
+
+@pytest.mark.reference
+@pytest.mark.filterwarnings("ignore:Calling naive implementation:UserWarning")
+@pytest.mark.parametrize("name, d", REFERENCE_CASES)
+def test_reference_from_dense_eye_and_products(name, d):
+    ref_cls = _reference_classes()[name]
+    spec = get_structure(name)
+    M = random_symmetric(d, "reference", dtype=torch.float32)
+    ours, theirs = spec.from_dense(M), ref_cls.from_dense(M)
+    torch.testing.assert_close(ours.to_dense(), theirs.to_dense(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(
+        spec.eye(d, dtype=torch.float32).to_dense(),
+        ref_cls.eye(d, dtype=torch.float32).to_dense(),
+    )
+    # Products with dense matrices and between members (members from P(M), P(M')).
+    Z = randn(d, 3, g=gen(name, d, "refZ"), dtype=torch.float32)
+    torch.testing.assert_close(ours.mm(Z), theirs @ Z, rtol=1e-5, atol=1e-5)
+    M2 = random_symmetric(d, "reference2", dtype=torch.float32)
+    torch.testing.assert_close(
+        (ours @ spec.from_dense(M2)).to_dense(),
+        (theirs @ ref_cls.from_dense(M2)).to_dense(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    if spec.cls.family != "blockdiagonal":  # see test_reference_blockdiagonal_transpose_bug
+        torch.testing.assert_close(
+            ours.inner().to_dense(), theirs.from_inner().to_dense(), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            ours.inner_of(Z).to_dense(), theirs.from_inner(X=Z).to_dense(), rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.reference
+def test_reference_blockdiagonal_transpose_bug():
+    """singd 0.0.5's ``rmatmat`` (hence ``from_inner``) multiplies by ``K``, not ``K^T``.
+
+    For a non-symmetric block-diagonal ``K`` (SINGD's factors are not symmetric), the
+    reference's ``K.rmatmat(X)`` differs from ``K^T X``; ours (``tmm``) does not.
+    """
+    pytest.importorskip("singd")
+    from singd.structures.blockdiagonal import Block30DiagonalMatrix
+
+    g = gen("transpose_bug")
+    blocks = torch.randn(2, 30, 30, generator=g)
+    last = torch.randn(5, 5, generator=g)
+    X = torch.randn(65, 4, generator=g)
+    theirs = Block30DiagonalMatrix(blocks, last)
+    ours = BlockDiagonalMatrix(blocks.clone(), last.clone(), 30)
+    K = ours.to_dense()
+    assert torch.equal(theirs.to_dense(), K)
+    assert not torch.allclose(K, K.T)
+
+    torch.testing.assert_close(ours.tmm(X), K.T @ X)
+    assert not torch.allclose(theirs.rmatmat(X), K.T @ X, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(theirs.rmatmat(X), K @ X)  # the reference's actual result

@@ -1,0 +1,1 @@
+"""Tasks with embedded data and the code that trains and compares optimizers on them."""
