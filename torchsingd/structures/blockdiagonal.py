@@ -70,7 +70,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return X[: n * B].reshape(n, B, X.shape[1]), X[n * B :]
 
     def _join(self, top: Tensor, bottom: Tensor) -> Tensor:
-        return torch.cat([top.reshape(-1, bottom.shape[1]), bottom])
+        return torch.cat([top.reshape(top.shape[0] * top.shape[1], bottom.shape[1]), bottom])
 
     def mm(self, X: Tensor) -> Tensor:
         top, bottom = self._split(X)

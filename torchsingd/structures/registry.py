@@ -94,8 +94,8 @@ def valid_forms() -> str:
 
 
 _LEGACY = [
-    (re.compile(r"^block(\d+)diagonal$"), "blockdiagonal"),
-    (re.compile(r"^hierarchical(\d+)_(\d+)$"), "hierarchical"),
+    (re.compile(r"^block([1-9]\d*)diagonal$"), "blockdiagonal"),
+    (re.compile(r"^hierarchical([1-9]\d*)_([1-9]\d*)$"), "hierarchical"),
 ]
 
 
@@ -112,16 +112,14 @@ def get_structure(name: str | StructureSpec) -> StructureSpec:
         match = pattern.match(text)
         if match:
             return _build(name, family, tuple(int(g) for g in match.groups()))
-    family, _, sizes = text.partition(":")
+    family, colon, sizes = text.partition(":")
     if family not in FAMILIES:
         raise ValueError(f"Unknown structure {name!r}. Valid forms: {valid_forms()}.")
     info = FAMILIES[family]
-    if not sizes:
+    if not colon:
         return _build(name, family, info.defaults)
-    try:
-        options = tuple(int(s) for s in sizes.split(","))
-    except ValueError:
-        options = ()
+    well_formed = sizes != "" and re.fullmatch(r"\d+(,\d+)*", sizes) is not None
+    options = tuple(int(s) for s in sizes.split(",")) if well_formed else ()
     if not options or len(options) != len(info.option_names):
         raise ValueError(
             f"Malformed structure {name!r}: {family!r} takes "

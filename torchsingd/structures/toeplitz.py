@@ -116,6 +116,8 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
     def project_gram(self, S: Tensor) -> TrilToeplitzMatrix:
         check_rows(S, self.dim)
         d, n = S.shape
+        if n == 0:
+            return TrilToeplitzMatrix.zeros(d, dtype=S.dtype, device=S.device)
         # half[j] = sum_{p, k} S[p + j, k] S[p, k]: one convolution summing over columns.
         inp = F.pad(S.T.unsqueeze(0), (0, d - 1))
         half = F.conv1d(inp, S.T.unsqueeze(0)).view(d)
