@@ -356,3 +356,27 @@ def test_conv2d_dims_examples():
     assert adapter.dims(nn.Conv2d(4, 6, (2, 5), bias=False)) == (4 * 10, 6)
     assert get_adapter(nn.Linear(5, 3)).dims(nn.Linear(5, 3)) == (6, 3)
     assert get_adapter(nn.Linear(5, 3)).dims(nn.Linear(5, 3, bias=False)) == (5, 3)
+
+
+def test_unbatched_inputs_are_one_sample():
+    """A 1-d Linear input and a 3-d Conv2d input are a batch of one."""
+    torch.manual_seed(9)
+    lin = nn.Linear(4, 3).to(DTYPE)
+    x = torch.randn(4, dtype=DTYPE)
+    x_in, go = capture(lin, x, weighted_loss((3,), 1, seed=10))
+    adapter = get_adapter(lin)
+    a = adapter.input_rows(lin, x_in, "expand")
+    g = adapter.grad_rows(lin, go, "batch", "expand")
+    torch.testing.assert_close(a, torch.cat([x, torch.ones(1, dtype=DTYPE)])[None], rtol=0, atol=0)
+    torch.testing.assert_close(g, go[None], rtol=0, atol=0)
+
+    conv = nn.Conv2d(2, 3, 2, stride=2).to(DTYPE)
+    x = torch.randn(2, 4, 4, dtype=DTYPE)
+    x_in, go = capture(conv, x, weighted_loss((3, 2, 2), 1, seed=11))
+    adapter = get_adapter(conv)
+    a = adapter.input_rows(conv, x_in, "expand")
+    patches = expected_conv_patches(conv, x_in[None])[0]
+    a_exp = torch.tensor([row + [1.0] for row in patches], dtype=DTYPE) / 2.0
+    torch.testing.assert_close(a, a_exp, rtol=1e-12, atol=1e-14)
+    g = adapter.grad_rows(conv, go, "batch+sequence", "reduce")
+    torch.testing.assert_close(g, go.sum((1, 2))[None] * 2.0, rtol=1e-12, atol=1e-14)

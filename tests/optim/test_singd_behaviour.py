@@ -273,7 +273,7 @@ def test_non_finite_step_is_skipped_without_touching_state(kind):
 def test_real_grad_scaler_overflow_is_skipped():
     model = make_mlp(0, torch.float32)
     opt = SINGD(model, init_grad_scale=2.0**127, **dict(HP, T=1, lr_cov=0.05))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
     before = full_state(model, opt)
     x, y = batch(0, dtype=torch.float32)
     scaler.scale(1e6 * mse(model(x), y)).backward()  # overflows float32 in the backward pass
@@ -283,7 +283,7 @@ def test_real_grad_scaler_overflow_is_skipped():
     scaler.update()
     assert_states_equal(before, full_state(model, opt))
     assert opt.steps == 1
-    assert scaler.get_scale() == 2.0**7
+    assert scaler.get_scale() == 2.0**126
     losses = []
     for _ in range(5):
         opt.zero_grad()
@@ -394,6 +394,20 @@ def test_param_groups_structures_and_intervals():
             changed = not torch.equal(before[key], after[key])
             if key.split(".")[1] in ("K", "C") and after[key].numel() > 0:
                 assert changed == (t % T_of[name] == 0), (t, key)
+
+
+def test_add_param_group_after_construction():
+    model = make_mlp(0)
+    opt = SINGD(model, params=model[0].parameters(), lr_cov=0.05, T=1)
+    assert set(opt.layers) == {"0"}
+    opt.add_param_group({"params": model[2].parameters(), "structures": "diagonal", "lr": 0.3})
+    assert set(opt.layers) == {"0", "2"}
+    assert type(opt.layers["2"].K).family == "diagonal"
+    assert type(opt.layers["0"].K).family == "dense"
+    w2 = model[2].weight.detach().clone()
+    train(model, opt, 0, 2)
+    assert not torch.equal(model[2].weight, w2)
+    assert not torch.equal(opt.layers["2"].K.to_dense(), torch.eye(9, dtype=DTYPE))
 
 
 def test_lr_scheduler_and_update_size():
