@@ -31,9 +31,9 @@ class FactorUpdate:
 
 def riemannian_momentum_step(
     H: StructuredMatrix,
-    H_coeff: float | Tensor,
+    H_coeff: float,
     XtX: StructuredMatrix,
-    damping_coeff: float | Tensor,
+    damping_coeff: float,
     scale: float,
     m_old: StructuredMatrix | None,
     alpha1: float,
@@ -82,14 +82,16 @@ def update_factors(
     """
     scale = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
     KtK, CtC = K.inner(), C.inner()
+    # Scalar coefficients are Python floats (float64): a large gradient-scale
+    # correction times a small trace must not overflow the factors' dtype on the way.
     if kfac_like:
         coeff_HK, coeff_HC = 1.0, H_C_scale
         damp_K = damp_C = damping
     else:
-        coeff_HK = H_C_scale * H_C.average_trace()
-        coeff_HC = H_C_scale * H_K.average_trace()
-        damp_K = damping * CtC.average_trace()
-        damp_C = damping * KtK.average_trace()
+        coeff_HK = H_C_scale * float(H_C.average_trace())
+        coeff_HC = H_C_scale * float(H_K.average_trace())
+        damp_K = damping * float(CtC.average_trace())
+        damp_C = damping * float(KtK.average_trace())
     new_m_K = riemannian_momentum_step(H_K, coeff_HK, KtK, damp_K, scale, m_K, alpha1)
     new_m_C = riemannian_momentum_step(H_C, coeff_HC, CtC, damp_C, scale, m_C, alpha1)
 
