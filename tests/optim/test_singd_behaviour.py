@@ -583,10 +583,29 @@ def test_unsupported_parameters_warn_with_names():
         SINGD(model, warn_unsupported=False)
 
 
-def test_explicit_unsupported_parameter_raises():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_explicit_unsupported_parameter_trained_by_adamw_fallback(weight_decay):
+    """A LayerNorm weight passed explicitly follows torch.optim.AdamW's rule exactly."""
     model = _model_with_layernorm()
-    with pytest.raises(ValueError, match=r"1\.weight"):
-        SINGD(model, params=[*model[0].parameters(), model[1].weight])
+    oracle = nn.Parameter(model[1].weight.detach().clone())
+    opt = SINGD(
+        model,
+        params=[*model[0].parameters(), model[1].weight],
+        lr=0.05,
+        weight_decay=weight_decay,
+        warn_unsupported=False,
+    )
+    adamw = torch.optim.AdamW([oracle], lr=0.05, weight_decay=weight_decay)
+    assert opt.fallback_parameters == {"1.weight": "adamw"}
+    x = torch.randn(8, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    for _ in range(4):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        oracle.grad = model[1].weight.grad.clone()
+        opt.step()
+        adamw.step()
+        torch.testing.assert_close(model[1].weight, oracle, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(oracle, torch.ones_like(oracle))
 
 
 def test_weight_and_bias_in_different_groups_raise():

@@ -1,26 +1,42 @@
-"""Layer adapters and their registry (one module per layer family)."""
+"""Layer adapters and their registry (one module per layer family).
+
+Supported: ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d``, ``nn.Embedding``,
+``nn.MultiheadAttention`` (hence every ``nn.Transformer*`` layer), and
+torch_geometric's ``Linear`` (inside ``GCNConv`` and most graph layers). Parameters
+of other modules are trained by SINGD's fallback rule.
+"""
 
 from torch import nn
 
+from torchsingd.layers.attention import MultiheadAttentionAdapter
 from torchsingd.layers.base import (
     KFAC_APPROXIMATIONS,
     LOSS_AVERAGES,
+    CaptureFn,
     LayerAdapter,
     get_adapter,
     register_layer,
 )
-from torchsingd.layers.conv import Conv2dAdapter
+from torchsingd.layers.conv import ConvAdapter
+from torchsingd.layers.embedding import EmbeddingAdapter
 from torchsingd.layers.linear import LinearAdapter
 
 register_layer(nn.Linear, LinearAdapter())
-register_layer(nn.Conv2d, Conv2dAdapter())
+register_layer("torch_geometric.nn.dense.linear.Linear", LinearAdapter())
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer(_conv, ConvAdapter())
+register_layer(nn.Embedding, EmbeddingAdapter())
+register_layer(nn.MultiheadAttention, MultiheadAttentionAdapter())
 
 __all__ = [
     "KFAC_APPROXIMATIONS",
     "LOSS_AVERAGES",
-    "Conv2dAdapter",
+    "CaptureFn",
+    "ConvAdapter",
+    "EmbeddingAdapter",
     "LayerAdapter",
     "LinearAdapter",
+    "MultiheadAttentionAdapter",
     "get_adapter",
     "register_layer",
 ]

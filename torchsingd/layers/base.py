@@ -1,32 +1,54 @@
 """Layer adapters: how one module family becomes the matrices SINGD works with.
 
 The optimizer never asks what kind of layer it holds. For each supported module it
-asks the registry for an adapter that answers five questions (after kfac-pytorch's
-``ModuleHelper``):
+asks the registry for an adapter, which answers (after kfac-pytorch's ``ModuleHelper``):
 
-1. ``dims``: ``(d_i, d_o)`` of the weight as a matrix (``d_i`` includes the bias column);
-2. ``input_rows``: the layer input as rows ``a`` (``[N_a, d_i]``, ALGORITHM.md section 2);
-3. ``grad_rows``: the output gradient as rows ``g`` (``[N_g, d_o]``);
-4. ``grad_matrix``: ``grad(W)`` as a ``[d_o, d_i]`` matrix (bias as the last column);
-5. ``split_matrix``: a ``[d_o, d_i]`` update back into tensors shaped like the parameters.
+1. ``blocks``: the module's Kronecker-factored blocks (``("",)`` for most layers;
+   ``("q", "k", "v", "out")`` for multi-head attention), each with its own ``K``, ``C``;
+2. ``dims``: ``(d_i, d_o)`` of a block's weight as a matrix (``d_i`` includes the bias);
+3. ``input_rows`` / ``input_statistic``: the block input as rows ``a`` (``[N_a, d_i]``,
+   ALGORITHM.md section 2), or directly ``H_K = P(K^T a^T a K)`` where rows would be
+   wasteful (one-hot embedding inputs);
+4. ``grad_rows``: the block's output gradient as rows ``g`` (``[N_g, d_o]``);
+5. ``grad_matrix``: ``grad(W)`` of a block as ``[d_o, d_i]`` (bias as the last column);
+6. ``directions``: the blocks' ``[d_o, d_i]`` updates back into tensors shaped like
+   :meth:`LayerAdapter.params`;
+7. ``install``: how the optimizer is told about a forward pass (a forward hook by
+   default; multi-head attention re-routes its projections so they can be observed).
 
-Register a new layer type with :func:`register_layer`.
+Register a new layer type with :func:`register_layer`; see the README for an example.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from math import sqrt
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torchsingd.structures import StructuredMatrix
+
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
+#: ``capture(block, x, output)``: called by adapters in a forward pass with a block's
+#: input ``x`` and output; the optimizer decides whether to observe the backward pass.
+CaptureFn = Callable[[str, Tensor, Tensor], None]
+
 
 class LayerAdapter(ABC):
-    """The five questions about one module family; see the module docstring."""
+    """The questions about one module family; see the module docstring."""
+
+    #: Group option that names the structure of ``K`` instead of ``structures[0]``
+    #: (e.g. ``"vocab_structure"`` for embeddings, whose input side is the vocabulary).
+    k_structure_option: str | None = None
+
+    def blocks(self, module: nn.Module) -> tuple[str, ...]:
+        """Names of the Kronecker-factored blocks of ``module``."""
+        return ("",)
 
     def params(self, module: nn.Module) -> list[nn.Parameter]:
         """The parameters the Kronecker-factored preconditioner covers (weight, bias)."""
@@ -35,30 +57,67 @@ class LayerAdapter(ABC):
             out.append(module.bias)
         return out
 
+    def submodules(self, module: nn.Module) -> list[nn.Module]:
+        """Child modules whose parameters this adapter covers (not adapted separately)."""
+        return []
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raise a ``ValueError`` if ``module`` cannot be preconditioned as configured."""
+        for p in self.params(module):
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"Layer {name!r} has uninitialized (lazy) parameters; run one forward "
+                    "pass before constructing the optimizer."
+                )
+
     def has_bias(self, module: nn.Module) -> bool:
         """Whether the bias is trained as the extra last column of ``W``."""
         bias = getattr(module, "bias", None)
-        return bias is not None and bias.requires_grad
+        return isinstance(bias, Tensor) and bias.requires_grad
 
     @abstractmethod
-    def dims(self, module: nn.Module) -> tuple[int, int]:
-        """``(d_i, d_o)``: sizes of ``K`` and ``C`` for this layer."""
+    def dims(self, module: nn.Module, *, block: str = "") -> tuple[int, int]:
+        """``(d_i, d_o)``: sizes of ``K`` and ``C`` for a block."""
 
     @abstractmethod
-    def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str) -> Tensor:
+    def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         """``a``: ``[N_a, d_i]``, ones column appended for a bias, divided by ``sqrt(N_a)``."""
 
     @abstractmethod
     def grad_rows(
-        self, module: nn.Module, g: Tensor, loss_average: str | None, kfac_approx: str
+        self,
+        module: nn.Module,
+        g: Tensor,
+        loss_average: str | None,
+        kfac_approx: str,
+        *,
+        block: str = "",
     ) -> Tensor:
         """``g``: ``[N_g, d_o]``, multiplied by ``sqrt(number of loss terms)``."""
 
-    def grad_matrix(self, module: nn.Module) -> Tensor:
-        """``grad(W)`` as ``[d_o, d_i]`` (bias gradient as the last column)."""
+    def input_statistic(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        K: StructuredMatrix,
+        kfac_approx: str,
+        *,
+        block: str = "",
+    ) -> StructuredMatrix:
+        """``H_K = P(K^T a^T a K)`` for the block input ``x`` (in ``K``'s dtype)."""
+        a = self.input_rows(module, x.to(K.dtype), kfac_approx, block=block)
+        return K.inner_of(a.T)
+
+    def grad_matrix(self, module: nn.Module, *, block: str = "") -> Tensor | None:
+        """``grad(W)`` as ``[d_o, d_i]`` (bias gradient as the last column), or ``None``."""
+        if module.weight.grad is None:
+            return None
         G = module.weight.grad.flatten(start_dim=1)
         if self.has_bias(module):
-            G = torch.cat([G, module.bias.grad.unsqueeze(1)], dim=1)
+            bias_grad = module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros_like(module.bias)
+            G = torch.cat([G, bias_grad.unsqueeze(1)], dim=1)
         return G
 
     def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
@@ -66,6 +125,23 @@ class LayerAdapter(ABC):
         if self.has_bias(module):
             return [mat[:, :-1].reshape_as(module.weight), mat[:, -1].reshape_as(module.bias)]
         return [mat.reshape_as(module.weight)]
+
+    def directions(self, module: nn.Module, mats: dict[str, Tensor]) -> list[Tensor]:
+        """The blocks' ``[d_o, d_i]`` updates as tensors aligned with :meth:`params`."""
+        return self.split_matrix(module, mats[""])
+
+    def protected(self, module: nn.Module) -> list[tuple[nn.Parameter, Any]]:
+        """``(parameter, index)`` pairs an update must leave untouched."""
+        return []
+
+    def install(self, module: nn.Module, capture: CaptureFn) -> list[Any]:
+        """Arrange for ``capture`` to be called in forward passes; return removable handles."""
+
+        def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
+            if inputs and isinstance(output, Tensor):
+                capture("", inputs[0], output)
+
+        return [module.register_forward_hook(hook)]
 
 
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:
@@ -86,14 +162,47 @@ def loss_terms_scale(batch_size: int, shared_size: int, loss_average: str | None
     raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}.")
 
 
+def linear_input_rows(x: Tensor, kfac_approx: str, with_bias: bool) -> Tensor:
+    """Rows of a linear map's input ``[B, ..., d_in]`` (``[d_in]`` is one sample)."""
+    if x.ndim == 1:
+        x = x.unsqueeze(0)
+    if kfac_approx == "expand":
+        a = x.reshape(-1, x.shape[-1])
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+    return finish_input_rows(a, with_bias)
+
+
+def linear_grad_rows(g: Tensor, loss_average: str | None, kfac_approx: str) -> Tensor:
+    """Rows of a linear map's output gradient ``[B, ..., d_out]``."""
+    if g.ndim == 1:
+        g = g.unsqueeze(0)
+    g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+    scale = loss_terms_scale(g3.shape[0], g3.shape[1], loss_average)
+    rows = g3.reshape(-1, g.shape[-1]) if kfac_approx == "expand" else g3.sum(1)
+    return rows * scale
+
+
 _ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
+_ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {}
 
 
-def register_layer(module_type: type[nn.Module], adapter: LayerAdapter) -> None:
-    """Precondition modules of ``module_type`` (and its subclasses) with ``adapter``."""
+def register_layer(module_type: type[nn.Module] | str, adapter: LayerAdapter) -> None:
+    """Precondition modules of ``module_type`` (and its subclasses) with ``adapter``.
+
+    ``module_type`` may also be a fully qualified class name (``"pkg.mod.Class"``), so
+    that a third-party layer is supported without importing its package.
+    """
     if not isinstance(adapter, LayerAdapter):
         raise TypeError(f"adapter must be a LayerAdapter instance, got {type(adapter).__name__}.")
-    _ADAPTERS[module_type] = adapter
+    if isinstance(module_type, str):
+        _ADAPTERS_BY_NAME[module_type] = adapter
+    elif isinstance(module_type, type) and issubclass(module_type, nn.Module):
+        _ADAPTERS[module_type] = adapter
+    else:
+        raise TypeError(
+            f"module_type must be an nn.Module subclass or a class name, got {module_type!r}."
+        )
 
 
 def get_adapter(module: nn.Module) -> LayerAdapter | None:
@@ -101,4 +210,7 @@ def get_adapter(module: nn.Module) -> LayerAdapter | None:
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+        qualified = f"{cls.__module__}.{cls.__qualname__}"
+        if qualified in _ADAPTERS_BY_NAME:
+            return _ADAPTERS_BY_NAME[qualified]
     return None

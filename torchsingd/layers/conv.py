@@ -1,9 +1,10 @@
-"""``nn.Conv2d``: stride, dilation, groups, every padding (``"same"`` included).
+"""``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``: stride, dilation, groups, every padding.
 
-``a`` holds unfolded patches (``[B * O1 * O2, C_in/groups * k1 * k2]`` for "expand",
+``a`` holds unfolded patches (``[B * prod(O), C_in/groups * prod(k)]`` for "expand",
 their average over output locations for "reduce"); input channels are averaged over
 the groups first. ``"same"`` padding is applied as PyTorch does (left ``total // 2``,
-right the rest), so asymmetric cases work; non-zero padding modes pad first.
+right the rest, ``total = dilation * (k - 1)``), so asymmetric cases work; non-zero
+padding modes (reflect, replicate, circular) pad first, as the module does.
 """
 
 from __future__ import annotations
@@ -14,55 +15,65 @@ from torch import Tensor, nn
 from torchsingd.layers.base import LayerAdapter, finish_input_rows, loss_terms_scale
 
 
-def _explicit_padding(module: nn.Conv2d) -> tuple[int, int, int, int] | None:
-    """``(left, right, top, bottom)`` for ``F.pad``, or ``None`` if ``unfold`` can pad."""
+def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
+    """``F.pad`` amounts (last dimension first) equivalent to the module's padding."""
     if module.padding_mode != "zeros":
-        return None
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return (0, 0, 0, 0)
-        pads = []
+        return list(module._reversed_padding_repeated_twice)
+    if module.padding == "valid":
+        return [0] * (2 * len(module.kernel_size))
+    pads: list[int] = []
+    if module.padding == "same":
         for k, d in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return tuple(pads)
-    return None
+        return pads
+    for p in reversed(module.padding):
+        pads += [p, p]
+    return pads
 
 
-def unfold_input(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """Patches ``[B, O1 * O2, C_in/groups * k1 * k2]`` (channels averaged over groups)."""
-    if x.ndim == 3:
+def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Patches ``[B, prod(O), C_in/groups * prod(k)]`` (channels averaged over groups).
+
+    The column order (channel, then kernel positions) matches ``weight.flatten(1)``.
+    """
+    n = len(module.kernel_size)
+    if x.ndim == n + 1:  # unbatched
         x = x.unsqueeze(0)
-    B, C, H, W = x.shape
+    B, C = x.shape[:2]
+    spatial = x.shape[2:]
     if module.groups > 1:
-        x = x.reshape(B, module.groups, C // module.groups, H, W).mean(1)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    else:
-        explicit = _explicit_padding(module)
-        if explicit is not None:
-            x = F.pad(x, explicit)
-            padding = 0
-        else:
-            padding = module.padding
-    cols = F.unfold(
-        x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-    )
-    return cols.transpose(1, 2)
+        x = x.reshape(B, module.groups, C // module.groups, *spatial).mean(1)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pads = conv_padding(module)
+    if any(pads):
+        x = F.pad(x, pads, mode=mode)
+    if n == 2:  # one fused kernel for the common case
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        return cols.transpose(1, 2)
+    for i, (k, s, d) in enumerate(
+        zip(module.kernel_size, module.stride, module.dilation, strict=True)
+    ):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    # x: [B, C', O_1..O_n, k_1..k_n] -> [B, O_1..O_n, C', k_1..k_n]
+    c = x.shape[1]
+    out_sizes = x.shape[2 : 2 + n]
+    perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
+    x = x.permute(perm)
+    return x.reshape(B, out_sizes.numel(), c * module.weight.shape[2:].numel())
 
 
-class Conv2dAdapter(LayerAdapter):
-    def dims(self, module: nn.Conv2d) -> tuple[int, int]:
+class ConvAdapter(LayerAdapter):
+    def dims(self, module: nn.Module, *, block: str = "") -> tuple[int, int]:
         return module.weight.shape[1:].numel() + int(self.has_bias(module)), module.out_channels
 
-    def input_rows(self, module: nn.Conv2d, x: Tensor, kfac_approx: str) -> Tensor:
+    def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         patches = unfold_input(module, x)
         a = patches.reshape(-1, patches.shape[-1]) if kfac_approx == "expand" else patches.mean(1)
         return finish_input_rows(a, self.has_bias(module))
 
-    def grad_rows(self, module: nn.Conv2d, g: Tensor, loss_average, kfac_approx: str) -> Tensor:
-        if g.ndim == 3:
+    def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
+        if g.ndim == len(module.kernel_size) + 1:  # unbatched
             g = g.unsqueeze(0)
         B, C = g.shape[:2]
         g3 = g.reshape(B, C, -1)

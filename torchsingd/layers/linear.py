@@ -1,32 +1,25 @@
-"""``nn.Linear`` with any number of leading (batch and shared) dimensions."""
+"""``nn.Linear`` (and torch_geometric's ``Linear``) with any number of leading dimensions.
+
+The dimensions between the first (batch) and the last (features) are shared.
+torch_geometric's ``Linear`` (used inside ``GCNConv`` and most graph layers) is not an
+``nn.Linear`` subclass; it is registered by name, so torch_geometric is never imported.
+For node-level tasks the "batch" is the set of nodes the layer sees.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from torchsingd.layers.base import LayerAdapter, finish_input_rows, loss_terms_scale
+from torchsingd.layers.base import LayerAdapter, linear_grad_rows, linear_input_rows
 
 
 class LinearAdapter(LayerAdapter):
-    """Inputs ``[B, ..., d_in]``; the dimensions between ``B`` and ``d_in`` are shared."""
-
-    def dims(self, module: nn.Linear) -> tuple[int, int]:
+    def dims(self, module: nn.Module, *, block: str = "") -> tuple[int, int]:
         d_o, d_i = module.weight.shape
         return d_i + int(self.has_bias(module)), d_o
 
-    def input_rows(self, module: nn.Linear, x: Tensor, kfac_approx: str) -> Tensor:
-        if x.ndim == 1:
-            x = x.unsqueeze(0)
-        if kfac_approx == "expand":
-            a = x.reshape(-1, x.shape[-1])
-        else:
-            a = x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
-        return finish_input_rows(a, self.has_bias(module))
+    def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        return linear_input_rows(x, kfac_approx, self.has_bias(module))
 
-    def grad_rows(self, module: nn.Linear, g: Tensor, loss_average, kfac_approx: str) -> Tensor:
-        if g.ndim == 1:
-            g = g.unsqueeze(0)
-        g3 = g.reshape(g.shape[0], -1, g.shape[-1])
-        scale = loss_terms_scale(g3.shape[0], g3.shape[1], loss_average)
-        rows = g3.reshape(-1, g.shape[-1]) if kfac_approx == "expand" else g3.sum(1)
-        return rows * scale
+    def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
+        return linear_grad_rows(g, loss_average, kfac_approx)

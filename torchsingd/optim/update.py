@@ -143,3 +143,75 @@ def parameter_step(
         p.add_(u, alpha=-lr)
         out.append(buf)
     return out
+
+
+def clip_by_global_norm(directions: Sequence[Tensor], max_norm: float | None) -> float:
+    """Scale ``directions`` in place so their joint L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping (``0.0`` for no directions).
+    """
+    if not directions:
+        return 0.0
+    norm = float(
+        torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(d.float()) for d in directions])
+        )
+    )
+    if max_norm is not None and norm > max_norm:
+        for d in directions:
+            d.mul_(max_norm / norm)
+    return norm
+
+
+def adamw_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW (decoupled weight decay, bias-corrected moments), in place.
+
+    Each ``states[i]`` holds ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (created on
+    the first call).
+    """
+    beta1, beta2 = betas
+    for p, g, state in zip(params, grads, states, strict=True):
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        if weight_decay != 0.0:
+            p.mul_(1.0 - lr * weight_decay)
+        state["exp_avg"].lerp_(g, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(eps)
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1**t))
+
+
+def sgd_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """SGD with momentum and coupled weight decay (``torch.optim.SGD``'s rule), in place."""
+    buffers = parameter_step(
+        params,
+        grads,
+        [s.get("momentum_buffer") for s in states],
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    for state, buf in zip(states, buffers, strict=True):
+        if buf is not None:
+            state["momentum_buffer"] = buf

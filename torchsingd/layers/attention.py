@@ -1,0 +1,233 @@
+"""``nn.MultiheadAttention``: its four projections, each preconditioned by SINGD.
+
+The blocks are ``"q"``, ``"k"``, ``"v"`` (rows of the packed ``in_proj_weight``, or the
+separate ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ, plus the matching slices of
+``in_proj_bias``) and ``"out"`` (``out_proj``). ``F.multi_head_attention_forward``
+applies the projections internally, where no hook can see them, so while the
+optimizer is attached the module's forward computes the projections itself (batch
+first), hands them to ``F.multi_head_attention_forward`` with identity projection
+weights (masks, dropout, ``bias_k``/``bias_v``, ``add_zero_attn``, ``need_weights`` and
+``is_causal`` keep PyTorch's own semantics), and applies ``out_proj`` itself. This costs
+four extra ``E x E`` identity products per token; it is used only in forward passes
+whose backward is observed (grad enabled, a preconditioner-update step). ``bias_k`` and
+``bias_v`` are trained by the fallback rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchsingd.layers.base import CaptureFn, LayerAdapter, linear_grad_rows, linear_input_rows
+
+BLOCKS = ("q", "k", "v", "out")
+
+
+def _projection(module: nn.MultiheadAttention, block: str) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` of a block (views into the module's parameters)."""
+    E = module.embed_dim
+    if block == "out":
+        return module.out_proj.weight, module.out_proj.bias
+    i = "qkv".index(block)
+    if module._qkv_same_embed_dim:
+        weight = module.in_proj_weight[i * E : (i + 1) * E]
+    else:
+        weight = getattr(module, f"{block}_proj_weight")
+    bias = None if module.in_proj_bias is None else module.in_proj_bias[i * E : (i + 1) * E]
+    return weight, bias
+
+
+class MultiheadAttentionAdapter(LayerAdapter):
+    def blocks(self, module: nn.MultiheadAttention) -> tuple[str, ...]:
+        return BLOCKS
+
+    def params(self, module: nn.MultiheadAttention) -> list[nn.Parameter]:
+        if module._qkv_same_embed_dim:
+            out = [module.in_proj_weight]
+        else:
+            out = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+        if module.in_proj_bias is not None:
+            out.append(module.in_proj_bias)
+        out.append(module.out_proj.weight)
+        if module.out_proj.bias is not None:
+            out.append(module.out_proj.bias)
+        return out
+
+    def submodules(self, module: nn.MultiheadAttention) -> list[nn.Module]:
+        return [module.out_proj]
+
+    def check(self, module: nn.MultiheadAttention, name: str) -> None:
+        super().check(module, name)
+        frozen = [p for p in self.params(module) if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"MultiheadAttention {name!r} has frozen projection parameters; freeze all "
+                "of them or none (partially frozen attention is not supported)."
+            )
+
+    def _bias(self, module: nn.MultiheadAttention, block: str) -> bool:
+        return _projection(module, block)[1] is not None
+
+    def dims(self, module: nn.MultiheadAttention, *, block: str = "") -> tuple[int, int]:
+        weight, bias = _projection(module, block)
+        return weight.shape[1] + int(bias is not None), weight.shape[0]
+
+    def input_rows(self, module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        return linear_input_rows(x, kfac_approx, self._bias(module, block))
+
+    def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
+        return linear_grad_rows(g, loss_average, kfac_approx)
+
+    def grad_matrix(self, module: nn.MultiheadAttention, *, block: str = "") -> Tensor | None:
+        weight, bias = _projection(module, block)
+        if module._qkv_same_embed_dim and block != "out":
+            full = module.in_proj_weight.grad
+            E = module.embed_dim
+            i = "qkv".index(block)
+            wgrad = None if full is None else full[i * E : (i + 1) * E]
+        elif block == "out":
+            wgrad = module.out_proj.weight.grad
+        else:
+            wgrad = getattr(module, f"{block}_proj_weight").grad
+        if wgrad is None:
+            return None
+        if bias is None:
+            return wgrad
+        if block == "out":
+            bgrad = module.out_proj.bias.grad
+        else:
+            full_b = module.in_proj_bias.grad
+            E = module.embed_dim
+            i = "qkv".index(block)
+            bgrad = None if full_b is None else full_b[i * E : (i + 1) * E]
+        if bgrad is None:
+            bgrad = torch.zeros(wgrad.shape[0], dtype=wgrad.dtype, device=wgrad.device)
+        return torch.cat([wgrad, bgrad.unsqueeze(1)], dim=1)
+
+    def directions(self, module: nn.MultiheadAttention, mats: dict[str, Tensor]) -> list[Tensor]:
+        def w(b: str) -> Tensor:
+            return mats[b][:, :-1] if self._bias(module, b) else mats[b]
+
+        out: list[Tensor] = []
+        if module._qkv_same_embed_dim:
+            out.append(torch.cat([w("q"), w("k"), w("v")]))
+        else:
+            out += [w("q"), w("k"), w("v")]
+        if module.in_proj_bias is not None:
+            out.append(torch.cat([mats[b][:, -1] for b in "qkv"]))
+        out.append(w("out"))
+        if module.out_proj.bias is not None:
+            out.append(mats["out"][:, -1])
+        return out
+
+    def install(self, module: nn.MultiheadAttention, capture: CaptureFn) -> list[Any]:
+        original = module.forward
+
+        def forward(
+            query,
+            key,
+            value,
+            key_padding_mask=None,
+            need_weights=True,
+            attn_mask=None,
+            average_attn_weights=True,
+            is_causal=False,
+        ):
+            if not torch.is_grad_enabled():
+                return original(
+                    query,
+                    key,
+                    value,
+                    key_padding_mask=key_padding_mask,
+                    need_weights=need_weights,
+                    attn_mask=attn_mask,
+                    average_attn_weights=average_attn_weights,
+                    is_causal=is_causal,
+                )
+            return _observed_forward(
+                module,
+                capture,
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                average_attn_weights,
+                is_causal,
+            )
+
+        module.forward = forward
+        return [_RestoreForward(module, original)]
+
+
+class _RestoreForward:
+    """A handle whose ``remove()`` gives the module its own forward back."""
+
+    def __init__(self, module: nn.Module, original: Any) -> None:
+        self.module, self.original = module, original
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not None:
+            del self.module.forward
+
+
+def _observed_forward(
+    module: nn.MultiheadAttention,
+    capture: CaptureFn,
+    query,
+    key,
+    value,
+    key_padding_mask,
+    need_weights,
+    attn_mask,
+    average_attn_weights,
+    is_causal,
+):
+    batched = query.dim() == 3
+    if batched and not module.batch_first:  # projections are captured batch first
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    projected = []
+    for block, x in zip("qkv", (query, key, value), strict=True):
+        weight, bias = _projection(module, block)
+        y = F.linear(x, weight, bias)
+        capture(block, x, y)
+        projected.append(y.transpose(0, 1) if batched else y)
+    E = module.embed_dim
+    eye = torch.eye(E, dtype=projected[0].dtype, device=projected[0].device)
+    z, weights = F.multi_head_attention_forward(
+        projected[0],
+        projected[1],
+        projected[2],
+        E,
+        module.num_heads,
+        None,
+        None,
+        module.bias_k,
+        module.bias_v,
+        module.add_zero_attn,
+        module.dropout,
+        eye,
+        None,
+        training=module.training,
+        key_padding_mask=key_padding_mask,
+        need_weights=need_weights,
+        attn_mask=attn_mask,
+        use_separate_proj_weight=True,
+        q_proj_weight=eye,
+        k_proj_weight=eye,
+        v_proj_weight=eye,
+        average_attn_weights=average_attn_weights,
+        is_causal=is_causal,
+    )
+    if batched:
+        z = z.transpose(0, 1)
+    weight, bias = _projection(module, "out")
+    out = F.linear(z, weight, bias)
+    capture("out", z, out)
+    if batched and not module.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights

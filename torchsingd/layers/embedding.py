@@ -1,0 +1,100 @@
+"""``nn.Embedding``: a linear map of one-hot inputs.
+
+As a matrix, the weight is ``W = weight^T`` (``[D, V]``): ``d_i = V`` (the vocabulary,
+``K``'s side) and ``d_o = D`` (``C``'s side). The input statistic ``a^T a`` of one-hot
+rows is diagonal (token counts), so ``K``'s structure is the group option
+``vocab_structure`` (default ``"diagonal"``), never a dense ``V x V`` matrix unless asked
+for. With a diagonal ``K``, ``H_K`` comes from token counts without building one-hot
+rows. Rows of ``padding_idx`` are never changed by the optimizer. Sparse gradients
+(``sparse=True``) are not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchsingd.layers.base import LayerAdapter, finish_input_rows, linear_grad_rows
+from torchsingd.structures import DiagonalMatrix, StructuredMatrix
+
+
+class EmbeddingAdapter(LayerAdapter):
+    k_structure_option = "vocab_structure"
+
+    def params(self, module: nn.Embedding) -> list[nn.Parameter]:
+        return [module.weight]
+
+    def has_bias(self, module: nn.Module) -> bool:
+        return False
+
+    def check(self, module: nn.Embedding, name: str) -> None:
+        super().check(module, name)
+        if module.sparse:
+            raise ValueError(
+                f"Embedding {name!r} has sparse=True; SINGD needs dense gradients. "
+                "Construct it with sparse=False."
+            )
+
+    def dims(self, module: nn.Embedding, *, block: str = "") -> tuple[int, int]:
+        return module.num_embeddings, module.embedding_dim
+
+    def _one_hot(self, module: nn.Embedding, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return F.one_hot(x.long(), module.num_embeddings).to(dtype)
+
+    def input_rows(self, module: nn.Embedding, x: Tensor, kfac_approx: str, *, block: str = ""):
+        if x.ndim == 0:
+            x = x.unsqueeze(0)
+        onehot = self._one_hot(module, x, torch.get_default_dtype())
+        if kfac_approx == "expand":
+            a = onehot.reshape(-1, module.num_embeddings)
+        else:
+            a = onehot.reshape(x.shape[0], -1, module.num_embeddings).mean(1)
+        return finish_input_rows(a, False)
+
+    def input_statistic(
+        self,
+        module: nn.Embedding,
+        x: Tensor,
+        K: StructuredMatrix,
+        kfac_approx: str,
+        *,
+        block: str = "",
+    ) -> StructuredMatrix:
+        if not isinstance(K, DiagonalMatrix):
+            a = self.input_rows(module, x, kfac_approx).to(K.dtype)
+            return K.inner_of(a.T)
+        if x.ndim == 0:
+            x = x.unsqueeze(0)
+        V = module.num_embeddings
+        idx = x.reshape(x.shape[0], -1).long()
+        if kfac_approx == "expand":  # diag(a^T a) = token counts / N
+            counts = torch.bincount(idx.flatten(), minlength=V).to(K.dtype)
+            diag = counts / idx.numel()
+        else:  # rows are per-sample frequency vectors f_b: diag = sum_b f_b^2 / B
+            B, S = idx.shape
+            freq = torch.zeros(B, V, dtype=torch.float32, device=x.device)
+            freq.scatter_add_(1, idx, torch.full(idx.shape, 1.0 / S, device=x.device))
+            diag = ((freq * freq).sum(0) / B).to(K.dtype)
+        return DiagonalMatrix(K.diag * K.diag * diag)
+
+    def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
+        return linear_grad_rows(g, loss_average, kfac_approx)
+
+    def grad_matrix(self, module: nn.Embedding, *, block: str = "") -> Tensor | None:
+        grad = module.weight.grad
+        if grad is None:
+            return None
+        if grad.is_sparse:
+            raise ValueError("SINGD does not support sparse embedding gradients.")
+        return grad.T
+
+    def split_matrix(self, module: nn.Embedding, mat: Tensor) -> list[Tensor]:
+        return [mat.T]
+
+    def protected(self, module: nn.Embedding) -> list[tuple[nn.Parameter, Any]]:
+        if module.padding_idx is None:
+            return []
+        return [(module.weight, module.padding_idx)]
