@@ -13,10 +13,10 @@ def test_readme_example_runs_and_lowers_the_loss():
     assert blocks, "README has no python example"
     torch.manual_seed(0)
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    for block in blocks:  # in order, as a reader would run them
+        exec(compile(block, "README.md", "exec"), namespace)
     model, x, y = namespace["model"], namespace["x"], namespace["y"]
-    opt = namespace["opt"]
-    assert opt.steps == 100
+    assert namespace["sched"].optimizer.steps == 100
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x), y).item()
     assert loss < 0.7 * torch.log(torch.tensor(10.0)).item()  # chance level: log(10)
