@@ -1,0 +1,689 @@
+"""Bookkeeping shared by the Kronecker-factored optimizers (SINGD and the KFAC baseline).
+
+:class:`KroneckerOptimizer` is a ``torch.optim.Optimizer`` that
+
+1. finds the supported layers of a model through the layer registry (every other
+   trainable parameter goes to a fallback rule, AdamW by default, in the same object),
+2. lets each layer's adapter report forward passes; on preconditioner-update steps
+   (``t % T == 0``) with gradients enabled, a tensor hook on each block's output turns
+   the block's input and output gradient into the two Kronecker statistics (summed
+   over the backward passes of one step),
+3. in :meth:`KroneckerOptimizer.step` asks the subclass for each block's new factors
+   and natural gradient, checks that everything is finite, and only then writes them,
+4. handles gradient scalers, non-finite steps, clipping, the fallback rule and
+   checkpoints.
+
+Subclasses supply the method itself: :meth:`~KroneckerOptimizer._new_block` (state of
+one block), :meth:`~KroneckerOptimizer._statistics` (what a backward pass contributes)
+and :meth:`~KroneckerOptimizer._update_block` (new factors and the natural gradient).
+
+A tensor hook on the output (rather than a module backward hook) keeps working when
+the output feeds an in-place activation. Captures are tagged with the step they were
+made in, so statistics of a forward pass whose backward came late never leak into a
+later step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from torchsingd.layers import KFAC_APPROXIMATIONS, LOSS_AVERAGES, LayerAdapter, get_adapter
+from torchsingd.optim.update import adamw_step, clip_by_global_norm, parameter_step, sgd_step
+from torchsingd.structures import StructuredMatrix, get_structure
+
+_CALLABLE = "<callable: taken from the optimizer that loads this state>"
+FALLBACK_RULES = ("adamw", "sgd")
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by ``step`` with ``on_nonfinite="raise"`` when an update is not finite."""
+
+
+@dataclass
+class BlockState:
+    """State of one Kronecker-factored block; subclasses add the factors.
+
+    ``pending`` holds the two statistics (input side, output side) summed over the
+    backward passes of step ``capture_step``, computed from output gradients divided
+    by ``capture_scale``; ``None`` when nothing is pending.
+    """
+
+    name: str
+    block: str
+    pending: list[StructuredMatrix] | None = None
+    capture_step: int = -1
+    capture_scale: float = 1.0
+
+    def clear_captures(self) -> None:
+        self.pending = None
+        self.capture_step = -1
+
+    def factors(self) -> dict[str, StructuredMatrix | None]:
+        """The persistent structured tensors, by name (checkpointed and counted)."""
+        raise NotImplementedError
+
+    def pending_like(self) -> tuple[StructuredMatrix, StructuredMatrix]:
+        """Members with the structure and dtype of the two pending statistics."""
+        raise NotImplementedError
+
+
+@dataclass
+class ModuleEntry:
+    """A preconditioned module: its adapter, group and one block state per block."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    group_index: int
+    blocks: dict[str, BlockState] = field(default_factory=dict)
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_dtypes(value: Any, name: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """A dtype option as a pair (input side, output side); one dtype applies to both."""
+    if value is None or isinstance(value, torch.dtype):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(
+            f"{name} must be None, a torch.dtype, or a pair of them (input side, output "
+            f"side), got {value!r}."
+        )
+    for d in value:
+        if d is not None and not (isinstance(d, torch.dtype) and d.is_floating_point):
+            raise ValueError(f"{name} entries must be floating dtypes, got {d!r}.")
+    return value[0], value[1]
+
+
+def validate_common(group: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the first invalid shared hyper-parameter."""
+
+    def bad(name: str, why: str) -> None:
+        raise ValueError(f"Invalid {name}={group[name]!r}: {why}.")
+
+    for name in ("lr", "damping", "weight_decay", "fallback_eps"):
+        if not is_number(group[name]) or not group[name] >= 0.0:
+            bad(name, "must be a number >= 0")
+    if not is_number(group["momentum"]) or not 0.0 <= group["momentum"] < 1.0:
+        bad("momentum", "must be a number in [0, 1)")
+    for name in ("fallback_lr", "fallback_weight_decay"):
+        if group[name] is not None and (not is_number(group[name]) or not group[name] >= 0):
+            bad(name, "must be None (use the group's value) or a number >= 0")
+    if group["max_update_norm"] is not None and (
+        not is_number(group["max_update_norm"]) or not group["max_update_norm"] > 0
+    ):
+        bad("max_update_norm", "must be None (no clipping) or a number > 0")
+    betas = group["fallback_betas"]
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(is_number(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        bad("fallback_betas", "must be a pair of numbers in [0, 1)")
+    if group["fallback"] not in FALLBACK_RULES:
+        bad("fallback", f"must be one of {FALLBACK_RULES}")
+    if not isinstance(group["T"], int) or isinstance(group["T"], bool) or group["T"] < 1:
+        bad("T", "the preconditioner update interval must be an integer >= 1")
+    lr_cov = group["lr_cov"]
+    if not callable(lr_cov) and (not is_number(lr_cov) or not lr_cov >= 0.0):
+        bad("lr_cov", "must be a number >= 0 or a callable of the step")
+    if group["loss_average"] not in LOSS_AVERAGES:
+        bad("loss_average", f"must be one of {LOSS_AVERAGES}")
+    if group["kfac_approx"] not in KFAC_APPROXIMATIONS:
+        bad("kfac_approx", f"must be one of {KFAC_APPROXIMATIONS}")
+    get_structure(group["vocab_structure"])
+
+
+def common_defaults(
+    *,
+    vocab_structure: str,
+    fallback: str,
+    fallback_lr: float | None,
+    fallback_betas: tuple[float, float],
+    fallback_eps: float,
+    fallback_weight_decay: float | None,
+    max_update_norm: float | None,
+) -> dict[str, Any]:
+    """Group defaults every Kronecker-factored optimizer has (beyond the method's own)."""
+    return dict(
+        vocab_structure=vocab_structure,
+        fallback=fallback,
+        fallback_lr=fallback_lr,
+        fallback_betas=tuple(fallback_betas),
+        fallback_eps=fallback_eps,
+        fallback_weight_decay=fallback_weight_decay,
+        max_update_norm=max_update_norm,
+    )
+
+
+class KroneckerOptimizer(Optimizer):
+    """Shared machinery; see the module docstring. Not used directly."""
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None,
+        defaults: dict[str, Any],
+        *,
+        warn_unsupported: bool,
+        init_grad_scale: float,
+        on_nonfinite: str,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if not is_number(init_grad_scale) or not init_grad_scale > 0:
+            raise ValueError(f"Invalid init_grad_scale={init_grad_scale!r}: must be > 0.")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Invalid on_nonfinite={on_nonfinite!r}: must be one of {NONFINITE_POLICIES}."
+            )
+        self._model = model
+        self._warn_unsupported = warn_unsupported
+        self.on_nonfinite = on_nonfinite
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._candidates, self._tied = self._find_layers(model)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        self.steps = 0
+        self.skipped_steps = 0
+        self._capture_scale = float(init_grad_scale)
+        self._init_grad_scale = float(init_grad_scale)
+        self._explicit_scale: float | None = None
+        self._entries: dict[str, ModuleEntry] = {}
+        self._fallback_params: list[tuple[int, nn.Parameter]] = []
+        self._handles: list[Any] = []
+        self._constructed = False
+        super().__init__(params, defaults)
+        self._constructed = True
+        self._assign_parameters()
+
+    # ------------------------------------------------------- the method itself
+    def _validate(self, group: dict[str, Any]) -> None:
+        """Validate a group (raise ``ValueError`` naming the argument); may normalise it."""
+        validate_common(group)
+
+    def _new_block(
+        self,
+        name: str,
+        block: str,
+        dims: tuple[int, int],
+        group: dict[str, Any],
+        k_structure: str | None,
+        weight: Tensor,
+    ) -> BlockState:
+        """Initial state of one block (``dims = (d_i, d_o)``)."""
+        raise NotImplementedError
+
+    def _statistics(
+        self, entry: ModuleEntry, layer: BlockState, x: Tensor, g: Tensor
+    ) -> tuple[StructuredMatrix, StructuredMatrix]:
+        """The (input side, output side) statistics of one backward pass.
+
+        ``x`` is the block's raw input, ``g`` the output-gradient rows ``[N_g, d_o]``
+        (already unscaled by the capture scale).
+        """
+        raise NotImplementedError
+
+    def _output_dtype(self, layer: BlockState) -> torch.dtype:
+        """The dtype in which output-gradient rows are formed."""
+        raise NotImplementedError
+
+    def _update_block(
+        self,
+        layer: BlockState,
+        G: Tensor,
+        group: dict[str, Any],
+        stats: list[StructuredMatrix] | None,
+        output_scale: float,
+    ) -> tuple[dict[str, Any], Tensor]:
+        """New factors (by attribute name) and the natural gradient of one block.
+
+        ``G``: ``grad(W)`` as ``[d_o, d_i]``, unscaled. ``stats``: this step's pending
+        statistics when the preconditioner is updated now, else ``None``;
+        ``output_scale`` multiplies the output-side statistic (loss-scale correction).
+        Must not modify ``layer``.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def _find_layers(
+        model: nn.Module,
+    ) -> tuple[list[tuple[str, nn.Module, LayerAdapter]], list[str]]:
+        """Supported modules with trainable parameters, and names of tied ones left out."""
+        found = []
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            if id(module) in covered:
+                continue
+            adapter = get_adapter(module)
+            if adapter is None:
+                continue
+            covered.update(id(m) for m in adapter.submodules(module))
+            params = adapter.params(module)
+            if not params or not params[0].requires_grad:
+                continue
+            adapter.check(module, name)
+            found.append((name, module, adapter))
+        uses: dict[int, int] = {}
+        for _, module, adapter in found:
+            for p in adapter.params(module):
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        tied = [n for n, m, a in found if any(uses[id(p)] > 1 for p in a.params(m))]
+        found = [(n, m, a) for n, m, a in found if n not in tied]
+        return found, tied
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated); its layers are hooked when added after construction."""
+        super().add_param_group(param_group)
+        self._validate(self.param_groups[-1])
+        if self._constructed:
+            self._assign_parameters()
+
+    def _name(self, p: nn.Parameter) -> str:
+        return self._param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+
+    def _assign_parameters(self) -> None:
+        """Give every parameter of every group to a preconditioned layer or the fallback."""
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        claimed: set[int] = {
+            id(p) for e in self._entries.values() for p in e.adapter.params(e.module)
+        }
+        for name, module, adapter in self._candidates:
+            if name in self._entries:
+                continue
+            params = adapter.params(module)
+            groups = {group_of.get(id(p)) for p in params}
+            if groups == {None}:
+                continue
+            if len(groups) != 1 or None in groups:
+                raise ValueError(
+                    f"The parameters of layer {name!r} must all be in one parameter group "
+                    f"(found groups {sorted(g for g in groups if g is not None)}"
+                    f"{' and some not in the optimizer' if None in groups else ''})."
+                )
+            self._entries[name] = self._new_entry(name, module, adapter, groups.pop())
+            claimed.update(id(p) for p in params)
+        known = {id(p) for _, p in self._fallback_params}
+        new_fallback = [
+            (i, p)
+            for i, g in enumerate(self.param_groups)
+            for p in g["params"]
+            if id(p) not in claimed and id(p) not in known
+        ]
+        self._fallback_params += new_fallback
+        if self._warn_unsupported and new_fallback:
+            by_rule: dict[str, list[str]] = {}
+            for i, p in new_fallback:
+                by_rule.setdefault(self.param_groups[i]["fallback"], []).append(self._name(p))
+            rules = "; ".join(f"{rule}: {names}" for rule, names in by_rule.items())
+            tied = f" Tied (shared) layers left to it: {self._tied}." if self._tied else ""
+            warnings.warn(
+                f"{type(self).__name__} preconditions {len(self._entries)} layer(s); these "
+                f"parameters are trained by the fallback rule instead — {rules}.{tied} "
+                "Pass warn_unsupported=False to silence this.",
+                stacklevel=3,
+            )
+
+    def _new_entry(
+        self, name: str, module: nn.Module, adapter: LayerAdapter, group_index: int
+    ) -> ModuleEntry:
+        group = self.param_groups[group_index]
+        k_structure = None
+        if adapter.k_structure_option is not None:
+            k_structure = group[adapter.k_structure_option]
+        weight = adapter.params(module)[0]
+        entry = ModuleEntry(name, module, adapter, group_index)
+        for block in adapter.blocks(module):
+            block_name = f"{name}.{block}" if block else name
+            dims = adapter.dims(module, block=block)
+            entry.blocks[block] = self._new_block(
+                block_name, block, dims, group, k_structure, weight
+            )
+        self._handles += adapter.install(module, partial(self._on_forward, entry))
+        return entry
+
+    @property
+    def layers(self) -> dict[str, BlockState]:
+        """The preconditioned blocks by name (``module`` or ``module.block``)."""
+        return {s.name: s for e in self._entries.values() for s in e.blocks.values()}
+
+    @property
+    def fallback_parameters(self) -> dict[str, str]:
+        """Parameter name -> the fallback rule that trains it."""
+        return {self._name(p): self.param_groups[i]["fallback"] for i, p in self._fallback_params}
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor the optimizer keeps between steps.
+
+        Counts every block's factors and per-parameter state (momentum buffers,
+        fallback moments); pending statistics are transient and not counted.
+        """
+        total = 0
+        for layer in self.layers.values():
+            for x in layer.factors().values():
+                total += 0 if x is None else x.nbytes()
+        for state in self.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    total += value.numel() * value.element_size()
+        return total
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (no further statistics are captured)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ hooks
+    def _on_forward(self, entry: ModuleEntry, block: str, x: Tensor, output: Tensor) -> None:
+        """Called by adapters in every forward pass of a block."""
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        if not output.requires_grad:
+            return
+        if self.steps % self.param_groups[entry.group_index]["T"] != 0:
+            return
+        output.register_hook(partial(self._capture, entry, entry.blocks[block], x.detach()))
+
+    def _capture(
+        self, entry: ModuleEntry, layer: BlockState, x: Tensor, grad_output: Tensor
+    ) -> None:
+        """Backward tensor hook: add this pass's statistics to the block's state."""
+        group = self.param_groups[entry.group_index]
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            g = entry.adapter.grad_rows(
+                entry.module,
+                grad_output.detach().to(self._output_dtype(layer)),
+                group["loss_average"],
+                group["kfac_approx"],
+                block=layer.block,
+            )
+            if self._capture_scale != 1.0:
+                g = g / self._capture_scale
+            stats = self._statistics(entry, layer, x, g)
+        if layer.capture_step == self.steps and layer.pending is not None:
+            for acc, new in zip(layer.pending, stats, strict=True):
+                acc.add_(new)
+        else:
+            layer.pending = list(stats)
+            layer.capture_step = self.steps
+            layer.capture_scale = self._capture_scale
+
+    # ------------------------------------------------------------------- step
+    def set_current_grad_scale(self, grad_scale: float) -> None:
+        """Tell the optimizer the loss scale of this step's backward pass.
+
+        Needed only when gradients were unscaled before ``step`` (e.g. after
+        ``scaler.unscale_(optimizer)`` for clipping): then ``.grad`` is unscaled but
+        the captured output gradients are not.
+        """
+        self._explicit_scale = float(grad_scale)
+
+    def _read_scales(self) -> tuple[float, float, bool]:
+        """``(scale of .grad, scale of captured g, found_inf)`` for this step."""
+        grad_scale = getattr(self, "grad_scale", None)
+        grad_scale = 1.0 if grad_scale is None else float(grad_scale)
+        found_inf = getattr(self, "found_inf", None)
+        found_inf = bool(found_inf) if found_inf is not None else False
+        g_scale = self._explicit_scale if self._explicit_scale is not None else grad_scale
+        if self.steps == 0 and self._init_grad_scale == 1.0 and g_scale != 1.0:
+            warnings.warn(
+                f"A gradient scale of {g_scale} is used at step 0; pass "
+                f"init_grad_scale={g_scale} to {type(self).__name__} for better numerics "
+                "in the first backward pass.",
+                stacklevel=4,
+            )
+        return grad_scale, g_scale, found_inf
+
+    def _skip(self, why: str, g_scale: float) -> None:
+        """Leave parameters and factors untouched, drop this step's captures; warn or raise."""
+        for layer in self.layers.values():
+            layer.clear_captures()
+        if self.on_nonfinite == "raise":
+            self._end_step(g_scale)
+            raise NonFiniteError(f"{type(self).__name__} step {self.steps - 1}: {why}.")
+        self.skipped_steps += 1
+        warnings.warn(
+            f"{type(self).__name__} skipped a step: {why}; parameters and state are "
+            f"unchanged (see {type(self).__name__}.skipped_steps).",
+            stacklevel=4,
+        )
+        self._end_step(g_scale)
+
+    def _end_step(self, g_scale: float) -> None:
+        self.steps += 1
+        self._capture_scale = g_scale
+        self._explicit_scale = None
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update the preconditioners (every ``T`` steps) and the parameters.
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss (its
+                backward pass is captured like any other).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._step()
+        return loss
+
+    def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
+        """New factors and parameter directions of one module (nothing is written)."""
+        group = self.param_groups[entry.group_index]
+        update_now = self.steps % group["T"] == 0
+        new_factors, nats = {}, {}
+        for block, layer in entry.blocks.items():
+            G = entry.adapter.grad_matrix(entry.module, block=block)
+            if G is None:
+                return None
+            if grad_scale != 1.0:
+                G = G / grad_scale
+            fresh = update_now and layer.pending is not None and layer.capture_step == self.steps
+            stats = layer.pending if fresh else None
+            output_scale = (layer.capture_scale / g_scale) ** 2
+            new_factors[block], nats[block] = self._update_block(
+                layer, G, group, stats, output_scale
+            )
+        return new_factors, entry.adapter.directions(entry.module, nats)
+
+    def _step(self) -> None:
+        grad_scale, g_scale, found_inf = self._read_scales()
+        if found_inf:
+            self._skip("the gradient scaler found inf/NaN gradients", g_scale)
+            return
+
+        pending = []
+        for entry in self._entries.values():
+            result = self._precondition(entry, g_scale, grad_scale)
+            if result is not None:
+                pending.append((entry, *result))
+        fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
+        checks = [torch.isfinite(d).all() for _, _, dirs in pending for d in dirs]
+        checks += [torch.isfinite(g).all() for _, _, g in fallback]
+        if checks and not bool(torch.stack(checks).all()):
+            self._skip("non-finite gradients or natural gradients", g_scale)
+            return
+
+        for i, group in enumerate(self.param_groups):
+            if group["max_update_norm"] is not None:
+                dirs = [d for e, _, ds in pending if e.group_index == i for d in ds]
+                clip_by_global_norm(dirs, group["max_update_norm"])
+
+        for entry, new_factors, directions in pending:
+            for block, factors in new_factors.items():
+                for attr, value in factors.items():
+                    setattr(entry.blocks[block], attr, value)
+            self._parameter_update(entry, directions)
+
+        self._fallback_step(fallback, grad_scale)
+        for layer in self.layers.values():
+            layer.clear_captures()
+        self._end_step(g_scale)
+
+    def _parameter_update(self, entry: ModuleEntry, directions: list[Tensor]) -> None:
+        """Step 3 of ALGORITHM.md for one module; protected entries stay as they were."""
+        group = self.param_groups[entry.group_index]
+        params = entry.adapter.params(entry.module)
+        saved = [(p, idx, p[idx].clone()) for p, idx in entry.adapter.protected(entry.module)]
+        buffers = parameter_step(
+            params,
+            directions,
+            [self.state[p].get("momentum_buffer") for p in params],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+        )
+        for p, buf in zip(params, buffers, strict=True):
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf
+        for p, idx, value in saved:
+            p[idx] = value
+            buf = self.state[p].get("momentum_buffer")
+            if buf is not None:
+                buf[idx] = 0
+
+    def _fallback_step(self, items: list[tuple[int, nn.Parameter, Tensor]], grad_scale: float):
+        by_group: dict[int, list[tuple[nn.Parameter, Tensor]]] = {}
+        for i, p, g in items:
+            by_group.setdefault(i, []).append((p, g if grad_scale == 1.0 else g / grad_scale))
+        for i, pairs in by_group.items():
+            group = self.param_groups[i]
+            params = [p for p, _ in pairs]
+            grads = [g for _, g in pairs]
+            states = [self.state[p] for p in params]
+            lr = group["lr"] if group["fallback_lr"] is None else group["fallback_lr"]
+            wd = group["fallback_weight_decay"]
+            wd = group["weight_decay"] if wd is None else wd
+            if group["fallback"] == "adamw":
+                adamw_step(
+                    params,
+                    grads,
+                    states,
+                    lr=lr,
+                    betas=group["fallback_betas"],
+                    eps=group["fallback_eps"],
+                    weight_decay=wd,
+                )
+            else:
+                sgd_step(params, grads, states, lr=lr, momentum=group["momentum"], weight_decay=wd)
+
+    # -------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim`` state plus every block's factors and the step counter.
+
+        Callable hyper-parameters (e.g. a scheduled ``lr_cov``) are not saved (they may
+        not pickle); the loading optimizer's own callables are used.
+        """
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            for key, value in group.items():
+                if callable(value):
+                    group[key] = _CALLABLE
+
+        def tensors(x: StructuredMatrix | None) -> list[Tensor] | None:
+            return None if x is None else list(x.tensors())
+
+        sd["kronecker"] = {
+            "optimizer": type(self).__name__,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "capture_scale": self._capture_scale,
+            "layers": {
+                name: {
+                    "structures": {k: _family(v) for k, v in s.factors().items()},
+                    "factors": {k: tensors(v) for k, v in s.factors().items()},
+                    "pending": None if s.pending is None else [tensors(p) for p in s.pending],
+                    "capture_step": s.capture_step,
+                    "capture_scale": s.capture_scale,
+                }
+                for name, s in self.layers.items()
+            },
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`; the layers must match by name and shape."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("kronecker", None)
+        if extra is None or extra["optimizer"] != type(self).__name__:
+            raise ValueError(
+                f"This state dict was not produced by torchsingd's {type(self).__name__}."
+            )
+        callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, current in zip(self.param_groups, callables, strict=True):
+            for key, value in group.items():
+                if isinstance(value, str) and value == _CALLABLE:
+                    if key not in current:
+                        raise ValueError(
+                            f"The saved state used a callable {key}; construct the loading "
+                            "optimizer with the same callable."
+                        )
+                    group[key] = current[key]
+        layers = self.layers
+        missing = set(layers) ^ set(extra["layers"])
+        if missing:
+            raise ValueError(f"Saved and current preconditioned layers differ: {sorted(missing)}.")
+        for name, saved in extra["layers"].items():
+            layer = layers[name]
+            current = layer.factors()
+            wanted = {k: _family(v) for k, v in current.items()}
+            if saved["structures"] != wanted:
+                raise ValueError(
+                    f"Layer {name!r} was saved with factors {saved['structures']}, but this "
+                    f"optimizer has {wanted}."
+                )
+            for key, like in current.items():
+                if like is not None:
+                    setattr(layer, key, _restore(like, saved["factors"][key], f"{name}.{key}"))
+            if saved["pending"] is None:
+                layer.pending = None
+            else:
+                layer.pending = [
+                    _restore(like, t, f"{name} statistics")
+                    for like, t in zip(layer.pending_like(), saved["pending"], strict=True)
+                ]
+            layer.capture_step = saved["capture_step"]
+            layer.capture_scale = saved["capture_scale"]
+        self.steps = extra["steps"]
+        self.skipped_steps = extra["skipped_steps"]
+        self._capture_scale = extra["capture_scale"]
+
+
+def _family(x: StructuredMatrix | None) -> str | None:
+    return None if x is None else f"{type(x).family}{list(x.options())}"
+
+
+def _restore(like: StructuredMatrix, tensors: list[Tensor], what: str) -> StructuredMatrix:
+    """A copy of ``like`` holding ``tensors`` (in ``like``'s dtype and device)."""
+    current = like.tensors()
+    if len(tensors) != len(current) or any(
+        t.shape != c.shape for t, c in zip(tensors, current, strict=True)
+    ):
+        raise ValueError(f"Saved {what} does not match the current layer's shapes.")
+    return like._with_tensors(
+        tuple(
+            t.detach().to(dtype=c.dtype, device=c.device).clone()
+            for t, c in zip(tensors, current, strict=True)
+        )
+    )
