@@ -6,8 +6,8 @@ matrix groups (:mod:`torchsingd.structures`), so its memory can drop to AdamW's.
 """
 
 from torchsingd.layers import LayerAdapter, register_layer
-from torchsingd.optim import SINGD
+from torchsingd.optim import KFAC, SINGD
 from torchsingd.structures import get_structure
 
 __version__ = "0.1.0"
-__all__ = ["SINGD", "LayerAdapter", "get_structure", "register_layer", "__version__"]
+__all__ = ["KFAC", "SINGD", "LayerAdapter", "get_structure", "register_layer", "__version__"]

@@ -1,0 +1,171 @@
+"""The KFAC baseline: ALGORITHM.md section 5 against dense float64 formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from torchsingd import KFAC, SINGD
+from torchsingd.structures import DiagonalMatrix
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+
+
+def data(seed: int = 1, n: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, dtype=F64, generator=gen), torch.randn(n, 3, dtype=F64, generator=gen)
+
+
+def test_one_step_equals_dense_formula():
+    """S <- (1-b) S + b U, G_nat = (S_C + l I)^-1 grad (S_K + l I)^-1, then SGD-momentum step."""
+    model, (X, y) = mlp(), data()
+    lr, beta, lam, wd = 0.1, 0.3, 0.05, 0.01
+    opt = KFAC(model, lr=lr, lr_cov=beta, damping=lam, T=1, momentum=0.9, weight_decay=wd)
+    lin = model[2]
+    W0 = torch.cat([lin.weight, lin.bias.unsqueeze(1)], 1).detach().clone()
+    # independent rows for the last layer: its input h and output gradient
+    h = model[1](model[0](X)).detach()
+    out = lin(h.requires_grad_(False))
+    out.retain_grad()
+    loss = ((out - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    N = X.shape[0]
+    a = torch.cat([h, torch.ones(N, 1, dtype=F64)], 1) / math.sqrt(N)
+    g = out.grad * math.sqrt(N)  # loss_average="batch": sqrt(B)
+    S_K = (1 - beta) * (1 - lam) * torch.eye(7, dtype=F64) + beta * a.T @ a
+    S_C = (1 - beta) * (1 - lam) * torch.eye(3, dtype=F64) + beta * g.T @ g
+    grad = torch.cat([lin.weight.grad, lin.bias.grad.unsqueeze(1)], 1)
+    nat = torch.linalg.inv(S_C + lam * torch.eye(3, dtype=F64)) @ grad
+    nat = nat @ torch.linalg.inv(S_K + lam * torch.eye(7, dtype=F64))
+    expected = W0 - lr * (nat + wd * W0)  # first momentum buffer = the direction
+    opt.step()
+    state = opt.layers["2"]
+    torch.testing.assert_close(state.S_K.to_dense(), S_K, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state.S_C.to_dense(), S_C, rtol=1e-10, atol=1e-12)
+    W1 = torch.cat([lin.weight, lin.bias.unsqueeze(1)], 1).detach()
+    torch.testing.assert_close(W1, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_factors_change_only_on_update_steps():
+    model, (X, y) = mlp(), data()
+    opt = KFAC(model, T=3, lr_cov=0.2)
+    seen = []
+    for _ in range(7):
+        before = opt.layers["0"].S_K.to_dense().clone()
+        opt.zero_grad()
+        ((model(X) - y) ** 2).mean().backward()
+        opt.step()
+        seen.append(not torch.equal(before, opt.layers["0"].S_K.to_dense()))
+    assert seen == [True, False, False, True, False, False, True]
+
+
+def _trajectory(cls, beta: float, **kw) -> torch.Tensor:
+    model, (X, y) = mlp(), data()
+    opt = cls(model, lr=0.05, lr_cov=beta, damping=0.1, T=1, momentum=0.0, **kw)
+    for _ in range(10):
+        opt.zero_grad()
+        ((model(X) - y) ** 2).mean().backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_ikfac_tracks_kfac_to_first_order():
+    """IKFAC (kfac_like, dense, alpha1=0) and KFAC start from the same preconditioner;
+    their trajectories differ by O(beta1^2): halving beta1 cuts the gap about 4x."""
+    p0 = torch.cat([p.detach().flatten() for p in mlp().parameters()])
+    gaps = []
+    for beta in (0.02, 0.01):
+        kfac = _trajectory(KFAC, beta)
+        ikfac = _trajectory(SINGD, beta, kfac_like=True, alpha1=0.0, structures="dense")
+        gaps.append(((kfac - ikfac).norm() / (kfac - p0).norm()).item())
+    assert gaps[0] < 1e-2
+    assert 3.0 < gaps[0] / gaps[1] < 5.0
+
+
+def test_bfloat16_factors_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="half precision"):
+        KFAC(mlp().to(torch.bfloat16))
+    with pytest.raises(ValueError, match="half precision"):
+        KFAC(mlp().float(), factor_dtype=torch.bfloat16)
+
+
+def test_bfloat16_model_with_float32_factors_trains():
+    model = mlp().to(torch.bfloat16)
+    X, y = (t.to(torch.bfloat16) for t in data())
+    opt = KFAC(model, factor_dtype=torch.float32, lr=0.05, lr_cov=0.1, damping=0.1, T=1)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ((model(X) - y) ** 2).float().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert opt.layers["0"].S_K.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_embedding_vocabulary_factor_is_diagonal_counts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 4), nn.Linear(4, 2)).to(F64)
+    opt = KFAC(model, lr_cov=1.0, damping=0.1, T=1)
+    tokens = torch.tensor([[1, 2, 2], [3, 1, 1]])
+    opt.zero_grad()
+    model(tokens).sum().backward()
+    opt.step()
+    S_K = opt.layers["0"].S_K
+    assert isinstance(S_K, DiagonalMatrix) and S_K.dim == 11
+    counts = torch.bincount(tokens.flatten(), minlength=11).to(F64)
+    torch.testing.assert_close(S_K.diag, counts / tokens.numel())
+
+
+def test_invalid_vocab_structure_and_hyperparameters():
+    with pytest.raises(ValueError, match="vocab_structure"):
+        KFAC(mlp(), vocab_structure="blockdiagonal:3")
+    with pytest.raises(ValueError, match="damping"):
+        KFAC(mlp(), damping=-1.0)
+
+
+def test_checkpoint_resume_is_bit_exact(tmp_path):
+    X, y = data()
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            ((model(X) - y) ** 2).mean().backward()
+            opt.step()
+
+    model = mlp()
+    opt = KFAC(model, T=3, lr_cov=lambda t: 0.1 / (1 + t))
+    train(model, opt, 5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    train(model, opt, 5)
+
+    resumed = mlp(seed=7)
+    opt2 = KFAC(resumed, T=3, lr_cov=lambda t: 0.1 / (1 + t))
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, 5)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for name, state in opt.layers.items():
+        for key, value in state.factors().items():
+            assert torch.equal(value.to_dense(), opt2.layers[name].factors()[key].to_dense())

@@ -1,0 +1,229 @@
+"""``KFAC``: the baseline SINGD is measured against (ALGORITHM.md section 5).
+
+Same layers, same captured rows ``a``, ``g``, same parameter step as SINGD; the
+preconditioner is the classic one: running averages of the Kronecker factors,
+
+    S_K <- (1 - beta1) S_K + beta1 a^T a,    S_C <- (1 - beta1) S_C + beta1 g^T g
+
+every ``T`` steps, and ``G_nat = (S_C + lambda I)^-1 grad(W) (S_K + lambda I)^-1`` with
+the damped inverses recomputed at each factor update. The factors start at
+``S = (1 - lambda) I`` so that ``S + lambda I = I``, the preconditioner SINGD starts
+from (``K = C = I``); then IKFAC (``SINGD(kfac_like=True)``) tracks KFAC to first
+order in ``beta1``.
+
+Factors are dense, except an embedding's vocabulary side, whose statistic is
+diagonal (``vocab_structure``, ``"diagonal"`` by default, inverted element-wise).
+
+Precision: KFAC needs matrix inverses. PyTorch has no bfloat16/float16 kernels for
+them, and half precision cannot keep ``S + lambda I`` safely positive definite, so
+KFAC refuses half-precision factors with a ``ValueError`` (never upcasting behind the
+user's back): keep the factors in float32 (``factor_dtype=torch.float32``, also for a
+bfloat16 model) or use SINGD, which needs no inverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchsingd.optim.base import (
+    BlockState,
+    KroneckerOptimizer,
+    ModuleEntry,
+    common_defaults,
+    parse_dtypes,
+    validate_common,
+)
+from torchsingd.structures import DenseMatrix, DiagonalMatrix, StructuredMatrix, get_structure
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+INVERTIBLE = (DenseMatrix, DiagonalMatrix)
+
+
+@dataclass
+class KFACLayerState(BlockState):
+    """KFAC's state of one block: running factors and their damped inverses.
+
+    ``S_K``: ``[d_i, d_i]``, ``S_C``: ``[d_o, d_o]``; ``inv_K = (S_K + lambda I)^-1``,
+    ``inv_C = (S_C + lambda I)^-1`` as of the last factor update.
+    """
+
+    S_K: StructuredMatrix | None = None
+    S_C: StructuredMatrix | None = None
+    inv_K: StructuredMatrix | None = None
+    inv_C: StructuredMatrix | None = None
+
+    def factors(self) -> dict[str, StructuredMatrix | None]:
+        return {"S_K": self.S_K, "S_C": self.S_C, "inv_K": self.inv_K, "inv_C": self.inv_C}
+
+    def pending_like(self) -> tuple[StructuredMatrix, StructuredMatrix]:
+        return self.S_K, self.S_C
+
+
+def damped_inverse(S: StructuredMatrix, damping: float) -> StructuredMatrix:
+    """``(S + damping I)^-1`` for a dense or diagonal ``S``.
+
+    A singular matrix gives an all-inf result (so the step is skipped, not corrupted).
+    """
+    if isinstance(S, DiagonalMatrix):
+        return DiagonalMatrix(1.0 / (S.diag + damping))
+    M = S.mat + damping * torch.eye(S.dim, dtype=S.dtype, device=S.device)
+    inverse, info = torch.linalg.inv_ex(M)
+    if bool(info != 0):
+        inverse = torch.full_like(M, float("inf"))
+    return DenseMatrix(inverse)
+
+
+def identity_like(X: StructuredMatrix) -> StructuredMatrix:
+    return type(X).eye(X.dim, *X.options(), dtype=X.dtype, device=X.device)
+
+
+class KFAC(KroneckerOptimizer):
+    """Kronecker-factored approximate curvature with damped inverses (the baseline).
+
+    Args:
+        model, params, lr, momentum, damping, weight_decay, T, loss_average,
+        kfac_approx, warn_unsupported, init_grad_scale: as for :class:`~torchsingd.SINGD`.
+        lr_cov: ``beta1``, the weight of the new statistic in the running average (a
+            number or a callable of the step).
+        factor_dtype: dtype of the factors (a pair for input and output side, or
+            one dtype; ``None``: the weight's dtype). Half precision is refused.
+        vocab_structure: ``"diagonal"`` (default) or ``"dense"`` for embeddings.
+        fallback, fallback_lr, fallback_betas, fallback_eps, fallback_weight_decay,
+        max_update_norm, on_nonfinite: as for :class:`~torchsingd.SINGD`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        loss_average: str | None = "batch",
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        kfac_approx: str = "expand",
+        warn_unsupported: bool = True,
+        factor_dtype: Any = (None, None),
+        init_grad_scale: float = 1.0,
+        *,
+        vocab_structure: str = "diagonal",
+        fallback: str = "adamw",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
+        fallback_weight_decay: float | None = None,
+        max_update_norm: float | None = None,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            weight_decay=weight_decay,
+            T=T,
+            loss_average=loss_average,
+            lr_cov=lr_cov,
+            kfac_approx=kfac_approx,
+            factor_dtype=factor_dtype,
+            **common_defaults(
+                vocab_structure=vocab_structure,
+                fallback=fallback,
+                fallback_lr=fallback_lr,
+                fallback_betas=fallback_betas,
+                fallback_eps=fallback_eps,
+                fallback_weight_decay=fallback_weight_decay,
+                max_update_norm=max_update_norm,
+            ),
+        )
+        super().__init__(
+            model,
+            params,
+            defaults,
+            warn_unsupported=warn_unsupported,
+            init_grad_scale=init_grad_scale,
+            on_nonfinite=on_nonfinite,
+        )
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        validate_common(group)
+        parse_dtypes(group["factor_dtype"], "factor_dtype")
+        if get_structure(group["vocab_structure"]).cls not in INVERTIBLE:
+            raise ValueError(
+                f"Invalid vocab_structure={group['vocab_structure']!r} for KFAC: its "
+                "factors are inverted, so only 'dense' or 'diagonal' are supported."
+            )
+
+    def _new_block(
+        self,
+        name: str,
+        block: str,
+        dims: tuple[int, int],
+        group: dict[str, Any],
+        k_structure: str | None,
+        weight: Tensor,
+    ) -> KFACLayerState:
+        dtype_K, dtype_C = parse_dtypes(group["factor_dtype"], "factor_dtype")
+        dtype_K, dtype_C = dtype_K or weight.dtype, dtype_C or weight.dtype
+        for dtype in (dtype_K, dtype_C):
+            if dtype in HALF_PRECISION:
+                raise ValueError(
+                    f"KFAC cannot keep its factors of layer {name!r} in {dtype}: it inverts "
+                    "S + lambda*I, which PyTorch's linear algebra does not support in half "
+                    "precision and which loses positive definiteness there. Use "
+                    "factor_dtype=torch.float32 (also for a bfloat16 model), or SINGD, "
+                    "which needs no inverse."
+                )
+        spec_K = get_structure(k_structure or "dense")
+        spec_C = get_structure("dense")
+        d_i, d_o = dims
+        damping = group["damping"]
+        S_K = spec_K.eye(d_i, dtype=dtype_K, device=weight.device).mul_(1.0 - damping)
+        S_C = spec_C.eye(d_o, dtype=dtype_C, device=weight.device).mul_(1.0 - damping)
+        return KFACLayerState(
+            name=name,
+            block=block,
+            S_K=S_K,
+            S_C=S_C,
+            inv_K=damped_inverse(S_K, damping),
+            inv_C=damped_inverse(S_C, damping),
+        )
+
+    def _output_dtype(self, layer: KFACLayerState) -> torch.dtype:
+        return layer.S_C.dtype
+
+    def _statistics(
+        self, entry: ModuleEntry, layer: KFACLayerState, x: Tensor, g: Tensor
+    ) -> tuple[StructuredMatrix, StructuredMatrix]:
+        group = self.param_groups[entry.group_index]
+        U = entry.adapter.input_statistic(
+            entry.module, x, identity_like(layer.S_K), group["kfac_approx"], block=layer.block
+        )
+        return U, identity_like(layer.S_C).inner_of(g.T)
+
+    def _update_block(
+        self,
+        layer: KFACLayerState,
+        G: Tensor,
+        group: dict[str, Any],
+        stats: list[StructuredMatrix] | None,
+        output_scale: float,
+    ) -> tuple[dict[str, Any], Tensor]:
+        S_K, S_C, inv_K, inv_C = layer.S_K, layer.S_C, layer.inv_K, layer.inv_C
+        if stats is not None:
+            beta1 = group["lr_cov"]
+            beta1 = float(beta1(self.steps)) if callable(beta1) else float(beta1)
+            S_K = S_K.clone().mul_(1.0 - beta1).add_(stats[0], alpha=beta1)
+            S_C = S_C.clone().mul_(1.0 - beta1).add_(stats[1], alpha=beta1 * output_scale)
+            inv_K = damped_inverse(S_K, group["damping"])
+            inv_C = damped_inverse(S_C, group["damping"])
+        right = inv_K.mm(G.T.to(inv_K.dtype)).T  # G (S_K + lambda I)^-1, symmetric inverse
+        nat = inv_C.mm(right.to(inv_C.dtype)).to(G.dtype)
+        factors = {"S_K": S_K, "S_C": S_C, "inv_K": inv_K, "inv_C": inv_C}
+        return factors, nat
