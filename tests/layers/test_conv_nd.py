@@ -91,9 +91,7 @@ def group_patches(module: nn.Module, x: torch.Tensor):
     Cg = C // G
     pads = _pads(module)
     k, d, s = module.kernel_size, module.dilation, module.stride
-    out_size = [
-        (spatial[i] + sum(pads[i]) - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(n)
-    ]
+    out_size = [(spatial[i] + sum(pads[i]) - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(n)]
     mode = module.padding_mode
     xl = x.tolist()
     patches = []
@@ -106,7 +104,9 @@ def group_patches(module: nn.Module, x: torch.Tensor):
                 for c in range(Cg):
                     for off in itertools.product(*[range(kk) for kk in k]):
                         src = [
-                            _source_index(o[i] * s[i] + off[i] * d[i] - pads[i][0], spatial[i], mode)
+                            _source_index(
+                                o[i] * s[i] + off[i] * d[i] - pads[i][0], spatial[i], mode
+                            )
                             for i in range(n)
                         ]
                         if any(j is None for j in src):
@@ -446,9 +446,7 @@ def test_singd_trains_conv_net(net, structures):
     teacher = make(5)
     with torch.no_grad():
         y = teacher(x)
-    opt = SINGD(
-        model, lr=0.05, momentum=0.5, damping=1e-3, T=1, lr_cov=1e-2, structures=structures
-    )
+    opt = SINGD(model, lr=0.05, momentum=0.5, damping=1e-3, T=1, lr_cov=1e-2, structures=structures)
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv3d))]
     assert set(opt.layers) == {*convs, "5"}
     assert opt.fallback_parameters == {}

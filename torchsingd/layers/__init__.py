@@ -12,8 +12,8 @@ from torchsingd.layers.attention import MultiheadAttentionAdapter
 from torchsingd.layers.base import (
     KFAC_APPROXIMATIONS,
     LOSS_AVERAGES,
-    CaptureFn,
     LayerAdapter,
+    Observer,
     get_adapter,
     register_layer,
 )
@@ -31,12 +31,12 @@ register_layer(nn.MultiheadAttention, MultiheadAttentionAdapter())
 __all__ = [
     "KFAC_APPROXIMATIONS",
     "LOSS_AVERAGES",
-    "CaptureFn",
     "ConvAdapter",
     "EmbeddingAdapter",
     "LayerAdapter",
     "LinearAdapter",
     "MultiheadAttentionAdapter",
+    "Observer",
     "get_adapter",
     "register_layer",
 ]

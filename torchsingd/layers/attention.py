@@ -9,19 +9,21 @@ first), hands them to ``F.multi_head_attention_forward`` with identity projectio
 weights (masks, dropout, ``bias_k``/``bias_v``, ``add_zero_attn``, ``need_weights`` and
 ``is_causal`` keep PyTorch's own semantics), and applies ``out_proj`` itself. This costs
 four extra ``E x E`` identity products per token; it is used only in forward passes
-whose backward is observed (grad enabled, a preconditioner-update step). ``bias_k`` and
-``bias_v`` are trained by the fallback rule.
+whose backward is observed (grad enabled, a preconditioner-update step); other forward
+passes run PyTorch's own (possibly fused) implementation. ``bias_k`` and ``bias_v`` are
+trained by the fallback rule. Unbatched ``[L, E]`` inputs count as one sequence.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchsingd.layers.base import CaptureFn, LayerAdapter, linear_grad_rows, linear_input_rows
+from torchsingd.layers.base import LayerAdapter, Observer, linear_grad_rows, linear_input_rows
 
 BLOCKS = ("q", "k", "v", "out")
 
@@ -75,12 +77,6 @@ class MultiheadAttentionAdapter(LayerAdapter):
         weight, bias = _projection(module, block)
         return weight.shape[1] + int(bias is not None), weight.shape[0]
 
-    def input_rows(self, module, x: Tensor, kfac_approx: str, *, block: str = ""):
-        return linear_input_rows(x, kfac_approx, self._bias(module, block))
-
-    def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
-        return linear_grad_rows(g, loss_average, kfac_approx)
-
     def grad_matrix(self, module: nn.MultiheadAttention, *, block: str = "") -> Tensor | None:
         weight, bias = _projection(module, block)
         if module._qkv_same_embed_dim and block != "out":
@@ -123,10 +119,19 @@ class MultiheadAttentionAdapter(LayerAdapter):
             out.append(mats["out"][:, -1])
         return out
 
-    def install(self, module: nn.MultiheadAttention, capture: CaptureFn) -> list[Any]:
-        original = module.forward
+    def input_rows(self, module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        if x.ndim == 2:  # unbatched [L, E]: one sequence
+            x = x.unsqueeze(0)
+        return linear_input_rows(x, kfac_approx, self._bias(module, block))
 
+    def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
+        if g.ndim == 2:
+            g = g.unsqueeze(0)
+        return linear_grad_rows(g, loss_average, kfac_approx)
+
+    def install(self, module: nn.MultiheadAttention, observer: Observer) -> list[Any]:
         def forward(
+            mod,
             query,
             key,
             value,
@@ -136,8 +141,9 @@ class MultiheadAttentionAdapter(LayerAdapter):
             average_attn_weights=True,
             is_causal=False,
         ):
-            if not torch.is_grad_enabled():
-                return original(
+            if not (torch.is_grad_enabled() and observer.wants(mod)):
+                return type(mod).forward(
+                    mod,
                     query,
                     key,
                     value,
@@ -148,8 +154,8 @@ class MultiheadAttentionAdapter(LayerAdapter):
                     is_causal=is_causal,
                 )
             return _observed_forward(
-                module,
-                capture,
+                mod,
+                observer,
                 query,
                 key,
                 value,
@@ -160,24 +166,24 @@ class MultiheadAttentionAdapter(LayerAdapter):
                 is_causal,
             )
 
-        module.forward = forward
-        return [_RestoreForward(module, original)]
+        # A bound method (not a closure over ``module``): a deep copy rebinds it.
+        module.forward = types.MethodType(forward, module)
+        return [_RestoreForward(module)]
 
 
 class _RestoreForward:
-    """A handle whose ``remove()`` gives the module its own forward back."""
+    """A handle whose ``remove()`` gives the module its class's forward back."""
 
-    def __init__(self, module: nn.Module, original: Any) -> None:
-        self.module, self.original = module, original
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 
     def remove(self) -> None:
-        if self.module.__dict__.get("forward") is not None:
-            del self.module.forward
+        self.module.__dict__.pop("forward", None)
 
 
 def _observed_forward(
     module: nn.MultiheadAttention,
-    capture: CaptureFn,
+    observer: Observer,
     query,
     key,
     value,
@@ -194,7 +200,7 @@ def _observed_forward(
     for block, x in zip("qkv", (query, key, value), strict=True):
         weight, bias = _projection(module, block)
         y = F.linear(x, weight, bias)
-        capture(block, x, y)
+        observer(module, block, x, y)
         projected.append(y.transpose(0, 1) if batched else y)
     E = module.embed_dim
     eye = torch.eye(E, dtype=projected[0].dtype, device=projected[0].device)
@@ -227,7 +233,7 @@ def _observed_forward(
         z = z.transpose(0, 1)
     weight, bias = _projection(module, "out")
     out = F.linear(z, weight, bias)
-    capture("out", z, out)
+    observer(module, "out", z, out)
     if batched and not module.batch_first:
         out = out.transpose(0, 1)
     return out, weights

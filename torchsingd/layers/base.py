@@ -13,8 +13,9 @@ asks the registry for an adapter, which answers (after kfac-pytorch's ``ModuleHe
 5. ``grad_matrix``: ``grad(W)`` of a block as ``[d_o, d_i]`` (bias as the last column);
 6. ``directions``: the blocks' ``[d_o, d_i]`` updates back into tensors shaped like
    :meth:`LayerAdapter.params`;
-7. ``install``: how the optimizer is told about a forward pass (a forward hook by
-   default; multi-head attention re-routes its projections so they can be observed).
+7. ``install``: how the optimizer's :class:`Observer` is told about a forward pass (a
+   forward hook by default; multi-head attention re-routes its projections so they
+   can be observed).
 
 Register a new layer type with :func:`register_layer`; see the README for an example.
 """
@@ -22,9 +23,8 @@ Register a new layer type with :func:`register_layer`; see the README for an exa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from math import sqrt
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +34,18 @@ from torchsingd.structures import StructuredMatrix
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
 
-#: ``capture(block, x, output)``: called by adapters in a forward pass with a block's
-#: input ``x`` and output; the optimizer decides whether to observe the backward pass.
-CaptureFn = Callable[[str, Tensor, Tensor], None]
+
+class Observer(Protocol):
+    """What an adapter reports forward passes to (the optimizer provides it)."""
+
+    def __call__(self, module: nn.Module, block: str, x: Tensor, output: Tensor) -> None:
+        """A forward pass of ``module``'s ``block`` with input ``x`` and ``output``.
+
+        The optimizer ignores modules it was not built for (e.g. deep copies).
+        """
+
+    def wants(self, module: nn.Module) -> bool:
+        """Whether a forward pass of ``module`` now would be observed at all."""
 
 
 class LayerAdapter(ABC):
@@ -134,12 +143,16 @@ class LayerAdapter(ABC):
         """``(parameter, index)`` pairs an update must leave untouched."""
         return []
 
-    def install(self, module: nn.Module, capture: CaptureFn) -> list[Any]:
-        """Arrange for ``capture`` to be called in forward passes; return removable handles."""
+    def install(self, module: nn.Module, observer: Observer) -> list[Any]:
+        """Report ``module``'s forward passes to ``observer``; return removable handles.
+
+        Hooks are plain closures, so a deep copy of the model shares them but the
+        observer recognises (and ignores) the copy.
+        """
 
         def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
             if inputs and isinstance(output, Tensor):
-                capture("", inputs[0], output)
+                observer(mod, "", inputs[0], output)
 
         return [module.register_forward_hook(hook)]
 

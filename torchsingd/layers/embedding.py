@@ -41,13 +41,20 @@ class EmbeddingAdapter(LayerAdapter):
     def dims(self, module: nn.Embedding, *, block: str = "") -> tuple[int, int]:
         return module.num_embeddings, module.embedding_dim
 
-    def _one_hot(self, module: nn.Embedding, x: Tensor, dtype: torch.dtype) -> Tensor:
-        return F.one_hot(x.long(), module.num_embeddings).to(dtype)
-
-    def input_rows(self, module: nn.Embedding, x: Tensor, kfac_approx: str, *, block: str = ""):
+    def input_rows(
+        self,
+        module: nn.Embedding,
+        x: Tensor,
+        kfac_approx: str,
+        *,
+        block: str = "",
+        dtype: torch.dtype | None = None,
+    ):
+        """One-hot rows in ``dtype`` (default: the weight's dtype, at least float32)."""
         if x.ndim == 0:
             x = x.unsqueeze(0)
-        onehot = self._one_hot(module, x, torch.get_default_dtype())
+        dtype = dtype or torch.promote_types(module.weight.dtype, torch.float32)
+        onehot = F.one_hot(x.long(), module.num_embeddings).to(dtype)
         if kfac_approx == "expand":
             a = onehot.reshape(-1, module.num_embeddings)
         else:
@@ -63,8 +70,9 @@ class EmbeddingAdapter(LayerAdapter):
         *,
         block: str = "",
     ) -> StructuredMatrix:
+        work = torch.promote_types(K.dtype, torch.float32)
         if not isinstance(K, DiagonalMatrix):
-            a = self.input_rows(module, x, kfac_approx).to(K.dtype)
+            a = self.input_rows(module, x, kfac_approx, dtype=work).to(K.dtype)
             return K.inner_of(a.T)
         if x.ndim == 0:
             x = x.unsqueeze(0)
@@ -75,8 +83,8 @@ class EmbeddingAdapter(LayerAdapter):
             diag = counts / idx.numel()
         else:  # rows are per-sample frequency vectors f_b: diag = sum_b f_b^2 / B
             B, S = idx.shape
-            freq = torch.zeros(B, V, dtype=torch.float32, device=x.device)
-            freq.scatter_add_(1, idx, torch.full(idx.shape, 1.0 / S, device=x.device))
+            freq = torch.zeros(B, V, dtype=work, device=x.device)
+            freq.scatter_add_(1, idx, torch.full(idx.shape, 1.0 / S, dtype=work, device=x.device))
             diag = ((freq * freq).sum(0) / B).to(K.dtype)
         return DiagonalMatrix(K.diag * K.diag * diag)
 

@@ -348,12 +348,12 @@ class KroneckerOptimizer(Optimizer):
         weight = adapter.params(module)[0]
         entry = ModuleEntry(name, module, adapter, group_index)
         for block in adapter.blocks(module):
-            block_name = f"{name}.{block}" if block else name
+            block_name = ".".join(part for part in (name, block) if part)
             dims = adapter.dims(module, block=block)
             entry.blocks[block] = self._new_block(
                 block_name, block, dims, group, k_structure, weight
             )
-        self._handles += adapter.install(module, partial(self._on_forward, entry))
+        self._handles += adapter.install(module, _Observer(self, entry))
         return entry
 
     @property
@@ -389,20 +389,34 @@ class KroneckerOptimizer(Optimizer):
         self._handles.clear()
 
     # ------------------------------------------------------------------ hooks
+    def _wants(self, entry: ModuleEntry) -> bool:
+        """Whether a forward pass of ``entry``'s module now has its backward observed."""
+        return self.steps % self.param_groups[entry.group_index]["T"] == 0
+
     def _on_forward(self, entry: ModuleEntry, block: str, x: Tensor, output: Tensor) -> None:
-        """Called by adapters in every forward pass of a block."""
+        """Called (through the observer) in every forward pass of a block."""
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
-        if not output.requires_grad:
+        if not output.requires_grad or not self._wants(entry):
             return
-        if self.steps % self.param_groups[entry.group_index]["T"] != 0:
-            return
-        output.register_hook(partial(self._capture, entry, entry.blocks[block], x.detach()))
+        layer = entry.blocks[block]
+        output.register_hook(partial(self._capture, entry, layer, x.detach(), self.steps))
 
     def _capture(
-        self, entry: ModuleEntry, layer: BlockState, x: Tensor, grad_output: Tensor
+        self,
+        entry: ModuleEntry,
+        layer: BlockState,
+        x: Tensor,
+        forward_step: int,
+        grad_output: Tensor,
     ) -> None:
-        """Backward tensor hook: add this pass's statistics to the block's state."""
+        """Backward tensor hook: add this pass's statistics to the block's state.
+
+        A backward pass that arrives after ``step()`` (its forward belonged to an
+        earlier step) is ignored: statistics never leak into a later step.
+        """
+        if forward_step != self.steps:
+            return
         group = self.param_groups[entry.group_index]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             g = entry.adapter.grad_rows(
@@ -518,9 +532,11 @@ class KroneckerOptimizer(Optimizer):
             if result is not None:
                 pending.append((entry, *result))
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
-        checks = [torch.isfinite(d).all() for _, _, dirs in pending for d in dirs]
-        checks += [torch.isfinite(g).all() for _, _, g in fallback]
-        if checks and not bool(torch.stack(checks).all()):
+        # A sum is finite iff every entry is (up to float32 overflow of the sum itself,
+        # which only updates of ~1e34 per entry could cause): one reduction per tensor.
+        sums = [d.sum(dtype=torch.float32) for _, _, dirs in pending for d in dirs]
+        sums += [g.sum(dtype=torch.float32) for _, _, g in fallback]
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
             self._skip("non-finite gradients or natural gradients", g_scale)
             return
 
@@ -668,6 +684,24 @@ class KroneckerOptimizer(Optimizer):
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
+
+
+class _Observer:
+    """Reports one module's forward passes to its optimizer (see ``layers.Observer``).
+
+    Held only by hook closures, so deep copies of the model share it; it ignores
+    forward passes of modules other than the one it was made for.
+    """
+
+    def __init__(self, optimizer: KroneckerOptimizer, entry: ModuleEntry) -> None:
+        self.optimizer, self.entry = optimizer, entry
+
+    def __call__(self, module: nn.Module, block: str, x: Tensor, output: Tensor) -> None:
+        if module is self.entry.module:
+            self.optimizer._on_forward(self.entry, block, x, output)
+
+    def wants(self, module: nn.Module) -> bool:
+        return module is self.entry.module and self.optimizer._wants(self.entry)
 
 
 def _family(x: StructuredMatrix | None) -> str | None:

@@ -46,6 +46,9 @@ class LayerState(BlockState):
     C: StructuredMatrix | None = None
     m_K: StructuredMatrix | None = None
     m_C: StructuredMatrix | None = None
+    #: Cached ``K K^T`` and ``C C^T`` operators (derived from ``K``, ``C``; not saved).
+    KKt: Any = None
+    CCt: Any = None
 
     @property
     def H_K(self) -> StructuredMatrix | None:
@@ -275,4 +278,14 @@ class SINGD(KroneckerOptimizer):
                 H_C_scale=output_scale,
             )
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
-        return {"K": K, "C": C, "m_K": m_K, "m_C": m_C}, natural_gradient(K, C, G)
+            KKt, CCt = K.outer_operator(), C.outer_operator()
+        else:
+            KKt = layer.KKt if layer.KKt is not None else K.outer_operator()
+            CCt = layer.CCt if layer.CCt is not None else C.outer_operator()
+        factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
+        return factors, natural_gradient(K, C, G, KKt, CCt)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for layer in self.layers.values():  # derived from the loaded K, C on next use
+            layer.KKt = layer.CCt = None

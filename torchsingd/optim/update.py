@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,15 +106,23 @@ def update_factors(
     return FactorUpdate(new_K, new_C, new_m_K if keep else None, new_m_C if keep else None)
 
 
-def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+def natural_gradient(
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    grad: Tensor,
+    KKt: Any = None,
+    CCt: Any = None,
+) -> Tensor:
     """``C C^T @ grad @ K K^T`` for ``grad: [d_o, d_i]``, in the factors' dtypes.
 
-    ``grad`` is cast to ``K``'s dtype for the ``K`` products and to ``C``'s dtype for
-    the ``C`` products; the result comes back in ``grad``'s dtype.
+    ``KKt``/``CCt`` may pass cached ``K.outer_operator()``/``C.outer_operator()``.
+    ``grad`` is cast to ``K``'s dtype for the ``K`` side and to ``C``'s dtype for the
+    ``C`` side; the result comes back in ``grad``'s dtype.
     """
-    right = K.mm(K.tmm(grad.T.to(K.dtype))).T  # grad K K^T = (K K^T grad^T)^T
-    out = C.mm(C.tmm(right.to(C.dtype)))
-    return out.to(grad.dtype)
+    KKt = K.outer_operator() if KKt is None else KKt
+    CCt = C.outer_operator() if CCt is None else CCt
+    right = KKt.mm(grad.T.to(K.dtype)).T  # grad K K^T = (K K^T grad^T)^T
+    return CCt.mm(right.to(C.dtype)).to(grad.dtype)
 
 
 def parameter_step(
@@ -152,11 +161,9 @@ def clip_by_global_norm(directions: Sequence[Tensor], max_norm: float | None) ->
     """
     if not directions:
         return 0.0
-    norm = float(
-        torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(d.float()) for d in directions])
-        )
-    )
+    dtype = torch.promote_types(directions[0].dtype, torch.float32)
+    norms = torch.stack([torch.linalg.vector_norm(d, dtype=dtype) for d in directions])
+    norm = float(torch.linalg.vector_norm(norms))
     if max_norm is not None and norm > max_norm:
         for d in directions:
             d.mul_(max_norm / norm)

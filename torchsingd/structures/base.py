@@ -167,6 +167,15 @@ class StructuredMatrix(ABC):
     def inner_of(self, Z: Tensor) -> StructuredMatrix:
         """``P(self^T @ Z @ Z^T @ self)`` for a dense ``Z`` of shape ``[d, n]``."""
 
+    def outer_operator(self) -> StructuredMatrix | OuterOperator:
+        """An operator equal to ``self @ self^T`` that supports ``mm``.
+
+        Families closed under transposition (dense, diagonal, block-diagonal) return a
+        member holding ``K K^T``, so applying it costs one product instead of two;
+        the others return a view that applies ``K (K^T X)``.
+        """
+        return OuterOperator(self)
+
     @classmethod
     @abstractmethod
     def from_dense(cls, M: Tensor, *options: int) -> StructuredMatrix:
@@ -191,6 +200,17 @@ class StructuredMatrix(ABC):
             raise ValueError(f"Incompatible structured matrices: {self!r} and {other!r}.")
         if other.options() != self.options():
             raise ValueError(f"Incompatible structure options: {self!r} and {other!r}.")
+
+
+class OuterOperator:
+    """``K K^T`` applied as ``K (K^T X)`` (for families not closed under transposition)."""
+
+    def __init__(self, K: StructuredMatrix) -> None:
+        self.K = K
+        self.dtype = K.dtype
+
+    def mm(self, X: Tensor) -> Tensor:
+        return self.K.mm(self.K.tmm(X))
 
 
 def check_square(M: Tensor, name: str = "M") -> int:

@@ -86,6 +86,11 @@ class BlockDiagonalMatrix(StructuredMatrix):
             torch.bmm(self.blocks, other.blocks), self.last @ other.last, self.block_size
         )
 
+    def outer_operator(self) -> BlockDiagonalMatrix:
+        return BlockDiagonalMatrix(
+            torch.bmm(self.blocks, self.blocks.mT), self.last @ self.last.T, self.block_size
+        )
+
     def inner(self) -> BlockDiagonalMatrix:
         return BlockDiagonalMatrix(
             torch.bmm(self.blocks.mT, self.blocks), self.last.T @ self.last, self.block_size

@@ -52,6 +52,9 @@ class DenseMatrix(StructuredMatrix):
         self._check_compatible(other)
         return DenseMatrix(self.mat @ other.mat)
 
+    def outer_operator(self) -> DenseMatrix:
+        return DenseMatrix(self.mat @ self.mat.T)
+
     def inner(self) -> DenseMatrix:
         return DenseMatrix(self.mat.T @ self.mat)
 

@@ -53,6 +53,9 @@ class DiagonalMatrix(StructuredMatrix):
         self._check_compatible(other)
         return DiagonalMatrix(self.diag * other.diag)
 
+    def outer_operator(self) -> DiagonalMatrix:
+        return DiagonalMatrix(self.diag * self.diag)
+
     def inner(self) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag * self.diag)
 

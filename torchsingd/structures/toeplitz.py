@@ -4,7 +4,9 @@
 ``"triutoeplitz"``: the transpose, ``U[i, j] = col[j - i]`` for ``j >= i``.
 Products of such matrices are again triangular Toeplitz (they are polynomials in the
 shift matrix), and a product with a dense matrix is a causal convolution along its
-rows, so nothing here is ``O(d^2)`` in memory.
+rows, computed by FFT (``O(n d log d)``) from ``d = FFT_MIN_DIM`` on, by direct
+convolution below; nothing here is ``O(d^2)`` in memory. Half-precision inputs are
+transformed in float32 (PyTorch has no half-precision CPU FFT) and rounded back.
 
 ``P(M)``: ``col[0] = avgtr(M)``, ``col[j] = (sum of the j-th sub-diagonal + sum of the
 j-th super-diagonal of M) / (d - j)``; for symmetric ``M`` the two triangular families
@@ -20,10 +22,29 @@ from torch import Tensor
 from torchsingd.structures.base import check_rows, check_square
 from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMatrix
 
+#: From this dimension on, products use FFTs (O(n d log d)) instead of direct
+#: convolutions (O(n d^2)); measured crossover on CPU is around d = 32..64.
+FFT_MIN_DIM = 48
+
+
+def _use_fft(d: int) -> bool:
+    return d >= FFT_MIN_DIM
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """FFTs run in float32 for half-precision inputs (PyTorch has no half CPU FFT)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
 
 def causal_conv(col: Tensor, X: Tensor) -> Tensor:
     """``Y[i] = sum_{s <= i} col[s] X[i - s]`` along the rows of ``X: [d, n]``."""
     d, n = X.shape
+    if _use_fft(d):
+        work = _fft_dtype(X.dtype)
+        size = 2 * d
+        spectrum = torch.fft.rfft(col.to(work), n=size).unsqueeze(1)
+        spectrum = spectrum * torch.fft.rfft(X.to(work), n=size, dim=0)
+        return torch.fft.irfft(spectrum, n=size, dim=0)[:d].to(X.dtype)
     inp = F.pad(X.T.unsqueeze(1), (d - 1, 0))
     return F.conv1d(inp, col.flip(0).view(1, 1, d)).view(n, d).T
 
@@ -31,8 +52,22 @@ def causal_conv(col: Tensor, X: Tensor) -> Tensor:
 def anticausal_conv(col: Tensor, X: Tensor) -> Tensor:
     """``Y[i] = sum_{s} col[s] X[i + s]`` along the rows of ``X: [d, n]``."""
     d, n = X.shape
+    if _use_fft(d):  # correlation = convolution with the reversed sequence
+        return causal_conv(col, X.flip(0)).flip(0)
     inp = F.pad(X.T.unsqueeze(1), (0, d - 1))
     return F.conv1d(inp, col.view(1, 1, d)).view(n, d).T
+
+
+def column_autocorrelation(S: Tensor) -> Tensor:
+    """``half[j] = sum_{p, k} S[p + j, k] S[p, k]`` for ``S: [d, n]`` (shape ``[d]``)."""
+    d, n = S.shape
+    if _use_fft(d):
+        work = _fft_dtype(S.dtype)
+        spectrum = torch.fft.rfft(S.to(work), n=2 * d, dim=0)
+        power = (spectrum.real.square() + spectrum.imag.square()).sum(1)
+        return torch.fft.irfft(power, n=2 * d)[:d].to(S.dtype)
+    inp = F.pad(S.T.unsqueeze(0), (0, d - 1))
+    return F.conv1d(inp, S.T.unsqueeze(0)).view(d)
 
 
 def project_diagonal_sums(sums: Tensor) -> Tensor:
@@ -118,9 +153,7 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         d, n = S.shape
         if n == 0:
             return TrilToeplitzMatrix.zeros(d, dtype=S.dtype, device=S.device)
-        # half[j] = sum_{p, k} S[p + j, k] S[p, k]: one convolution summing over columns.
-        inp = F.pad(S.T.unsqueeze(0), (0, d - 1))
-        half = F.conv1d(inp, S.T.unsqueeze(0)).view(d)
+        half = column_autocorrelation(S)
         return TrilToeplitzMatrix(project_diagonal_sums(_symmetric_sums(half)))
 
     @classmethod
