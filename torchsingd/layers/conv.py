@@ -9,10 +9,12 @@ padding modes (reflect, replicate, circular) pad first, as the module does.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsingd.layers.base import LayerAdapter, finish_input_rows, loss_terms_scale
+from torchsingd.structures import DiagonalMatrix, StructuredMatrix
 
 
 def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -32,22 +34,28 @@ def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
     return pads
 
 
-def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-    """Patches ``[B, prod(O), C_in/groups * prod(k)]`` (channels averaged over groups).
-
-    The column order (channel, then kernel positions) matches ``weight.flatten(1)``.
-    """
+def prepare_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """The input as the kernel sees it: batched, channels averaged over groups, padded."""
     n = len(module.kernel_size)
     if x.ndim == n + 1:  # unbatched
         x = x.unsqueeze(0)
     B, C = x.shape[:2]
-    spatial = x.shape[2:]
     if module.groups > 1:
-        x = x.reshape(B, module.groups, C // module.groups, *spatial).mean(1)
+        x = x.reshape(B, module.groups, C // module.groups, *x.shape[2:]).mean(1)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     pads = conv_padding(module)
     if any(pads):
         x = F.pad(x, pads, mode=mode)
+    return x
+
+
+def extract_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Patches ``[B, prod(O), C' * prod(k)]`` of a prepared input ``[B, C', *S]``.
+
+    The column order (channel, then kernel positions) matches ``weight.flatten(1)``.
+    """
+    n = len(module.kernel_size)
+    B = x.shape[0]
     if n == 2:  # one fused kernel for the common case
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
         return cols.transpose(1, 2)
@@ -63,6 +71,11 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.reshape(B, out_sizes.numel(), c * module.weight.shape[2:].numel())
 
 
+def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Patches ``[B, prod(O), C_in/groups * prod(k)]`` (channels averaged over groups)."""
+    return extract_patches(module, prepare_input(module, x))
+
+
 class ConvAdapter(LayerAdapter):
     def dims(self, module: nn.Module, *, block: str = "") -> tuple[int, int]:
         return module.weight.shape[1:].numel() + int(self.has_bias(module)), module.out_channels
@@ -71,6 +84,31 @@ class ConvAdapter(LayerAdapter):
         patches = unfold_input(module, x)
         a = patches.reshape(-1, patches.shape[-1]) if kfac_approx == "expand" else patches.mean(1)
         return finish_input_rows(a, self.has_bias(module))
+
+    def input_statistic(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        K: StructuredMatrix,
+        kfac_approx: str,
+        *,
+        block: str = "",
+    ) -> StructuredMatrix:
+        """For a diagonal ``K`` and "expand": ``diag(a^T a)`` without unfolding the batch.
+
+        ``diag(a^T a)[c, k] = sum over samples and locations of x[c, shifted by k]^2 / N``:
+        square and sum the prepared input over the batch first, then unfold one image.
+        """
+        if not isinstance(K, DiagonalMatrix) or kfac_approx != "expand":
+            return super().input_statistic(module, x, K, kfac_approx, block=block)
+        prepared = prepare_input(module, x.to(K.dtype))
+        squares = prepared.square().sum(0, keepdim=True)
+        patches = extract_patches(module, squares)  # [1, O, C' * prod(k)]
+        rows = prepared.shape[0] * patches.shape[1]
+        diag = patches.sum(1).squeeze(0) / rows
+        if self.has_bias(module):
+            diag = torch.cat([diag, diag.new_ones(1)])
+        return DiagonalMatrix(K.diag * K.diag * diag)
 
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         if g.ndim == len(module.kernel_size) + 1:  # unbatched
