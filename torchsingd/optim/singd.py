@@ -29,6 +29,7 @@ from torchsingd.optim.base import (
 )
 from torchsingd.optim.update import natural_gradient, update_factors
 from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
+from torchsingd.structures.base import OuterOperator
 
 __all__ = ["SINGD", "LayerState", "NonFiniteError", "parse_structures"]
 
@@ -63,6 +64,11 @@ class LayerState(BlockState):
 
     def pending_like(self) -> tuple[StructuredMatrix, StructuredMatrix]:
         return self.K, self.C
+
+
+def _outer(X: StructuredMatrix, columns: int, uses: int) -> Any:
+    """``X X^T`` as a cached member where forming it pays over ``uses`` steps."""
+    return X.outer_operator() if X.outer_operator_pays(columns, uses) else OuterOperator(X)
 
 
 def parse_structures(value: Any) -> tuple[StructureSpec, StructureSpec]:
@@ -278,10 +284,10 @@ class SINGD(KroneckerOptimizer):
                 H_C_scale=output_scale,
             )
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
-            KKt, CCt = K.outer_operator(), C.outer_operator()
+            KKt, CCt = _outer(K, G.shape[0], group["T"]), _outer(C, G.shape[1], group["T"])
         else:
-            KKt = layer.KKt if layer.KKt is not None else K.outer_operator()
-            CCt = layer.CCt if layer.CCt is not None else C.outer_operator()
+            KKt = layer.KKt if layer.KKt is not None else _outer(K, G.shape[0], group["T"])
+            CCt = layer.CCt if layer.CCt is not None else _outer(C, G.shape[1], group["T"])
         factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
         return factors, natural_gradient(K, C, G, KKt, CCt)
 

@@ -176,6 +176,11 @@ class StructuredMatrix(ABC):
         """
         return OuterOperator(self)
 
+    def outer_operator_pays(self, columns: int, uses: int) -> bool:
+        """Whether forming ``outer_operator()`` once beats ``uses`` products ``K (K^T X)``
+        with ``columns``-column ``X`` (families that return a plain view: never)."""
+        return False
+
     @classmethod
     @abstractmethod
     def from_dense(cls, M: Tensor, *options: int) -> StructuredMatrix:

@@ -91,6 +91,9 @@ class BlockDiagonalMatrix(StructuredMatrix):
             torch.bmm(self.blocks, self.blocks.mT), self.last @ self.last.T, self.block_size
         )
 
+    def outer_operator_pays(self, columns: int, uses: int) -> bool:
+        return uses * columns >= min(self.block_size, self.dim)
+
     def inner(self) -> BlockDiagonalMatrix:
         return BlockDiagonalMatrix(
             torch.bmm(self.blocks.mT, self.blocks), self.last.T @ self.last, self.block_size

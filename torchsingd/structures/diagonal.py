@@ -56,6 +56,9 @@ class DiagonalMatrix(StructuredMatrix):
     def outer_operator(self) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag * self.diag)
 
+    def outer_operator_pays(self, columns: int, uses: int) -> bool:
+        return True
+
     def inner(self) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag * self.diag)
 

@@ -1,0 +1,491 @@
+"""``torchsingd bench``: SINGD's cost against AdamW and the reference, in one process.
+
+Protocol (shared/BENCHMARKING.md): the same model, data and hyper-parameters for every
+candidate; candidates interleaved (A B C ... A B C) after warm-up; per candidate the
+median over rounds of the mean iteration time of a round, with min and max; ratios to
+AdamW (``foreach=True``) measured in the same process. Runs unchanged on CPU (threads
+pinned) and CUDA (synchronised timings, ``max_memory_allocated``).
+
+Columns:
+
+- ``ours/AdamW``, ``ref/AdamW``, ``ref/ours``: whole iteration (``zero_grad``, forward,
+  backward, ``step``); the reference is ``singd==0.0.5`` when installed;
+- ``opt share``: ``(t_ours - t_null) / t_ours`` where the null candidate runs the same
+  iteration with a no-op optimizer and no hooks: the optimizer's share, hook work
+  included;
+- ``state``: optimizer-state bytes / parameter bytes (AdamW: 2.0);
+- ``peak``: peak memory of a training run / AdamW's (CUDA: ``max_memory_allocated``;
+  CPU: the maximum resident set size of a fresh subprocess running that training);
+- ``GFLOP/s`` and ``of peak``: the preconditioner work of :func:`preconditioner_flops`
+  divided by ``t_ours - t_null``, and its fraction of the machine's measured matmul
+  throughput (a ``2048^3`` product in the benchmark's dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchsingd import SINGD
+from torchsingd.layers import get_adapter
+
+STRUCTURES = [
+    "dense",
+    "diagonal",
+    "blockdiagonal:30",
+    "hierarchical:15,15",
+    "triltoeplitz",
+    "triutoeplitz",
+    "triltopleftdiag:1",
+]
+#: Our name -> the reference's name for the same structure (the ones both support).
+REFERENCE_NAMES = {
+    "dense": "dense",
+    "diagonal": "diagonal",
+    "blockdiagonal:30": "block30diagonal",
+    "hierarchical:15,15": "hierarchical15_15",
+    "triltoeplitz": "triltoeplitz",
+    "triutoeplitz": "triutoeplitz",
+}
+
+
+# ------------------------------------------------------------------------ models
+def mlp() -> nn.Module:
+    """MLP 784-512-512-512-10 on ``[B, 1, 28, 28]``."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+def cnn() -> nn.Module:
+    """3 convolutions and 2 linear layers on ``[B, 1, 28, 28]``."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+class ViT(nn.Module):
+    """A small vision transformer: 7x7 patches (16 tokens + class token), width 64."""
+
+    def __init__(self, width: int = 64, depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, width, 7, stride=7)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, 17, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # [B, 16, width]
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1) + self.pos
+        return self.head(self.encoder(tokens)[:, 0])
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn, "vit": ViT}
+
+
+# --------------------------------------------------------------------- FLOP model
+def structure_mm_flops(structure: str, d: int, n: int) -> float:
+    """FLOPs of ``X @ Z`` for a ``d x d`` member ``X`` and a dense ``[d, n]`` matrix ``Z``."""
+    family, _, opts = structure.partition(":")
+    sizes = [int(o) for o in opts.split(",")] if opts else []
+    if family == "dense":
+        return 2.0 * d * d * n
+    if family == "diagonal":
+        return 1.0 * d * n
+    if family == "blockdiagonal":
+        b = min(sizes[0] if sizes else 30, d)
+        return 2.0 * d * b * n
+    if family == "hierarchical":
+        k = sum(sizes) if sizes else 30
+        return 2.0 * d * min(k, d) * n + d * n
+    if family.endswith("toeplitz"):
+        if d < 48:  # direct convolution
+            return 1.0 * d * d * n
+        fft = 2.5 * (2 * d) * math.log2(2 * d)  # one real FFT of length 2d
+        return n * 3 * fft + 4.0 * n * d  # forward x2, inverse, pointwise products
+    k = sizes[0] if sizes else 1  # sparse triangular with a k x k corner
+    return 2.0 * d * (k + 1) * n
+
+
+def structure_product_flops(structure: str, d: int) -> float:
+    """FLOPs of a product of two ``d x d`` members (``K m``, ``K^T K``, ``K K^T``)."""
+    family, _, opts = structure.partition(":")
+    sizes = [int(o) for o in opts.split(",")] if opts else []
+    if family == "dense":
+        return 2.0 * d**3
+    if family == "diagonal":
+        return 1.0 * d
+    if family == "blockdiagonal":
+        b = min(sizes[0] if sizes else 30, d)
+        return 2.0 * d * b * b
+    if family == "hierarchical":
+        k = min(sum(sizes) if sizes else 30, d)
+        return 2.0 * d * k * k
+    if family.endswith("toeplitz"):
+        return 1.0 * d * d  # a direct convolution of two length-d vectors
+    k = sizes[0] if sizes else 1
+    return 2.0 * d * (k + 1) ** 2
+
+
+def factor_update_flops(structure: str, d: int, rows: int) -> float:
+    """FLOPs of one factor update: ``P(K^T a^T a K)`` (two products with ``rows``
+    columns), ``P(K^T K)``, ``K m_K`` and the cached ``K K^T``."""
+    return 2 * structure_mm_flops(structure, d, rows) + 3 * structure_product_flops(structure, d)
+
+
+def preconditioner_flops(model: nn.Module, structure: str, T: int, rows: dict[str, int]) -> float:
+    """Per-iteration FLOPs of SINGD's preconditioner work for ``model``.
+
+    Natural gradient ``C C^T G K K^T`` every step (one product per side for families
+    closed under transposition, two otherwise) plus one factor update every ``T``
+    steps; ``rows[name]`` is the number of captured rows of each layer.
+    """
+    cached = structure.split(":")[0] in ("dense", "diagonal", "blockdiagonal")
+    per_side = 1 if cached else 2
+    total = 0.0
+    for name, module in model.named_modules():
+        adapter = get_adapter(module)
+        if adapter is None or name not in rows:
+            continue
+        for block in adapter.blocks(module):
+            d_i, d_o = adapter.dims(module, block=block)
+            total += per_side * (
+                structure_mm_flops(structure, d_i, d_o) + structure_mm_flops(structure, d_o, d_i)
+            )
+            total += (
+                factor_update_flops(structure, d_i, rows[name])
+                + factor_update_flops(structure, d_o, rows[name])
+            ) / T
+    return total
+
+
+def captured_rows(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Rows ``N`` captured per layer name ("expand"), from one forward pass."""
+    rows: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if get_adapter(module) is None or isinstance(module, nn.MultiheadAttention):
+            continue
+
+        def hook(mod, inputs, output, name=name):
+            rows[name] = output.numel() // output.shape[1 if output.ndim == 4 else -1]
+
+        handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            rows[name] = x.shape[0] * 17
+    return rows
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured FLOP/s of a ``2048^3`` matrix product (median of 5)."""
+    n = 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(7):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+# -------------------------------------------------------------------- candidates
+class NullOptimizer(torch.optim.Optimizer):
+    """Does nothing: times the iteration without any optimizer work."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure=None):  # noqa: D102
+        return None
+
+
+def reference_cls():
+    try:
+        from singd.optim.optimizer import SINGD as ref  # noqa: N811
+    except ImportError:
+        return None
+    return ref
+
+
+@dataclass
+class Candidate:
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    times: list[float]
+
+    def iterate(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+        for _ in range(n):
+            self.opt.zero_grad()
+            nn.functional.cross_entropy(self.model(x).float(), y).backward()
+            self.opt.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(kind: str, model_name: str, structure: str, T: int, device, dtype) -> Candidate:
+    torch.manual_seed(0)
+    model = MODELS[model_name]().to(device=device, dtype=dtype)
+    if kind == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    elif kind == "null":
+        opt = NullOptimizer(model.parameters())
+    elif kind == "ours":
+        opt = SINGD(model, structures=structure, T=T, warn_unsupported=False)
+    else:
+        ref = reference_cls()
+        name = REFERENCE_NAMES[structure]
+        params = [
+            p
+            for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and len(list(m.children())) == 0
+            for p in m.parameters()
+        ]
+        opt = ref(model, params=params, structures=(name, name), T=T, warn_unsupported=False)
+    return Candidate(kind, model, opt, [])
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    if isinstance(opt, SINGD):
+        return opt.state_bytes()
+    total = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+    for attr in ("Ks", "Cs", "m_Ks", "m_Cs"):  # the reference keeps its factors here
+        for mat in getattr(opt, attr, {}).values():
+            total += sum(t.numel() * t.element_size() for _, t in mat.named_tensors())
+    return total
+
+
+def peak_memory(kind, model_name, structure, T, device, dtype, batch, iters=10) -> float:
+    """Peak memory (bytes) of a short training run of one candidate."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        c = build(kind, model_name, structure, T, device, dtype)
+        x, y = data(batch, device, dtype)
+        c.iterate(x, y, iters)
+        sync(device)
+        return float(torch.cuda.max_memory_allocated(device))
+    code = (
+        "import resource, torch, warnings; warnings.filterwarnings('ignore');"
+        "from torchsingd.experiments import bench as b;"
+        f"torch.set_num_threads({torch.get_num_threads()});"
+        f"c = b.build({kind!r}, {model_name!r}, {structure!r}, {T}, torch.device('cpu'),"
+        f" {dtype}); x, y = b.data({batch}, torch.device('cpu'), {dtype});"
+        f"c.iterate(x, y, {iters});"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def data(batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28, generator=gen).to(device=device, dtype=dtype)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return x, y
+
+
+def measure(cands: list[Candidate], x, y, rounds: int, iters: int, device) -> None:
+    for c in cands:  # warm-up, including a preconditioner update
+        c.iterate(x, y, 3)
+    for _ in range(rounds):
+        for c in cands:
+            sync(device)
+            t0 = time.perf_counter()
+            c.iterate(x, y, iters)
+            sync(device)
+            c.times.append((time.perf_counter() - t0) / iters)
+
+
+def fmt_ratio(values: list[float], base: float) -> str:
+    return f"{statistics.median(values) / base:.2f}x"
+
+
+# -------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(
+        prog="torchsingd bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (pinned)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--structures", nargs="+", default=STRUCTURES)
+    p.add_argument("--T", nargs="+", type=int, default=[1, 10])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10, help="iterations per round (>= T)")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    have_ref = not args.no_reference and reference_cls() is not None
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"torch {torch.__version__}, {where}, batch {args.batch} of 1x28x28; median of "
+        f"{args.rounds} interleaved rounds x {args.iters} iterations (min-max in brackets)"
+    )
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        peak_flops = matmul_throughput(device, dtype)
+        print(f"\n{dtype_name}: measured matmul throughput {peak_flops / 1e9:.1f} GFLOP/s")
+        print(
+            "| model | structure | T | ours/AdamW | ref/AdamW | ref/ours | opt share | "
+            "state | peak | GFLOP/s | of peak |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for model_name in args.models:
+            x, y = data(args.batch, device, dtype)
+            adam_peak = (
+                None
+                if args.no_peak
+                else peak_memory("adamw", model_name, "dense", 1, device, dtype, args.batch)
+            )
+            for T in args.T:
+                for s in args.structures:
+                    kinds = ["adamw", "null", "ours"]
+                    use_ref = (
+                        have_ref
+                        and s in REFERENCE_NAMES
+                        and model_name != "vit"
+                        and dtype == torch.float32
+                    )
+                    if use_ref:
+                        kinds.append("ref")
+                    cands = [build(k, model_name, s, T, device, dtype) for k in kinds]
+                    measure(cands, x, y, args.rounds, max(args.iters, T), device)
+                    t = {c.name: c.times for c in cands}
+                    med = {k: statistics.median(v) for k, v in t.items()}
+                    ours = cands[2]
+                    work = preconditioner_flops(ours.model, s, T, captured_rows(ours.model, x))
+                    pre_time = max(med["ours"] - med["null"], 1e-9)
+                    row = dict(
+                        model=model_name,
+                        structure=s,
+                        T=T,
+                        dtype=dtype_name,
+                        adamw_ms=1e3 * med["adamw"],
+                        ours_ms=1e3 * med["ours"],
+                        ours_min_ms=1e3 * min(t["ours"]),
+                        ours_max_ms=1e3 * max(t["ours"]),
+                        ours_over_adamw=med["ours"] / med["adamw"],
+                        ref_over_adamw=med["ref"] / med["adamw"] if use_ref else None,
+                        ref_over_ours=med["ref"] / med["ours"] if use_ref else None,
+                        optimizer_share=(med["ours"] - med["null"]) / med["ours"],
+                        state_ratio=state_bytes(ours.opt) / param_bytes(ours.model),
+                        gflops=work / pre_time / 1e9,
+                        fraction_of_peak=work / pre_time / peak_flops,
+                    )
+                    row["peak_ratio"] = (
+                        None
+                        if adam_peak is None
+                        else peak_memory("ours", model_name, s, T, device, dtype, args.batch)
+                        / adam_peak
+                    )
+                    rows.append(row)
+                    ref_cols = (
+                        f"{row['ref_over_adamw']:.2f}x | {row['ref_over_ours']:.2f}x"
+                        if use_ref
+                        else "- | -"
+                    )
+                    peak = "-" if row["peak_ratio"] is None else f"{row['peak_ratio']:.3f}x"
+                    print(
+                        f"| {model_name} | {s} | {T} | {row['ours_over_adamw']:.2f}x "
+                        f"[{row['ours_min_ms'] / row['adamw_ms']:.2f}-"
+                        f"{row['ours_max_ms'] / row['adamw_ms']:.2f}] | {ref_cols} | "
+                        f"{100 * row['optimizer_share']:.0f}% | {row['state_ratio']:.2f}x | "
+                        f"{peak} | {row['gflops']:.1f} | "
+                        f"{100 * row['fraction_of_peak']:.1f}% |",
+                        flush=True,
+                    )
+    if rows:
+        summarize(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def summarize(rows: list[dict]) -> None:
+    """Print the aggregates the performance targets are stated in."""
+    speedups = [r["ref_over_ours"] for r in rows if r["ref_over_ours"] is not None]
+    if speedups:
+        print(
+            f"\nmedian speed-up over the reference: {statistics.median(speedups):.2f}x "
+            f"(min {min(speedups):.2f}x, max {max(speedups):.2f}x, n={len(speedups)})"
+        )
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for T in sorted({r["T"] for r in rows}):
+            sel = [r for r in rows if r["T"] == T and r["dtype"] == dtype]
+            worst = {}
+            for r in sel:
+                worst[r["structure"]] = max(worst.get(r["structure"], 0), r["ours_over_adamw"])
+            text = ", ".join(f"{s} {v:.2f}x" for s, v in worst.items())
+            print(f"worst ours/AdamW over models, {dtype}, T={T}: {text}")
+
+
+if __name__ == "__main__":
+    main()
