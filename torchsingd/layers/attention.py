@@ -166,7 +166,10 @@ class MultiheadAttentionAdapter(LayerAdapter):
                 is_causal,
             )
 
-        # A bound method (not a closure over ``module``): a deep copy rebinds it.
+        # A bound method (not a closure over ``module``): a deep copy rebinds it. Dynamo
+        # would reuse one compiled frame of it for every attention module (wrong
+        # weights), so this frame stays eager; what it calls is still compiled.
+        forward = torch.compiler.disable(forward, recursive=False)
         module.forward = types.MethodType(forward, module)
         return [_RestoreForward(module)]
 
