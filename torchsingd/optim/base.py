@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from torchsingd import distributed as tdist
 from torchsingd.layers import KFAC_APPROXIMATIONS, LOSS_AVERAGES, LayerAdapter, get_adapter
 from torchsingd.optim.update import adamw_step, clip_by_global_norm, parameter_step, sgd_step
 from torchsingd.structures import StructuredMatrix, get_structure
@@ -181,9 +182,19 @@ class KroneckerOptimizer(Optimizer):
         warn_unsupported: bool,
         init_grad_scale: float,
         on_nonfinite: str,
+        distributed_strategy: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        model = self._unwrap(model)
+        if distributed_strategy not in tdist.STRATEGIES:
+            raise ValueError(
+                f"Invalid distributed_strategy={distributed_strategy!r}: must be one of "
+                f"{tdist.STRATEGIES}."
+            )
+        self.distributed_strategy = distributed_strategy
+        self._group = process_group
         if not is_number(init_grad_scale) or not init_grad_scale > 0:
             raise ValueError(f"Invalid init_grad_scale={init_grad_scale!r}: must be > 0.")
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -209,6 +220,42 @@ class KroneckerOptimizer(Optimizer):
         super().__init__(params, defaults)
         self._constructed = True
         self._assign_parameters()
+
+    @staticmethod
+    def _unwrap(model: nn.Module) -> nn.Module:
+        """The model inside a (Distributed)DataParallel wrapper; refuse FSDP."""
+        from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        fsdp1 = type(model).__name__ == "FullyShardedDataParallel"
+        if fsdp1 or tdist.is_sharded_by_fsdp(list(model.parameters())):
+            raise ValueError(
+                "FSDP-sharded models are not supported: each rank holds only a shard of a "
+                "weight, while a Kronecker-factored preconditioner needs whole weight "
+                "matrices (their full gradients and layer inputs). Use "
+                "DistributedDataParallel (every rank holds the model) with "
+                "distributed_strategy='shard' to spread the preconditioner work instead."
+            )
+        return model
+
+    def _owner(self, entry: ModuleEntry) -> int:
+        """The rank that updates ``entry``'s factors (always this rank when replicating)."""
+        rank, size = tdist.world(self._group)
+        if self.distributed_strategy == "replicate" or size == 1:
+            return rank
+        if getattr(self, "_owners", None) is None or len(self._owners) != len(self._entries):
+            costs = [
+                sum(
+                    sum(f.numel() for f in (s.factors().values()) if f is not None)
+                    * sum(e.adapter.dims(e.module, block=b))
+                    for b, s in e.blocks.items()
+                )
+                for e in self._entries.values()
+            ]
+            owners = tdist.assign(costs, size)
+            self._owners = dict(zip(self._entries, owners, strict=True))
+        return self._owners[entry.name]
 
     # ------------------------------------------------------- the method itself
     def _validate(self, group: dict[str, Any]) -> None:
@@ -526,11 +573,19 @@ class KroneckerOptimizer(Optimizer):
             self._skip("the gradient scaler found inf/NaN gradients", g_scale)
             return
 
+        rank, size = tdist.world(self._group)
+        updated = self._sync_statistics() if size > 1 else []
         pending = []
         for entry in self._entries.values():
-            result = self._precondition(entry, g_scale, grad_scale)
+            if self._owner(entry) == rank:
+                result = self._precondition(entry, g_scale, grad_scale)
+            else:  # another rank computes it; contribute zeros to the sum below
+                result = self._zero_directions(entry)
             if result is not None:
                 pending.append((entry, *result))
+        if size > 1 and self.distributed_strategy == "shard":
+            directions = [d for _, _, dirs in pending for d in dirs]
+            tdist.all_reduce_tensors(directions, [False] * len(directions), self._group)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
         # A sum is finite iff every entry is (up to float32 overflow of the sum itself,
         # which only updates of ~1e34 per entry could cause): one reduction per tensor.
@@ -550,11 +605,73 @@ class KroneckerOptimizer(Optimizer):
                 for attr, value in factors.items():
                     setattr(entry.blocks[block], attr, value)
             self._parameter_update(entry, directions)
+        if size > 1 and self.distributed_strategy == "shard":
+            self._share_factors(updated)
 
         self._fallback_step(fallback, grad_scale)
         for layer in self.layers.values():
             layer.clear_captures()
         self._end_step(g_scale)
+
+    def _zero_directions(self, entry: ModuleEntry):
+        """Zero directions (and no new factors) for a layer another rank preconditions."""
+        if any(entry.adapter.grad_matrix(entry.module, block=b) is None for b in entry.blocks):
+            return None
+        params = entry.adapter.params(entry.module)
+        return {}, [torch.zeros_like(p) for p in params]
+
+    def _share_factors(self, updated: list[tuple[ModuleEntry, BlockState]]) -> None:
+        """Broadcast the factors updated this step from their owners (``"shard"``)."""
+        by_owner: dict[int, list[Tensor]] = {}
+        for entry, layer in updated:
+            tensors = by_owner.setdefault(self._owner(entry), [])
+            tensors += [t for f in layer.factors().values() if f is not None for t in f.tensors()]
+        for owner in sorted(by_owner):
+            tdist.broadcast_tensors(by_owner[owner], owner, self._group)
+        for _, layer in updated:
+            self._factors_replaced(layer)
+
+    def _factors_replaced(self, layer: BlockState) -> None:
+        """Called when a block's factors were overwritten (drop derived caches)."""
+
+    def _sync_statistics(self) -> list[tuple[ModuleEntry, BlockState]]:
+        """Average (sum for ``loss_average=None``) this step's statistics across ranks.
+
+        Every rank takes part for every block due for an update, with zeros where it
+        captured nothing, so that the packed buffers line up. Returns the blocks whose
+        factors are updated this step.
+        """
+        due = [
+            (entry, layer)
+            for entry in self._entries.values()
+            if self.steps % self.param_groups[entry.group_index]["T"] == 0
+            for layer in entry.blocks.values()
+        ]
+        if not due:
+            return []
+        fresh = torch.tensor(
+            [
+                float(layer.pending is not None and layer.capture_step == self.steps)
+                for _, layer in due
+            ]
+        )
+        tdist.all_reduce_tensors([fresh], [False], self._group)
+        tensors, average, updated = [], [], []
+        for (entry, layer), count in zip(due, fresh.tolist(), strict=True):
+            if count == 0:
+                continue
+            updated.append((entry, layer))
+            if layer.pending is None or layer.capture_step != self.steps:
+                layer.pending = [x.clone().mul_(0.0) for x in layer.pending_like()]
+                layer.capture_step = self.steps
+                layer.capture_scale = self._capture_scale
+            mean = self.param_groups[entry.group_index]["loss_average"] is not None
+            for stat in layer.pending:
+                for t in stat.tensors():
+                    tensors.append(t)
+                    average.append(mean)
+        tdist.all_reduce_tensors(tensors, average, self._group)
+        return updated
 
     def _parameter_update(self, entry: ModuleEntry, directions: list[Tensor]) -> None:
         """Step 3 of ALGORITHM.md for one module; protected entries stay as they were."""

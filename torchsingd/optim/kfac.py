@@ -94,7 +94,8 @@ class KFAC(KroneckerOptimizer):
             one dtype; ``None``: the weight's dtype). Half precision is refused.
         vocab_structure: ``"diagonal"`` (default) or ``"dense"`` for embeddings.
         fallback, fallback_lr, fallback_betas, fallback_eps, fallback_weight_decay,
-        max_update_norm, on_nonfinite: as for :class:`~torchsingd.SINGD`.
+        max_update_norm, on_nonfinite, distributed_strategy, process_group: as for
+        :class:`~torchsingd.SINGD`.
     """
 
     def __init__(
@@ -121,6 +122,8 @@ class KFAC(KroneckerOptimizer):
         fallback_weight_decay: float | None = None,
         max_update_norm: float | None = None,
         on_nonfinite: str = "skip",
+        distributed_strategy: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -149,6 +152,8 @@ class KFAC(KroneckerOptimizer):
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
             on_nonfinite=on_nonfinite,
+            distributed_strategy=distributed_strategy,
+            process_group=process_group,
         )
 
     def _validate(self, group: dict[str, Any]) -> None:

@@ -145,6 +145,12 @@ class SINGD(KroneckerOptimizer):
         on_nonfinite: ``"skip"`` (default: warn, leave every parameter and state
             tensor unchanged, count it in ``skipped_steps``) or ``"raise"`` when
             gradients or updates hold inf/NaN.
+        distributed_strategy: under ``torch.distributed``: ``"replicate"`` (every rank
+            updates every factor from statistics averaged across ranks) or ``"shard"``
+            (each rank updates the factors of its share of the layers); see
+            :mod:`torchsingd.distributed`. The model may be wrapped in
+            ``DistributedDataParallel`` before or after constructing the optimizer.
+        process_group: the process group to reduce over (default: the world).
     """
 
     def __init__(
@@ -175,6 +181,8 @@ class SINGD(KroneckerOptimizer):
         fallback_weight_decay: float | None = None,
         max_update_norm: float | None = None,
         on_nonfinite: str = "skip",
+        distributed_strategy: str = "replicate",
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -207,6 +215,8 @@ class SINGD(KroneckerOptimizer):
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
             on_nonfinite=on_nonfinite,
+            distributed_strategy=distributed_strategy,
+            process_group=process_group,
         )
 
     def _validate(self, group: dict[str, Any]) -> None:
@@ -290,6 +300,9 @@ class SINGD(KroneckerOptimizer):
             CCt = layer.CCt if layer.CCt is not None else _outer(C, G.shape[1], group["T"])
         factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
         return factors, natural_gradient(K, C, G, KKt, CCt)
+
+    def _factors_replaced(self, layer: LayerState) -> None:
+        layer.KKt = layer.CCt = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -1,0 +1,194 @@
+"""Multi-process tests (2 gloo processes on localhost): DDP equals one process.
+
+N ranks with batch ``B/N`` each must end, step for step, where one process with
+batch ``B`` ends (to float64 rounding), for both distributed strategies.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
+
+from torchsingd import KFAC, SINGD
+
+pytestmark = pytest.mark.distributed
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+        nn.LayerNorm(6),
+        nn.Linear(6, 3),
+    ).double()
+
+
+def batches(steps: int, batch: int = 8):
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(batch, 2, 5, 5, dtype=torch.float64, generator=gen),
+            torch.randint(0, 3, (batch,), generator=gen),
+        )
+        for _ in range(steps)
+    ]
+
+
+def train(model, opt, data, rank=0, world=1, accumulate=False):
+    for x, y in data:
+        n = len(x) // world
+        xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+        opt.zero_grad()
+        if accumulate:  # two micro-batches, the first without gradient sync
+            half = n // 2
+            with model.no_sync():
+                (nn.functional.cross_entropy(model(xs[:half]), ys[:half]) / 2).backward()
+            (nn.functional.cross_entropy(model(xs[half:]), ys[half:]) / 2).backward()
+        else:
+            nn.functional.cross_entropy(model(xs), ys).backward()
+        opt.step()
+
+
+def factory(kind: str, structure: str, approx: str, T: int, strategy: str):
+    def build(model):
+        common = dict(
+            lr=0.05, T=T, kfac_approx=approx, warn_unsupported=False, distributed_strategy=strategy
+        )
+        if kind == "kfac":
+            return KFAC(model, lr_cov=0.1, damping=0.1, **common)
+        return SINGD(model, lr_cov=0.1, structures=structure, **common)
+
+    return build
+
+
+def _worker(rank, port, config, out_path, accumulate, wrap_first, steps=(0, 5), resume=None):
+    """Train ``batches(5)[steps[0]:steps[1]]`` on 2 ranks (resuming from a checkpoint)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        if wrap_first:
+            ddp = DDP(model)
+            opt = factory(*config)(ddp)
+        else:
+            opt = factory(*config)(model)
+            ddp = DDP(model)
+        if resume is not None:  # every rank loads the checkpoint rank 0 wrote
+            ckpt = torch.load(resume)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+        train(ddp, opt, batches(5)[steps[0] : steps[1]], rank, WORLD, accumulate)
+        if rank == 0:
+            torch.save(
+                {
+                    "params": [p.detach() for p in model.parameters()],
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                },
+                out_path,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+CONFIGS = [
+    ("singd", "dense", "expand", 1, "replicate"),
+    ("singd", "blockdiagonal:4", "reduce", 2, "replicate"),
+    ("singd", "hierarchical:3,2", "expand", 2, "shard"),
+    ("singd", "triltoeplitz", "reduce", 1, "shard"),
+    ("kfac", "dense", "expand", 2, "shard"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_two_ranks_equal_one_process(config, tmp_path):
+    out = tmp_path / "rank0.pt"
+    accumulate = config[-1] == "replicate" and config[3] == 1
+    mp.spawn(
+        _worker,
+        args=(_free_port(), config, str(out), accumulate, config[0] == "singd"),
+        nprocs=WORLD,
+        join=True,
+    )
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = factory(*config)(model)
+    train(model, opt, batches(5))
+    got = torch.load(out)
+    for p, q in zip(model.parameters(), got["params"], strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+    single = opt.state_dict()["kronecker"]["layers"]
+    for name, saved in got["opt"]["kronecker"]["layers"].items():
+        for key, tensors in saved["factors"].items():
+            if tensors is None:
+                continue
+            for a, b in zip(tensors, single[name]["factors"][key], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "shard"])
+def test_distributed_checkpoint_resume(strategy, tmp_path):
+    """3 steps on 2 ranks, rank 0 saves; a new 2-rank job resumes for 2 more steps:
+    equal to 5 uninterrupted steps of one process."""
+    config = ("singd", "blockdiagonal:4", "expand", 2, strategy)
+    first, final = tmp_path / "ckpt.pt", tmp_path / "final.pt"
+    mp.spawn(
+        _worker,
+        args=(_free_port(), config, str(first), False, False, (0, 3)),
+        nprocs=WORLD,
+        join=True,
+    )
+    mp.spawn(
+        _worker,
+        args=(_free_port(), config, str(final), False, False, (3, 5), str(first)),
+        nprocs=WORLD,
+        join=True,
+    )
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = factory(*config)(model)
+    train(model, opt, batches(5))
+    for p, q in zip(model.parameters(), torch.load(final)["params"], strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+
+
+def test_fsdp2_is_refused_with_an_explanation():
+    """Parameters sharded as DTensors (what ``fully_shard`` leaves) are refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    model = make_model()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model[5].weight = nn.Parameter(distribute_tensor(model[5].weight.detach(), mesh))
+        with pytest.raises(ValueError, match="FSDP.*DistributedDataParallel"):
+            SINGD(model)
+        with pytest.raises(ValueError, match="FSDP"):
+            KFAC(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_invalid_strategy_is_refused():
+    with pytest.raises(ValueError, match="distributed_strategy"):
+        SINGD(make_model(), distributed_strategy="zero")

@@ -1,0 +1,98 @@
+"""Distributed training on ``torch.distributed``: reductions and the layer assignment.
+
+Kept apart from the preconditioner math (as Meta's distributed Shampoo keeps its
+"distributor"): the optimizer calls these functions at fixed points of ``step``.
+
+Strategies (``distributed_strategy``):
+
+- ``"replicate"``: every rank keeps every factor. Before a factor update the captured
+  statistics are averaged across ranks (summed for ``loss_average=None``); gradients
+  are averaged by ``DistributedDataParallel`` as usual; every rank then computes the
+  same factors and natural gradients. N ranks with batch ``B/N`` end, step for step,
+  where one process with batch ``B`` ends (to rounding), because the statistics are
+  linear in the rows and the update only sees their average.
+- ``"shard"``: statistics are averaged the same way, but each rank updates the factors
+  and computes the natural gradients of only its assigned layers (balanced by a cost
+  model); the natural gradients are summed across ranks (each entry has exactly one
+  non-zero contribution, so the sum is exact) and every rank applies the same
+  parameter step. After a factor update its owner broadcasts the new factors, so that
+  every rank holds the current ``K``, ``C`` (SINGD's statistics ``P(K^T a^T a K)``
+  depend on them) and every rank's ``state_dict()`` is complete.
+
+Cost model for N ranks, per step, with ``P`` parameters, ``S`` the numbers held by
+the statistics (the size of the structured ``H`` terms, about the size of the
+factors) and ``F`` the preconditioner FLOPs of one process: replicate all-reduces
+``S`` numbers every ``T`` steps and computes ``F`` on every rank; shard all-reduces
+``S`` every ``T`` steps, broadcasts the updated factors (about ``2 S``: factors and
+momenta) every ``T`` steps and all-reduces ``P`` numbers (the natural gradients)
+every step, and computes about ``F / N`` per rank. An all-reduce of ``n`` numbers
+moves about ``2 n (N - 1) / N`` numbers per rank (ring), a broadcast about ``n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+STRATEGIES = ("replicate", "shard")
+
+
+def world(group=None) -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` when not running distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_reduce_tensors(tensors: Sequence[Tensor], average: Sequence[bool], group=None) -> None:
+    """Sum (or average, per tensor) ``tensors`` across ranks in place, in one call.
+
+    The tensors are packed into one float32 (float64 if any is float64) buffer.
+    """
+    if not tensors:
+        return
+    _, size = world(group)
+    work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    flat = torch.cat([t.reshape(-1).to(work) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for t, avg in zip(tensors, average, strict=True):
+        chunk = flat[offset : offset + t.numel()].view_as(t)
+        t.copy_(chunk / size if avg else chunk)
+        offset += t.numel()
+
+
+def assign(costs: Sequence[float], ranks: int) -> list[int]:
+    """Owner rank of each item: greedy longest-first onto the least-loaded rank."""
+    load = [0.0] * ranks
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def broadcast_tensors(tensors: Sequence[Tensor], src: int, group=None) -> None:
+    """Broadcast ``tensors`` from rank ``src`` in place, packed into one buffer."""
+    if not tensors:
+        return
+    work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    flat = torch.cat([t.reshape(-1).to(work) for t in tensors])
+    dist.broadcast(flat, src=src, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def is_sharded_by_fsdp(params: Sequence[Tensor]) -> bool:
+    """Whether parameters are DTensors (``torch.distributed.fsdp.fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return any(isinstance(p, DTensor) for p in params)
