@@ -192,3 +192,38 @@ def test_fsdp2_is_refused_with_an_explanation():
 def test_invalid_strategy_is_refused():
     with pytest.raises(ValueError, match="distributed_strategy"):
         SINGD(make_model(), distributed_strategy="zero")
+
+
+def test_example_runs_under_torchrun_and_resumes(tmp_path):
+    """``torchrun --nproc_per_node=2 examples/ddp_train.py`` trains, saves, resumes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(root / "examples" / "ddp_train.py"),
+        "--checkpoint",
+        str(tmp_path / "ckpt.pt"),
+    ]
+    first = subprocess.run(
+        [*cmd, "--epochs", "1"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "epoch 0:" in first.stdout
+    second = subprocess.run(
+        [*cmd, "--epochs", "2", "--strategy", "shard"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout and "epoch 1:" in second.stdout
