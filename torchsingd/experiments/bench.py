@@ -309,14 +309,15 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def peak_memory(kind, model_name, structure, T, device, dtype, batch, iters=10) -> float:
     """Peak memory (bytes) of a short training run of one candidate."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # the increase over what is allocated already
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         c = build(kind, model_name, structure, T, device, dtype)
         x, y = data(batch, device, dtype)
         c.iterate(x, y, iters)
         sync(device)
-        return float(torch.cuda.max_memory_allocated(device))
+        return float(torch.cuda.max_memory_allocated(device) - base)
     code = (
         "import resource, torch, warnings; warnings.filterwarnings('ignore');"
         "from torchsingd.experiments import bench as b;"
