@@ -114,6 +114,8 @@ CONFIGS = [
     ("singd", "blockdiagonal:4", "reduce", 2, "replicate"),
     ("singd", "hierarchical:3,2", "expand", 2, "shard"),
     ("singd", "triltoeplitz", "reduce", 1, "shard"),
+    ("singd", "diagonal", "reduce", 3, "replicate"),
+    ("singd", "triubottomrightdiag:2", "expand", 2, "shard"),
     ("kfac", "dense", "expand", 2, "shard"),
 ]
 
