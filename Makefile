@@ -1,5 +1,5 @@
 # Two entry points that do all set-up on a fresh machine:
-#   make demo   - train a small real task with SINGD (several structures) and AdamW
+#   make demo   - compare SINGD, KFAC, AdamW, SGD on five embedded tasks (report in demo_out/)
 #   make test   - lint and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
-	$(PY) -m torchsingd.cli demo
+	$(PY) -m torchsingd.cli compare --out demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,22 +1,201 @@
-"""Command line: ``torchsingd demo``."""
+"""Command line: ``torchsingd compare`` (the optimizer comparison), ``torchsingd train``
+(one configuration) and ``torchsingd bench`` (speed and memory benchmark)."""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import sys
+from pathlib import Path
+
+COMPARE_HELP = """\
+Compare optimizers on tasks with embedded data (no download): an equal learning-rate
+search per optimizer (3 values each, judged on a validation split of the training set),
+then the best lr re-run over --seeds seeds; writes results.json, results.csv (one row per
+run), summary.md and PNG plots into --out, and prints the summary tables.
+
+Default plan (what `make demo` runs, about 10 minutes on 2 cores): every optimizer in
+float32 on every task; bf16-mixed (autocast) and pure bf16 for adamw, singd-dense,
+singd-diagonal, singd-hierarchical and kfac on digits-mlp and autoencoder (bfloat16
+convolutions and attention are slow on CPUs without bfloat16 units). --precision runs
+every requested optimizer in every requested precision. --quick: few epochs on a
+subset of each training set, 2 seeds (under 3 minutes).
+
+Resumable: every finished run is appended to <out>/runs.jsonl at once, and a second call
+with the same --out only runs what is missing (Ctrl-C loses at most the runs in
+progress).
+"""
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from torchsingd.experiments.compare import CompareConfig, command_line, run_compare
+    from torchsingd.experiments.plots import write_plots
+    from torchsingd.experiments.report import summary_tables, write_reports
+
+    config = CompareConfig(
+        tasks=tuple(args.tasks),
+        optimizers=tuple(args.optimizers),
+        precisions=tuple(args.precision) if args.precision else None,
+        seeds=args.seeds if args.seeds is not None else (2 if args.quick else 3),
+        epochs=args.epochs,
+        quick=args.quick,
+        jobs=args.jobs,
+        threads=args.threads,
+    )
+    _set_threads(args.threads)
+    out = Path(args.out)
+    try:
+        outcome = run_compare(config, out, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"\nInterrupted. Finished runs are in {out / 'runs.jsonl'}; run the same "
+            "command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    write_reports(outcome, config, out, command_line(args.argv))
+    plots = write_plots(outcome.records("final"), out)
+    print()
+    print(summary_tables(outcome))
+    print()
+    files = ["runs.jsonl", "results.json", "results.csv", "summary.md"]
+    print(f"Wrote {', '.join(files + [p.name for p in plots])} to {out}/")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from torchsingd.experiments.compare import describe
+    from torchsingd.experiments.optimizers import OPTIMIZERS
+    from torchsingd.experiments.runner import RunSpec, train
+    from torchsingd.experiments.store import RunStore
+    from torchsingd.experiments.tasks import TASKS
+
+    task = TASKS[args.task]
+    spec = RunSpec(
+        task=args.task,
+        optimizer=args.optimizer,
+        precision=args.precision,
+        lr=args.lr if args.lr is not None else OPTIMIZERS[args.optimizer].grid[1],
+        seed=args.seed,
+        epochs=args.epochs or (task.quick_epochs if args.quick else task.epochs),
+        max_train=task.quick_train if args.quick else None,
+    )
+    _set_threads(args.threads)
+    record = train(spec, progress=not args.no_progress)
+    if record["status"] == "refused":
+        print(f"{spec.label()}: refused: {record['message']}")
+        return 1
+    print(f"epoch | train loss | test loss | test {task.metric_name} | seconds")
+    for h in record["history"]:
+        print(
+            f"{h['epoch']:5d} | {h['train_loss']:10.4f} | {h['test_loss']:9.4f} | "
+            f"{h['test_metric']:.4f} | {h['seconds']:.1f}"
+        )
+    print(describe(record))
+    print(
+        f"optimizer state {record['state_bytes']} bytes "
+        f"({record['state_bytes'] / record['param_bytes']:.2f}x the parameters), "
+        f"skipped steps {record['skipped_steps']}, peak RSS {record['peak_rss_bytes'] >> 20} MB"
+    )
+    if args.out:
+        RunStore(Path(args.out)).add(record)
+        print(f"Appended to {Path(args.out) / 'runs.jsonl'}")
+    return 0 if record["status"] == "ok" else 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from torchsingd.experiments.bench import main as bench_main
+
+    bench_main(args.bench_argv)
+    return 0
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def parser() -> argparse.ArgumentParser:
+    from torchsingd.experiments.optimizers import OPTIMIZERS
+    from torchsingd.experiments.runner import PRECISIONS
+    from torchsingd.experiments.tasks import TASKS
+
+    cpus = multiprocessing.cpu_count()
+    p = argparse.ArgumentParser(prog="torchsingd", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser(
+        "compare",
+        help="compare optimizers on embedded tasks (tables and plots)",
+        description=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    c.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    c.add_argument(
+        "--precision", nargs="+", choices=PRECISIONS, help="default: the plan described above"
+    )
+    c.add_argument(
+        "--seeds", type=positive_int, help="seeds of the final runs (default 3, --quick 2)"
+    )
+    c.add_argument("--epochs", type=positive_int, help="epochs of every run (default: per task)")
+    c.add_argument("--quick", action="store_true", help="tiny version (under 3 minutes)")
+    c.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    c.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=min(2, cpus),
+        help="parallel worker processes (default: min(2, CPUs))",
+    )
+    c.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads per job (default 1)"
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(run=_compare)
+
+    b = sub.add_parser(
+        "bench",
+        help="speed and memory against AdamW and the reference (interleaved ratios)",
+        add_help=False,
+    )
+    b.set_defaults(run=_bench, bench_argv=[])
+
+    t = sub.add_parser(
+        "train",
+        help="train one configuration",
+        description="Train one (task, optimizer, precision, lr, seed) on the full training "
+        "set and report the test metric per epoch (the final runs of `compare`).",
+    )
+    t.add_argument("--task", required=True, choices=list(TASKS))
+    t.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
+    t.add_argument("--precision", choices=PRECISIONS, default="float32")
+    t.add_argument("--lr", type=float, help="default: the middle of the optimizer's grid")
+    t.add_argument("--epochs", type=positive_int, help="default: the task's")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quick", action="store_true", help="few epochs on a training subset")
+    t.add_argument("--out", help="append the run to <out>/runs.jsonl")
+    t.add_argument("--threads", type=positive_int, default=min(2, cpus))
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(run=_train)
+    return p
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="torchsingd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train digits with SINGD structures and AdamW")
-    demo.add_argument("--epochs", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from torchsingd.experiments.demo import main as demo_main
-
-        demo_main(epochs=args.epochs, seed=args.seed)
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options; see `torchsingd bench --help`
+        return _bench(argparse.Namespace(bench_argv=argv[1:]))
+    args = parser().parse_args(argv)
+    args.argv = argv
+    return args.run(args)
 
 
 if __name__ == "__main__":

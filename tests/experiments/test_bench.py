@@ -1,0 +1,60 @@
+"""``torchsingd bench`` runs end to end and its FLOP model counts what it says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from torchsingd.cli import main as cli_main
+from torchsingd.experiments import bench
+
+
+def test_flop_model_of_structured_products():
+    assert bench.structure_mm_flops("dense", 10, 3) == 2 * 10 * 10 * 3
+    assert bench.structure_mm_flops("diagonal", 10, 3) == 10 * 3
+    assert bench.structure_mm_flops("blockdiagonal:4", 12, 3) == 2 * 12 * 4 * 3
+    assert bench.structure_product_flops("dense", 5) == 2 * 125
+    # Toeplitz: FFT cost grows like d log d, far below the dense d^2 n for large d
+    assert bench.structure_mm_flops("triltoeplitz", 1024, 64) < 0.1 * 2 * 1024**2 * 64
+
+
+def test_bench_rows_are_finite(capsys):
+    torch.set_num_threads(1)
+    rows = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--models",
+            "mlp",
+            "--structures",
+            "diagonal",
+            "hierarchical:15,15",
+            "--T",
+            "10",
+            "--dtypes",
+            "float32",
+            "--rounds",
+            "1",
+            "--iters",
+            "2",
+            "--no-peak",
+            "--no-reference",
+        ]
+    )
+    assert [r["structure"] for r in rows] == ["diagonal", "hierarchical:15,15"]
+    for r in rows:
+        for key in ("ours_over_adamw", "state_ratio", "gflops"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert math.isfinite(r["optimizer_share"])  # a difference of noisy times
+        assert r["state_ratio"] < 2.0  # structured: below AdamW's 2x parameter bytes
+    assert "speed-up over the reference" not in capsys.readouterr().out  # no reference
+
+
+def test_cli_forwards_bench_options(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    assert "--structures" in capsys.readouterr().out

@@ -1,0 +1,166 @@
+"""``torchsingd compare`` end to end (quick), resume, and ``torchsingd train``."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchsingd import cli
+from torchsingd.experiments import compare
+from torchsingd.experiments.optimizers import GRID_SIZE, OPTIMIZERS
+from torchsingd.experiments.search import best_lr
+from torchsingd.experiments.store import RunStore
+
+OPTS = ["adamw", "singd-dense", "singd-diagonal", "kfac"]
+PRECISIONS = ["float32", "bf16"]
+ARGS = ["compare", "--quick", "--tasks", "digits-mlp", "--optimizers", *OPTS]
+ARGS += ["--precision", *PRECISIONS, "--seeds", "2", "--jobs", "1", "--no-progress"]
+RUNS = len(OPTS) * len(PRECISIONS) * (GRID_SIZE + 2)
+
+
+class CountingTrain:
+    """Wraps ``compare.train`` to count the runs actually trained."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        original = compare.train
+
+        def train(spec, *args, **kwargs):
+            self.calls.append(spec)
+            return original(spec, *args, **kwargs)
+
+        monkeypatch.setattr(compare, "train", train)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        counter = CountingTrain(mp)
+        assert cli.main([*ARGS, "--out", str(out)]) == 0
+    torch.set_num_threads(threads)
+    return out, counter.calls
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_every_file_exists_and_parses(quick_run):
+    out, calls = quick_run
+    assert len(calls) == RUNS
+    results = json.loads((out / "results.json").read_text())  # strict JSON: no NaN
+    assert len(results["runs"]) == RUNS == len(lines(out / "runs.jsonl"))
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == RUNS
+    assert {r["phase"] for r in rows} == {"search", "final"}
+    for name in ("curves_digits-mlp.png", "memory.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    for opt in OPTS:
+        assert OPTIMIZERS[opt].label in summary
+    assert results["settings"]["grid_size"] == GRID_SIZE
+    assert all(len(g) == GRID_SIZE for g in results["settings"]["lr_grids"].values())
+
+
+def test_every_requested_combination_appears_with_finite_numbers(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    finals = [r for r in results["runs"] if r["phase"] == "final"]
+    assert {(r["task"], r["optimizer"], r["precision"]) for r in finals} == {
+        ("digits-mlp", o, p) for o in OPTS for p in PRECISIONS
+    }
+    for r in finals:
+        assert r["seed"] in (0, 1)
+        if r["status"] == "ok":
+            for key in ("test_metric", "test_loss", "train_loss", "sec_per_iter"):
+                assert math.isfinite(r[key]), (r["optimizer"], key)
+            assert r["state_bytes"] > 0 and r["peak_rss_bytes"] > 2**20
+            assert len(r["history"]) == r["epochs"] == 4
+            assert r["test_metric"] > 0.5  # well above chance (0.1) even in 48 steps
+    adamw = next(r for r in finals if r["optimizer"] == "adamw" and r["precision"] == "float32")
+    assert adamw["state_bytes"] >= 2 * adamw["param_bytes"]  # two moments per parameter
+    for entry in results["lr_search"]:  # the chosen lr is the best on the validation set
+        assert entry["best_lr"] in entry["grid"] and len(entry["search"]) == GRID_SIZE
+
+
+def test_kfac_bf16_is_refused_while_singd_bf16_trains(quick_run):
+    out, _ = quick_run
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    kfac = [r for r in runs if r["optimizer"] == "kfac" and r["precision"] == "bf16"]
+    assert len(kfac) == GRID_SIZE + 2
+    assert all(r["status"] == "refused" and "bfloat16" in r["message"] for r in kfac)
+    singd = [
+        r
+        for r in runs
+        if r["optimizer"] == "singd-dense" and r["precision"] == "bf16" and r["phase"] == "final"
+    ]
+    for r in singd:
+        assert r["status"] == "ok" and r["skipped_steps"] == 0
+        assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
+        assert r["test_loss"] < 0.9 * math.log(10)  # below the loss of a uniform guess
+    kfac32 = [r for r in runs if r["optimizer"] == "kfac" and r["precision"] == "float32"]
+    assert all(r["status"] == "ok" for r in kfac32)
+    assert "| KFAC | bf16 | - | refused |" in (out / "summary.md").read_text()
+
+
+def test_resume_skips_finished_runs_and_redoes_only_missing_ones(quick_run, monkeypatch):
+    out, _ = quick_run
+    log = out / "runs.jsonl"
+    counter = CountingTrain(monkeypatch)
+    assert cli.main([*ARGS, "--out", str(out)]) == 0
+    assert counter.calls == [] and len(lines(log)) == RUNS
+
+    kept = lines(log)[:-3]  # lose two runs, and cut the third short as a crash would
+    log.write_text("\n".join(kept) + "\n" + lines(log)[-3][:40])
+    assert cli.main([*ARGS, "--out", str(out)]) == 0
+    assert len(counter.calls) == 3
+    records = [json.loads(line) for line in lines(log) if line.endswith("}")]
+    assert len({r["key"] for r in records}) == RUNS
+
+
+def test_best_lr_ranks_by_the_metric_direction_and_diverged_last():
+    def rec(task, lr, metric, status="ok"):
+        return {"task": task, "lr": lr, "test_metric": metric, "status": status}
+
+    acc = [rec("digits-mlp", lr, m) for lr, m in ((1e-3, 0.9), (3e-3, 0.95), (1e-2, 0.95))]
+    assert best_lr(acc) == 3e-3  # ties go to the smaller lr
+    mse = [rec("autoencoder", 1e-3, 0.05), rec("autoencoder", 3e-3, 0.02, "diverged")]
+    assert best_lr(mse) == 1e-3
+    bpc = [rec("charlm", 1e-3, 1.5), rec("charlm", 3e-3, 1.2), rec("charlm", 1e-2, 2.0)]
+    assert best_lr(bpc) == 3e-3  # lower is better
+    refused = [rec("charlm", 1e-3, math.nan, "refused"), rec("charlm", 1e-4, None, "refused")]
+    assert best_lr(refused) == 1e-4
+
+
+def test_parallel_jobs_give_the_same_records(tmp_path, quick_run):
+    out, _ = quick_run
+    args = ["compare", "--quick", "--tasks", "digits-mlp", "--optimizers", "singd-diagonal"]
+    args += ["--precision", "float32", "--seeds", "1", "--jobs", "2", "--no-progress"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 0
+    parallel, serial = RunStore(tmp_path).records, RunStore(out).records
+    assert len(parallel) == GRID_SIZE + 1
+    common = parallel.keys() & serial.keys()
+    assert len(common) >= GRID_SIZE  # the searches at least
+    for key in common:  # same seeds, same data order: the same training
+        assert parallel[key]["history"][-1]["train_loss"] == pytest.approx(
+            serial[key]["history"][-1]["train_loss"], rel=1e-4
+        )
+
+
+def test_train_command_runs_one_configuration(tmp_path, capsys):
+    args = ["train", "--task", "autoencoder", "--optimizer", "singd-diagonal", "--quick"]
+    assert cli.main([*args, "--epochs", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "test mse" in text and "optimizer state" in text
+    (record,) = [json.loads(x) for x in lines(tmp_path / "runs.jsonl")]
+    assert record["epochs"] == 2 and record["status"] == "ok"
+    assert record["lr"] == OPTIMIZERS["singd-diagonal"].grid[1]
+    refused = ["train", "--task", "digits-mlp", "--optimizer", "kfac", "--precision", "bf16"]
+    assert cli.main([*refused, "--no-progress"]) == 1
+    assert "refused" in capsys.readouterr().out
