@@ -319,16 +319,35 @@ def peak_memory(kind, model_name, structure, T, device, dtype, batch, iters=10) 
         sync(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
     code = (
-        "import resource, torch, warnings; warnings.filterwarnings('ignore');"
+        "import torch, warnings; warnings.filterwarnings('ignore');"
         "from torchsingd.experiments import bench as b;"
         f"torch.set_num_threads({torch.get_num_threads()});"
         f"c = b.build({kind!r}, {model_name!r}, {structure!r}, {T}, torch.device('cpu'),"
         f" {dtype}); x, y = b.data({batch}, torch.device('cpu'), {dtype});"
         f"c.iterate(x, y, {iters});"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "print(b.process_peak_rss())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def process_peak_rss() -> int:
+    """This process's peak resident set size in bytes.
+
+    Linux's ``ru_maxrss`` of a child started by fork+exec includes the parent's size at
+    the fork, so on Linux the high-water mark is read from ``/proc/self/status``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def data(batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
