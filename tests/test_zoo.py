@@ -17,14 +17,6 @@ from torch import nn
 from torchsingd import SINGD
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ViT(nn.Module):
     """Patch embedding (Conv2d), class token, positional embedding, encoder, head."""
 

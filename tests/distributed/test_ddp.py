@@ -28,6 +28,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(worker, *args) -> None:
+    """``mp.spawn`` on a free port; a port taken in between (rare) gets one retry."""
+    for attempt in range(2):
+        try:
+            mp.spawn(worker, args=(_free_port(), *args), nprocs=WORLD, join=True)
+            return
+        except Exception as err:  # noqa: BLE001 - only address clashes are retried
+            text = str(err).lower()
+            if attempt or not ("address already in use" in text or "eaddrinuse" in text):
+                raise
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -124,12 +136,7 @@ CONFIGS = [
 def test_two_ranks_equal_one_process(config, tmp_path):
     out = tmp_path / "rank0.pt"
     accumulate = config[-1] == "replicate" and config[3] == 1
-    mp.spawn(
-        _worker,
-        args=(_free_port(), config, str(out), accumulate, config[0] == "singd"),
-        nprocs=WORLD,
-        join=True,
-    )
+    spawn(_worker, config, str(out), accumulate, config[0] == "singd")
     torch.set_num_threads(1)
     model = make_model()
     opt = factory(*config)(model)
@@ -152,18 +159,8 @@ def test_distributed_checkpoint_resume(strategy, tmp_path):
     equal to 5 uninterrupted steps of one process."""
     config = ("singd", "blockdiagonal:4", "expand", 2, strategy)
     first, final = tmp_path / "ckpt.pt", tmp_path / "final.pt"
-    mp.spawn(
-        _worker,
-        args=(_free_port(), config, str(first), False, False, (0, 3)),
-        nprocs=WORLD,
-        join=True,
-    )
-    mp.spawn(
-        _worker,
-        args=(_free_port(), config, str(final), False, False, (3, 5), str(first)),
-        nprocs=WORLD,
-        join=True,
-    )
+    spawn(_worker, config, str(first), False, False, (0, 3))
+    spawn(_worker, config, str(final), False, False, (3, 5), str(first))
     torch.set_num_threads(1)
     model = make_model()
     opt = factory(*config)(model)

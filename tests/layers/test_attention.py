@@ -28,14 +28,6 @@ E, H = 6, 2
 BLOCKS = ("q", "k", "v", "out")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class Holder(nn.Module):
     """Gives the attention module the name ``"attn"`` (layer names ``"attn.q"`` ...)."""
 

@@ -28,14 +28,6 @@ LOSS_AVERAGES = [None, "batch", "batch+sequence"]
 APPROXES = ["expand", "reduce"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def n_loss_terms(loss_average: str | None, batch: int, shared: int) -> int:
     return {None: 1, "batch": batch, "batch+sequence": batch * shared}[loss_average]
 

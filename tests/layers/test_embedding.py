@@ -23,14 +23,6 @@ DTYPE = torch.float64
 V, D = 11, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ------------------------------------------------------------------ oracles
 def one_hot_rows(x: torch.Tensor, vocab: int, approx: str) -> torch.Tensor:
     """``a`` (before nothing is left to append: no bias) by explicit loops, float64."""

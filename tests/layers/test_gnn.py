@@ -27,14 +27,6 @@ P_IN, P_OUT = 0.3, 0.02
 N_EXTRA = 5  # pure-noise feature columns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def sbm_graph(seed: int = 0, dtype=torch.float32):
     """``(x, edge_index, y, train_mask, A)``: an undirected SBM graph without self loops."""
     gen = torch.Generator().manual_seed(seed)

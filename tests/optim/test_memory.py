@@ -40,14 +40,6 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("structure", STRUCTURED)
 def test_training_step_creates_no_dense_factor_sized_tensor(structure):
     torch.manual_seed(0)

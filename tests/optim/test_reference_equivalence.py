@@ -128,16 +128,6 @@ def reference_structures() -> Iterator[None]:
         del table[name]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: the matrices are tiny, and on a busy 2-core machine OpenMP
-    barriers make each 40x40 matmul ~3000x slower (24 ms instead of 8 us)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------
 # Worst relative error per structure (printed at the end of the module with ``-s``)
 # --------------------------------------------------------------------------------------

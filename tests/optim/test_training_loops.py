@@ -28,15 +28,6 @@ from torchsingd.optim.singd import NonFiniteError
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are much faster (and deterministic) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------ helpers
 def make_mlp(seed: int = 0, widths=(6, 8, 3), dtype=DTYPE) -> nn.Sequential:
     torch.manual_seed(seed)

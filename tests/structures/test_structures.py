@@ -35,16 +35,6 @@ from torchsingd.structures import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matrices: intra-op threads only add synchronization (10-100x slower when the
-    CPUs are shared), so run this module single-threaded and restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- cases
 DIMS = (1, 2, 3, 5, 7, 8, 13)
 TRIANGULAR = ("triltopleftdiag", "trilbottomrightdiag", "triutopleftdiag", "triubottomrightdiag")
