@@ -28,18 +28,26 @@ from torchsingd.layers.base import LayerAdapter, Observer, linear_grad_rows, lin
 BLOCKS = ("q", "k", "v", "out")
 
 
-def _projection(module: nn.MultiheadAttention, block: str) -> tuple[Tensor, Tensor | None]:
-    """``(weight, bias)`` of a block (views into the module's parameters)."""
+def _projection(
+    module: nn.MultiheadAttention, block: str, grads: bool = False
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(weight, bias)`` of a block as views into the module's parameters, or into their
+    gradients with ``grads=True`` (``None`` where a bias or a gradient is missing)."""
     E = module.embed_dim
     if block == "out":
-        return module.out_proj.weight, module.out_proj.bias
-    i = "qkv".index(block)
-    if module._qkv_same_embed_dim:
-        weight = module.in_proj_weight[i * E : (i + 1) * E]
+        weight, bias, rows = module.out_proj.weight, module.out_proj.bias, slice(None)
     else:
-        weight = getattr(module, f"{block}_proj_weight")
-    bias = None if module.in_proj_bias is None else module.in_proj_bias[i * E : (i + 1) * E]
-    return weight, bias
+        i = "qkv".index(block)
+        rows = slice(i * E, (i + 1) * E)
+        packed = module._qkv_same_embed_dim
+        weight = module.in_proj_weight if packed else getattr(module, f"{block}_proj_weight")
+        bias = module.in_proj_bias
+    if grads:
+        weight = weight.grad
+        bias = None if bias is None else bias.grad
+    if weight is not None and (block == "out" or module._qkv_same_embed_dim):
+        weight = weight[rows]
+    return weight, None if bias is None else bias[rows]
 
 
 class MultiheadAttentionAdapter(LayerAdapter):
@@ -78,27 +86,9 @@ class MultiheadAttentionAdapter(LayerAdapter):
         return weight.shape[1] + int(bias is not None), weight.shape[0]
 
     def grad_matrix(self, module: nn.MultiheadAttention, *, block: str = "") -> Tensor | None:
-        weight, bias = _projection(module, block)
-        if module._qkv_same_embed_dim and block != "out":
-            full = module.in_proj_weight.grad
-            E = module.embed_dim
-            i = "qkv".index(block)
-            wgrad = None if full is None else full[i * E : (i + 1) * E]
-        elif block == "out":
-            wgrad = module.out_proj.weight.grad
-        else:
-            wgrad = getattr(module, f"{block}_proj_weight").grad
-        if wgrad is None:
-            return None
-        if bias is None:
+        wgrad, bgrad = _projection(module, block, grads=True)
+        if wgrad is None or not self._bias(module, block):
             return wgrad
-        if block == "out":
-            bgrad = module.out_proj.bias.grad
-        else:
-            full_b = module.in_proj_bias.grad
-            E = module.embed_dim
-            i = "qkv".index(block)
-            bgrad = None if full_b is None else full_b[i * E : (i + 1) * E]
         if bgrad is None:
             bgrad = torch.zeros(wgrad.shape[0], dtype=wgrad.dtype, device=wgrad.device)
         return torch.cat([wgrad, bgrad.unsqueeze(1)], dim=1)

@@ -68,6 +68,10 @@ class BlockState:
         self.pending = None
         self.capture_step = -1
 
+    def has_statistics(self, step: int) -> bool:
+        """Whether statistics captured in ``step`` are pending."""
+        return self.pending is not None and self.capture_step == step
+
     def factors(self) -> dict[str, StructuredMatrix | None]:
         """The persistent structured tensors, by name (checkpointed and counted)."""
         raise NotImplementedError
@@ -214,6 +218,7 @@ class KroneckerOptimizer(Optimizer):
         self._init_grad_scale = float(init_grad_scale)
         self._explicit_scale: float | None = None
         self._entries: dict[str, ModuleEntry] = {}
+        self._owners: dict[str, int] = {}  # layer name -> rank ("shard")
         self._fallback_params: list[tuple[int, nn.Parameter]] = []
         self._handles: list[Any] = []
         self._constructed = False
@@ -244,7 +249,7 @@ class KroneckerOptimizer(Optimizer):
         rank, size = tdist.world(self._group)
         if self.distributed_strategy == "replicate" or size == 1:
             return rank
-        if getattr(self, "_owners", None) is None or len(self._owners) != len(self._entries):
+        if len(self._owners) != len(self._entries):  # assigned once all layers are known
             costs = [
                 sum(
                     sum(f.numel() for f in (s.factors().values()) if f is not None)
@@ -476,7 +481,7 @@ class KroneckerOptimizer(Optimizer):
             if self._capture_scale != 1.0:
                 g = g / self._capture_scale
             stats = self._statistics(entry, layer, x, g)
-        if layer.capture_step == self.steps and layer.pending is not None:
+        if layer.has_statistics(self.steps):
             for acc, new in zip(layer.pending, stats, strict=True):
                 acc.add_(new)
         else:
@@ -559,7 +564,7 @@ class KroneckerOptimizer(Optimizer):
                 return None
             if grad_scale != 1.0:
                 G = G / grad_scale
-            fresh = update_now and layer.pending is not None and layer.capture_step == self.steps
+            fresh = update_now and layer.has_statistics(self.steps)
             stats = layer.pending if fresh else None
             output_scale = (layer.capture_scale / g_scale) ** 2
             new_factors[block], nats[block] = self._update_block(
@@ -649,19 +654,14 @@ class KroneckerOptimizer(Optimizer):
         ]
         if not due:
             return []
-        fresh = torch.tensor(
-            [
-                float(layer.pending is not None and layer.capture_step == self.steps)
-                for _, layer in due
-            ]
-        )
+        fresh = torch.tensor([float(layer.has_statistics(self.steps)) for _, layer in due])
         tdist.all_reduce_tensors([fresh], [False], self._group)
         tensors, average, updated = [], [], []
         for (entry, layer), count in zip(due, fresh.tolist(), strict=True):
             if count == 0:
                 continue
             updated.append((entry, layer))
-            if layer.pending is None or layer.capture_step != self.steps:
+            if not layer.has_statistics(self.steps):
                 layer.pending = [x.clone().mul_(0.0) for x in layer.pending_like()]
                 layer.capture_step = self.steps
                 layer.capture_scale = self._capture_scale
