@@ -85,6 +85,9 @@ class MultiheadAttentionAdapter(LayerAdapter):
         weight, bias = _projection(module, block)
         return weight.shape[1] + int(bias is not None), weight.shape[0]
 
+    def has_gradient(self, module: nn.MultiheadAttention, *, block: str = "") -> bool:
+        return _projection(module, block, grads=True)[0] is not None
+
     def grad_matrix(self, module: nn.MultiheadAttention, *, block: str = "") -> Tensor | None:
         wgrad, bgrad = _projection(module, block, grads=True)
         if wgrad is None or not self._bias(module, block):

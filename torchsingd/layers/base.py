@@ -117,6 +117,10 @@ class LayerAdapter(ABC):
         a = self.input_rows(module, x.to(K.dtype), kfac_approx, block=block)
         return K.inner_of(a.T)
 
+    def has_gradient(self, module: nn.Module, *, block: str = "") -> bool:
+        """Whether :meth:`grad_matrix` would return a matrix (without building it)."""
+        return module.weight.grad is not None
+
     def grad_matrix(self, module: nn.Module, *, block: str = "") -> Tensor | None:
         """``grad(W)`` as ``[d_o, d_i]`` (bias gradient as the last column), or ``None``."""
         if module.weight.grad is None:

@@ -96,8 +96,13 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def parse_dtypes(value: Any, name: str) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """A dtype option as a pair (input side, output side); one dtype applies to both."""
+def parse_dtypes(
+    value: Any, name: str, default: torch.dtype | None = None
+) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """A dtype option as a pair (input side, output side); one dtype applies to both.
+
+    ``None`` entries become ``default`` (e.g. the weight's dtype).
+    """
     if value is None or isinstance(value, torch.dtype):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -108,7 +113,7 @@ def parse_dtypes(value: Any, name: str) -> tuple[torch.dtype | None, torch.dtype
     for d in value:
         if d is not None and not (isinstance(d, torch.dtype) and d.is_floating_point):
             raise ValueError(f"{name} entries must be floating dtypes, got {d!r}.")
-    return value[0], value[1]
+    return value[0] or default, value[1] or default
 
 
 def validate_common(group: dict[str, Any]) -> None:
@@ -620,7 +625,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _zero_directions(self, entry: ModuleEntry):
         """Zero directions (and no new factors) for a layer another rank preconditions."""
-        if any(entry.adapter.grad_matrix(entry.module, block=b) is None for b in entry.blocks):
+        if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         params = entry.adapter.params(entry.module)
         return {}, [torch.zeros_like(p) for p in params]

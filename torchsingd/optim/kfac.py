@@ -174,8 +174,7 @@ class KFAC(KroneckerOptimizer):
         k_structure: str | None,
         weight: Tensor,
     ) -> KFACLayerState:
-        dtype_K, dtype_C = parse_dtypes(group["factor_dtype"], "factor_dtype")
-        dtype_K, dtype_C = dtype_K or weight.dtype, dtype_C or weight.dtype
+        dtype_K, dtype_C = parse_dtypes(group["factor_dtype"], "factor_dtype", weight.dtype)
         for dtype in (dtype_K, dtype_C):
             if dtype in HALF_PRECISION:
                 raise ValueError(

@@ -241,8 +241,9 @@ class SINGD(KroneckerOptimizer):
         spec_K, spec_C = parse_structures(group["structures"])
         if k_structure is not None:
             spec_K = get_structure(k_structure)
-        dtype_K, dtype_C = parse_dtypes(group["preconditioner_dtype"], "preconditioner_dtype")
-        dtype_K, dtype_C = dtype_K or weight.dtype, dtype_C or weight.dtype
+        dtype_K, dtype_C = parse_dtypes(
+            group["preconditioner_dtype"], "preconditioner_dtype", weight.dtype
+        )
         d_i, d_o = dims
         state = LayerState(
             name=name,
