@@ -191,24 +191,25 @@ def preconditioner_flops(model: nn.Module, structure: str, T: int, rows: dict[st
 
 
 def captured_rows(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Rows ``N`` captured per layer name ("expand"), from one forward pass."""
+    """Rows ``N`` captured per layer name ("expand"), from one forward pass: output
+    entries over output features (attention: query tokens)."""
     rows: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
-        if get_adapter(module) is None or isinstance(module, nn.MultiheadAttention):
+        adapter = get_adapter(module)
+        if adapter is None:
             continue
+        features = adapter.dims(module, block=adapter.blocks(module)[-1])[1]
 
-        def hook(mod, inputs, output, name=name):
-            rows[name] = output.numel() // output.shape[1 if output.ndim == 4 else -1]
+        def hook(mod, inputs, output, name=name, features=features):
+            out = inputs[0] if isinstance(mod, nn.MultiheadAttention) else output
+            rows[name] = out.numel() // features
 
         handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
         model(x)
     for h in handles:
         h.remove()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            rows[name] = x.shape[0] * 17
     return rows
 
 
