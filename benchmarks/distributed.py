@@ -73,6 +73,8 @@ def _worker(rank, world, port, strategy, structure, T, steps, out):
             },
             out,
         )
+    dist.barrier()  # no rank tears gloo down while a peer still works
+    del ddp, opt
     dist.destroy_process_group()
 
 

@@ -89,6 +89,7 @@ def main() -> None:
                 f"epoch {epoch}: loss {loss.item():.4f}, test accuracy {acc:.3f} "
                 f"({world} ranks, {args.strategy})"
             )
+    dist.barrier()  # no rank tears the process group down while a peer still works
     dist.destroy_process_group()
 
 

@@ -117,6 +117,10 @@ def _worker(rank, port, config, out_path, accumulate, wrap_first, steps=(0, 5), 
                 },
                 out_path,
             )
+        # Every rank finishes (rank 0 saved) and drops DDP's reducer before the group
+        # goes: tearing gloo down under a peer still working aborted a worker (rarely).
+        dist.barrier()
+        del ddp, opt
     finally:
         dist.destroy_process_group()
 
