@@ -27,7 +27,58 @@ progress).
 """
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from torchsingd.experiments.compare import command_line
+    from torchsingd.experiments.sweep import (
+        STRUCTURES,
+        SWEEP_PRECISIONS,
+        SWEEP_TASKS,
+        SweepConfig,
+        plot_heatmaps,
+        reference_available,
+        run_sweep,
+        write_sweep_report,
+    )
+
+    baseline = args.baseline or ("reference" if reference_available() else "reference-rule")
+    if baseline == "reference" and not reference_available():
+        print("--baseline reference needs `pip install singd==0.0.5 einconv`.", file=sys.stderr)
+        return 2
+    config = SweepConfig(
+        tasks=tuple(args.tasks) if args.tasks else tuple(SWEEP_TASKS),
+        structures=tuple(args.structures) if args.structures else STRUCTURES,
+        precisions=tuple(args.precision) if args.precision else SWEEP_PRECISIONS,
+        seeds=args.seeds if args.seeds is not None else 1,
+        epochs=args.epochs,
+        quick=args.quick,
+        jobs=args.jobs,
+        threads=args.threads,
+        baseline=baseline,
+    )
+    _set_threads(args.threads)
+    out = Path(args.out if args.out is not None else "sweep_out")
+    try:
+        records = run_sweep(config, out, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted; run the same command again to resume ({out}).", file=sys.stderr)
+        return 130
+    tables = write_sweep_report(records, config, out, command_line(args.argv))
+    plots = plot_heatmaps(records, out)
+    print()
+    print(tables)
+    print(f"Wrote runs.jsonl, sweep.md, sweep.json, {', '.join(p.name for p in plots)} to {out}/")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
+    if args.sweep:
+        return _sweep(args)
+    if args.tasks is None:
+        args.tasks = list(TASKS_DEFAULT())
+    unknown = [t for t in args.tasks if t not in TASKS_DEFAULT()]
+    if unknown:
+        print(f"Unknown task(s) {unknown} for compare (without --sweep).", file=sys.stderr)
+        return 2
     from torchsingd.experiments.compare import CompareConfig, command_line, run_compare
     from torchsingd.experiments.plots import write_plots
     from torchsingd.experiments.report import summary_tables, write_reports
@@ -43,7 +94,7 @@ def _compare(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     _set_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out if args.out is not None else "demo_out")
     try:
         outcome = run_compare(config, out, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -110,6 +161,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def TASKS_DEFAULT():  # noqa: N802 - a lazy constant
+    from torchsingd.experiments.tasks import TASKS
+
+    return TASKS
+
+
 def _set_threads(threads: int) -> None:
     import torch
 
@@ -131,7 +188,14 @@ def parser() -> argparse.ArgumentParser:
         description=COMPARE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    from torchsingd.experiments.sweep import SWEEP_TASKS
+
+    c.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=list(dict.fromkeys([*TASKS, *SWEEP_TASKS])),
+        help=f"default: every comparison task (with --sweep: {', '.join(SWEEP_TASKS)})",
+    )
     c.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     c.add_argument(
         "--precision", nargs="+", choices=PRECISIONS, help="default: the plan described above"
@@ -141,7 +205,24 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--epochs", type=positive_int, help="epochs of every run (default: per task)")
     c.add_argument("--quick", action="store_true", help="tiny version (under 3 minutes)")
-    c.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    c.add_argument("--out", help="output directory (default: demo_out, with --sweep: sweep_out)")
+    c.add_argument(
+        "--sweep",
+        action="store_true",
+        help="robustness sweep instead: SINGD (safeguards on), the reference rule and "
+        "AdamW on an lr x lr_cov grid; diverged fraction, best and median per optimizer, "
+        "heat maps (see torchsingd.experiments.sweep)",
+    )
+    c.add_argument(
+        "--structures",
+        nargs="+",
+        help="--sweep: SINGD structures (default: dense, hierarchical15_15, diagonal)",
+    )
+    c.add_argument(
+        "--baseline",
+        choices=("reference", "reference-rule"),
+        help="--sweep: singd==0.0.5 (default when installed) or torchsingd with safeguards=False",
+    )
     c.add_argument(
         "--jobs",
         type=positive_int,

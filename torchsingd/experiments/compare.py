@@ -204,15 +204,18 @@ def execute(
     jobs: int,
     threads: int,
     progress: bool,
+    run: Callable[..., dict[str, Any]] = train,
 ) -> None:
     """Train every spec of ``ready`` (which ``finished`` may extend) and hand over records.
 
-    ``jobs == 1`` trains in this process (whose torch threads the caller sets);
-    otherwise in ``jobs`` spawned worker processes with ``threads`` torch threads each.
+    ``run(spec, progress, position)`` trains one spec (a module-level function, so that
+    workers can import it). ``jobs == 1`` trains in this process (whose torch threads
+    the caller sets); otherwise in ``jobs`` spawned worker processes with ``threads``
+    torch threads each.
     """
     if jobs == 1:
         while ready:
-            finished(train(ready.popleft(), progress))
+            finished(run(ready.popleft(), progress))
         return
     context = multiprocessing.get_context("spawn")
     slots = context.Queue()
@@ -225,7 +228,7 @@ def execute(
     try:
         while ready or running:
             while ready and len(running) < jobs:
-                running.add(pool.submit(_train_in_worker, ready.popleft()))
+                running.add(pool.submit(_train_in_worker, run, ready.popleft()))
             completed, running = wait(running, return_when=FIRST_COMPLETED)
             for future in completed:
                 finished(future.result())
@@ -241,8 +244,8 @@ def _init_worker(threads: int, slots: Any, progress: bool) -> None:
     _WORKER.update(position=slots.get(), progress=progress)
 
 
-def _train_in_worker(spec: RunSpec) -> dict[str, Any]:
-    return train(spec, _WORKER["progress"], _WORKER["position"])
+def _train_in_worker(run: Callable[..., dict[str, Any]], spec: Any) -> dict[str, Any]:
+    return run(spec, _WORKER["progress"], _WORKER["position"])
 
 
 def command_line(argv: list[str] | None = None) -> str:

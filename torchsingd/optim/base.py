@@ -37,7 +37,13 @@ from torch.optim import Optimizer
 
 from torchsingd import distributed as tdist
 from torchsingd.layers import KFAC_APPROXIMATIONS, LOSS_AVERAGES, LayerAdapter, get_adapter
-from torchsingd.optim.update import adamw_step, clip_by_global_norm, parameter_step, sgd_step
+from torchsingd.optim.update import (
+    adamw_step,
+    clip_by_global_norm,
+    parameter_step,
+    sgd_step,
+    trust_region_scale,
+)
 from torchsingd.structures import StructuredMatrix, get_structure
 
 _CALLABLE = "<callable: taken from the optimizer that loads this state>"
@@ -134,6 +140,9 @@ def validate_common(group: dict[str, Any]) -> None:
         not is_number(group["max_update_norm"]) or not group["max_update_norm"] > 0
     ):
         bad("max_update_norm", "must be None (no clipping) or a number > 0")
+    kl_clip = group.get("kl_clip")
+    if kl_clip is not None and (not is_number(kl_clip) or not kl_clip > 0):
+        bad("kl_clip", "must be None (no trust region) or a number > 0")
     betas = group["fallback_betas"]
     if (
         not isinstance(betas, (tuple, list))
@@ -164,6 +173,7 @@ def common_defaults(
     fallback_eps: float,
     fallback_weight_decay: float | None,
     max_update_norm: float | None,
+    kl_clip: float | None = None,
 ) -> dict[str, Any]:
     """Group defaults every Kronecker-factored optimizer has (beyond the method's own)."""
     return dict(
@@ -174,6 +184,7 @@ def common_defaults(
         fallback_eps=fallback_eps,
         fallback_weight_decay=fallback_weight_decay,
         max_update_norm=max_update_norm,
+        kl_clip=kl_clip,
     )
 
 
@@ -219,6 +230,11 @@ class KroneckerOptimizer(Optimizer):
             params = [p for p in model.parameters() if p.requires_grad]
         self.steps = 0
         self.skipped_steps = 0
+        #: How often each safeguard acted (counted since construction, not saved):
+        #: ``"kl_clipped"`` steps whose directions the trust region scaled down,
+        #: ``"factor_step_bounded"`` factor updates with a reduced ``lr_cov``,
+        #: ``"factor_repaired"`` factor updates that came out non-finite and were undone.
+        self.safeguard_events = {"kl_clipped": 0, "factor_step_bounded": 0, "factor_repaired": 0}
         self._capture_scale = float(init_grad_scale)
         self._init_grad_scale = float(init_grad_scale)
         self._explicit_scale: float | None = None
@@ -558,10 +574,21 @@ class KroneckerOptimizer(Optimizer):
             self._step()
         return loss
 
+    def _kl_clip(self, group: dict[str, Any]) -> float | None:
+        """The group's trust-region bound ``kl_clip`` (``None``: off)."""
+        return group.get("kl_clip")
+
     def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
-        """New factors and parameter directions of one module (nothing is written)."""
+        """New factors, parameter directions and ``<G_nat, G>`` of one module.
+
+        Nothing is written. The inner product (a float32 tensor of one element) is
+        only computed for groups with a trust region (``kl_clip``), else zero.
+        """
         group = self.param_groups[entry.group_index]
         update_now = self.steps % group["T"] == 0
+        want_inner = self._kl_clip(group) is not None
+        device = entry.adapter.params(entry.module)[0].device
+        inner = torch.zeros(1, dtype=torch.float32, device=device)
         new_factors, nats = {}, {}
         for block, layer in entry.blocks.items():
             G = entry.adapter.grad_matrix(entry.module, block=block)
@@ -575,7 +602,9 @@ class KroneckerOptimizer(Optimizer):
             new_factors[block], nats[block] = self._update_block(
                 layer, G, group, stats, output_scale
             )
-        return new_factors, entry.adapter.directions(entry.module, nats)
+            if want_inner:
+                inner += (nats[block].float() * G.float()).sum()
+        return new_factors, entry.adapter.directions(entry.module, nats), inner
 
     def _step(self) -> None:
         grad_scale, g_scale, found_inf = self._read_scales()
@@ -594,23 +623,30 @@ class KroneckerOptimizer(Optimizer):
             if result is not None:
                 pending.append((entry, *result))
         if size > 1 and self.distributed_strategy == "shard":
-            directions = [d for _, _, dirs in pending for d in dirs]
-            tdist.all_reduce_tensors(directions, [False] * len(directions), self._group)
+            shared = [d for _, _, dirs, _ in pending for d in dirs]
+            shared += [inner for _, _, _, inner in pending]
+            tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
         # A sum is finite iff every entry is (up to float32 overflow of the sum itself,
         # which only updates of ~1e34 per entry could cause): one reduction per tensor.
-        sums = [d.sum(dtype=torch.float32) for _, _, dirs in pending for d in dirs]
+        sums = [d.sum(dtype=torch.float32) for _, _, dirs, _ in pending for d in dirs]
         sums += [g.sum(dtype=torch.float32) for _, _, g in fallback]
         if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
             self._skip("non-finite gradients or natural gradients", g_scale)
             return
 
         for i, group in enumerate(self.param_groups):
+            mine = [(ds, inner) for e, _, ds, inner in pending if e.group_index == i]
+            dirs = [d for ds, _ in mine for d in ds]
+            kl_clip = self._kl_clip(group)
+            if kl_clip is not None and mine:
+                inner = float(sum(inner for _, inner in mine))
+                if trust_region_scale(dirs, float(group["lr"]), inner, kl_clip) < 1.0:
+                    self.safeguard_events["kl_clipped"] += 1
             if group["max_update_norm"] is not None:
-                dirs = [d for e, _, ds in pending if e.group_index == i for d in ds]
                 clip_by_global_norm(dirs, group["max_update_norm"])
 
-        for entry, new_factors, directions in pending:
+        for entry, new_factors, directions, _ in pending:
             for block, factors in new_factors.items():
                 for attr, value in factors.items():
                     setattr(entry.blocks[block], attr, value)
@@ -628,7 +664,8 @@ class KroneckerOptimizer(Optimizer):
         if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         params = entry.adapter.params(entry.module)
-        return {}, [torch.zeros_like(p) for p in params]
+        inner = torch.zeros(1, dtype=torch.float32, device=params[0].device)
+        return {}, [torch.zeros_like(p) for p in params], inner
 
     def _share_factors(self, updated: list[tuple[ModuleEntry, BlockState]]) -> None:
         """Broadcast the factors updated this step from their owners (``"shard"``)."""

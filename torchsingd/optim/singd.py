@@ -27,7 +27,7 @@ from torchsingd.optim.base import (
     parse_dtypes,
     validate_common,
 )
-from torchsingd.optim.update import natural_gradient, update_factors
+from torchsingd.optim.update import FactorUpdate, natural_gradient, update_factors
 from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
 from torchsingd.structures.base import OuterOperator
 
@@ -71,6 +71,12 @@ def _outer(X: StructuredMatrix, columns: int, uses: int) -> Any:
     return X.outer_operator() if X.outer_operator_pays(columns, uses) else OuterOperator(X)
 
 
+def _like(X: StructuredMatrix, kind: str) -> StructuredMatrix:
+    """The identity or zero member of ``X``'s structure, shape, dtype and device."""
+    make = type(X).eye if kind == "eye" else type(X).zeros
+    return make(X.dim, *X.options(), dtype=X.dtype, device=X.device)
+
+
 def parse_structures(value: Any) -> tuple[StructureSpec, StructureSpec]:
     """``structures`` as two specs (``K`` then ``C``); a single name applies to both."""
     if isinstance(value, (str, StructureSpec)):
@@ -87,9 +93,15 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
     validate_common(group)
     if not is_number(group["alpha1"]) or not 0.0 <= group["alpha1"] < 1.0:
         raise ValueError(f"Invalid alpha1={group['alpha1']!r}: must be a number in [0, 1).")
-    for name in ("kfac_like", "normalize_lr_cov"):
+    for name in ("kfac_like", "normalize_lr_cov", "safeguards"):
         if not isinstance(group[name], bool):
             raise ValueError(f"Invalid {name}={group[name]!r}: must be True or False.")
+    step = group["max_factor_step"]
+    if step is not None and (not is_number(step) or not step > 0):
+        raise ValueError(
+            f"Invalid max_factor_step={step!r}: must be None (no bound) or a number > 0 "
+            "(values below 1 keep every factor update invertible; 0.5 is the default)."
+        )
     parse_structures(group["structures"])
     parse_dtypes(group["preconditioner_dtype"], "preconditioner_dtype")
 
@@ -151,6 +163,19 @@ class SINGD(KroneckerOptimizer):
             :mod:`torchsingd.distributed`. The model may be wrapped in
             ``DistributedDataParallel`` before or after constructing the optimizer.
         process_group: the process group to reduce over (default: the world).
+        safeguards: ``True`` (default) applies the three safeguards below, which the
+            reference does not have; ``False`` restores the reference's exact rule
+            (``max_factor_step`` and ``kl_clip`` are then ignored). See the README's
+            "Robustness" section for the divergences they prevent.
+        max_factor_step: bound on ``||beta1 * m||_2`` in each factor update: where it
+            would be exceeded, ``lr_cov`` is reduced for that factor and update
+            (:func:`torchsingd.optim.update.bounded_lr_cov`). ``None``: no bound.
+        kl_clip: trust region on the parameter step: a group's preconditioned
+            directions are scaled so that ``lr^2 * sum <G_nat, G> <= kl_clip``
+            (:func:`torchsingd.optim.update.trust_region_scale`). ``None``: off.
+            The third safeguard has no setting: a factor update that comes out
+            non-finite is undone (previous factor kept, its momentum reset) instead of
+            skipping the whole step. ``safeguard_events`` counts what acted.
     """
 
     def __init__(
@@ -183,6 +208,9 @@ class SINGD(KroneckerOptimizer):
         on_nonfinite: str = "skip",
         distributed_strategy: str = "replicate",
         process_group: Any = None,
+        safeguards: bool = True,
+        max_factor_step: float | None = 0.5,
+        kl_clip: float | None = 1e-2,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -198,6 +226,8 @@ class SINGD(KroneckerOptimizer):
             kfac_like=kfac_like,
             preconditioner_dtype=preconditioner_dtype,
             normalize_lr_cov=normalize_lr_cov,
+            safeguards=safeguards,
+            max_factor_step=max_factor_step,
             **common_defaults(
                 vocab_structure=vocab_structure,
                 fallback=fallback,
@@ -206,6 +236,7 @@ class SINGD(KroneckerOptimizer):
                 fallback_eps=fallback_eps,
                 fallback_weight_decay=fallback_weight_decay,
                 max_update_norm=max_update_norm,
+                kl_clip=kl_clip,
             ),
         )
         super().__init__(
@@ -228,6 +259,9 @@ class SINGD(KroneckerOptimizer):
                 stacklevel=4,
             )
             group["alpha1"] = 0.0
+
+    def _kl_clip(self, group: dict[str, Any]) -> float | None:
+        return group.get("kl_clip") if group.get("safeguards", False) else None
 
     def _new_block(
         self,
@@ -280,6 +314,7 @@ class SINGD(KroneckerOptimizer):
         if stats is not None:
             lr_cov = group["lr_cov"]
             lr_cov = float(lr_cov(self.steps)) if callable(lr_cov) else float(lr_cov)
+            safe = group.get("safeguards", False)
             new = update_factors(
                 K,
                 C,
@@ -293,7 +328,10 @@ class SINGD(KroneckerOptimizer):
                 kfac_like=group["kfac_like"],
                 normalize_lr_cov=group["normalize_lr_cov"],
                 H_C_scale=output_scale,
+                max_step=group.get("max_factor_step") if safe else None,
             )
+            if safe:
+                new = self._checked(layer, new, lr_cov, group["normalize_lr_cov"])
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
             KKt, CCt = _outer(K, G.shape[0], group["T"]), _outer(C, G.shape[1], group["T"])
         else:
@@ -301,6 +339,38 @@ class SINGD(KroneckerOptimizer):
             CCt = layer.CCt if layer.CCt is not None else _outer(C, G.shape[1], group["T"])
         factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
         return factors, natural_gradient(K, C, G, KKt, CCt)
+
+    def _checked(
+        self, layer: LayerState, new: FactorUpdate, lr_cov: float, normalized: bool
+    ) -> FactorUpdate:
+        """Count bounded steps; undo a factor update that came out non-finite.
+
+        A non-finite ``K`` (or ``C``) keeps the previous factor (identity if that is
+        not finite either) and resets its momentum to zero, so the parameter step
+        still happens with a finite preconditioner; the reference rule instead writes
+        the inf/NaN factor and every later step is skipped (``skipped_steps``).
+        """
+        events = self.safeguard_events
+        if not normalized:
+            events["factor_step_bounded"] += (new.beta1_K < lr_cov) + (new.beta1_C < lr_cov)
+        for name in ("K", "C"):
+            factor = getattr(new, name)
+            if factor.is_finite():
+                continue
+            events["factor_repaired"] += 1
+            warnings.warn(
+                f"SINGD: the update of factor {name} of {layer.name!r} was not finite; "
+                "kept the previous factor and reset its momentum (see safeguard_events).",
+                stacklevel=6,
+            )
+            old = getattr(layer, name)
+            if not old.is_finite():
+                old = _like(old, "eye")
+            setattr(new, name, old)
+            momentum = getattr(new, f"m_{name}")
+            if momentum is not None:  # zeros, not 0 * m: the momentum may hold NaN
+                setattr(new, f"m_{name}", _like(momentum, "zeros"))
+        return new
 
     def _factors_replaced(self, layer: LayerState) -> None:
         layer.KKt = layer.CCt = None

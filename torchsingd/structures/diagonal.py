@@ -42,6 +42,11 @@ class DiagonalMatrix(StructuredMatrix):
     def trace(self) -> Tensor:
         return self.diag.sum()
 
+    def spectral_norm_bound(self) -> Tensor:
+        """``||D||_2 = max |d_i|`` exactly."""
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        return self.diag.abs().max().to(dtype) if self.dim else torch.zeros((), dtype=dtype)
+
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)
         return self.diag.unsqueeze(1) * X
