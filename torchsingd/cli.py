@@ -220,8 +220,9 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--baseline",
-        choices=("reference", "reference-rule"),
-        help="--sweep: singd==0.0.5 (default when installed) or torchsingd with safeguards=False",
+        choices=("reference", "reference-rule", "none"),
+        help="--sweep: singd==0.0.5 (default when installed), torchsingd with "
+        "safeguards=False, or none",
     )
     c.add_argument(
         "--jobs",

@@ -333,6 +333,7 @@ class Result:
     init: dict[str, Tensor]
     ref: Run
     ours: Run
+    events: dict[str, int] = field(default_factory=dict)  # our safeguard_events
 
     def rel(self, step: int = -1) -> dict[str, float]:
         """Per parameter: ``max|ours - ref| / max|ref - init|`` after ``step``.
@@ -364,12 +365,18 @@ def run_both(
     scaler_kwargs: dict[str, Any] | None = None,
     inf_at: int | None = None,
     reference_structures: tuple[str, str] | None = None,
+    safeguards: bool = False,
     **kwargs: Any,
 ) -> Result:
     """Train the same model with the reference and ours; ``kwargs`` go to both.
 
     ``structures`` in ``kwargs`` are our names; the reference gets the names from
-    :data:`REFERENCE_NAME` unless ``reference_structures`` is given.
+    :data:`REFERENCE_NAME` unless ``reference_structures`` is given. Ours runs with
+    ``safeguards`` (off by default here: the settings of these tests are aggressive
+    enough, lr 0.05 with momentum 0.9 on random data, that the reference's own steps
+    reach ``||beta1 m||_2 = 3.1`` and ``lr^2 <G_nat, G> = 1.6``, where the safeguards
+    act by design; :func:`test_safeguards_change_nothing_in_a_mild_regime` runs with
+    them on).
     """
     t = TASKS[task]
     batches = make_batches(t, steps, accum)
@@ -380,7 +387,8 @@ def run_both(
 
     runs = []
     init = None
-    for impl, kw, is_ref in ((RefSINGD, ref_hyper, True), (SINGD, hyper, False)):
+    ours = dict(hyper, safeguards=safeguards)
+    for impl, kw, is_ref in ((RefSINGD, ref_hyper, True), (SINGD, ours, False)):
         model = build(t)
         if init is None:
             init = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -390,7 +398,9 @@ def run_both(
             opt = impl(model, params, **kw)
         scaler = None if scaler_kwargs is None else torch.amp.GradScaler("cpu", **scaler_kwargs)
         runs.append(train(model, opt, batches, loss_fn, scaler, inf_at))
-    return Result(init, *runs)
+    result = Result(init, *runs)
+    result.events = dict(opt.safeguard_events)
+    return result
 
 
 def check(result: Result, record: Callable, structures: Any, tol: float = TOL) -> float:
@@ -399,6 +409,31 @@ def check(result: Result, record: Callable, structures: Any, tol: float = TOL) -
     record(structures, worst)
     assert worst <= tol, f"relative error {worst:.3e} > {tol:g}: {rel}"
     return worst
+
+
+# --------------------------------------------------------------------------------------
+# Safeguards on (the default): where none acts, the numbers are the reference's
+# --------------------------------------------------------------------------------------
+MILD = dict(lr=0.005, lr_cov=0.005)
+
+
+@pytest.mark.parametrize("task", ["mlp", "cnn"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_safeguards_change_nothing_in_a_mild_regime(
+    structure: str, task: str, record: Callable
+) -> None:
+    """Default safeguards, steps the reference takes safely: no safeguard acts, same numbers."""
+    structures = (structure, structure)
+    result = run_both(task, steps=6, T=1, structures=structures, safeguards=True, **MILD)
+    assert result.events == {"kl_clipped": 0, "factor_step_bounded": 0, "factor_repaired": 0}
+    check(result, record, structures)
+
+
+def test_safeguards_act_in_the_aggressive_regime() -> None:
+    """The same comparison in this file's default regime: they act, and the numbers differ."""
+    result = run_both("mlp", T=1, structures=("dense", "dense"), safeguards=True)
+    assert result.events["kl_clipped"] > 0 and result.events["factor_step_bounded"] > 0
+    assert result.worst() > 0.1
 
 
 # --------------------------------------------------------------------------------------

@@ -204,15 +204,16 @@ def execute(
     jobs: int,
     threads: int,
     progress: bool,
-    run: Callable[..., dict[str, Any]] = train,
+    run: Callable[..., dict[str, Any]] | None = None,
 ) -> None:
     """Train every spec of ``ready`` (which ``finished`` may extend) and hand over records.
 
     ``run(spec, progress, position)`` trains one spec (a module-level function, so that
-    workers can import it). ``jobs == 1`` trains in this process (whose torch threads
-    the caller sets); otherwise in ``jobs`` spawned worker processes with ``threads``
-    torch threads each.
+    workers can import it; default :func:`~torchsingd.experiments.runner.train`).
+    ``jobs == 1`` trains in this process (whose torch threads the caller sets);
+    otherwise in ``jobs`` spawned worker processes with ``threads`` torch threads each.
     """
+    run = train if run is None else run
     if jobs == 1:
         while ready:
             finished(run(ready.popleft(), progress))

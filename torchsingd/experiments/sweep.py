@@ -61,6 +61,7 @@ STRUCTURES = ("dense", "hierarchical15_15", "diagonal")
 SWEEP_PRECISIONS = ("float32", "bf16-mixed")
 SWEEP_EPOCHS = {"mnist1d-sweep": 30, "digits-cnn": 20, "autoencoder": 20}
 QUICK_TRAIN = 512
+BASELINES = ("reference", "reference-rule", "none")
 
 
 def mnist1d_sweep_model() -> nn.Module:
@@ -206,7 +207,7 @@ class SweepConfig:
     quick: bool = False
     jobs: int = 1
     threads: int = 1
-    baseline: str = "reference"  # or "reference-rule"
+    baseline: str = "reference"  # or "reference-rule", or "none" (SINGD and AdamW only)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in SWEEP_TASKS]
@@ -249,7 +250,8 @@ class SweepConfig:
                             **base,
                         )
                     )
-                for optimizer in ("singd", self.baseline):
+                optimizers = ("singd",) if self.baseline == "none" else ("singd", self.baseline)
+                for optimizer in optimizers:
                     for structure in self.structures:
                         for lr in LR_GRID:
                             for lr_cov in LR_COV_GRID:

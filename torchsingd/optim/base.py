@@ -806,6 +806,9 @@ class KroneckerOptimizer(Optimizer):
             )
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # states saved before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for group, current in zip(self.param_groups, callables, strict=True):
             for key, value in group.items():
                 if isinstance(value, str) and value == _CALLABLE:

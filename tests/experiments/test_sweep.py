@@ -1,0 +1,269 @@
+"""``torchsingd compare --sweep``: a tiny end-to-end sweep, resume, the summary
+statistics on synthetic records, the report files and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchsingd import cli
+from torchsingd.experiments import sweep
+from torchsingd.experiments.sweep import (
+    ADAMW_GRID,
+    LR_COV_GRID,
+    LR_GRID,
+    SweepConfig,
+    best_points,
+    plot_heatmaps,
+    run_sweep,
+    summarize,
+    sweep_table,
+    write_sweep_report,
+)
+from torchsingd.experiments.tasks import TASKS
+
+CONFIG = SweepConfig(
+    tasks=("digits-cnn",),
+    structures=("diagonal",),
+    precisions=("float32",),
+    quick=True,
+    epochs=1,
+    baseline="reference-rule",
+    seeds=2,
+)
+NAMES = ("adamw", "singd diagonal", "reference-rule diagonal")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Counting:
+    """Wraps ``sweep.train_sweep`` to record the specs actually trained."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        self.specs: list[sweep.SweepSpec] = []
+        original = sweep.train_sweep
+
+        def train(spec, *args, **kwargs):
+            self.specs.append(spec)
+            return original(spec, *args, **kwargs)
+
+        mp.setattr(sweep, "train_sweep", train)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            first = Counting(mp)
+            records = run_sweep(CONFIG, out, progress=False, log=lambda s: None)
+        logged: list[str] = []
+        with pytest.MonkeyPatch.context() as mp:
+            second = Counting(mp)
+            again = run_sweep(CONFIG, out, progress=False, log=logged.append)
+    finally:
+        torch.set_num_threads(threads)
+    return out, records, first.specs, again, second.specs, logged
+
+
+# ----------------------------------------------------------------- end to end
+def test_sweep_runs_the_grid_then_the_best_points_with_more_seeds(swept):
+    out, records, trained, *_ = swept
+    grid = [r for r in records if r["phase"] == "sweep"]
+    seeds = [r for r in records if r["phase"] == "seeds"]
+    assert len(records) == len(trained) == 18 == len(lines(out / "runs.jsonl"))
+    assert len(grid) == 15 and len(seeds) == 3
+    by_name = {n: [r for r in grid if r["name"] == n] for n in NAMES}
+    assert {n: len(v) for n, v in by_name.items()} == dict(zip(NAMES, (3, 6, 6), strict=True))
+    assert sorted(r["lr"] for r in by_name["adamw"]) == sorted(ADAMW_GRID)
+    assert all(r["lr_cov"] is None and r["structure"] is None for r in by_name["adamw"])
+    for name in NAMES[1:]:
+        assert {(r["lr"], r["lr_cov"]) for r in by_name[name]} == {
+            (lr, c) for lr in LR_GRID for c in LR_COV_GRID
+        }
+    for r in records:
+        assert r["task"] == "digits-cnn" and r["precision"] == "float32"
+        assert r["epochs"] == 1 and r["max_train"] == sweep.QUICK_TRAIN
+        assert r["status"] in ("ok", "diverged")
+        assert r["chance"] == pytest.approx(0.1)
+        assert r["metric_name"] == "accuracy" and r["higher_is_better"] is True
+    assert all(r["seed"] == 0 for r in grid)
+    # the reference rule never uses the safeguards; SINGD counts its events
+    events = {"kl_clipped", "factor_step_bounded", "factor_repaired"}
+    for r in by_name["reference-rule diagonal"]:
+        assert r["safeguard_events"] == dict.fromkeys(events, 0)
+    for r in by_name["singd diagonal"]:
+        assert set(r["safeguard_events"]) == events
+    # one seed-1 re-run of each optimizer's best grid point
+    best = best_points(grid)
+    assert {r["name"] for r in seeds} == set(NAMES)
+    for r in seeds:
+        top = best[("digits-cnn", "float32", r["name"])]
+        assert r["seed"] == 1 and (r["lr"], r["lr_cov"]) == (top["lr"], top["lr_cov"])
+    assert [(s.optimizer, s.phase) for s in trained[-3:]] == [
+        ("adamw", "seeds"),
+        ("singd", "seeds"),
+        ("reference-rule", "seeds"),
+    ]
+
+
+def test_sweep_resumes_without_training_again(swept):
+    out, records, _, again, retrained, logged = swept
+    assert retrained == []
+    assert len(lines(out / "runs.jsonl")) == 18
+    assert [r["key"] for r in again] == [r["key"] for r in records]
+    assert any("15 grid runs already done" in line for line in logged)
+
+
+def test_sweep_report_and_heatmaps(swept, tmp_path):
+    _, records, *_ = swept
+    tables = write_sweep_report(records, CONFIG, tmp_path, "torchsingd compare --sweep")
+    text = (tmp_path / "sweep.md").read_text()
+    assert tables in text and "reference-rule" in text
+    for name in NAMES:
+        assert f"| {name} |" in text
+    assert "### digits-cnn, float32" in text
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert report["config"]["baseline"] == "reference-rule"
+    assert report["config"]["seeds"] == 2
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == set(NAMES)
+    assert {n: r["points"] for n, r in rows.items()} == dict(zip(NAMES, (3, 6, 6), strict=True))
+    assert all(r["best_seeds"] == 2 for r in rows.values())
+    grid = [r for r in records if r["phase"] == "sweep"]
+    for name, row in rows.items():
+        points = [r for r in grid if r["name"] == name]
+        assert row["diverged"] == sum(r["status"] == "diverged" for r in points)
+        assert row["median"] == pytest.approx(statistics.median(sweep._value(r) for r in points))
+
+    paths = plot_heatmaps(records, tmp_path)
+    assert paths == [tmp_path / "sweep_digits-cnn_float32.png"]
+    assert paths[0].read_bytes()[:8] == PNG
+
+
+# ----------------------------------------------------- summary on synthetic data
+def record(name, lr, lr_cov, value, status="ok", phase="sweep", task="t", higher=True, chance=0.1):
+    return {
+        "task": task,
+        "precision": "float32",
+        "name": name,
+        "phase": phase,
+        "status": status,
+        "test_metric": value,
+        "chance": chance,
+        "higher_is_better": higher,
+        "lr": lr,
+        "lr_cov": lr_cov,
+        "metric_name": "accuracy" if higher else "mse",
+    }
+
+
+def test_value_is_chance_for_diverged_or_non_finite():
+    assert sweep._value(record("a", 1, None, 0.7)) == 0.7
+    assert sweep._value(record("a", 1, None, 0.7, status="diverged")) == 0.1
+    assert sweep._value(record("a", 1, None, math.nan)) == 0.1
+    assert sweep._value(record("a", 1, None, math.inf)) == 0.1
+    assert sweep._value(record("a", 1, None, None)) == 0.1
+
+
+def test_summarize_synthetic_records():
+    records = [
+        # accuracy (higher is better), chance 0.1
+        record("singd", 1e-3, 0.1, 0.9),
+        record("singd", 1e-3, 0.01, 0.8),
+        record("singd", 1e-2, 0.1, math.nan, status="diverged"),
+        record("singd", 1e-2, 0.01, 0.95, status="diverged"),  # diverged: not the best
+        record("singd", 1e-3, 0.1, 0.7, phase="seeds"),  # the best point, more seeds
+        record("singd", 1e-3, 0.1, 0.5, phase="seeds"),
+        record("singd", 1e-3, 0.01, 0.1, phase="seeds"),  # another point: ignored
+        record("adamw", 3e-3, None, 0.6),
+        record("adamw", 1e-2, None, 0.4),
+        # MSE (lower is better), chance 1.0
+        record("ref", 1e-3, 0.1, 0.5, task="ae", higher=False, chance=1.0),
+        record("ref", 1e-2, 0.1, 0.2, task="ae", higher=False, chance=1.0),
+        record("ref", 3e-2, 0.1, 0.01, status="diverged", task="ae", higher=False, chance=1.0),
+    ]
+    rows = {(r.task, r.name): r for r in summarize(records)}
+    assert set(rows) == {("t", "singd"), ("t", "adamw"), ("ae", "ref")}
+
+    s = rows["t", "singd"]
+    assert (s.points, s.diverged) == (4, 2)
+    assert s.median == pytest.approx(0.45)  # median of 0.9, 0.8, 0.1, 0.1
+    assert s.best == pytest.approx((0.9 + 0.7 + 0.5) / 3)
+    assert s.best_std == pytest.approx(statistics.stdev([0.9, 0.7, 0.5]))
+    assert s.best_seeds == 3
+    assert s.best_at == "lr=0.001, lr_cov=0.1"
+
+    a = rows["t", "adamw"]
+    assert (a.points, a.diverged, a.best, a.best_std, a.best_seeds) == (2, 0, 0.6, None, 1)
+    assert a.best_at == "lr=0.003" and a.median == pytest.approx(0.5)
+
+    r = rows["ae", "ref"]
+    assert (r.points, r.diverged, r.best, r.best_seeds) == (3, 1, 0.2, 1)
+    assert r.median == pytest.approx(0.5)  # median of 0.5, 0.2, 1.0 (chance)
+    assert r.best_at == "lr=0.01, lr_cov=0.1" and r.metric_name == "mse"
+
+    table = sweep_table(list(rows.values()))
+    assert "| singd | 2/4 | 0.7000 +- 0.2000 (3 seeds) | lr=0.001, lr_cov=0.1 | 0.4500 |" in table
+    assert "| ref | 1/3 | 0.2000 | lr=0.01, lr_cov=0.1 | 0.5000 |" in table
+    assert "best mse" in table and "best accuracy" in table
+
+
+def test_chance():
+    digits = TASKS["digits-cnn"].load(0)
+    assert sweep.chance(TASKS["digits-cnn"], digits) == pytest.approx(0.1)
+    task = TASKS["autoencoder"]
+    split = task.load(0)
+    mean = split.y_train.double().mean(0)
+    expected = ((split.y_test.double() - mean) ** 2).mean().item()
+    assert sweep.chance(task, split) == pytest.approx(expected, rel=1e-5)
+
+
+def test_sweep_config_validation():
+    with pytest.raises(ValueError, match="Unknown sweep task"):
+        SweepConfig(tasks=("digits-mlp",))
+    with pytest.raises(ValueError, match="precision"):
+        SweepConfig(precisions=("float16",))
+    with pytest.raises(ValueError, match="baseline"):
+        SweepConfig(baseline="adamw")
+    with pytest.raises(ValueError, match="seeds"):
+        SweepConfig(seeds=0)
+
+
+# --------------------------------------------------------------- command line
+SWEEP_ARGS = ["compare", "--sweep", "--quick", "--structures", "diagonal"]
+SWEEP_ARGS += ["--precision", "float32", "--epochs", "1", "--baseline", "reference-rule"]
+SWEEP_ARGS += ["--no-progress", "--jobs", "1"]
+
+
+def test_cli_sweep(tmp_path, capsys):
+    code = cli.main([*SWEEP_ARGS, "--tasks", "digits-cnn", "--out", str(tmp_path)])
+    assert code == 0
+    assert len(lines(tmp_path / "runs.jsonl")) == 15  # --seeds defaults to 1 for the sweep
+    text = (tmp_path / "sweep.md").read_text()
+    for name in NAMES:
+        assert f"| {name} |" in text
+    assert json.loads((tmp_path / "sweep.json").read_text())["config"]["quick"] is True
+    assert (tmp_path / "sweep_digits-cnn_float32.png").read_bytes()[:8] == PNG
+    assert "| singd diagonal |" in capsys.readouterr().out
+
+
+def test_cli_sweep_unknown_task(tmp_path):
+    # not a task at all: argparse rejects it
+    with pytest.raises(SystemExit) as info:
+        cli.main([*SWEEP_ARGS, "--tasks", "nope", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    # a comparison task that the sweep does not have: the sweep's configuration rejects it
+    with pytest.raises(ValueError, match="Unknown sweep task"):
+        cli.main([*SWEEP_ARGS, "--tasks", "digits-mlp", "--out", str(tmp_path)])
+    assert not (tmp_path / "runs.jsonl").exists()

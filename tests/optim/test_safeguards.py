@@ -1,0 +1,542 @@
+"""The safeguards of ``SINGD`` (not in the reference): the spectral-norm bound of the
+structures, the factor-step bound, the KL trust region and the factor repair.
+
+Every check compares with an independent dense float64 computation (or with the
+reference rule, ``safeguards=False``, whose equality with the authors' package is
+tested in ``test_reference_equivalence.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import zlib
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from torchsingd import SINGD
+from torchsingd.optim.update import bounded_lr_cov, trust_region_scale, update_factors
+from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
+
+F64 = torch.float64
+
+STRUCTURES = (
+    "dense",
+    "diagonal",
+    "blockdiagonal:3",
+    "hierarchical:3,2",
+    "triltoeplitz",
+    "triutoeplitz",
+    "triltopleftdiag:1",
+    "trilbottomrightdiag:1",
+    "triutopleftdiag:1",
+    "triubottomrightdiag:1",
+)
+DIMS = (1, 2, 5, 17, 40, 64)
+
+
+def gen(*parts: object) -> torch.Generator:
+    """A generator seeded deterministically from ``parts``."""
+    return torch.Generator().manual_seed(zlib.crc32("|".join(map(str, parts)).encode()))
+
+
+def random_member(spec: StructureSpec, d: int, *tag: object) -> StructuredMatrix:
+    """A float64 member with random values in every defining tensor (not symmetric)."""
+    X = spec.zeros(d, dtype=F64)
+    g = gen(spec.name, d, *tag)
+    for t in X.tensors():
+        t.copy_(torch.randn(t.shape, generator=g, dtype=F64))
+    return X
+
+
+def spectral_norm(X: StructuredMatrix) -> float:
+    return torch.linalg.matrix_norm(X.to_dense().double(), 2).item()
+
+
+def dense_bound(M: torch.Tensor) -> float:
+    """``min(|c| + ||M - cI||_F, sqrt(||M||_1 ||M||_inf))`` with ``c = avgtr(M)``, densely."""
+    d = M.shape[0]
+    c = torch.trace(M) / d
+    triangle = c.abs() + torch.linalg.matrix_norm(M - c * torch.eye(d, dtype=M.dtype), "fro")
+    hoelder = torch.sqrt(torch.linalg.matrix_norm(M, 1) * torch.linalg.matrix_norm(M, float("inf")))
+    return min(triangle.item(), hoelder.item())
+
+
+# ------------------------------------------------------- spectral_norm_bound
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_spectral_norm_bound_is_an_upper_bound(structure, d):
+    spec = get_structure(structure)
+    for sample in range(3):
+        X = random_member(spec, d, sample)
+        bound = X.spectral_norm_bound()
+        assert bound.ndim == 0 and bound.dtype == F64
+        exact = spectral_norm(X)
+        assert bound.item() >= exact * (1 - 1e-6), (bound.item(), exact)
+        if structure == "diagonal":
+            assert bound.item() == pytest.approx(exact, rel=1e-6)
+        else:  # the documented formula, evaluated densely
+            assert bound.item() == pytest.approx(dense_bound(X.to_dense()), rel=1e-10)
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_spectral_norm_bound_bfloat16(structure, d):
+    X = random_member(get_structure(structure), d, "bf16").to(torch.bfloat16)
+    bound = X.spectral_norm_bound()
+    assert bound.ndim == 0 and torch.isfinite(bound)
+    assert bound.item() >= spectral_norm(X) * (1 - 1e-2)
+
+
+@pytest.mark.parametrize("d", (2, 5, 17, 40))
+def test_spectral_norm_bound_tight_for_identity_plus_rank_one(d):
+    """``M = cI + u u^T`` (c > 0), ``||M||_2 = c + |u|^2``.
+
+    With all ``|u_i|`` equal the Hoelder bound is exact. For a general ``u`` the
+    triangle bound is ``c + |u|^2 (1/d + sqrt(1 - 1/d))``: not attained for ``d > 1``
+    (it exceeds ``||M||_2`` by at most ``0.25 |u|^2``), tight relative to ``c`` when
+    ``|u|^2 << c``.
+    """
+    c = 3.0
+    dense = get_structure("dense")
+    g = gen("rank-one", d)
+    eye = torch.eye(d, dtype=F64)
+
+    u = 0.7 * torch.ones(d, 1, dtype=F64) * torch.where(torch.rand(d, 1, generator=g) < 0.5, -1, 1)
+    M = dense.from_dense(c * eye + u @ u.T)
+    assert M.spectral_norm_bound().item() == pytest.approx(c + (u * u).sum().item(), rel=1e-12)
+    assert spectral_norm(M) == pytest.approx(c + (u * u).sum().item(), rel=1e-12)
+
+    u = torch.randn(d, 1, generator=g, dtype=F64)
+    u2 = (u * u).sum().item()
+    M = dense.from_dense(c * eye + u @ u.T)
+    exact = spectral_norm(M)
+    assert exact == pytest.approx(c + u2, rel=1e-12)
+    triangle = c + u2 * (1 / d + math.sqrt(1 - 1 / d))
+    bound = M.spectral_norm_bound().item()
+    assert exact <= bound <= triangle * (1 + 1e-12)
+    assert bound - exact <= 0.25 * u2 + 1e-12
+
+    small = 1e-3 * u
+    M = dense.from_dense(c * eye + small @ small.T)
+    assert M.spectral_norm_bound().item() == pytest.approx(spectral_norm(M), rel=1e-6)
+
+
+# ------------------------------------------------------------- bounded_lr_cov
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "hierarchical:3,2", "triltoeplitz"])
+def test_bounded_lr_cov(structure):
+    m = random_member(get_structure(structure), 9, "lr_cov")
+    bound = m.spectral_norm_bound().item()
+    max_step = 0.5
+
+    beta1 = 0.9 * max_step / bound  # beta1 * bound <= max_step: unchanged
+    assert bounded_lr_cov(beta1, m, max_step) is beta1
+    assert bounded_lr_cov(0.0, m, max_step) == 0.0
+
+    beta1 = 10.0 * max_step / bound
+    reduced = bounded_lr_cov(beta1, m, max_step)
+    assert reduced == pytest.approx(max_step / bound, rel=1e-15)
+    assert reduced < beta1
+    assert spectral_norm(m) * reduced <= max_step * (1 + 1e-12)
+
+
+# ---------------------------------------------------------- update_factors
+def _spd(d: int, g: torch.Generator, scale: float) -> torch.Tensor:
+    A = torch.randn(d, d, generator=g, dtype=F64)
+    return scale * (A @ A.T / d + torch.eye(d, dtype=F64))
+
+
+def _factor_inputs(structure: str, scale: float, tag: str):
+    spec = get_structure(structure)
+    g = gen(structure, tag)
+    d_i, d_o = 6, 4
+    K = spec.from_dense(torch.eye(d_i, dtype=F64) + 0.1 * _spd(d_i, g, 1.0))
+    C = spec.from_dense(torch.eye(d_o, dtype=F64) + 0.1 * _spd(d_o, g, 1.0))
+    H_K, H_C = spec.from_dense(_spd(d_i, g, scale)), spec.from_dense(_spd(d_o, g, scale))
+    m_K, m_C = random_member(spec, d_i, tag, "mK"), random_member(spec, d_o, tag, "mC")
+    m_K.mul_(0.01)
+    m_C.mul_(0.01)
+    return K, C, m_K, m_C, H_K, H_C
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "hierarchical:3,2", "triltoeplitz"])
+@pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
+def test_update_factors_unchanged_when_bound_holds(structure, kfac_like):
+    args = _factor_inputs(structure, 0.05, "mild")
+    common = dict(damping=1e-3, alpha1=0.0 if kfac_like else 0.5, lr_cov=1e-2)
+    common.update(kfac_like=kfac_like, normalize_lr_cov=False)
+    free = update_factors(*args, **common, max_step=None)
+    bounded = update_factors(*args, **common, max_step=0.5)
+    assert bounded.beta1_K == bounded.beta1_C == free.beta1_K == free.beta1_C == 1e-2
+    for name in ("K", "C", "m_K", "m_C"):
+        a, b = getattr(free, name), getattr(bounded, name)
+        if a is None:
+            assert b is None
+            continue
+        for x, y in zip(a.tensors(), b.tensors(), strict=True):
+            assert torch.equal(x, y), name
+
+
+def test_update_factors_bound_prevents_blow_up():
+    """Large curvature: ``beta1 ||m||_2 >> 1``. Unbounded, ``K`` grows ~100x in one update;
+    bounded, ``K <- K (I - beta1_K m_K)`` with every singular value of
+    ``I - beta1_K m_K`` within ``1 +- max_step``."""
+    d_i, d_o, lr_cov, max_step = 5, 4, 0.1, 0.5
+    dense = get_structure("dense")
+    g = gen("blow-up")
+    K, C = dense.eye(d_i, dtype=F64), dense.eye(d_o, dtype=F64)
+    m_K, m_C = dense.zeros(d_i, dtype=F64), dense.zeros(d_o, dtype=F64)
+    HKd, HCd = _spd(d_i, g, 100.0), _spd(d_o, g, 100.0)
+    H_K, H_C = dense.from_dense(HKd), dense.from_dense(HCd)
+    common = dict(damping=1e-3, alpha1=0.5, lr_cov=lr_cov, kfac_like=False, normalize_lr_cov=False)
+
+    free = update_factors(K, C, m_K, m_C, H_K, H_C, **common, max_step=None)
+    assert torch.linalg.matrix_norm(free.K.to_dense(), 2) > 10
+    assert torch.linalg.matrix_norm(free.C.to_dense(), 2) > 10
+
+    new = update_factors(K, C, m_K, m_C, H_K, H_C, **common, max_step=max_step)
+    I_K, I_C = torch.eye(d_i, dtype=F64), torch.eye(d_o, dtype=F64)
+    # m from ALGORITHM.md section 3 with K = C = I and zero old momentum, densely.
+    mKd = 0.5 * (torch.trace(HCd) / d_o * HKd + 1e-3 * I_K - I_K)
+    mCd = 0.5 * (torch.trace(HKd) / d_i * HCd + 1e-3 * I_C - I_C)
+    torch.testing.assert_close(new.m_K.to_dense(), mKd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new.m_C.to_dense(), mCd, rtol=1e-12, atol=1e-12)
+    for X, mX, beta, eye in ((K, new.m_K, new.beta1_K, I_K), (C, new.m_C, new.beta1_C, I_C)):
+        assert 0 < beta < lr_cov
+        Xd, md = X.to_dense(), mX.to_dense()
+        expected = Xd - beta * Xd @ md
+        got = new.K if X is K else new.C
+        torch.testing.assert_close(got.to_dense(), expected, rtol=1e-12, atol=1e-12)
+        sv = torch.linalg.svdvals(eye - beta * md)
+        assert sv.min() >= 1 - max_step - 1e-6 and sv.max() <= 1 + max_step + 1e-6, sv
+        assert torch.linalg.matrix_norm(got.to_dense(), 2) <= 1 + max_step + 1e-6
+
+
+# --------------------------------------------------------- trust_region_scale
+def test_trust_region_scale_noop_below_bound():
+    g = gen("tr-noop")
+    dirs = [torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)]
+    before = [d.clone() for d in dirs]
+    lr, kl = 0.1, 1e-2
+    for inner in (0.0, 0.5, kl / lr**2):  # lr^2 * inner <= kl_clip (the last equal)
+        assert trust_region_scale(dirs, lr, inner, kl) == 1.0
+        assert all(torch.equal(a, b) for a, b in zip(dirs, before, strict=True))
+
+
+def test_trust_region_scale_scales_above_bound():
+    g = gen("tr-scale")
+    dirs = [torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)]
+    before = [d.clone() for d in dirs]
+    lr, inner, kl = 0.1, 40.0, 1e-2
+    factor = trust_region_scale(dirs, lr, inner, kl)
+    expected = math.sqrt(kl / (lr * lr * inner))
+    assert factor == pytest.approx(expected, rel=1e-15) and factor < 1
+    for d, b in zip(dirs, before, strict=True):
+        torch.testing.assert_close(d, b * expected, rtol=1e-15, atol=0)
+
+
+# -------------------------------------------------------- optimizer: KL clip
+def _linear(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 4)).to(F64)
+
+
+def _data(step: int, n: int = 16, d_in: int = 6, d_out: int = 4, dtype=F64):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, d_in, generator=g, dtype=dtype), torch.randn(
+        n, d_out, generator=g, dtype=dtype
+    )
+
+
+def _mse_step(model, opt, step):
+    x, y = _data(step)
+    opt.zero_grad()
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def test_kl_clip_scales_the_reference_step():
+    lr, kappa = 0.1, 1e-4
+    hp = dict(lr=lr, momentum=0.0, weight_decay=0.0, T=1, alpha1=0.0, structures="dense")
+    ref_model, our_model = _linear(), _linear()
+    ref = SINGD(ref_model, safeguards=False, **hp)
+    ours = SINGD(our_model, kl_clip=kappa, max_factor_step=None, **hp)
+    start = [p.detach().clone() for p in ref_model.parameters()]
+
+    _mse_step(ref_model, ref, 0)
+    _mse_step(our_model, ours, 0)
+    W, b = ref_model[0].weight, ref_model[0].bias
+    G = torch.cat([W.grad, b.grad[:, None]], 1)
+    assert torch.equal(G, torch.cat([our_model[0].weight.grad, our_model[0].bias.grad[:, None]], 1))
+    ref_delta = [p.detach() - s for p, s in zip(ref_model.parameters(), start, strict=True)]
+    G_nat = -torch.cat([ref_delta[0], ref_delta[1][:, None]], 1) / lr
+    inner = (G_nat * G).sum().item()
+    assert lr**2 * inner > 10 * kappa  # the trust region acts
+    factor = math.sqrt(kappa / (lr**2 * inner))
+    for p, s, d in zip(our_model.parameters(), start, ref_delta, strict=True):
+        torch.testing.assert_close(p.detach() - s, factor * d, rtol=1e-6, atol=1e-15)
+    assert ours.safeguard_events == {
+        "kl_clipped": 1,
+        "factor_step_bounded": 0,
+        "factor_repaired": 0,
+    }
+    assert ref.safeguard_events["kl_clipped"] == 0
+    # the factors are those of the reference rule (max_factor_step=None)
+    for name in ("K", "C"):
+        assert torch.equal(
+            getattr(ours.layers["0"], name).to_dense(), getattr(ref.layers["0"], name).to_dense()
+        )
+
+
+# -------------------------------------------- optimizer: nothing triggers
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).to(F64)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "hierarchical:3,2", "triltoeplitz"])
+def test_safeguards_inactive_equal_reference_rule(structure):
+    hp = dict(lr=1e-3, lr_cov=1e-3, T=2, structures=structure)
+    models, opts = [], []
+    for safe in (True, False):
+        model = _mlp()
+        models.append(model)
+        opts.append(SINGD(model, safeguards=safe, **hp))
+        for step in range(8):
+            _mse_step(model, opts[-1], step)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    for opt in opts:
+        assert opt.skipped_steps == 0
+        assert opt.safeguard_events == {
+            "kl_clipped": 0,
+            "factor_step_bounded": 0,
+            "factor_repaired": 0,
+        }
+    for name, layer in opts[0].layers.items():
+        other = opts[1].layers[name]
+        for attr in ("K", "C", "m_K", "m_C"):
+            assert torch.equal(getattr(layer, attr).to_dense(), getattr(other, attr).to_dense())
+
+
+# ---------------------------------------------------------- factor repair
+def _repair_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3))
+
+
+def _repair_data(step: int, huge: bool = False) -> torch.Tensor:
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+    if huge:
+        x[0, 1] = 1e25  # finite in float32, x^T x is not
+    return x
+
+
+def _repair_loss(model, x):
+    # tanh saturates at the huge example: its output gradient is exactly 0, so the
+    # weight gradient stays finite while the input statistic a^T a overflows.
+    return torch.tanh(model(x)).sum() / x.shape[0]
+
+
+@pytest.mark.parametrize("safeguards", [False, True])
+@pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
+def test_factor_repair(safeguards, kfac_like):
+    model = _repair_model()
+    opt = SINGD(
+        model,
+        lr=0.1,
+        momentum=0.0,
+        T=1,
+        alpha1=0.0 if kfac_like else 0.5,
+        safeguards=safeguards,
+        kfac_like=kfac_like,
+    )
+    for step in range(3):
+        opt.zero_grad()
+        _repair_loss(model, _repair_data(step)).backward()
+        opt.step()
+    layer = opt.layers["0"]
+    K0, C0 = layer.K.to_dense().clone(), layer.C.to_dense().clone()
+    assert K0.shape == (5, 5)  # the bias column
+    assert not torch.equal(K0, torch.eye(5))  # earlier updates moved K away from I
+    before = [p.detach().clone() for p in model.parameters()]
+
+    x = _repair_data(5, huge=True)
+    a = torch.cat([x, torch.ones(8, 1)], 1)
+    assert not torch.isfinite(a.T @ a).all()
+    opt.zero_grad()
+    _repair_loss(model, x).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+    if not safeguards:
+        with pytest.warns(UserWarning, match="skipped a step"):
+            opt.step()
+        assert opt.skipped_steps == 1
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+        assert torch.equal(layer.K.to_dense(), K0) and torch.equal(layer.C.to_dense(), C0)
+        return
+
+    with pytest.warns(UserWarning, match="was not finite") as record:
+        opt.step()
+    repaired = sorted(
+        name for name in "KC" for w in record if f"factor {name} of '0' was not finite" in str(w)
+    )
+    assert repaired == (["K"] if kfac_like else ["C", "K"])
+    assert opt.skipped_steps == 0
+    layer = opt.layers["0"]
+    assert torch.equal(layer.K.to_dense(), K0)
+    if kfac_like:  # IKFAC's C update does not involve H_K: only K is repaired
+        assert opt.safeguard_events["factor_repaired"] == 1
+        assert layer.m_K is None
+        assert layer.C.is_finite() and not torch.equal(layer.C.to_dense(), C0)
+    else:  # SINGD's C update uses avgtr(H_K) = inf: both factors are repaired
+        assert opt.safeguard_events["factor_repaired"] == 2
+        assert torch.equal(layer.C.to_dense(), C0)
+        assert torch.equal(layer.m_K.to_dense(), torch.zeros(5, 5))
+        assert torch.equal(layer.m_C.to_dense(), torch.zeros(3, 3))
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.isfinite(p).all() and not torch.equal(p, q)
+    # and training goes on with finite factors
+    opt.zero_grad()
+    _repair_loss(model, _repair_data(6)).backward()
+    opt.step()
+    assert opt.skipped_steps == 0 and layer.K.is_finite() and opt.layers["0"].K.is_finite()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------- a constructed divergence
+DIVERGENCE_HP = dict(
+    lr=1e-2, lr_cov=0.1, momentum=0.9, damping=1e-3, alpha1=0.5, weight_decay=1e-4, T=5
+)
+
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    pytest.importorskip("mnist1d")
+    from torchsingd.experiments.sweep import mnist1d_images
+
+    return mnist1d_images(0)
+
+
+def _train_mnist1d(split, make_opt, steps: int = 120):
+    """Seeded batches of 100; returns (losses, optimizer, first non-finite/skipped step)."""
+    from torchsingd.experiments.sweep import mnist1d_sweep_model
+
+    torch.manual_seed(0)
+    model = mnist1d_sweep_model()
+    opt = make_opt(model)
+    g = torch.Generator().manual_seed(0)
+    losses, first_bad = [], None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(steps):
+            idx = torch.randint(0, len(split.y_train), (100,), generator=g)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(split.X_train[idx]), split.y_train[idx])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bad = not math.isfinite(losses[-1]) or getattr(opt, "skipped_steps", 0) > 0
+            if bad and first_bad is None:
+                first_bad = step
+    return losses, opt, first_bad
+
+
+def test_mnist1d_reference_rule_diverges_safeguards_do_not(mnist1d):
+    def make(safe):
+        return lambda m: SINGD(m, structures="dense", safeguards=safe, **DIVERGENCE_HP)
+
+    losses, opt, first_bad = _train_mnist1d(mnist1d, make(False))
+    assert first_bad is not None and 40 <= first_bad < 120, first_bad
+    assert opt.skipped_steps > 0 or not all(math.isfinite(v) for v in losses)
+
+    losses, opt, first_bad = _train_mnist1d(mnist1d, make(True))
+    assert first_bad is None and opt.skipped_steps == 0
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) / 10 < 2.0, losses[-10:]
+    assert opt.safeguard_events["kl_clipped"] > 0  # the safeguards were what acted
+
+
+@pytest.mark.reference
+def test_mnist1d_reference_package_diverges(mnist1d):
+    reference = pytest.importorskip("singd.optim.optimizer")
+
+    def make(model):
+        return reference.SINGD(model, structures=("dense", "dense"), **DIVERGENCE_HP)
+
+    losses, _, first_bad = _train_mnist1d(mnist1d, make)
+    assert first_bad is not None and not all(math.isfinite(v) for v in losses)
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_factor_step=0), "max_factor_step"),
+        (dict(max_factor_step=-1), "max_factor_step"),
+        (dict(max_factor_step="x"), "max_factor_step"),
+        (dict(kl_clip=0), "kl_clip"),
+        (dict(kl_clip=-1), "kl_clip"),
+        (dict(safeguards="yes"), "safeguards"),
+    ],
+)
+def test_invalid_safeguard_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SINGD(_linear(), **kwargs)
+
+
+def test_safeguards_can_be_switched_off_individually():
+    model = _linear()
+    opt = SINGD(model, max_factor_step=None, kl_clip=None)
+    assert opt.param_groups[0]["max_factor_step"] is None
+    assert opt.param_groups[0]["kl_clip"] is None
+    assert opt.param_groups[0]["safeguards"] is True
+    _mse_step(model, opt, 0)
+    assert opt.skipped_steps == 0
+
+
+# --------------------------------------------------------------- checkpoints
+def test_state_dict_keeps_safeguard_settings():
+    model = _linear()
+    opt = SINGD(model, T=1, safeguards=True, max_factor_step=0.3, kl_clip=5e-3)
+    _mse_step(model, opt, 0)
+    sd = copy.deepcopy(opt.state_dict())
+    group = sd["param_groups"][0]
+    assert (group["safeguards"], group["max_factor_step"], group["kl_clip"]) == (True, 0.3, 5e-3)
+
+    other = SINGD(_linear(), T=1, safeguards=False, max_factor_step=0.7, kl_clip=None)
+    other.load_state_dict(sd)
+    group = other.param_groups[0]
+    assert (group["safeguards"], group["max_factor_step"], group["kl_clip"]) == (True, 0.3, 5e-3)
+
+
+def test_load_state_dict_without_safeguard_keys():
+    """A checkpoint from before the safeguards existed still loads and steps."""
+    model = _linear()
+    opt = SINGD(model, T=1)
+    _mse_step(model, opt, 0)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        for key in ("safeguards", "max_factor_step", "kl_clip"):
+            del group[key]
+
+    loaded_model = _linear()
+    loaded_model.load_state_dict(model.state_dict())
+    loaded = SINGD(loaded_model, T=1, kl_clip=0.5)
+    loaded.load_state_dict(sd)
+    for group in loaded.param_groups:  # missing keys come from the loading optimizer
+        assert group["safeguards"] is True
+        assert group["max_factor_step"] == 0.5 and group["kl_clip"] == 0.5
+    before = [p.detach().clone() for p in loaded_model.parameters()]
+    for step in (1, 2):
+        loss = _mse_step(loaded_model, loaded, step)
+        assert math.isfinite(loss)
+    assert loaded.skipped_steps == 0 and loaded.steps == 3
+    for p, q in zip(loaded_model.parameters(), before, strict=True):
+        assert torch.isfinite(p).all() and not torch.equal(p, q)
