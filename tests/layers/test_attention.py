@@ -47,7 +47,9 @@ def make_attn(seed: int = 0, **kwargs) -> nn.MultiheadAttention:
 
 
 def attached(attn: nn.MultiheadAttention, **kwargs) -> tuple[Holder, SINGD]:
+    """``attn`` in a holder with SINGD (safeguards off: these tests check exact steps)."""
     holder = Holder(attn)
+    kwargs.setdefault("safeguards", False)
     opt = SINGD(holder, T=1, warn_unsupported=False, **kwargs)
     return holder, opt
 

@@ -411,8 +411,10 @@ def test_add_param_group_after_construction():
 
 
 def test_lr_scheduler_and_update_size():
+    """The step is ``-lr C C^T G K K^T`` with the scheduled lr (reference rule: the trust
+    region would shorten these lr=0.2 steps)."""
     model = make_mlp(0)
-    opt = SINGD(model, lr=0.2, momentum=0.0, weight_decay=0.0, T=1, lr_cov=0.05)
+    opt = SINGD(model, lr=0.2, momentum=0.0, weight_decay=0.0, T=1, lr_cov=0.05, safeguards=False)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for t in range(5):
         lr = opt.param_groups[0]["lr"]

@@ -197,7 +197,8 @@ def test_capture_from_an_earlier_step_is_never_applied(T, fresh_use):
     ``T`` itself (none at all when ``b`` did not run at step ``T``).
     """
     model = TwoBranch()
-    opt = SINGD(model, T=T, **dict(HP1, momentum=0.0, weight_decay=0.0))
+    # safeguards off: the exact plain-gradient-descent step below is the point
+    opt = SINGD(model, T=T, safeguards=False, **dict(HP1, momentum=0.0, weight_decay=0.0))
     x0, _ = batch(0, (8, 5))
     late = model.b(x0)  # forward at capture step 0, kept for later
     for t in range(T):

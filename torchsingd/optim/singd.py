@@ -330,7 +330,7 @@ class SINGD(KroneckerOptimizer):
                 H_C_scale=output_scale,
                 max_step=group.get("max_factor_step") if safe else None,
             )
-            if safe:
+            if safe and bool(torch.isfinite(G).all()):  # else the whole step is skipped
                 new = self._checked(layer, new, lr_cov, group["normalize_lr_cov"])
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
             KKt, CCt = _outer(K, G.shape[0], group["T"]), _outer(C, G.shape[1], group["T"])
