@@ -216,10 +216,8 @@ class SweepConfig:
         bad = [p for p in self.precisions if p not in SWEEP_PRECISIONS]
         if bad:
             raise ValueError(f"Unknown precision(s) {bad}; choose from {list(SWEEP_PRECISIONS)}.")
-        if self.baseline not in ("reference", "reference-rule"):
-            raise ValueError(
-                f"baseline must be 'reference' or 'reference-rule', got {self.baseline!r}."
-            )
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}.")
         if self.seeds < 1 or self.jobs < 1 or self.threads < 1:
             raise ValueError("seeds, jobs and threads must be >= 1.")
 
