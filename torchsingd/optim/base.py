@@ -581,14 +581,14 @@ class KroneckerOptimizer(Optimizer):
     def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
         """New factors, parameter directions and ``<G_nat, G>`` of one module.
 
-        Nothing is written. The inner product (a float32 tensor of one element) is
+        Nothing is written. The inner product (a float64 tensor of one element) is
         only computed for groups with a trust region (``kl_clip``), else zero.
         """
         group = self.param_groups[entry.group_index]
         update_now = self.steps % group["T"] == 0
         want_inner = self._kl_clip(group) is not None
         device = entry.adapter.params(entry.module)[0].device
-        inner = torch.zeros(1, dtype=torch.float32, device=device)
+        inner = torch.zeros(1, dtype=torch.float64, device=device)
         new_factors, nats = {}, {}
         for block, layer in entry.blocks.items():
             G = entry.adapter.grad_matrix(entry.module, block=block)
@@ -603,7 +603,8 @@ class KroneckerOptimizer(Optimizer):
                 layer, G, group, stats, output_scale
             )
             if want_inner:
-                inner += (nats[block].float() * G.float()).sum()
+                acc = torch.promote_types(G.dtype, torch.float32)
+                inner += torch.dot(nats[block].reshape(-1).to(acc), G.reshape(-1).to(acc))
         return new_factors, entry.adapter.directions(entry.module, nats), inner
 
     def _step(self) -> None:
@@ -664,7 +665,7 @@ class KroneckerOptimizer(Optimizer):
         if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         params = entry.adapter.params(entry.module)
-        inner = torch.zeros(1, dtype=torch.float32, device=params[0].device)
+        inner = torch.zeros(1, dtype=torch.float64, device=params[0].device)
         return {}, [torch.zeros_like(p) for p in params], inner
 
     def _share_factors(self, updated: list[tuple[ModuleEntry, BlockState]]) -> None:

@@ -131,6 +131,11 @@ class StructuredMatrix(ABC):
             return torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.stack(values).max()
 
+    def frobenius_sq(self) -> Tensor:
+        """``||M||_F^2``: the sum of squares of the stored numbers, for structures that
+        store every non-zero entry once (Toeplitz weighs its diagonals by their length)."""
+        return sum(t.square().sum() for t in self.tensors())
+
     def spectral_norm_bound(self) -> Tensor:
         """An upper bound on ``||self||_2`` (the largest singular value), a 0-d tensor.
 
@@ -138,8 +143,7 @@ class StructuredMatrix(ABC):
 
         - ``|c| + ||M - c I||_F`` with ``c = avgtr(M)``: tight for a multiple of the
           identity plus a low-rank part, the shape SINGD's ``m`` takes when the
-          curvature of a few directions jumps (``||M||_F^2 = trace(P(M^T M))``, since
-          every projection keeps the diagonal);
+          curvature of a few directions jumps;
         - ``sqrt(||M||_1 ||M||_inf)`` (Hoelder) from the row and column sums of ``|M|``,
           exact for diagonal matrices.
 
@@ -148,7 +152,7 @@ class StructuredMatrix(ABC):
         """
         M = self if self.dtype in (torch.float32, torch.float64) else self.to(torch.float32)
         c = M.average_trace()
-        rest = (M.inner().trace() - self.dim * c * c).clamp(min=0.0).sqrt()
+        rest = (M.frobenius_sq() - self.dim * c * c).clamp(min=0.0).sqrt()
         A = M._with_tensors(tuple(t.abs() for t in M.tensors()))
         ones = torch.ones(self.dim, 1, dtype=M.dtype, device=M.device)
         hoelder = (A.mm(ones).max() * A.tmm(ones).max()).sqrt()

@@ -121,6 +121,10 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
     def average_trace(self) -> Tensor:
         return self.col[0].clone()
 
+    def frobenius_sq(self) -> Tensor:
+        lengths = torch.arange(self.dim, 0, -1, dtype=self.col.dtype, device=self.col.device)
+        return (lengths * self.col.square()).sum()
+
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)
         return causal_conv(self.col, X)

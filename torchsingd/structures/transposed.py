@@ -62,6 +62,9 @@ class TransposedMatrix(StructuredMatrix):
         self.lower.add_identity_(value)
         return self
 
+    def frobenius_sq(self) -> Tensor:
+        return self.lower.frobenius_sq()
+
     def trace(self) -> Tensor:
         return self.lower.trace()
 
