@@ -30,10 +30,6 @@ progress).
 def _sweep(args: argparse.Namespace) -> int:
     from torchsingd.experiments.compare import command_line
     from torchsingd.experiments.sweep import (
-        STRUCTURES,
-        SWEEP_PRECISIONS,
-        SWEEP_TASKS,
-        SweepConfig,
         plot_heatmaps,
         reference_available,
         run_sweep,
@@ -44,17 +40,11 @@ def _sweep(args: argparse.Namespace) -> int:
     if baseline == "reference" and not reference_available():
         print("--baseline reference needs `pip install singd==0.0.5 einconv`.", file=sys.stderr)
         return 2
-    config = SweepConfig(
-        tasks=tuple(args.tasks) if args.tasks else tuple(SWEEP_TASKS),
-        structures=tuple(args.structures) if args.structures else STRUCTURES,
-        precisions=tuple(args.precision) if args.precision else SWEEP_PRECISIONS,
-        seeds=args.seeds if args.seeds is not None else 1,
-        epochs=args.epochs,
-        quick=args.quick,
-        jobs=args.jobs,
-        threads=args.threads,
-        baseline=baseline,
-    )
+    try:
+        config = _sweep_config(args, baseline)
+    except ValueError as err:
+        print(f"compare --sweep: {err}", file=sys.stderr)
+        return 2
     _set_threads(args.threads)
     out = Path(args.out if args.out is not None else "sweep_out")
     try:
@@ -68,6 +58,27 @@ def _sweep(args: argparse.Namespace) -> int:
     print(tables)
     print(f"Wrote runs.jsonl, sweep.md, sweep.json, {', '.join(p.name for p in plots)} to {out}/")
     return 0
+
+
+def _sweep_config(args: argparse.Namespace, baseline: str):
+    from torchsingd.experiments.sweep import (
+        STRUCTURES,
+        SWEEP_PRECISIONS,
+        SWEEP_TASKS,
+        SweepConfig,
+    )
+
+    return SweepConfig(
+        tasks=tuple(args.tasks) if args.tasks else tuple(SWEEP_TASKS),
+        structures=tuple(args.structures) if args.structures else STRUCTURES,
+        precisions=tuple(args.precision) if args.precision else SWEEP_PRECISIONS,
+        seeds=args.seeds if args.seeds is not None else 1,
+        epochs=args.epochs,
+        quick=args.quick,
+        jobs=args.jobs,
+        threads=args.threads,
+        baseline=baseline,
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -258,12 +258,19 @@ def test_cli_sweep(tmp_path, capsys):
     assert "| singd diagonal |" in capsys.readouterr().out
 
 
-def test_cli_sweep_unknown_task(tmp_path):
+def test_cli_sweep_unknown_task(tmp_path, capsys):
     # not a task at all: argparse rejects it
     with pytest.raises(SystemExit) as info:
         cli.main([*SWEEP_ARGS, "--tasks", "nope", "--out", str(tmp_path)])
     assert info.value.code == 2
-    # a comparison task that the sweep does not have: the sweep's configuration rejects it
-    with pytest.raises(ValueError, match="Unknown sweep task"):
-        cli.main([*SWEEP_ARGS, "--tasks", "digits-mlp", "--out", str(tmp_path)])
+    # a comparison task that the sweep does not have: a message and exit status 2
+    assert cli.main([*SWEEP_ARGS, "--tasks", "digits-mlp", "--out", str(tmp_path)]) == 2
+    assert "Unknown sweep task" in capsys.readouterr().err
+    # a structure the reference does not have, with the reference as the baseline
+    args = [*SWEEP_ARGS, "--tasks", "digits-cnn", "--out", str(tmp_path)]
+    args[args.index("reference-rule")] = "reference"
+    args[args.index("diagonal")] = "blockdiagonal:4"
+    pytest.importorskip("singd.optim.optimizer")
+    assert cli.main(args) == 2
+    assert "The reference has no structure 'blockdiagonal:4'" in capsys.readouterr().err
     assert not (tmp_path / "runs.jsonl").exists()

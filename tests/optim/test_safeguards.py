@@ -540,3 +540,93 @@ def test_load_state_dict_without_safeguard_keys():
     assert loaded.skipped_steps == 0 and loaded.steps == 3
     for p, q in zip(loaded_model.parameters(), before, strict=True):
         assert torch.isfinite(p).all() and not torch.equal(p, q)
+
+
+# ---------------------------------------------- review fixes: overflow, raise, notes
+STRUCTURE_NAMES = [
+    "dense",
+    "diagonal",
+    "blockdiagonal:3",
+    "hierarchical:3,2",
+    "triltoeplitz",
+    "triutoeplitz",
+    "triltopleftdiag:1",
+    "trilbottomrightdiag:1",
+    "triutopleftdiag:1",
+    "triubottomrightdiag:1",
+]
+
+
+@pytest.mark.parametrize("name", STRUCTURE_NAMES)
+def test_bound_survives_overflowing_squares(name):
+    """``m = 1e19 I`` in float32: its squares overflow, the bound must not become NaN
+    (a NaN bound would switch the factor-step bound off exactly when it is needed)."""
+    m = get_structure(name).zeros(100, dtype=torch.float32).add_identity_(1e19)
+    bound = float(m.spectral_norm_bound())
+    assert bound == pytest.approx(1e19, rel=1e-6)
+    assert bounded_lr_cov(0.1, m, 0.5) == pytest.approx(0.5 / 1e19, rel=1e-6)
+
+
+def _two_layers(seed: int = 0) -> nn.ModuleList:
+    torch.manual_seed(seed)
+    return nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 3)])
+
+
+def test_factor_overflow_raises_under_on_nonfinite_raise():
+    """``on_nonfinite="raise"``: a factor update that overflows is not repaired; it raises."""
+    from torchsingd.optim import NonFiniteError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = SINGD(model, T=1, on_nonfinite="raise")
+    x = torch.full((8, 4), 1e20)
+    model(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteError):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.safeguard_events["factor_repaired"] == 0
+
+
+def test_safeguards_of_a_skipped_step_are_not_counted():
+    """Layer 0's factors overflow (would be repaired), layer 1's gradient is inf: the step
+    is skipped, so no repair is counted or warned and nothing changes."""
+    model = _two_layers()
+    opt = SINGD(model, params=list(model.parameters()), T=1)
+    x0 = torch.full((8, 4), 1e20)
+    x1 = torch.randn(8, 4)
+    x1[0, 0] = math.inf
+    (model[0](x0).sum() + model[1](x1).sum()).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    messages = [str(w.message) for w in caught]
+    assert opt.skipped_steps == 1
+    assert opt.safeguard_events == {"kl_clipped": 0, "factor_step_bounded": 0, "factor_repaired": 0}
+    assert not any("was not finite" in m for m in messages), messages
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_old_checkpoint_takes_missing_options_from_each_loading_group():
+    """Per-group safeguard settings of the loading optimizer survive an old checkpoint."""
+    model = _two_layers()
+    groups = [
+        {"params": list(model[0].parameters()), "safeguards": False},
+        {"params": list(model[1].parameters()), "kl_clip": 0.25},
+    ]
+    saved = SINGD(model, params=groups, T=1).state_dict()
+    for group in saved["param_groups"]:
+        for key in ("safeguards", "max_factor_step", "kl_clip"):
+            del group[key]
+    other = _two_layers()
+    loading_groups = [
+        {"params": list(other[0].parameters()), "safeguards": False},
+        {"params": list(other[1].parameters()), "kl_clip": 0.25},
+    ]
+    loading = SINGD(other, params=loading_groups, T=1)
+    loading.load_state_dict(saved)
+    g0, g1 = loading.param_groups
+    assert g0["safeguards"] is False and g0["kl_clip"] == 1e-2
+    assert g1["safeguards"] is True and g1["kl_clip"] == 0.25

@@ -46,6 +46,8 @@ from torchsingd.experiments.compare import execute
 from torchsingd.experiments.runner import _progress_bar, _train_loop
 from torchsingd.experiments.store import RunStore
 from torchsingd.experiments.tasks import TASKS, Task, accuracy
+from torchsingd.optim import NonFiniteError
+from torchsingd.structures import get_structure
 
 LR_GRID = (1e-3, 3e-3, 1e-2)
 LR_COV_GRID = (1e-2, 1e-1)
@@ -62,6 +64,15 @@ SWEEP_PRECISIONS = ("float32", "bf16-mixed")
 SWEEP_EPOCHS = {"mnist1d-sweep": 30, "digits-cnn": 20, "autoencoder": 20}
 QUICK_TRAIN = 512
 BASELINES = ("reference", "reference-rule", "none")
+#: The structure names ``singd==0.0.5``'s optimizer accepts (ours accepts them too).
+REFERENCE_STRUCTURES = (
+    "dense",
+    "diagonal",
+    "block30diagonal",
+    "hierarchical15_15",
+    "triltoeplitz",
+    "triutoeplitz",
+)
 
 
 def mnist1d_sweep_model() -> nn.Module:
@@ -151,8 +162,12 @@ def make_optimizer(spec: SweepSpec, model: nn.Module) -> torch.optim.Optimizer:
         from singd.optim.optimizer import SINGD as Reference  # noqa: N811
 
         return Reference(model, structures=(spec.structure, spec.structure), **kwargs)
-    safe = spec.optimizer == "singd"
-    return SINGD(model, structures=spec.structure, safeguards=safe, **kwargs)
+    if spec.optimizer == "singd":
+        return SINGD(model, structures=spec.structure, **kwargs)
+    # The reference rule; it raises where the reference would write NaN into the
+    # weights (ours would skip the step and keep the weights finite), so that both
+    # baselines diverge at the same points.
+    return SINGD(model, structures=spec.structure, safeguards=False, on_nonfinite="raise", **kwargs)
 
 
 def chance(task: Task, split: data.Split) -> float:
@@ -186,7 +201,13 @@ def train_sweep(spec: SweepSpec, progress: bool = True, position: int | None = N
         total = spec.epochs * math.ceil(len(y) / task.batch_size)
         bar = _progress_bar(spec, total, position) if progress else None  # type: ignore[arg-type]
         start = time.perf_counter()
-        result = _train_loop(spec, task, model, opt, X, y, split.X_test, split.y_test, bar)  # type: ignore[arg-type]
+        try:
+            result = _train_loop(spec, task, model, opt, X, y, split.X_test, split.y_test, bar)  # type: ignore[arg-type]
+        except NonFiniteError as err:  # the reference rule: NaN would enter the weights
+            if bar is not None:
+                bar.close()
+            result = {"status": "diverged", "message": str(err), "history": []}
+            result.update(test_loss=math.nan, test_metric=math.nan, train_loss=math.nan)
     events = dict(getattr(opt, "safeguard_events", {}))
     return {
         **record,
@@ -220,6 +241,13 @@ class SweepConfig:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}.")
         if self.seeds < 1 or self.jobs < 1 or self.threads < 1:
             raise ValueError("seeds, jobs and threads must be >= 1.")
+        for structure in self.structures:
+            get_structure(structure)  # a ValueError listing the valid names
+            if self.baseline == "reference" and structure not in REFERENCE_STRUCTURES:
+                raise ValueError(
+                    f"The reference has no structure {structure!r}; with --baseline "
+                    f"reference use one of {REFERENCE_STRUCTURES}."
+                )
 
     def epochs_of(self, task: str) -> int:
         if self.epochs is not None:

@@ -231,10 +231,11 @@ class KroneckerOptimizer(Optimizer):
         self.steps = 0
         self.skipped_steps = 0
         #: How often each safeguard acted (counted since construction, not saved):
-        #: ``"kl_clipped"`` steps whose directions the trust region scaled down,
+        #: ``"kl_clipped"`` (step, group) pairs whose directions the trust region scaled,
         #: ``"factor_step_bounded"`` factor updates with a reduced ``lr_cov``,
         #: ``"factor_repaired"`` factor updates that came out non-finite and were undone.
         self.safeguard_events = {"kl_clipped": 0, "factor_step_bounded": 0, "factor_repaired": 0}
+        self._notes: list[tuple[str, str | None]] = []
         self._capture_scale = float(init_grad_scale)
         self._init_grad_scale = float(init_grad_scale)
         self._explicit_scale: float | None = None
@@ -536,8 +537,20 @@ class KroneckerOptimizer(Optimizer):
             )
         return grad_scale, g_scale, found_inf
 
+    def _note(self, event: str, message: str | None = None) -> None:
+        """A safeguard acted in this step: counted (and warned) only if the step commits."""
+        self._notes.append((event, message))
+
+    def _commit_notes(self) -> None:
+        for event, message in self._notes:
+            self.safeguard_events[event] += 1
+            if message is not None:
+                warnings.warn(message, stacklevel=5)
+        self._notes = []
+
     def _skip(self, why: str, g_scale: float) -> None:
         """Leave parameters and factors untouched, drop this step's captures; warn or raise."""
+        self._notes = []
         for layer in self.layers.values():
             layer.clear_captures()
         if self.on_nonfinite == "raise":
@@ -581,14 +594,14 @@ class KroneckerOptimizer(Optimizer):
     def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
         """New factors, parameter directions and ``<G_nat, G>`` of one module.
 
-        Nothing is written. The inner product (a float64 tensor of one element) is
+        Nothing is written. The inner product (a float32 tensor of one element) is
         only computed for groups with a trust region (``kl_clip``), else zero.
         """
         group = self.param_groups[entry.group_index]
         update_now = self.steps % group["T"] == 0
         want_inner = self._kl_clip(group) is not None
         device = entry.adapter.params(entry.module)[0].device
-        inner = torch.zeros(1, dtype=torch.float64, device=device)
+        inner = torch.zeros(1, dtype=torch.float32, device=device)
         new_factors, nats = {}, {}
         for block, layer in entry.blocks.items():
             G = entry.adapter.grad_matrix(entry.module, block=block)
@@ -625,7 +638,8 @@ class KroneckerOptimizer(Optimizer):
                 pending.append((entry, *result))
         if size > 1 and self.distributed_strategy == "shard":
             shared = [d for _, _, dirs, _ in pending for d in dirs]
-            shared += [inner for _, _, _, inner in pending]
+            if any(self._kl_clip(group) is not None for group in self.param_groups):
+                shared += [inner for _, _, _, inner in pending]
             tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
         # A sum is finite iff every entry is (up to float32 overflow of the sum itself,
@@ -643,9 +657,10 @@ class KroneckerOptimizer(Optimizer):
             if kl_clip is not None and mine:
                 inner = float(sum(inner for _, inner in mine))
                 if trust_region_scale(dirs, float(group["lr"]), inner, kl_clip) < 1.0:
-                    self.safeguard_events["kl_clipped"] += 1
+                    self._note("kl_clipped")
             if group["max_update_norm"] is not None:
                 clip_by_global_norm(dirs, group["max_update_norm"])
+        self._commit_notes()
 
         for entry, new_factors, directions, _ in pending:
             for block, factors in new_factors.items():
@@ -665,7 +680,7 @@ class KroneckerOptimizer(Optimizer):
         if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         params = entry.adapter.params(entry.module)
-        inner = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+        inner = torch.zeros(1, dtype=torch.float32, device=params[0].device)
         return {}, [torch.zeros_like(p) for p in params], inner
 
     def _share_factors(self, updated: list[tuple[ModuleEntry, BlockState]]) -> None:
@@ -806,9 +821,10 @@ class KroneckerOptimizer(Optimizer):
                 f"This state dict was not produced by torchsingd's {type(self).__name__}."
             )
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        current_groups = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # states saved before an option existed
-            for key, value in self.defaults.items():
+        for group, current in zip(self.param_groups, current_groups, strict=True):
+            for key, value in current.items():  # states saved before an option existed
                 group.setdefault(key, value)
         for group, current in zip(self.param_groups, callables, strict=True):
             for key, value in group.items():

@@ -343,25 +343,25 @@ class SINGD(KroneckerOptimizer):
     def _checked(
         self, layer: LayerState, new: FactorUpdate, lr_cov: float, normalized: bool
     ) -> FactorUpdate:
-        """Count bounded steps; undo a factor update that came out non-finite.
+        """Note bounded steps; undo a factor update that came out non-finite.
 
         A non-finite ``K`` (or ``C``) keeps the previous factor (identity if that is
         not finite either) and resets its momentum to zero, so the parameter step
         still happens with a finite preconditioner; the reference rule instead writes
-        the inf/NaN factor and every later step is skipped (``skipped_steps``).
+        the inf/NaN factor and every later step is skipped (``skipped_steps``). With
+        ``on_nonfinite="raise"`` nothing is repaired: the step raises.
         """
-        events = self.safeguard_events
-        if not normalized:
-            events["factor_step_bounded"] += (new.beta1_K < lr_cov) + (new.beta1_C < lr_cov)
+        self._note_bounded(new.bounded)
+        if self.on_nonfinite == "raise":
+            return new
         for name in ("K", "C"):
             factor = getattr(new, name)
             if factor.is_finite():
                 continue
-            events["factor_repaired"] += 1
-            warnings.warn(
+            self._note(
+                "factor_repaired",
                 f"SINGD: the update of factor {name} of {layer.name!r} was not finite; "
                 "kept the previous factor and reset its momentum (see safeguard_events).",
-                stacklevel=6,
             )
             old = getattr(layer, name)
             if not old.is_finite():
@@ -371,6 +371,10 @@ class SINGD(KroneckerOptimizer):
             if momentum is not None:  # zeros, not 0 * m: the momentum may hold NaN
                 setattr(new, f"m_{name}", _like(momentum, "zeros"))
         return new
+
+    def _note_bounded(self, count: int) -> None:
+        for _ in range(count):
+            self._note("factor_step_bounded")
 
     def _factors_replaced(self, layer: LayerState) -> None:
         layer.KKt = layer.CCt = None

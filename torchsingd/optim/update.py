@@ -31,6 +31,7 @@ class FactorUpdate:
     m_C: StructuredMatrix | None
     beta1_K: float = 0.0  # the step sizes used: lr_cov, normalised and bounded
     beta1_C: float = 0.0
+    bounded: int = 0  # how many of the two steps the factor-step bound reduced
 
 
 def riemannian_momentum_step(
@@ -107,14 +108,23 @@ def update_factors(
     if normalize_lr_cov:
         beta1_K = lr_cov / max(1.0, float(new_m_K.max_abs()))
         beta1_C = lr_cov / max(1.0, float(new_m_C.max_abs()))
+    bounded = 0
     if max_step is not None:
+        unbounded = (beta1_K, beta1_C)
         beta1_K = bounded_lr_cov(beta1_K, new_m_K, max_step)
         beta1_C = bounded_lr_cov(beta1_C, new_m_C, max_step)
+        bounded = (beta1_K < unbounded[0]) + (beta1_C < unbounded[1])
     new_K = K.clone().add_(K.matmul(new_m_K), alpha=-beta1_K)
     new_C = C.clone().add_(C.matmul(new_m_C), alpha=-beta1_C)
     keep = alpha1 != 0.0
     return FactorUpdate(
-        new_K, new_C, new_m_K if keep else None, new_m_C if keep else None, beta1_K, beta1_C
+        new_K,
+        new_C,
+        new_m_K if keep else None,
+        new_m_C if keep else None,
+        beta1_K,
+        beta1_C,
+        bounded,
     )
 
 

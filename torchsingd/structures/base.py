@@ -152,11 +152,13 @@ class StructuredMatrix(ABC):
         """
         M = self if self.dtype in (torch.float32, torch.float64) else self.to(torch.float32)
         c = M.average_trace()
-        rest = (M.frobenius_sq() - self.dim * c * c).clamp(min=0.0).sqrt()
+        rest = M.clone().add_identity_(-c).frobenius_sq().sqrt()  # ||M - cI||_F
         A = M._with_tensors(tuple(t.abs() for t in M.tensors()))
         ones = torch.ones(self.dim, 1, dtype=M.dtype, device=M.device)
         hoelder = (A.mm(ones).max() * A.tmm(ones).max()).sqrt()
-        return torch.minimum(c.abs() + rest, hoelder)
+        first = c.abs() + rest
+        # Squares overflow before the Hoelder sums do: then (inf or NaN) use the latter.
+        return torch.where(torch.isfinite(first), torch.minimum(first, hoelder), hoelder)
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.tensors())

@@ -122,8 +122,9 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         return self.col[0].clone()
 
     def frobenius_sq(self) -> Tensor:
-        lengths = torch.arange(self.dim, 0, -1, dtype=self.col.dtype, device=self.col.device)
-        return (lengths * self.col.square()).sum()
+        dtype = torch.promote_types(self.col.dtype, torch.float32)  # exact lengths
+        lengths = torch.arange(self.dim, 0, -1, dtype=dtype, device=self.col.device)
+        return (lengths * self.col.to(dtype).square()).sum()
 
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)
