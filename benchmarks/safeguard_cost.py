@@ -64,7 +64,9 @@ def main() -> None:
                         opt.step()
                     if round_ > 0:  # round 0 warms up
                         times[flag].append((time.perf_counter() - start) / args.iters)
-            ratio = statistics.median(on / off for on, off in zip(times[True], times[False]))
+            ratio = statistics.median(
+                on / off for on, off in zip(times[True], times[False], strict=True)
+            )
             off, on = (1e3 * statistics.median(times[f]) for f in (False, True))
             print(f"{structure:13s} | {T:2d} | {off:9.2f} | {on:8.2f} | {ratio:.3f}x", flush=True)
 
