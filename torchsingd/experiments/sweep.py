@@ -458,15 +458,10 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path) -> list[Path]:
                 i, j = lrs.index(r["lr"]), covs.index(r["lr_cov"])
                 image[i][j] = _value(r)
                 text = "x" if r["status"] == "diverged" else f"{_value(r):.3f}"
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if r["status"] == "diverged" else "black",
-                )
+                shade = (_value(r) - vmin) / (vmax - vmin) if vmax > vmin else 1.0
+                dark = shade < 0.5 if higher else shade > 0.5
+                color = "white" if dark else "black"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
             ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
             ax.set_title(name, fontsize=9)
             ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
