@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.structures.test_structures import random_member
 from torchsingd import SINGD
 from torchsingd.optim.update import bounded_lr_cov, trust_region_scale, update_factors
-from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
+from torchsingd.structures import StructuredMatrix, get_structure
 
 F64 = torch.float64
 
@@ -42,15 +43,6 @@ DIMS = (1, 2, 5, 17, 40, 64)
 def gen(*parts: object) -> torch.Generator:
     """A generator seeded deterministically from ``parts``."""
     return torch.Generator().manual_seed(zlib.crc32("|".join(map(str, parts)).encode()))
-
-
-def random_member(spec: StructureSpec, d: int, *tag: object) -> StructuredMatrix:
-    """A float64 member with random values in every defining tensor (not symmetric)."""
-    X = spec.zeros(d, dtype=F64)
-    g = gen(spec.name, d, *tag)
-    for t in X.tensors():
-        t.copy_(torch.randn(t.shape, generator=g, dtype=F64))
-    return X
 
 
 def spectral_norm(X: StructuredMatrix) -> float:
@@ -543,21 +535,9 @@ def test_load_state_dict_without_safeguard_keys():
 
 
 # ---------------------------------------------- review fixes: overflow, raise, notes
-STRUCTURE_NAMES = [
-    "dense",
-    "diagonal",
-    "blockdiagonal:3",
-    "hierarchical:3,2",
-    "triltoeplitz",
-    "triutoeplitz",
-    "triltopleftdiag:1",
-    "trilbottomrightdiag:1",
-    "triutopleftdiag:1",
-    "triubottomrightdiag:1",
-]
 
 
-@pytest.mark.parametrize("name", STRUCTURE_NAMES)
+@pytest.mark.parametrize("name", STRUCTURES)
 def test_bound_survives_overflowing_squares(name):
     """``m = 1e19 I`` in float32: its squares overflow, the bound must not become NaN
     (a NaN bound would switch the factor-step bound off exactly when it is needed)."""
