@@ -595,13 +595,11 @@ class KroneckerOptimizer(Optimizer):
         """New factors, parameter directions and ``<G_nat, G>`` of one module.
 
         Nothing is written. The inner product (a float32 tensor of one element) is
-        only computed for groups with a trust region (``kl_clip``), else zero.
+        only computed for groups with a trust region (``kl_clip``), else ``None``.
         """
         group = self.param_groups[entry.group_index]
         update_now = self.steps % group["T"] == 0
-        want_inner = self._kl_clip(group) is not None
-        device = entry.adapter.params(entry.module)[0].device
-        inner = torch.zeros(1, dtype=torch.float32, device=device)
+        inner = None
         new_factors, nats = {}, {}
         for block, layer in entry.blocks.items():
             G = entry.adapter.grad_matrix(entry.module, block=block)
@@ -615,9 +613,10 @@ class KroneckerOptimizer(Optimizer):
             new_factors[block], nats[block] = self._update_block(
                 layer, G, group, stats, output_scale
             )
-            if want_inner:
+            if self._kl_clip(group) is not None:
                 acc = torch.promote_types(G.dtype, torch.float32)
-                inner += torch.dot(nats[block].reshape(-1).to(acc), G.reshape(-1).to(acc))
+                dot = torch.dot(nats[block].reshape(-1).to(acc), G.reshape(-1).to(acc))
+                inner = dot.float() if inner is None else (inner + dot).float()
         return new_factors, entry.adapter.directions(entry.module, nats), inner
 
     def _step(self) -> None:
@@ -638,8 +637,8 @@ class KroneckerOptimizer(Optimizer):
                 pending.append((entry, *result))
         if size > 1 and self.distributed_strategy == "shard":
             shared = [d for _, _, dirs, _ in pending for d in dirs]
-            if any(self._kl_clip(group) is not None for group in self.param_groups):
-                shared += [inner for _, _, _, inner in pending]
+            # a trust-region scalar exists for the same entries on every rank
+            shared += [inner for _, _, _, inner in pending if inner is not None]
             tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
         # A sum is finite iff every entry is (up to float32 overflow of the sum itself,
@@ -680,7 +679,9 @@ class KroneckerOptimizer(Optimizer):
         if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         params = entry.adapter.params(entry.module)
-        inner = torch.zeros(1, dtype=torch.float32, device=params[0].device)
+        inner = None
+        if self._kl_clip(self.param_groups[entry.group_index]) is not None:
+            inner = torch.zeros((), dtype=torch.float32, device=params[0].device)
         return {}, [torch.zeros_like(p) for p in params], inner
 
     def _share_factors(self, updated: list[tuple[ModuleEntry, BlockState]]) -> None:
