@@ -28,16 +28,13 @@ progress).
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from torchsingd.experiments.bench import reference_cls
     from torchsingd.experiments.compare import command_line
-    from torchsingd.experiments.sweep import (
-        plot_heatmaps,
-        reference_available,
-        run_sweep,
-        write_sweep_report,
-    )
+    from torchsingd.experiments.sweep import plot_heatmaps, run_sweep, write_sweep_report
 
-    baseline = args.baseline or ("reference" if reference_available() else "reference-rule")
-    if baseline == "reference" and not reference_available():
+    have_reference = reference_cls() is not None
+    baseline = args.baseline or ("reference" if have_reference else "reference-rule")
+    if baseline == "reference" and not have_reference:
         print("--baseline reference needs `pip install singd==0.0.5 einconv`.", file=sys.stderr)
         return 2
     try:
@@ -84,9 +81,11 @@ def _sweep_config(args: argparse.Namespace, baseline: str):
 def _compare(args: argparse.Namespace) -> int:
     if args.sweep:
         return _sweep(args)
+    from torchsingd.experiments.tasks import TASKS
+
     if args.tasks is None:
-        args.tasks = list(TASKS_DEFAULT())
-    unknown = [t for t in args.tasks if t not in TASKS_DEFAULT()]
+        args.tasks = list(TASKS)
+    unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         print(f"Unknown task(s) {unknown} for compare (without --sweep).", file=sys.stderr)
         return 2
@@ -170,12 +169,6 @@ def _bench(args: argparse.Namespace) -> int:
 
     bench_main(args.bench_argv)
     return 0
-
-
-def TASKS_DEFAULT():  # noqa: N802 - a lazy constant
-    from torchsingd.experiments.tasks import TASKS
-
-    return TASKS
 
 
 def _set_threads(threads: int) -> None:

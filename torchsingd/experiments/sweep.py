@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from torchsingd import SINGD
 from torchsingd.experiments import data
+from torchsingd.experiments.bench import reference_cls
 from torchsingd.experiments.compare import execute
 from torchsingd.experiments.runner import _progress_bar, _train_loop
 from torchsingd.experiments.store import RunStore
@@ -116,14 +117,6 @@ SWEEP_TASKS: dict[str, Task] = {
 }
 
 
-def reference_available() -> bool:
-    try:
-        import singd.optim.optimizer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class SweepSpec:
     """One run of the sweep. ``optimizer``: ``"adamw"``, ``"singd"``, ``"reference"``
@@ -159,9 +152,7 @@ def make_optimizer(spec: SweepSpec, model: nn.Module) -> torch.optim.Optimizer:
         )
     kwargs = dict(SETTINGS, lr=spec.lr, lr_cov=spec.lr_cov, warn_unsupported=False)
     if spec.optimizer == "reference":
-        from singd.optim.optimizer import SINGD as Reference  # noqa: N811
-
-        return Reference(model, structures=(spec.structure, spec.structure), **kwargs)
+        return reference_cls()(model, structures=(spec.structure, spec.structure), **kwargs)
     if spec.optimizer == "singd":
         return SINGD(model, structures=spec.structure, **kwargs)
     # The reference rule; it raises where the reference would write NaN into the
