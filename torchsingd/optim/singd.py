@@ -331,7 +331,7 @@ class SINGD(KroneckerOptimizer):
                 max_step=group.get("max_factor_step") if safe else None,
             )
             if safe and bool(torch.isfinite(G).all()):  # else the whole step is skipped
-                new = self._checked(layer, new, lr_cov, group["normalize_lr_cov"])
+                new = self._checked(layer, new)
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
             KKt, CCt = _outer(K, G.shape[0], group["T"]), _outer(C, G.shape[1], group["T"])
         else:
@@ -340,9 +340,7 @@ class SINGD(KroneckerOptimizer):
         factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
         return factors, natural_gradient(K, C, G, KKt, CCt)
 
-    def _checked(
-        self, layer: LayerState, new: FactorUpdate, lr_cov: float, normalized: bool
-    ) -> FactorUpdate:
+    def _checked(self, layer: LayerState, new: FactorUpdate) -> FactorUpdate:
         """Note bounded steps; undo a factor update that came out non-finite.
 
         A non-finite ``K`` (or ``C``) keeps the previous factor (identity if that is
@@ -351,7 +349,8 @@ class SINGD(KroneckerOptimizer):
         the inf/NaN factor and every later step is skipped (``skipped_steps``). With
         ``on_nonfinite="raise"`` nothing is repaired: the step raises.
         """
-        self._note_bounded(new.bounded)
+        for _ in range(new.bounded):
+            self._note("factor_step_bounded")
         if self.on_nonfinite == "raise":
             return new
         for name in ("K", "C"):
@@ -371,10 +370,6 @@ class SINGD(KroneckerOptimizer):
             if momentum is not None:  # zeros, not 0 * m: the momentum may hold NaN
                 setattr(new, f"m_{name}", _like(momentum, "zeros"))
         return new
-
-    def _note_bounded(self, count: int) -> None:
-        for _ in range(count):
-            self._note("factor_step_bounded")
 
     def _factors_replaced(self, layer: LayerState) -> None:
         layer.KKt = layer.CCt = None
