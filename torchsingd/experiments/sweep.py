@@ -133,6 +133,11 @@ class SweepSpec:
     max_train: int | None = None
     phase: str = "sweep"  # "sweep" (grid, seed 0) or "seeds" (best point, more seeds)
 
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> SweepSpec:
+        """The spec of a run record."""
+        return cls(**{k: record[k] for k in cls.__dataclass_fields__})
+
     def key(self) -> str:
         return "|".join(f"{k}={v}" for k, v in asdict(self).items())
 
@@ -317,7 +322,7 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, log=print) 
     grid = config.grid()
     ready = deque(s for s in grid if s.key() not in store)
     seeds_specs: list[SweepSpec] = []
-    total = [len(grid) + (config.seeds - 1) * len({(s.task, s.precision, s.name()) for s in grid})]
+    total = len(grid) + (config.seeds - 1) * len({(s.task, s.precision, s.name()) for s in grid})
     done = [len(grid) - len(ready)]
     if done[0]:
         log(f"resuming from {store.path}: {done[0]} grid runs already done")
@@ -325,13 +330,13 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, log=print) 
     def finished(record: dict[str, Any]) -> None:
         store.add(record)
         done[0] += 1
-        log(f"[{done[0]}/{total[0]}] {describe(record)}")
+        log(f"[{done[0]}/{total}] {describe(record)}")
 
     execute(ready, finished, config.jobs, config.threads, progress, train_sweep)
     if config.seeds > 1:
         best = best_points([store.get(s.key()) for s in grid])
         for r in best.values():
-            spec = SweepSpec(**{k: r[k] for k in SweepSpec.__dataclass_fields__})
+            spec = SweepSpec.of(r)
             for seed in range(1, config.seeds):
                 seeds_specs.append(replace(spec, seed=seed, phase="seeds"))
         ready = deque(s for s in seeds_specs if s.key() not in store)
@@ -346,7 +351,7 @@ def describe(record: dict[str, Any]) -> str:
     status = "" if record["status"] == "ok" else f" ({record['status']})"
     events = {k: v for k, v in record.get("safeguard_events", {}).items() if v}
     guard = f", safeguards {events}" if events else ""
-    spec = SweepSpec(**{k: record[k] for k in SweepSpec.__dataclass_fields__})
+    spec = SweepSpec.of(record)
     seconds = f"{record['wall_seconds']:.0f} s"
     return f"{spec.label()}: {record['metric_name']} {shown}{status}{guard}, {seconds}"
 
