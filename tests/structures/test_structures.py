@@ -354,6 +354,29 @@ def test_mm_and_tmm(name, d, n, layout):
     assert torch.equal(X.to_dense(), Xd)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("name, d", CASES)
+def test_outer_operator(name, d, layout):
+    """``outer_operator().mm(Z) = X X^T Z`` (the cached ``K K^T`` of every family)."""
+    spec = get_structure(name)
+    X = random_member(spec, d, "outer")
+    Xd = X.to_dense()
+    Z = randn(d, 3, g=gen(name, d, "outerZ"))
+    if layout == "transposed":
+        Z = Z.T.contiguous().T
+    op = X.outer_operator()
+    assert_close(op.mm(Z), Xd @ Xd.T @ Z)
+    pattern = X.sparse_pattern()
+    if pattern is not None:  # the claimed form: diag(delta) off the border B
+        B = list(range(pattern.head)) + list(range(d - pattern.tail, d))
+        off = [i for i in range(d) if i not in B]
+        dense = Xd if pattern.kind == "rows" else Xd.T
+        expected = torch.diag(pattern.delta)[off]
+        assert torch.equal(dense[off], expected)
+        assert torch.equal(pattern.delta[B], torch.zeros(len(B), dtype=F64))
+        assert X.outer_operator_pays(columns=len(B), uses=1)
+
+
 @pytest.mark.parametrize("name, d", CASES)
 def test_matmul_closure(name, d):
     """``X @ Y`` equals the dense product, and that product is again a member."""
@@ -609,7 +632,7 @@ def test_no_dense_temporary(name):
     with LargestTensor() as mode:
         K = spec.eye(d, dtype=F64)
         K.add_(X, alpha=0.1).mul_(0.9).add_identity_(0.1)
-        K.mm(Z), K.tmm(Z), K @ Y, K.inner(), K.inner_of(Z)
+        K.mm(Z), K.tmm(Z), K @ Y, K.inner(), K.inner_of(Z), K.outer_operator().mm(Z)
         K.trace(), K.average_trace(), K.max_abs(), K.clone().copy_(Y)
     assert 0 < mode.largest < d * d // 4, mode.largest
 
@@ -857,3 +880,45 @@ def test_reference_blockdiagonal_transpose_bug():
     torch.testing.assert_close(ours.tmm(X), K.T @ X)
     assert not torch.allclose(theirs.rmatmat(X), K.T @ X, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(theirs.rmatmat(X), K @ X)  # the reference's actual result
+
+
+# --------------------------------------------- Toeplitz: the FFT path (d >= FFT_MIN_DIM)
+@pytest.mark.parametrize("d", [48, 63, 100, 157, 785])
+@pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
+def test_toeplitz_fft_path(name, d):
+    """Products through FFTs (lengths from ``fft_size``) equal the dense float64 ones,
+    for both layouts of ``Z``, including the cached ``outer_operator``."""
+    from torchsingd.structures.toeplitz import FFT_MIN_DIM
+
+    assert d >= FFT_MIN_DIM
+    spec = get_structure(name)
+    X, Y = random_member(spec, d, "fft"), random_member(spec, d, "fftY")
+    Xd = X.to_dense()
+    Z = randn(d, 5, g=gen(name, d, "fftZ"))
+    for layout in (Z, Z.T.contiguous().T):
+        assert_close(X.mm(layout), Xd @ layout, 1e-10)
+        assert_close(X.tmm(layout), Xd.T @ layout, 1e-10)
+        assert_close(X.outer_operator().mm(layout), Xd @ Xd.T @ layout, 1e-10)
+    assert_close((X @ Y).to_dense(), Xd @ Y.to_dense(), 1e-10)
+    assert_close(X.inner().to_dense(), project(spec, Xd.T @ Xd), 1e-10)
+    assert_close(X.inner_of(Z).to_dense(), project(spec, Xd.T @ Z @ Z.T @ Xd), 1e-10)
+
+
+@pytest.mark.parametrize("d", [1, 2, 24, 48, 100, 512, 785, 1000])
+def test_fft_size_is_smooth_and_long_enough(d):
+    from torchsingd.structures.toeplitz import fft_size
+
+    size = fft_size(d)
+    assert size >= 2 * d - 1
+    rest = size
+    for p in (2, 3, 5):
+        while rest % p == 0:
+            rest //= p
+    assert rest == 1, size
+    # the smallest such length: no 5-smooth number in [2d - 1, size)
+    for smaller in range(max(2 * d - 1, 1), size):
+        r = smaller
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        assert r != 1, (d, smaller)

@@ -18,6 +18,7 @@ of these tensors define a member of the family, which makes element-wise operati
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -196,19 +197,28 @@ class StructuredMatrix(ABC):
     def inner_of(self, Z: Tensor) -> StructuredMatrix:
         """``P(self^T @ Z @ Z^T @ self)`` for a dense ``Z`` of shape ``[d, n]``."""
 
-    def outer_operator(self) -> StructuredMatrix | OuterOperator:
+    def outer_operator(self) -> StructuredMatrix | OuterOperator | SparseOuterOperator:
         """An operator equal to ``self @ self^T`` that supports ``mm``.
 
         Families closed under transposition (dense, diagonal, block-diagonal) return a
         member holding ``K K^T``, so applying it costs one product instead of two;
-        the others return a view that applies ``K (K^T X)``.
+        families with a :meth:`sparse_pattern` (hierarchical, the sparse triangular
+        ones) a :class:`SparseOuterOperator`; the others a view that applies
+        ``K (K^T X)``.
         """
-        return OuterOperator(self)
+        pattern = self.sparse_pattern()
+        return OuterOperator(self) if pattern is None else SparseOuterOperator(self, pattern)
 
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         """Whether forming ``outer_operator()`` once beats ``uses`` products ``K (K^T X)``
         with ``columns``-column ``X`` (families that return a plain view: never)."""
-        return False
+        pattern = self.sparse_pattern()
+        return pattern is not None and uses * columns >= pattern.head + pattern.tail
+
+    def sparse_pattern(self) -> SparsePattern | None:
+        """``self`` as ``diag(delta)`` plus a few dense rows or columns (``None``: not
+        of that form). See :class:`SparsePattern`."""
+        return None
 
     @classmethod
     @abstractmethod
@@ -245,6 +255,78 @@ class OuterOperator:
 
     def mm(self, X: Tensor) -> Tensor:
         return self.K.mm(self.K.tmm(X))
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """``K = diag(delta) + (dense rows or columns at the border B)``.
+
+    ``B`` is the first ``head`` and the last ``tail`` indices; ``delta`` (shape
+    ``[d]``) is zero on ``B``. ``kind="rows"``: outside ``B`` row ``i`` of ``K`` is
+    ``delta_i e_i^T`` (hierarchical, ``triltopleftdiag``, ``triubottomrightdiag``);
+    ``kind="columns"``: the same for the columns (the other two triangular families).
+    """
+
+    kind: str
+    head: int
+    tail: int
+    delta: Tensor
+
+
+class SparseOuterOperator:
+    """``M = K K^T`` for a ``K`` with a :class:`SparsePattern`, formed once, applied in
+    two thin products and one element-wise pass (``b = head + tail``).
+
+    Dense rows (``K = diag(delta) + E_B R``): ``M`` is an arrow matrix, diagonal
+    (``delta^2``) outside its ``b`` border rows and columns, so
+    ``M X = delta^2 * X + M[:, B] X[B]`` on the rows outside ``B`` and ``M[B, :] X``
+    on ``B``. Dense columns (``K = diag(delta) + F E_B^T`` with ``F = K E_B``):
+    ``M = diag(delta^2) + F F^T``. Both keep ``d x b`` numbers (``M[:, B]`` or ``F``),
+    computed from products of ``K`` with the ``b`` unit vectors of ``B``.
+    """
+
+    def __init__(self, K: StructuredMatrix, pattern: SparsePattern) -> None:
+        d, h, t = K.dim, pattern.head, pattern.tail
+        self.kind, self.head, self.tail, self.dtype = pattern.kind, h, t, K.dtype
+        rows = torch.cat([torch.arange(h), torch.arange(d - t, d)]).to(K.device)
+        E = torch.zeros(d, h + t, dtype=K.dtype, device=K.device)
+        E[rows, torch.arange(h + t, device=K.device)] = 1
+        self.v = pattern.delta.square().unsqueeze(1)
+        # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
+        self.W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
+
+    def _border(self, X: Tensor, dim: int) -> Tensor:
+        """The rows (``dim=0``) or columns (``dim=1``) of ``X`` in ``B``."""
+        h, t, d = self.head, self.tail, X.shape[dim]
+        if t == 0:
+            return X.narrow(dim, 0, h)
+        if h == 0:
+            return X.narrow(dim, d - t, t)
+        return torch.cat([X.narrow(dim, 0, h), X.narrow(dim, d - t, t)], dim)
+
+    def mm(self, X: Tensor) -> Tensor:
+        if not X.is_contiguous() and X.T.is_contiguous():
+            return self._rmm(X.T).T  # M X = (X^T M)^T: keep the products row-major
+        # (addmm_ in place: torch.addmm would copy its first argument once more)
+        if self.kind == "columns":
+            return (self.v * X).addmm_(self.W, self.W.T @ X)
+        d, h = X.shape[0], self.head
+        out = (self.v * X).addmm_(self.W, self._border(X, 0))  # right outside B
+        border = self.W.T @ X  # M[B, :] X
+        out[:h] = border[:h]
+        out[d - self.tail :] = border[h:]
+        return out
+
+    def _rmm(self, X: Tensor) -> Tensor:
+        """``X M`` for ``X: [n, d]``."""
+        if self.kind == "columns":
+            return (X * self.v.T).addmm_(X @ self.W, self.W.T)
+        d, h = X.shape[1], self.head
+        out = (X * self.v.T).addmm_(self._border(X, 1), self.W.T)  # right outside B
+        border = X @ self.W  # X M[:, B]
+        out[:, :h] = border[:, :h]
+        out[:, d - self.tail :] = border[:, h:]
+        return out
 
 
 def check_square(M: Tensor, name: str = "M") -> int:

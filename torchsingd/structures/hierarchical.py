@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from torchsingd.structures.base import (
+    SparsePattern,
     StructuredMatrix,
     check_rows,
     check_square,
@@ -85,6 +86,12 @@ class HierarchicalMatrix(StructuredMatrix):
 
     def trace(self) -> Tensor:
         return self.A.diagonal().sum() + self.c.sum() + self.E.diagonal().sum()
+
+    def sparse_pattern(self) -> SparsePattern:
+        """Dense rows at the ``k1`` top and ``k2`` bottom rows, ``diag(c)`` between."""
+        z = self.c.new_zeros
+        delta = torch.cat([z(self.k1), self.c, z(self.k2)])
+        return SparsePattern("rows", self.k1, self.k2, delta)
 
     def _split_rows(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         check_rows(X, self.dim)

@@ -4,8 +4,9 @@
 ``"triutoeplitz"``: the transpose, ``U[i, j] = col[j - i]`` for ``j >= i``.
 Products of such matrices are again triangular Toeplitz (they are polynomials in the
 shift matrix), and a product with a dense matrix is a causal convolution along its
-rows, computed by FFT (``O(n d log d)``) from ``d = FFT_MIN_DIM`` on, by direct
-convolution below; nothing here is ``O(d^2)`` in memory. Half-precision inputs are
+rows, computed by FFT (``O(n d log d)``, of a length without large prime factors) from
+``d = FFT_MIN_DIM`` on, by direct convolution below; nothing here is ``O(d^2)`` in
+memory. Half-precision inputs are
 transformed in float32 (PyTorch has no half-precision CPU FFT) and rounded back.
 
 ``P(M)``: ``col[0] = avgtr(M)``, ``col[j] = (sum of the j-th sub-diagonal + sum of the
@@ -36,36 +37,97 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def causal_conv(col: Tensor, X: Tensor) -> Tensor:
-    """``Y[i] = sum_{s <= i} col[s] X[i - s]`` along the rows of ``X: [d, n]``."""
+def fft_size(d: int) -> int:
+    """The smallest ``2^a 3^b 5^c >= 2 d - 1``: long enough that a circular convolution
+    of two length-``d`` sequences holds their linear one, and without large prime
+    factors (``2 d`` itself may have one, e.g. ``2 * 785 = 2 * 5 * 157``, which FFTs
+    handle several times slower)."""
+    n = max(2 * d - 1, 1)
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            size = p35
+            while size < n:
+                size *= 2
+            best = min(best, size)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _rows_conv(spectrum: Tensor, Xr: Tensor, d: int, size: int, correlate: bool) -> Tensor:
+    """Causal convolution (or, ``correlate``, correlation) of every row of ``Xr: [n, d]``
+    with the sequence whose length-``size`` spectrum is given; rows stay contiguous.
+
+    Convolution: ``Y[r, i] = sum_{s <= i} col[s] X[r, i - s]``; correlation:
+    ``Y[r, i] = sum_s col[s] X[r, i + s]`` (the conjugate spectrum; with
+    ``size >= 2d - 1`` neither wraps around). Returns a ``[n, d]`` view.
+    """
+    factor = spectrum.conj() if correlate else spectrum
+    out = torch.fft.irfft(torch.fft.rfft(Xr, n=size, dim=1) * factor, n=size, dim=1)
+    return out[:, :d]
+
+
+def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
     d, n = X.shape
     if _use_fft(d):
-        work = _fft_dtype(X.dtype)
-        size = 2 * d
-        spectrum = torch.fft.rfft(col.to(work), n=size).unsqueeze(1)
-        spectrum = spectrum * torch.fft.rfft(X.to(work), n=size, dim=0)
-        return torch.fft.irfft(spectrum, n=size, dim=0)[:d].to(X.dtype)
+        work, size = _fft_dtype(X.dtype), fft_size(d)
+        spectrum = torch.fft.rfft(col.to(work), n=size)
+        Xr = X.T if X.T.is_contiguous() else X.T.contiguous()  # FFTs along contiguous rows
+        return _rows_conv(spectrum, Xr.to(work), d, size, correlate).T.to(X.dtype)
+    if correlate:
+        inp = F.pad(X.T.unsqueeze(1), (0, d - 1))
+        return F.conv1d(inp, col.view(1, 1, d)).view(n, d).T
     inp = F.pad(X.T.unsqueeze(1), (d - 1, 0))
     return F.conv1d(inp, col.flip(0).view(1, 1, d)).view(n, d).T
 
 
+def causal_conv(col: Tensor, X: Tensor) -> Tensor:
+    """``Y[i] = sum_{s <= i} col[s] X[i - s]`` along the rows of ``X: [d, n]``."""
+    return _conv(col, X, correlate=False)
+
+
 def anticausal_conv(col: Tensor, X: Tensor) -> Tensor:
     """``Y[i] = sum_{s} col[s] X[i + s]`` along the rows of ``X: [d, n]``."""
-    d, n = X.shape
-    if _use_fft(d):  # correlation = convolution with the reversed sequence
-        return causal_conv(col, X.flip(0)).flip(0)
-    inp = F.pad(X.T.unsqueeze(1), (0, d - 1))
-    return F.conv1d(inp, col.view(1, 1, d)).view(n, d).T
+    return _conv(col, X, correlate=True)
+
+
+class ToeplitzOuterOperator:
+    """``L L^T`` (``lower``) or ``L^T L`` for a lower-triangular Toeplitz ``L`` with
+    first column ``col``: the spectrum of ``col`` is computed once and both factors
+    are applied along contiguous rows (two FFT round trips per product; the
+    truncation between ``L^T`` and ``L`` makes a single one impossible)."""
+
+    def __init__(self, col: Tensor, lower: bool) -> None:
+        self.col, self.lower, self.dtype = col, lower, col.dtype
+        self.d = col.shape[0]
+        if _use_fft(self.d):
+            self.work, self.size = _fft_dtype(col.dtype), fft_size(self.d)
+            self.spectrum = torch.fft.rfft(col.to(self.work), n=self.size)
+
+    def mm(self, X: Tensor) -> Tensor:
+        check_rows(X, self.d)
+        first_correlates = self.lower  # L L^T X: L^T (a correlation) acts first
+        if not _use_fft(self.d):
+            Y = _conv(self.col, X, correlate=first_correlates)
+            return _conv(self.col, Y, correlate=not first_correlates)
+        Xr = X.T if X.T.is_contiguous() else X.T.contiguous()
+        Y = _rows_conv(self.spectrum, Xr.to(self.work), self.d, self.size, first_correlates)
+        Y = _rows_conv(self.spectrum, Y, self.d, self.size, not first_correlates)
+        return Y.T.to(X.dtype)
 
 
 def column_autocorrelation(S: Tensor) -> Tensor:
     """``half[j] = sum_{p, k} S[p + j, k] S[p, k]`` for ``S: [d, n]`` (shape ``[d]``)."""
     d, n = S.shape
     if _use_fft(d):
-        work = _fft_dtype(S.dtype)
-        spectrum = torch.fft.rfft(S.to(work), n=2 * d, dim=0)
-        power = (spectrum.real.square() + spectrum.imag.square()).sum(1)
-        return torch.fft.irfft(power, n=2 * d)[:d].to(S.dtype)
+        work, size = _fft_dtype(S.dtype), fft_size(d)
+        Sr = S.T if S.T.is_contiguous() else S.T.contiguous()
+        spectrum = torch.fft.rfft(Sr.to(work), n=size, dim=1)
+        power = (spectrum.real.square() + spectrum.imag.square()).sum(0)
+        return torch.fft.irfft(power, n=size)[:d].to(S.dtype)
     inp = F.pad(S.T.unsqueeze(0), (0, d - 1))
     return F.conv1d(inp, S.T.unsqueeze(0)).view(d)
 
@@ -134,6 +196,12 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         check_rows(X, self.dim)
         return anticausal_conv(self.col, X)
 
+    def outer_operator(self) -> ToeplitzOuterOperator:
+        return ToeplitzOuterOperator(self.col, lower=True)
+
+    def outer_operator_pays(self, columns: int, uses: int) -> bool:
+        return True  # one FFT of a vector
+
     def matmul(self, other) -> TrilToeplitzMatrix:
         self._check_compatible(other)
         return TrilToeplitzMatrix(causal_conv(self.col, other.col.unsqueeze(1)).squeeze(1))
@@ -185,3 +253,9 @@ class TriuToeplitzMatrix(TransposedMatrix):
 
     def average_trace(self) -> Tensor:
         return self.lower.average_trace()
+
+    def outer_operator(self) -> ToeplitzOuterOperator:
+        return ToeplitzOuterOperator(self.lower.col, lower=False)  # U U^T = L^T L
+
+    def outer_operator_pays(self, columns: int, uses: int) -> bool:
+        return True

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix
+from torchsingd.structures.base import SparsePattern, StructuredMatrix
 
 
 class LowerTriangularMatrix(StructuredMatrix):
@@ -67,6 +67,13 @@ class TransposedMatrix(StructuredMatrix):
 
     def trace(self) -> Tensor:
         return self.lower.trace()
+
+    def sparse_pattern(self) -> SparsePattern | None:
+        """The lower factor's pattern with rows and columns exchanged."""
+        p = self.lower.sparse_pattern()
+        if p is None:
+            return None
+        return SparsePattern("columns" if p.kind == "rows" else "rows", p.head, p.tail, p.delta)
 
     def mm(self, X: Tensor) -> Tensor:
         return self.lower.tmm(X)

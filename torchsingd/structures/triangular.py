@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import check_rows, check_square, col_sq_sum, row_sq_sum
+from torchsingd.structures.base import (
+    SparsePattern,
+    check_rows,
+    check_square,
+    col_sq_sum,
+    row_sq_sum,
+)
 from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMatrix
 
 DEFAULT_CORNER = 1
@@ -63,6 +69,11 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
 
     def trace(self):
         return self.a.sum() + self.C.diagonal().sum()
+
+    def sparse_pattern(self) -> SparsePattern:
+        """Dense rows ``[b, C]`` at the bottom, ``diag(a)`` above."""
+        kk = self.C.shape[0]
+        return SparsePattern("rows", 0, kk, torch.cat([self.a, self.a.new_zeros(kk)]))
 
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
@@ -160,6 +171,11 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
 
     def trace(self):
         return self.A.diagonal().sum() + self.c.sum()
+
+    def sparse_pattern(self) -> SparsePattern:
+        """Dense columns ``[A; b]`` on the left, ``diag(c)`` right of them."""
+        kk = self.A.shape[0]
+        return SparsePattern("columns", kk, 0, torch.cat([self.c.new_zeros(kk), self.c]))
 
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
