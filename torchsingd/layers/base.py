@@ -163,8 +163,8 @@ class LayerAdapter(ABC):
 
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:
     """Append a ones column (bias) and divide by ``sqrt(N_a)``."""
-    if with_bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    if with_bias:  # the concatenation is a fresh tensor: divide it in place
+        return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1).div_(sqrt(a.shape[0]))
     return a / sqrt(a.shape[0])
 
 

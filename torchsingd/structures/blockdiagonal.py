@@ -69,16 +69,19 @@ class BlockDiagonalMatrix(StructuredMatrix):
         n, B = self.blocks.shape[0], self.block_size
         return X[: n * B].reshape(n, B, X.shape[1]), X[n * B :]
 
-    def _join(self, top: Tensor, bottom: Tensor) -> Tensor:
-        return torch.cat([top.reshape(top.shape[0] * top.shape[1], bottom.shape[1]), bottom])
+    def _product(self, blocks: Tensor, last: Tensor, X: Tensor) -> Tensor:
+        """``blockdiag(blocks, last) @ X``, each part written into one output."""
+        top, bottom = self._split(X)
+        out, rows = X.new_empty(X.shape), top.shape[0] * top.shape[1]
+        torch.bmm(blocks, top, out=out[:rows].view(top.shape))
+        torch.mm(last, bottom, out=out[rows:])
+        return out
 
     def mm(self, X: Tensor) -> Tensor:
-        top, bottom = self._split(X)
-        return self._join(torch.bmm(self.blocks, top), self.last @ bottom)
+        return self._product(self.blocks, self.last, X)
 
     def tmm(self, X: Tensor) -> Tensor:
-        top, bottom = self._split(X)
-        return self._join(torch.bmm(self.blocks.mT, top), self.last.T @ bottom)
+        return self._product(self.blocks.mT, self.last.T, X)
 
     def matmul(self, other: StructuredMatrix) -> BlockDiagonalMatrix:
         self._check_compatible(other)

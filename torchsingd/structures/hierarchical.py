@@ -101,20 +101,26 @@ class HierarchicalMatrix(StructuredMatrix):
         return self.B[:, : self.m], self.B[:, self.m :]
 
     def mm(self, X: Tensor) -> Tensor:
-        X1, X2, X3 = self._split_rows(X)
-        B1, B2 = self._B12()
-        top = self.A @ X1 + B1 @ X2 + B2 @ X3
-        middle = self.c.unsqueeze(1) * X2
-        bottom = self.D @ X2 + self.E @ X3
-        return torch.cat([top, middle, bottom])
+        # Rows k1: of X hold [X2; X3], so B [X2; X3] and [D E] [X2; X3] are single
+        # products; every block is written into one output (no concatenation).
+        check_rows(X, self.dim)
+        X1, X2, X23 = X[: self.k1], X[self.k1 : self.k1 + self.m], X[self.k1 :]
+        out = torch.empty_like(X)  # keeps a transposed layout
+        k1, s = self.k1, self.k1 + self.m
+        torch.mm(self.A, X1, out=out[:k1]).addmm_(self.B, X23)
+        torch.mul(self.c.unsqueeze(1), X2, out=out[k1:s])
+        torch.mm(torch.cat([self.D, self.E], 1), X23, out=out[s:])
+        return out
 
     def tmm(self, X: Tensor) -> Tensor:
         X1, X2, X3 = self._split_rows(X)
-        B1, B2 = self._B12()
-        top = self.A.T @ X1
-        middle = B1.T @ X1 + self.c.unsqueeze(1) * X2 + self.D.T @ X3
-        bottom = B2.T @ X1 + self.E.T @ X3
-        return torch.cat([top, middle, bottom])
+        out = torch.empty_like(X)  # keeps a transposed layout
+        k1, s = self.k1, self.k1 + self.m
+        torch.mm(self.A.T, X1, out=out[:k1])
+        rest = torch.mm(self.B.T, X1, out=out[k1:])  # [B1^T; B2^T] X1
+        rest[: self.m].addcmul_(self.c.unsqueeze(1), X2)
+        rest.addmm_(torch.cat([self.D, self.E], 1).T, X3)  # + [D^T; E^T] X3
+        return out
 
     def matmul(self, other: StructuredMatrix) -> HierarchicalMatrix:
         self._check_compatible(other)
@@ -146,10 +152,11 @@ class HierarchicalMatrix(StructuredMatrix):
         )
 
     def inner_of(self, Z: Tensor) -> HierarchicalMatrix:
-        S1, S2, S3 = self._split_rows(self.tmm(Z))
+        S = self.tmm(Z)
+        S1, S2, S3 = self._split_rows(S)
         return HierarchicalMatrix(
             S1 @ S1.T,
-            2 * (S1 @ torch.cat([S2, S3]).T),
+            2 * (S1 @ S[self.k1 :].T),  # S[k1:] = [S2; S3]
             row_sq_sum(S2),
             2 * (S3 @ S2.T),
             S3 @ S3.T,

@@ -82,11 +82,17 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
 
     def mm(self, X):
         X1, X2 = self._split(X)
-        return torch.cat([self.a.unsqueeze(1) * X1, self.b @ X1 + self.C @ X2])
+        out, m = torch.empty_like(X), X1.shape[0]  # blocks written in place, no cat
+        torch.mul(self.a.unsqueeze(1), X1, out=out[:m])
+        torch.mm(self.b, X1, out=out[m:]).addmm_(self.C, X2)
+        return out
 
     def tmm(self, X):
         X1, X2 = self._split(X)
-        return torch.cat([self.a.unsqueeze(1) * X1 + self.b.T @ X2, self.C.T @ X2])
+        out, m = torch.empty_like(X), X1.shape[0]
+        torch.mul(self.a.unsqueeze(1), X1, out=out[:m]).addmm_(self.b.T, X2)
+        torch.mm(self.C.T, X2, out=out[m:])
+        return out
 
     def matmul(self, other):
         self._check_compatible(other)
@@ -184,11 +190,17 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
 
     def mm(self, X):
         X1, X2 = self._split(X)
-        return torch.cat([self.A @ X1, self.b @ X1 + self.c.unsqueeze(1) * X2])
+        out, kk = torch.empty_like(X), X1.shape[0]  # blocks written in place, no cat
+        torch.mm(self.A, X1, out=out[:kk])
+        torch.mul(self.c.unsqueeze(1), X2, out=out[kk:]).addmm_(self.b, X1)
+        return out
 
     def tmm(self, X):
         X1, X2 = self._split(X)
-        return torch.cat([self.A.T @ X1 + self.b.T @ X2, self.c.unsqueeze(1) * X2])
+        out, kk = torch.empty_like(X), X1.shape[0]
+        torch.mm(self.A.T, X1, out=out[:kk]).addmm_(self.b.T, X2)
+        torch.mul(self.c.unsqueeze(1), X2, out=out[kk:])
+        return out
 
     def matmul(self, other):
         self._check_compatible(other)
