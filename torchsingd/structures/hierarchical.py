@@ -115,7 +115,7 @@ class HierarchicalMatrix(StructuredMatrix):
     def tmm(self, X: Tensor) -> Tensor:
         X1, X2, X3 = self._split_rows(X)
         out = torch.empty_like(X)  # keeps a transposed layout
-        k1, s = self.k1, self.k1 + self.m
+        k1 = self.k1
         torch.mm(self.A.T, X1, out=out[:k1])
         rest = torch.mm(self.B.T, X1, out=out[k1:])  # [B1^T; B2^T] X1
         rest[: self.m].addcmul_(self.c.unsqueeze(1), X2)
