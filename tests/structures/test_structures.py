@@ -537,6 +537,8 @@ def _dense_results(X: StructuredMatrix, Y: StructuredMatrix, Z: Tensor) -> dict[
         "inner": X.inner().to_dense(),
         "inner_of": X.inner_of(Z).to_dense(),
         "add_identity_": X.clone().add_identity_(0.5).to_dense(),
+        "outer_operator": X.outer_operator().mm(Z),
+        "outer_operator (transposed Z)": X.outer_operator().mm(Z.T.contiguous().T),
     }
 
 

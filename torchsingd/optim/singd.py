@@ -330,8 +330,8 @@ class SINGD(KroneckerOptimizer):
                 H_C_scale=output_scale,
                 max_step=group.get("max_factor_step") if safe else None,
             )
-            if safe and bool(torch.isfinite(G).all()):  # else the whole step is skipped
-                new = self._checked(layer, new)
+            if safe:
+                new = self._checked(layer, new, G)
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
             KKt, CCt = _outer(K, G.shape[0], group["T"]), _outer(C, G.shape[1], group["T"])
         else:
@@ -340,14 +340,15 @@ class SINGD(KroneckerOptimizer):
         factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
         return factors, natural_gradient(K, C, G, KKt, CCt)
 
-    def _checked(self, layer: LayerState, new: FactorUpdate) -> FactorUpdate:
+    def _checked(self, layer: LayerState, new: FactorUpdate, G: Tensor) -> FactorUpdate:
         """Note bounded steps; undo a factor update that came out non-finite.
 
         A non-finite ``K`` (or ``C``) keeps the previous factor (identity if that is
         not finite either) and resets its momentum to zero, so the parameter step
         still happens with a finite preconditioner; the reference rule instead writes
         the inf/NaN factor and every later step is skipped (``skipped_steps``). With
-        ``on_nonfinite="raise"`` nothing is repaired: the step raises.
+        ``on_nonfinite="raise"`` nothing is repaired: the step raises; nor when the
+        gradient ``G`` itself is not finite (then the whole step is skipped).
         """
         for _ in range(new.bounded):
             self._note("factor_step_bounded")
@@ -357,6 +358,8 @@ class SINGD(KroneckerOptimizer):
             factor = getattr(new, name)
             if factor.is_finite():
                 continue
+            if not bool(torch.isfinite(G).all()):  # a full pass over G: only checked here
+                return new
             self._note(
                 "factor_repaired",
                 f"SINGD: the update of factor {name} of {layer.name!r} was not finite; "
