@@ -16,8 +16,13 @@ def test_flop_model_of_structured_products():
     assert bench.structure_mm_flops("diagonal", 10, 3) == 10 * 3
     assert bench.structure_mm_flops("blockdiagonal:4", 12, 3) == 2 * 12 * 4 * 3
     assert bench.structure_product_flops("dense", 5) == 2 * 125
-    # Toeplitz: FFT cost grows like d log d, far below the dense d^2 n for large d
+    # Toeplitz: FFT cost grows like d log d, far below the dense d^2 n for large d;
+    # one forward and one inverse FFT of length fft_size(d) per column, plus the kernel's
+    size = 2048  # fft_size(1024)
+    fft = 2.5 * size * math.log2(size)
+    assert bench.structure_mm_flops("triltoeplitz", 1024, 64) == 64 * 2 * fft + fft + 4 * 64 * 1024
     assert bench.structure_mm_flops("triltoeplitz", 1024, 64) < 0.1 * 2 * 1024**2 * 64
+    assert bench.structure_mm_flops("triltoeplitz", 8, 3) == 8 * 8 * 3  # direct convolution
 
 
 def test_bench_rows_are_finite(capsys):
@@ -47,7 +52,7 @@ def test_bench_rows_are_finite(capsys):
     )
     assert [r["structure"] for r in rows] == ["diagonal", "hierarchical:15,15"]
     for r in rows:
-        for key in ("ours_over_adamw", "state_ratio", "gflops"):
+        for key in ("ours_over_adamw", "state_ratio", "gflops", "floor_over_adamw"):
             assert math.isfinite(r[key]) and r[key] > 0, key
         assert math.isfinite(r["optimizer_share"])  # a difference of noisy times
         assert r["state_ratio"] < 2.0  # structured: below AdamW's 2x parameter bytes
