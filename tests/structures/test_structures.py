@@ -887,14 +887,15 @@ def test_reference_blockdiagonal_transpose_bug():
 
 
 # --------------------------------------------- Toeplitz: the FFT path (d >= FFT_MIN_DIM)
-@pytest.mark.parametrize("d", [48, 63, 100, 157, 785])
+@pytest.mark.parametrize("d", [47, 127, 128, 157, 300, 785])
 @pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
 def test_toeplitz_fft_path(name, d):
-    """Products through FFTs (lengths from ``fft_size``) equal the dense float64 ones,
-    for both layouts of ``Z``, including the cached ``outer_operator``."""
+    """Products through FFTs (lengths from ``fft_size``, from ``FFT_MIN_DIM`` on) and
+    through the small dense matrix (below) equal the dense float64 ones, for both
+    layouts of ``Z``, including the cached ``outer_operator``."""
     from torchsingd.structures.toeplitz import FFT_MIN_DIM
 
-    assert d >= FFT_MIN_DIM
+    assert FFT_MIN_DIM == 128  # the cases above cover both sides of it
     spec = get_structure(name)
     X, Y = random_member(spec, d, "fft"), random_member(spec, d, "fftY")
     Xd = X.to_dense()

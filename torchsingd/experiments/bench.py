@@ -135,8 +135,8 @@ def structure_mm_flops(structure: str, d: int, n: int) -> float:
         k = sum(sizes) if sizes else 30
         return 2.0 * d * min(k, d) * n + d * n
     if family.endswith("toeplitz"):
-        if d < FFT_MIN_DIM:  # direct convolution
-            return 1.0 * d * d * n
+        if d < FFT_MIN_DIM:  # one product with the small dense matrix
+            return 2.0 * d * d * n
         size = fft_size(d)
         fft = 2.5 * size * math.log2(size)  # one real FFT of that length
         return n * 2 * fft + fft + 4.0 * n * d  # data forward + inverse, kernel, products

@@ -113,9 +113,34 @@ class LayerAdapter(ABC):
         *,
         block: str = "",
     ) -> StructuredMatrix:
-        """``H_K = P(K^T a^T a K)`` for the block input ``x`` (in ``K``'s dtype)."""
-        a = self.input_rows(module, x.to(K.dtype), kfac_approx, block=block)
+        """``H_K = P(K^T a^T a K)`` for the block input ``x`` (in ``K``'s dtype).
+
+        Over chunks of the batch when the rows ``a`` would hold more than
+        ``STATISTIC_CHUNK_NUMEL`` numbers (a convolution's unfolded input can be the
+        largest tensor of a step): ``H_K`` is linear in ``a^T a``, and with ``a``
+        divided by ``sqrt(rows)`` a chunk of ``b`` of the ``B`` samples contributes
+        its own statistic times ``b / B`` (every sample has as many rows).
+        """
+        x = x.to(K.dtype)
+        B = x.shape[0] if self.is_batched(module, x) else 1
+        if B > 1:
+            per_sample = self.input_rows(module, x[:1], kfac_approx, block=block).numel()
+            chunk = max(1, STATISTIC_CHUNK_NUMEL // max(per_sample, 1))
+            if chunk < B:
+                H = None
+                for start in range(0, B, chunk):
+                    part = x[start : start + chunk]
+                    a = self.input_rows(module, part, kfac_approx, block=block)
+                    H_part = K.inner_of(a.T).mul_(part.shape[0] / B)
+                    H = H_part if H is None else H.add_(H_part)
+                return H
+        a = self.input_rows(module, x, kfac_approx, block=block)
         return K.inner_of(a.T)
+
+    def is_batched(self, module: nn.Module, x: Tensor) -> bool:
+        """Whether :meth:`input_statistic` may split ``x`` along dimension 0: it indexes
+        samples that each give the same number of rows of ``a`` (default: no)."""
+        return False
 
     def has_gradient(self, module: nn.Module, *, block: str = "") -> bool:
         """Whether :meth:`grad_matrix` would return a matrix (without building it)."""
@@ -159,6 +184,11 @@ class LayerAdapter(ABC):
                 observer(mod, "", inputs[0], output)
 
         return [module.register_forward_hook(hook)]
+
+
+#: Input statistics are computed over chunks of the batch whose rows ``a`` hold at
+#: most this many numbers (see :meth:`LayerAdapter.input_statistic`).
+STATISTIC_CHUNK_NUMEL = 1 << 20
 
 
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:

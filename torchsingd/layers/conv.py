@@ -80,6 +80,9 @@ class ConvAdapter(LayerAdapter):
     def dims(self, module: nn.Module, *, block: str = "") -> tuple[int, int]:
         return module.weight.shape[1:].numel() + int(self.has_bias(module)), module.out_channels
 
+    def is_batched(self, module: nn.Module, x: Tensor) -> bool:
+        return x.ndim == len(module.kernel_size) + 2
+
     def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         patches = unfold_input(module, x)
         a = patches.reshape(-1, patches.shape[-1]) if kfac_approx == "expand" else patches.mean(1)
@@ -117,4 +120,6 @@ class ConvAdapter(LayerAdapter):
         g3 = g.reshape(B, C, -1)
         scale = loss_terms_scale(B, g3.shape[2], loss_average)
         rows = g3.transpose(1, 2).reshape(-1, C) if kfac_approx == "expand" else g3.sum(2)
-        return rows * scale
+        # a fresh tensor (the reshape copied, or a sum) is scaled in place: one
+        # output-gradient-sized temporary less; a view of g must not be written
+        return rows * scale if rows._is_view() else rows.mul_(scale)

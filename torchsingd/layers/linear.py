@@ -18,6 +18,9 @@ class LinearAdapter(LayerAdapter):
         d_o, d_i = module.weight.shape
         return d_i + int(self.has_bias(module)), d_o
 
+    def is_batched(self, module: nn.Module, x: Tensor) -> bool:
+        return x.ndim >= 2  # [N, D] or [B, ..., D] ("reduce" averages the middle only)
+
     def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         return linear_input_rows(x, kfac_approx, self.has_bias(module))
 

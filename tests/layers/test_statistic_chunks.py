@@ -1,0 +1,71 @@
+"""Input statistics over chunks of the batch equal the statistic of the whole batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchsingd.layers.base as layers_base
+from torchsingd.layers import get_adapter
+from torchsingd.structures import get_structure
+
+F64 = torch.float64
+
+
+def _random_K(name: str, d: int):
+    K = get_structure(name).eye(d, dtype=F64)
+    g = torch.Generator().manual_seed(d)
+    for t in K.tensors():
+        t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=F64))
+    return K
+
+
+CASES = [
+    ("conv", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (5, 3, 9, 9)),
+    ("conv-nobias", lambda: nn.Conv2d(2, 3, (2, 3), dilation=(2, 1), bias=False), (5, 2, 8, 8)),
+    ("linear-seq", lambda: nn.Linear(6, 4), (5, 3, 6)),
+    ("linear", lambda: nn.Linear(7, 2), (5, 7)),
+]
+
+
+@pytest.mark.parametrize("structure", ["dense", "hierarchical:3,2", "blockdiagonal:3"])
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("case, make, shape", CASES, ids=[c[0] for c in CASES])
+def test_chunked_input_statistic(monkeypatch, case, make, shape, kfac_approx, structure):
+    torch.manual_seed(0)
+    module = make().double()
+    adapter = get_adapter(module)
+    x = torch.randn(*shape, dtype=F64)
+    d_i = adapter.dims(module)[0]
+    K = _random_K(structure, d_i)
+    # independent: the dense projection of K^T a^T a K over the whole batch
+    a = adapter.input_rows(module, x, kfac_approx)
+    Kd = K.to_dense()
+    expected = get_structure(structure).from_dense(Kd.T @ a.T @ a @ Kd).to_dense()
+
+    per_sample = adapter.input_rows(module, x[:1], kfac_approx).numel()
+    monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 2 * per_sample)  # 2+2+1
+    calls = []
+    original = type(adapter).input_rows
+
+    def spy(self, module, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return original(self, module, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(adapter), "input_rows", spy)
+    got = adapter.input_statistic(module, x, K, kfac_approx).to_dense()
+    assert calls == [1, 2, 2, 1]  # the probe, then three chunks
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_unbatched_conv_input_is_not_split(monkeypatch):
+    module = nn.Conv2d(2, 3, 3).double()
+    adapter = get_adapter(module)
+    x = torch.randn(2, 6, 6, dtype=F64)  # [C, H, W]: dimension 0 is channels
+    K = _random_K("dense", adapter.dims(module)[0])
+    monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 1)
+    a = adapter.input_rows(module, x, "expand")
+    Kd = K.to_dense()
+    got = adapter.input_statistic(module, x, K, "expand").to_dense()
+    torch.testing.assert_close(got, Kd.T @ a.T @ a @ Kd, rtol=1e-12, atol=1e-12)
