@@ -366,6 +366,11 @@ def test_outer_operator(name, d, layout):
         Z = Z.T.contiguous().T
     op = X.outer_operator()
     assert_close(op.mm(Z), Xd @ Xd.T @ Z)
+    if hasattr(op, "mm_"):  # in place: the same numbers as mm, written into its argument
+        Y = Z.clone()
+        out = op.mm_(Y)
+        assert out.data_ptr() == Y.data_ptr() or layout == "transposed"
+        assert torch.equal(Y, op.mm(Z))
     pattern = X.sparse_pattern()
     if pattern is not None:  # the claimed form: diag(delta) off the border B
         B = list(range(pattern.head)) + list(range(d - pattern.tail, d))

@@ -169,7 +169,12 @@ def natural_gradient(
     KKt = K.outer_operator() if KKt is None else KKt
     CCt = C.outer_operator() if CCt is None else CCt
     right = KKt.mm(grad.T.to(K.dtype)).T  # grad K K^T = (K K^T grad^T)^T
-    return CCt.mm(right.to(C.dtype)).to(grad.dtype)
+    right = right.to(C.dtype)
+    # right is a fresh tensor: operators with an in-place product (diagonal, the
+    # sparse K K^T operators) reuse it instead of allocating another [d_o, d_i]
+    in_place = getattr(CCt, "mm_", None)
+    out = in_place(right) if in_place is not None and right.is_contiguous() else CCt.mm(right)
+    return out.to(grad.dtype)
 
 
 def parameter_step(

@@ -317,6 +317,25 @@ class SparseOuterOperator:
         out[d - self.tail :] = border[h:]
         return out
 
+    def mm_(self, X: Tensor) -> Tensor:
+        """``M X`` written into ``X`` (which the caller owns; row-major); returns ``X``.
+
+        The same operations as :meth:`mm` in the same order, so the same numbers,
+        without a fresh ``[d, n]`` output (the thin products are taken first).
+        """
+        if not X.is_contiguous():
+            return X.copy_(self.mm(X))
+        if self.kind == "columns":
+            FtX = self.W.T @ X  # before X is overwritten
+            return X.mul_(self.v).addmm_(self.W, FtX)
+        d, h = X.shape[0], self.head
+        XB = self._border(X, 0).clone()  # X[B] is overwritten below
+        border = self.W.T @ X
+        X.mul_(self.v).addmm_(self.W, XB)
+        X[:h] = border[:h]
+        X[d - self.tail :] = border[h:]
+        return X
+
     def _rmm(self, X: Tensor) -> Tensor:
         """``X M`` for ``X: [n, d]``."""
         if self.kind == "columns":

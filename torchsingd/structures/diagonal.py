@@ -51,6 +51,11 @@ class DiagonalMatrix(StructuredMatrix):
         check_rows(X, self.dim)
         return self.diag.unsqueeze(1) * X
 
+    def mm_(self, X: Tensor) -> Tensor:
+        """``self @ X`` written into ``X`` (which the caller owns); returns ``X``."""
+        check_rows(X, self.dim)
+        return X.mul_(self.diag.unsqueeze(1))
+
     def tmm(self, X: Tensor) -> Tensor:
         return self.mm(X)
 
