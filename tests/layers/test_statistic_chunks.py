@@ -69,3 +69,25 @@ def test_unbatched_conv_input_is_not_split(monkeypatch):
     Kd = K.to_dense()
     got = adapter.input_statistic(module, x, K, "expand").to_dense()
     torch.testing.assert_close(got, Kd.T @ a.T @ a @ Kd, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "hierarchical:3,2", "triltoeplitz", "dense"])
+def test_inner_of_rows_sums_chunks(monkeypatch, structure):
+    """``P(X^T r^T r X)`` over row chunks (7 rows of width 4, chunks of 2 rows) equals
+    the dense float64 statistic of all rows."""
+    X = _random_K(structure, 4)
+    rows = torch.randn(7, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 8)
+    seen = []
+    original = type(X).inner_of
+
+    def spy(self, Z):
+        seen.append(Z.shape[1])
+        return original(self, Z)
+
+    monkeypatch.setattr(type(X), "inner_of", spy)
+    got = layers_base.inner_of_rows(X, rows).to_dense()
+    assert seen == [2, 2, 2, 1]
+    Xd = X.to_dense()
+    expected = get_structure(structure).from_dense(Xd.T @ rows.T @ rows @ Xd).to_dense()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

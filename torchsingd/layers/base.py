@@ -131,11 +131,11 @@ class LayerAdapter(ABC):
                 for start in range(0, B, chunk):
                     part = x[start : start + chunk]
                     a = self.input_rows(module, part, kfac_approx, block=block)
-                    H_part = K.inner_of(a.T).mul_(part.shape[0] / B)
+                    H_part = inner_of_rows(K, a).mul_(part.shape[0] / B)
                     H = H_part if H is None else H.add_(H_part)
                 return H
         a = self.input_rows(module, x, kfac_approx, block=block)
-        return K.inner_of(a.T)
+        return inner_of_rows(K, a)
 
     def is_batched(self, module: nn.Module, x: Tensor) -> bool:
         """Whether :meth:`input_statistic` may split ``x`` along dimension 0: it indexes
@@ -189,6 +189,19 @@ class LayerAdapter(ABC):
 #: Input statistics are computed over chunks of the batch whose rows ``a`` hold at
 #: most this many numbers (see :meth:`LayerAdapter.input_statistic`).
 STATISTIC_CHUNK_NUMEL = 1 << 20
+
+
+def inner_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
+    """``X.inner_of(rows.T) = P(X^T rows^T rows X)`` over chunks of at most
+    ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]``: the statistic is a sum
+    over rows, so the products' temporaries stay chunk-sized."""
+    step = max(1, STATISTIC_CHUNK_NUMEL // max(rows.shape[1], 1))
+    if rows.shape[0] <= step:
+        return X.inner_of(rows.T)
+    H = X.inner_of(rows[:step].T)
+    for start in range(step, rows.shape[0], step):
+        H.add_(X.inner_of(rows[start : start + step].T))
+    return H
 
 
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:

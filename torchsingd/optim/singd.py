@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchsingd.layers.base import inner_of_rows
 from torchsingd.optim.base import (
     BlockState,
     KroneckerOptimizer,
@@ -300,7 +301,7 @@ class SINGD(KroneckerOptimizer):
         H_K = entry.adapter.input_statistic(
             entry.module, x, layer.K, group["kfac_approx"], block=layer.block
         )
-        return H_K, layer.C.inner_of(g.T)
+        return H_K, inner_of_rows(layer.C, g)
 
     def _update_block(
         self,
