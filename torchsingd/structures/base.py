@@ -310,12 +310,7 @@ class SparseOuterOperator:
         # (addmm_ in place: torch.addmm would copy its first argument once more)
         if self.kind == "columns":
             return (self.v * X).addmm_(self.W, self.W.T @ X)
-        d, h = X.shape[0], self.head
-        out = (self.v * X).addmm_(self.W, self._border(X, 0))  # right outside B
-        border = self.W.T @ X  # M[B, :] X
-        out[:h] = border[:h]
-        out[d - self.tail :] = border[h:]
-        return out
+        return self._arrow(self.v * X, self._border(X, 0), self.W.T @ X)
 
     def mm_(self, X: Tensor) -> Tensor:
         """``M X`` written into ``X`` (which the caller owns; row-major); returns ``X``.
@@ -328,13 +323,17 @@ class SparseOuterOperator:
         if self.kind == "columns":
             FtX = self.W.T @ X  # before X is overwritten
             return X.mul_(self.v).addmm_(self.W, FtX)
-        d, h = X.shape[0], self.head
-        XB = self._border(X, 0).clone()  # X[B] is overwritten below
+        XB = self._border(X, 0).clone()  # X[B] and X are overwritten below
         border = self.W.T @ X
-        X.mul_(self.v).addmm_(self.W, XB)
-        X[:h] = border[:h]
-        X[d - self.tail :] = border[h:]
-        return X
+        return self._arrow(X.mul_(self.v), XB, border)
+
+    def _arrow(self, out: Tensor, XB: Tensor, border: Tensor) -> Tensor:
+        """Dense rows: ``out`` holds ``delta^2 * X``; add ``M[:, B] X[B]`` (right
+        outside ``B``) and write ``border = M[B, :] X`` into the rows of ``B``."""
+        out.addmm_(self.W, XB)
+        out[: self.head] = border[: self.head]
+        out[out.shape[0] - self.tail :] = border[self.head :]
+        return out
 
     def _rmm(self, X: Tensor) -> Tensor:
         """``X M`` for ``X: [n, d]``."""

@@ -77,7 +77,7 @@ def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
     if _use_fft(d):
         work, size = _fft_dtype(X.dtype), fft_size(d)
         spectrum = torch.fft.rfft(col.to(work), n=size)
-        Xr = X.T if X.T.is_contiguous() else X.T.contiguous()  # FFTs along contiguous rows
+        Xr = X.T.contiguous()  # FFTs along contiguous rows (no copy if X is transposed)
         return _rows_conv(spectrum, Xr.to(work), d, size, correlate).T.to(X.dtype)
     L = dense_lower_toeplitz(col)  # d < FFT_MIN_DIM: one product with the small dense matrix
     return (L.T if correlate else L) @ X
@@ -86,7 +86,7 @@ def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
 def dense_lower_toeplitz(col: Tensor) -> Tensor:
     """The lower-triangular Toeplitz matrix with first column ``col`` as a dense
     ``[d, d]`` tensor. On the optimizer's path only below ``FFT_MIN_DIM`` (at most
-    47^2 numbers), where a product with it beats a convolution and keeps no padded
+    127^2 numbers), where a product with it beats a convolution and keeps no padded
     copy of the operand."""
     d = col.shape[0]
     idx = torch.arange(d, device=col.device)
@@ -125,7 +125,7 @@ class ToeplitzOuterOperator:
         first_correlates = self.lower  # L L^T X: L^T (a correlation) acts first
         if not _use_fft(self.d):
             return self.dense @ X
-        Xr = X.T if X.T.is_contiguous() else X.T.contiguous()
+        Xr = X.T.contiguous()
         Y = _rows_conv(self.spectrum, Xr.to(self.work), self.d, self.size, first_correlates)
         Y = _rows_conv(self.spectrum, Y, self.d, self.size, not first_correlates)
         return Y.T.to(X.dtype)
@@ -136,7 +136,7 @@ def column_autocorrelation(S: Tensor) -> Tensor:
     d, n = S.shape
     if _use_fft(d):
         work, size = _fft_dtype(S.dtype), fft_size(d)
-        Sr = S.T if S.T.is_contiguous() else S.T.contiguous()
+        Sr = S.T.contiguous()
         spectrum = torch.view_as_real(torch.fft.rfft(Sr.to(work), n=size, dim=1))
         power = torch.linalg.vector_norm(spectrum, dim=(0, 2)).square()  # no temporary
         return torch.fft.irfft(power, n=size)[:d].to(S.dtype)
