@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from tests.structures.test_structures import random_member
 from torchsingd import SINGD
-from torchsingd.optim.update import bounded_lr_cov, trust_region_scale, update_factors
+from torchsingd.optim.update import factor_step, trust_region_scale, update_factors
 from torchsingd.structures import StructuredMatrix, get_structure
 
 F64 = torch.float64
@@ -118,22 +118,87 @@ def test_spectral_norm_bound_tight_for_identity_plus_rank_one(d):
     assert M.spectral_norm_bound().item() == pytest.approx(spectral_norm(M), rel=1e-6)
 
 
-# ------------------------------------------------------------- bounded_lr_cov
-@pytest.mark.parametrize("structure", ["dense", "diagonal", "hierarchical:3,2", "triltoeplitz"])
-def test_bounded_lr_cov(structure):
-    m = random_member(get_structure(structure), 9, "lr_cov")
+# ------------------------------------------------------------ bounded_step
+BLOCKWISE = ("diagonal", "blockdiagonal:3")  # bounded per entry / per block
+
+
+@pytest.mark.parametrize("structure", ["dense", "hierarchical:3,2", "triltoeplitz", *BLOCKWISE])
+def test_bounded_step_none_while_the_bound_holds(structure):
+    m = random_member(get_structure(structure), 9, "step-holds")
     bound = m.spectral_norm_bound().item()
+    assert m.bounded_step(0.9 * 0.5 / bound, 0.5) is None
+    assert m.bounded_step(0.0, 0.5) is None
+
+
+@pytest.mark.parametrize("structure", ["dense", "hierarchical:3,2", "triltoeplitz"])
+def test_bounded_step_scales_the_whole_matrix(structure):
+    m = random_member(get_structure(structure), 9, "step-whole")
     max_step = 0.5
+    bound = m.spectral_norm_bound().item()
+    step = m.bounded_step(10.0 * max_step / bound, max_step)
+    assert step.family == m.family
+    expected = m.to_dense() * (max_step / bound)
+    torch.testing.assert_close(step.to_dense(), expected, rtol=1e-15, atol=0)
+    assert spectral_norm(step) <= max_step * (1 + 1e-12)
 
-    beta1 = 0.9 * max_step / bound  # beta1 * bound <= max_step: unchanged
-    assert bounded_lr_cov(beta1, m, max_step) is beta1
-    assert bounded_lr_cov(0.0, m, max_step) == 0.0
 
-    beta1 = 10.0 * max_step / bound
-    reduced = bounded_lr_cov(beta1, m, max_step)
-    assert reduced == pytest.approx(max_step / bound, rel=1e-15)
-    assert reduced < beta1
-    assert spectral_norm(m) * reduced <= max_step * (1 + 1e-12)
+def test_bounded_step_diagonal_clips_each_entry():
+    d = torch.tensor([-30.0, -2.0, 0.5, 4.0, 9.0, 100.0], dtype=F64)
+    m = get_structure("diagonal").from_dense(torch.diag(d))
+    beta, max_step = 0.1, 0.5
+    step = m.bounded_step(beta, max_step).to_dense().diagonal()
+    expected = torch.tensor([-0.5, -0.2, 0.05, 0.4, 0.5, 0.5], dtype=F64)
+    torch.testing.assert_close(step, expected, rtol=1e-15, atol=1e-15)
+    assert m.bounded_step(beta, 100.0) is None  # 0.1 * 100 = 10 <= 100
+
+
+def test_bounded_step_blockdiagonal_scales_each_block():
+    """Blocks of size 3 (and a last block of 2): only the blocks whose bound exceeds
+    ``max_step / beta`` are scaled, each to its own bound; the others keep ``beta m``."""
+    g = gen("step-blocks")
+    blocks = [torch.randn(3, 3, generator=g, dtype=F64) for _ in range(3)]
+    blocks[1] = blocks[1] * 50.0
+    last = torch.randn(2, 2, generator=g, dtype=F64) * 80.0
+    m = get_structure("blockdiagonal:3").from_dense(torch.block_diag(*blocks, last))
+    beta, max_step = 0.1, 0.5
+    step = m.bounded_step(beta, max_step).to_dense()
+    for k, (block, lo) in enumerate(zip([*blocks, last], (0, 3, 6, 9), strict=True)):
+        n = block.shape[0]
+        got = step[lo : lo + n, lo : lo + n]
+        bound = dense_bound(block)
+        if beta * bound <= max_step:
+            assert k in (0, 2)
+            torch.testing.assert_close(got, beta * block, rtol=1e-15, atol=0)
+        else:
+            assert k in (1, 3)
+            torch.testing.assert_close(got, block * (max_step / bound), rtol=1e-12, atol=0)
+            assert torch.linalg.matrix_norm(got, 2) <= max_step * (1 + 1e-12)
+    off = step.clone()
+    for lo, n in ((0, 3), (3, 3), (6, 3), (9, 2)):
+        off[lo : lo + n, lo : lo + n] = 0
+    assert torch.count_nonzero(off) == 0
+
+
+@pytest.mark.parametrize("structure", ["dense", "hierarchical:3,2", *BLOCKWISE])
+def test_factor_step_matches_dense(structure):
+    """``X (I - S)`` with the bounded step ``S`` (and the reference's ``X - beta X m``,
+    bit for bit, where nothing exceeds)."""
+    spec = get_structure(structure)
+    X = random_member(spec, 9, "fs-X")
+    m = random_member(spec, 9, "fs-m").mul_(20.0)
+    beta = 0.1
+    free = X.clone().add_(X.matmul(m), alpha=-beta)
+    for max_step in (None, 1e6):
+        new, acted = factor_step(X, m, beta, max_step)
+        assert not acted
+        for a, b in zip(new.tensors(), free.tensors(), strict=True):
+            assert torch.equal(a, b)
+    new, acted = factor_step(X, m, beta, 0.5)
+    assert acted
+    S = m.bounded_step(beta, 0.5).to_dense()
+    assert torch.linalg.matrix_norm(S, 2) <= 0.5 * (1 + 1e-12)
+    Xd = X.to_dense()
+    torch.testing.assert_close(new.to_dense(), Xd - Xd @ S, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------- update_factors
@@ -197,9 +262,11 @@ def test_update_factors_bound_prevents_blow_up():
     mCd = 0.5 * (torch.trace(HKd) / d_i * HCd + 1e-3 * I_C - I_C)
     torch.testing.assert_close(new.m_K.to_dense(), mKd, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(new.m_C.to_dense(), mCd, rtol=1e-12, atol=1e-12)
-    for X, mX, beta, eye in ((K, new.m_K, new.beta1_K, I_K), (C, new.m_C, new.beta1_C, I_C)):
-        assert 0 < beta < lr_cov
+    assert new.beta1_K == new.beta1_C == lr_cov and new.bounded == 2
+    for X, mX, eye in ((K, new.m_K, I_K), (C, new.m_C, I_C)):
         Xd, md = X.to_dense(), mX.to_dense()
+        beta = max_step / dense_bound(md)  # dense: lr_cov reduced for the whole factor
+        assert 0 < beta < lr_cov
         expected = Xd - beta * Xd @ md
         got = new.K if X is K else new.C
         torch.testing.assert_close(got.to_dense(), expected, rtol=1e-12, atol=1e-12)
@@ -544,7 +611,8 @@ def test_bound_survives_overflowing_squares(name):
     m = get_structure(name).zeros(100, dtype=torch.float32).add_identity_(1e19)
     bound = float(m.spectral_norm_bound())
     assert bound == pytest.approx(1e19, rel=1e-6)
-    assert bounded_lr_cov(0.1, m, 0.5) == pytest.approx(0.5 / 1e19, rel=1e-6)
+    step = m.bounded_step(0.1, 0.5)
+    assert step is not None and spectral_norm(step) == pytest.approx(0.5, rel=1e-5)
 
 
 def _two_layers(seed: int = 0) -> nn.ModuleList:

@@ -169,8 +169,9 @@ class SINGD(KroneckerOptimizer):
             (``max_factor_step`` and ``kl_clip`` are then ignored). See the README's
             "Robustness" section for the divergences they prevent.
         max_factor_step: bound on ``||beta1 * m||_2`` in each factor update: where it
-            would be exceeded, ``lr_cov`` is reduced for that factor and update
-            (:func:`torchsingd.optim.update.bounded_lr_cov`). ``None``: no bound.
+            would be exceeded, ``lr_cov`` is reduced for that factor and update, or for
+            diagonal and block-diagonal factors only the entries or blocks that exceed
+            it are (:func:`torchsingd.optim.update.factor_step`). ``None``: no bound.
         kl_clip: trust region on the parameter step: a group's preconditioned
             directions are scaled so that ``lr^2 * sum <G_nat, G> <= kl_clip``
             (:func:`torchsingd.optim.update.trust_region_scale`). ``None``: off.

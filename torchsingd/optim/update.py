@@ -29,7 +29,7 @@ class FactorUpdate:
     C: StructuredMatrix
     m_K: StructuredMatrix | None
     m_C: StructuredMatrix | None
-    beta1_K: float = 0.0  # the step sizes used: lr_cov, normalised and bounded
+    beta1_K: float = 0.0  # the step sizes: lr_cov, normalised (before the bound)
     beta1_C: float = 0.0
     bounded: int = 0  # how many of the two steps the factor-step bound reduced
 
@@ -83,7 +83,7 @@ def update_factors(
             divide out a gradient scale that changed after the backward pass).
         max_step: the factor-step bound (a safeguard, not in the reference): ``beta1``
             is reduced where needed so that ``||beta1 * m||_2 <= max_step`` (see
-            :func:`bounded_lr_cov`). ``None``: the reference's rule.
+            :func:`factor_step`). ``None``: the reference's rule.
 
     Returns:
         New ``K``, ``C`` (``K - beta1 K m_K``, ``C - beta1 C m_C``) and new momenta;
@@ -108,14 +108,8 @@ def update_factors(
     if normalize_lr_cov:
         beta1_K = lr_cov / max(1.0, float(new_m_K.max_abs()))
         beta1_C = lr_cov / max(1.0, float(new_m_C.max_abs()))
-    bounded = 0
-    if max_step is not None:
-        unbounded = (beta1_K, beta1_C)
-        beta1_K = bounded_lr_cov(beta1_K, new_m_K, max_step)
-        beta1_C = bounded_lr_cov(beta1_C, new_m_C, max_step)
-        bounded = (beta1_K < unbounded[0]) + (beta1_C < unbounded[1])
-    new_K = K.clone().add_(K.matmul(new_m_K), alpha=-beta1_K)
-    new_C = C.clone().add_(C.matmul(new_m_C), alpha=-beta1_C)
+    new_K, bounded_K = factor_step(K, new_m_K, beta1_K, max_step)
+    new_C, bounded_C = factor_step(C, new_m_C, beta1_C, max_step)
     keep = alpha1 != 0.0
     return FactorUpdate(
         new_K,
@@ -124,12 +118,20 @@ def update_factors(
         new_m_C if keep else None,
         beta1_K,
         beta1_C,
-        bounded,
+        bounded_K + bounded_C,
     )
 
 
-def bounded_lr_cov(beta1: float, m: StructuredMatrix, max_step: float) -> float:
-    """``beta1``, reduced to ``max_step / ||m||_2`` where ``beta1 * ||m||_2`` exceeds it.
+def factor_step(
+    X: StructuredMatrix, m: StructuredMatrix, beta1: float, max_step: float | None
+) -> tuple[StructuredMatrix, bool]:
+    """``X (I - beta1 m)`` (a new member) and whether the factor-step bound acted.
+
+    With ``max_step`` the step ``beta1 m`` is bounded to ``||.||_2 <= max_step`` by
+    :meth:`~torchsingd.structures.StructuredMatrix.bounded_step`: for a whole matrix,
+    ``beta1`` is reduced; for diagonal and block-diagonal factors, each entry or block
+    on its own. Where the bound holds already the result is the reference's
+    ``X - beta1 X m`` bit for bit.
 
     Why: the factor update ``K <- K (I - beta1 m)`` is a well-behaved multiplicative
     step only while ``||beta1 m||_2 < 1``. SINGD's ``m`` is about ``-I/2`` while the
@@ -145,12 +147,10 @@ def bounded_lr_cov(beta1: float, m: StructuredMatrix, max_step: float) -> float:
     :meth:`~torchsingd.structures.StructuredMatrix.spectral_norm_bound`, an upper
     bound, so the reduction errs on the safe side.
     """
-    if beta1 == 0.0:
-        return beta1
-    bound = float(m.spectral_norm_bound())
-    if beta1 * bound > max_step:  # False for a NaN bound: the factor repair handles that
-        return max_step / bound
-    return beta1
+    step = m.bounded_step(beta1, max_step) if max_step is not None else None
+    if step is None:
+        return X.clone().add_(X.matmul(m), alpha=-beta1), False
+    return X.clone().add_(X.matmul(step), alpha=-1.0), True
 
 
 def natural_gradient(

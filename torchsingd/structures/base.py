@@ -161,6 +161,25 @@ class StructuredMatrix(ABC):
         # Squares overflow before the Hoelder sums do: then (inf or NaN) use the latter.
         return torch.where(torch.isfinite(first), torch.minimum(first, hoelder), hoelder)
 
+    def bounded_step(self, beta: float, max_step: float) -> StructuredMatrix | None:
+        """The step ``S = beta * self`` of a factor update ``X <- X (I - S)``, bounded.
+
+        ``None`` when ``beta * ||self||_2 <= max_step`` holds (by
+        :meth:`spectral_norm_bound`; also for a non-finite bound, which the factor
+        repair handles): the step is left alone. Otherwise a member ``S`` of the
+        family with ``||S||_2 <= max_step``: here ``beta`` scaled down for the whole
+        matrix, ``S = max_step / bound * self``. Structures whose members are
+        direct sums of independent diagonal blocks (diagonal, block-diagonal) bound
+        each block on its own instead, so that one direction of large curvature does
+        not slow the update of all the others.
+        """
+        if beta == 0.0:
+            return None
+        bound = float(self.spectral_norm_bound())
+        if not beta * bound > max_step:
+            return None
+        return self.clone().mul_(max_step / bound)
+
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.tensors())
 

@@ -89,6 +89,24 @@ class BlockDiagonalMatrix(StructuredMatrix):
             torch.bmm(self.blocks, other.blocks), self.last @ other.last, self.block_size
         )
 
+    def bounded_step(self, beta: float, max_step: float) -> BlockDiagonalMatrix | None:
+        """``beta * self`` with each block scaled so that its spectral norm is at most
+        ``max_step`` (the blocks are independent: the bound of
+        :meth:`~torchsingd.structures.StructuredMatrix.spectral_norm_bound`, per block);
+        ``None`` if no block exceeds it."""
+        if beta == 0.0 or not self.dim:
+            return None
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        parts = [self.blocks.to(dtype), self.last.to(dtype).unsqueeze(0)]
+        bounds = torch.cat([_block_norm_bounds(p) for p in parts])
+        if not bool((bounds * beta).max() > max_step):  # False for NaN: the repair's case
+            return None
+        scale = (max_step / bounds).clamp_(max=beta)
+        n = self.blocks.shape[0]
+        blocks = parts[0] * scale[:n, None, None]
+        last = parts[1][0] * scale[n:].sum()  # a 0 x 0 last block has no scale
+        return BlockDiagonalMatrix(blocks.to(self.dtype), last.to(self.dtype), self.block_size)
+
     def outer_operator(self) -> BlockDiagonalMatrix:
         return BlockDiagonalMatrix(
             torch.bmm(self.blocks, self.blocks.mT), self.last @ self.last.T, self.block_size
@@ -122,3 +140,18 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def to_dense(self) -> Tensor:
         return torch.block_diag(*self.blocks.unbind(0), self.last)
+
+
+def _block_norm_bounds(blocks: Tensor) -> Tensor:
+    """Upper bounds on the spectral norms of ``blocks: [n, B, B]`` (``[n]``): per block
+    the smaller of ``|c| + ||M - cI||_F`` (``c`` the mean diagonal entry) and
+    ``sqrt(||M||_1 ||M||_inf)``, as ``StructuredMatrix.spectral_norm_bound``."""
+    if blocks.shape[-1] == 0:
+        return blocks.new_zeros(blocks.shape[0])
+    c = blocks.diagonal(dim1=1, dim2=2).mean(1)
+    rest = blocks.clone()
+    rest.diagonal(dim1=1, dim2=2).sub_(c[:, None])
+    first = c.abs() + torch.linalg.vector_norm(rest, dim=(1, 2))
+    A = blocks.abs()
+    hoelder = (A.sum(2).amax(1) * A.sum(1).amax(1)).sqrt()
+    return torch.where(torch.isfinite(first), torch.minimum(first, hoelder), hoelder)

@@ -47,6 +47,17 @@ class DiagonalMatrix(StructuredMatrix):
         dtype = torch.promote_types(self.dtype, torch.float32)
         return self.diag.abs().max().to(dtype) if self.dim else torch.zeros((), dtype=dtype)
 
+    def bounded_step(self, beta: float, max_step: float) -> DiagonalMatrix | None:
+        """``beta * d`` with each entry clipped to ``[-max_step, max_step]`` (each entry
+        is an eigenvalue: the exact per-direction bound); ``None`` if none exceeds."""
+        if beta == 0.0 or not self.dim:
+            return None
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        step = self.diag.to(dtype) * beta
+        if not bool(step.abs().max() > max_step):  # False for NaN: the repair's case
+            return None
+        return DiagonalMatrix(step.clamp_(-max_step, max_step).to(self.dtype))
+
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)
         return self.diag.unsqueeze(1) * X
