@@ -50,7 +50,7 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"\nInterrupted; run the same command again to resume ({out}).", file=sys.stderr)
         return 130
     tables = write_sweep_report(records, config, out, command_line(args.argv))
-    plots = plot_heatmaps(records, out)
+    plots = plot_heatmaps(records, out, config.all_seeds)
     print()
     print(tables)
     print(f"Wrote runs.jsonl, sweep.md, sweep.json, {', '.join(p.name for p in plots)} to {out}/")
@@ -70,6 +70,7 @@ def _sweep_config(args: argparse.Namespace, baseline: str):
         structures=tuple(args.structures) if args.structures else STRUCTURES,
         precisions=tuple(args.precision) if args.precision else SWEEP_PRECISIONS,
         seeds=args.seeds if args.seeds is not None else 1,
+        all_seeds=args.all_seeds,
         epochs=args.epochs,
         quick=args.quick,
         jobs=args.jobs,
@@ -221,6 +222,12 @@ def parser() -> argparse.ArgumentParser:
         "--structures",
         nargs="+",
         help="--sweep: SINGD structures (default: dense, hierarchical15_15, diagonal)",
+    )
+    c.add_argument(
+        "--all-seeds",
+        action="store_true",
+        help="--sweep: run every grid point with --seeds seeds and pick the best point by "
+        "its mean over them (default: the best on seed 0, then re-run)",
     )
     c.add_argument(
         "--baseline",

@@ -176,6 +176,64 @@ def test_value_is_chance_for_diverged_or_non_finite():
     assert sweep._value(record("a", 1, None, None)) == 0.1
 
 
+def test_value_worse_than_chance_counts_as_chance():
+    assert sweep._value(record("a", 1, None, 0.05)) == 0.1  # accuracy below 1/10
+    assert sweep._value(record("a", 1, None, 0.1)) == 0.1
+    mse = dict(task="ae", higher=False, chance=1.0)
+    assert sweep._value(record("a", 1, None, 0.5, **mse)) == 0.5
+    assert sweep._value(record("a", 1, None, 3.0, **mse)) == 1.0  # worse than the mean image
+
+
+def test_summarize_all_seeds_best_by_mean():
+    """With ``all_seeds`` the best point is the best mean over seeds (not the best seed
+    0), the median is over the points' means and a point with any diverged run counts
+    as diverged."""
+    records = [
+        record("s", 1e-3, 0.1, 0.95),  # best on seed 0, poor mean
+        record("s", 1e-3, 0.1, 0.5, phase="seeds"),
+        record("s", 1e-3, 0.1, 0.6, phase="seeds"),
+        record("s", 1e-2, 0.1, 0.9),  # best mean
+        record("s", 1e-2, 0.1, 0.92, phase="seeds"),
+        record("s", 1e-2, 0.1, 0.88, phase="seeds"),
+        record("s", 3e-2, 0.1, 0.8),  # one seed diverged: counts chance for that seed
+        record("s", 3e-2, 0.1, math.nan, status="diverged", phase="seeds"),
+        record("s", 3e-2, 0.1, 0.8, phase="seeds"),
+    ]
+    (row,) = summarize(records, all_seeds=True)
+    assert row.best_at == "lr=0.01, lr_cov=0.1" and row.best_seeds == 3
+    assert row.best == pytest.approx(0.9) and row.best_std == pytest.approx(0.02)
+    assert (row.points, row.diverged) == (3, 1)
+    assert row.median == pytest.approx((0.95 + 0.5 + 0.6) / 3)  # of 0.683, 0.9, 0.567
+    (seed0,) = summarize(records)  # selection on seed 0, as before
+    assert seed0.best_at == "lr=0.001, lr_cov=0.1"
+    assert seed0.best == pytest.approx((0.95 + 0.5 + 0.6) / 3)
+    assert (seed0.diverged, seed0.median) == (0, pytest.approx(0.9))
+
+
+def test_sweep_all_seeds_reruns_every_point(swept, tmp_path):
+    """``all_seeds`` on a finished seed-0 sweep trains seed 1 of every grid point it has
+    not run yet (the best points' seed-1 runs are reused) and plots the means."""
+    out, records, *_ = swept
+    (tmp_path / "runs.jsonl").write_text((out / "runs.jsonl").read_text())
+    config = SweepConfig(**{**CONFIG.__dict__, "all_seeds": True})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            trained = Counting(mp)
+            everything = run_sweep(config, tmp_path, progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(trained.specs) == 12 and {s.seed for s in trained.specs} == {1}
+    assert len(everything) == 30
+    points = {(r["name"], r["lr"], r["lr_cov"]) for r in everything if r["phase"] == "seeds"}
+    assert len(points) == 15
+    rows = summarize(everything, all_seeds=True)
+    assert all(r.best_seeds == 2 for r in rows)
+    paths = plot_heatmaps(everything, tmp_path, all_seeds=True)
+    assert paths[0].read_bytes()[:8] == PNG
+
+
 def test_summarize_synthetic_records():
     records = [
         # accuracy (higher is better), chance 0.1

@@ -13,9 +13,13 @@ The report gives, per optimizer: the fraction of grid points that diverged (stat
 ``"diverged"`` of :mod:`~torchsingd.experiments.runner`: a non-finite test loss or
 most of an epoch's steps non-finite/skipped), the best test metric and the median over
 the grid, where a diverged point counts as chance (accuracy ``1/10``; for the
-autoencoder the MSE of predicting the mean training image). With ``seeds > 1`` the best
-grid point of each optimizer is re-run with further seeds (mean +- std). A heat map per
-task and precision shows every grid point.
+autoencoder the MSE of predicting the mean training image), and so does a run that ends
+worse than chance (an autoencoder whose MSE exceeds the mean image's is no better than
+a diverged one). With ``seeds > 1`` the best grid point of each optimizer is re-run
+with further seeds (mean +- std); with ``all_seeds`` (``--all-seeds``) every grid point
+is, and the best point is the one with the best mean over seeds (the median is then
+over the points' means), which removes the luck of selecting on one seed. A heat map
+per task and precision shows every grid point.
 
 Tasks: ``mnist1d-sweep`` (the setting of the robustness issue: MNIST-1D, 4000 / 1000,
 three convolutions 1->32->32->32 with kernels 5, 3, 3 and strides 1, 2, 2, ReLU, a
@@ -131,7 +135,7 @@ class SweepSpec:
     seed: int
     epochs: int
     max_train: int | None = None
-    phase: str = "sweep"  # "sweep" (grid, seed 0) or "seeds" (best point, more seeds)
+    phase: str = "sweep"  # "sweep" (grid, seed 0) or "seeds" (further seeds)
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> SweepSpec:
@@ -220,6 +224,7 @@ class SweepConfig:
     structures: tuple[str, ...] = STRUCTURES
     precisions: tuple[str, ...] = SWEEP_PRECISIONS
     seeds: int = 1
+    all_seeds: bool = False  # every grid point over ``seeds`` seeds, best by the mean
     epochs: int | None = None
     quick: bool = False
     jobs: int = 1
@@ -294,11 +299,13 @@ Cell = tuple[str, str, str]  # (task, precision, optimizer name)
 
 
 def _value(record: dict[str, Any]) -> float:
-    """The test metric, or chance for a diverged (or non-finite) run."""
+    """The test metric, or chance for a diverged (or non-finite) run or one that ended
+    worse than chance."""
     value = record["test_metric"]
     if record["status"] != "ok" or value is None or not math.isfinite(value):
         return record["chance"]
-    return value
+    worse = value < record["chance"] if record["higher_is_better"] else value > record["chance"]
+    return record["chance"] if worse else value
 
 
 def _better(record: dict[str, Any]) -> float:
@@ -322,7 +329,9 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, log=print) 
     grid = config.grid()
     ready = deque(s for s in grid if s.key() not in store)
     seeds_specs: list[SweepSpec] = []
-    total = len(grid) + (config.seeds - 1) * len({(s.task, s.precision, s.name()) for s in grid})
+    cells = {(s.task, s.precision, s.name()) for s in grid}
+    repeats = len(grid) if config.all_seeds else len(cells)
+    total = len(grid) + (config.seeds - 1) * repeats
     done = [len(grid) - len(ready)]
     if done[0]:
         log(f"resuming from {store.path}: {done[0]} grid runs already done")
@@ -334,9 +343,12 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, log=print) 
 
     execute(ready, finished, config.jobs, config.threads, progress, train_sweep)
     if config.seeds > 1:
-        best = best_points([store.get(s.key()) for s in grid])
-        for r in best.values():
-            spec = SweepSpec.of(r)
+        if config.all_seeds:
+            repeated = grid
+        else:
+            best = best_points([store.get(s.key()) for s in grid])
+            repeated = [SweepSpec.of(r) for r in best.values()]
+        for spec in repeated:
             for seed in range(1, config.seeds):
                 seeds_specs.append(replace(spec, seed=seed, phase="seeds"))
         ready = deque(s for s in seeds_specs if s.key() not in store)
@@ -371,37 +383,53 @@ class Row:
     metric_name: str
 
 
-def summarize(records: list[dict[str, Any]]) -> list[Row]:
-    """One row per (task, precision, optimizer)."""
+def _point(record: dict[str, Any]) -> tuple:
+    return (record["task"], record["precision"], record["name"], record["lr"], record["lr_cov"])
+
+
+def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Row]:
+    """One row per (task, precision, optimizer).
+
+    Without ``all_seeds`` the best point is the best on seed 0 (its further seeds
+    give mean +- std) and the median is over the seed-0 grid; with it, every point's
+    value is its mean over the seeds, the best point the best mean and the median
+    over the means. A point counts as diverged when any of its runs diverged.
+    """
     grid = [r for r in records if r["phase"] == "sweep"]
-    best = best_points(grid)
+    runs: dict[tuple, list[dict[str, Any]]] = {}
+    for r in grid + [r for r in records if r["phase"] == "seeds"]:
+        runs.setdefault(_point(r), []).append(r)
+
+    def score(point: tuple) -> float:  # larger is better
+        values = [_value(r) for r in runs[point]] if all_seeds else [_value(runs[point][0])]
+        mean = statistics.mean(values)
+        return mean if runs[point][0]["higher_is_better"] else -mean
+
     rows = []
-    for cell, top in best.items():
-        task, precision, name = cell
-        points = [r for r in grid if (r["task"], r["precision"], r["name"]) == cell]
-        repeats = [
-            r
-            for r in records
-            if r["phase"] == "seeds"
-            and (r["task"], r["precision"], r["name"]) == cell
-            and r["lr"] == top["lr"]
-            and r["lr_cov"] == top["lr_cov"]
-        ]
-        values = [_value(top)] + [_value(r) for r in repeats]
-        at = f"lr={top['lr']:g}" + ("" if top["lr_cov"] is None else f", lr_cov={top['lr_cov']:g}")
+    for cell in dict.fromkeys((r["task"], r["precision"], r["name"]) for r in grid):
+        points = [p for p in dict.fromkeys(map(_point, grid)) if p[:3] == cell]
+        top = max(points, key=score)
+        values = [_value(r) for r in runs[top]]
+        first = runs[top][0]
+        means = [statistics.mean(_value(r) for r in runs[p]) for p in points]
+        seed0 = [_value(runs[p][0]) for p in points]
+        cov = "" if first["lr_cov"] is None else f", lr_cov={first['lr_cov']:g}"
+        at = f"lr={first['lr']:g}{cov}"
         rows.append(
             Row(
-                task=task,
-                precision=precision,
-                name=name,
+                task=cell[0],
+                precision=cell[1],
+                name=cell[2],
                 points=len(points),
-                diverged=sum(r["status"] == "diverged" for r in points),
+                diverged=sum(any(r["status"] == "diverged" for r in runs[p]) for p in points)
+                if all_seeds
+                else sum(runs[p][0]["status"] == "diverged" for p in points),
                 best=statistics.mean(values),
                 best_std=statistics.stdev(values) if len(values) > 1 else None,
                 best_seeds=len(values),
                 best_at=at,
-                median=statistics.median(_value(r) for r in points),
-                metric_name=top["metric_name"],
+                median=statistics.median(means if all_seeds else seed0),
+                metric_name=first["metric_name"],
             )
         )
     return rows
@@ -430,18 +458,34 @@ def sweep_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmaps(records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """``sweep_<task>_<precision>.png``: the test metric of every grid point (x: diverged)."""
+def plot_heatmaps(records: list[dict[str, Any]], out: Path, all_seeds: bool = False) -> list[Path]:
+    """``sweep_<task>_<precision>.png``: the test metric of every grid point (x: diverged;
+    with ``all_seeds`` the mean over the seeds, x: any seed diverged)."""
     from torchsingd.experiments.plots import _pyplot
 
     plt = _pyplot()
     grid = [r for r in records if r["phase"] == "sweep"]
+    runs: dict[tuple, list[dict[str, Any]]] = {}
+    for r in grid + [r for r in records if r["phase"] == "seeds"]:
+        runs.setdefault(_point(r), []).append(r)
+    counted = {p: rs if all_seeds else rs[:1] for p, rs in runs.items()}
+
+    def value(r: dict[str, Any]) -> float:
+        return statistics.mean(_value(x) for x in counted[_point(r)])
+
+    def label(r: dict[str, Any]) -> str:
+        mine = counted[_point(r)]
+        diverged = sum(x["status"] == "diverged" for x in mine)
+        if diverged == len(mine):
+            return "x"
+        return f"{value(r):.3f}" + (f"\n{diverged}/{len(mine)} x" if diverged else "")
+
     paths = []
     for task, precision in dict.fromkeys((r["task"], r["precision"]) for r in grid):
         mine = [r for r in grid if (r["task"], r["precision"]) == (task, precision)]
         names = list(dict.fromkeys(r["name"] for r in mine))
         higher = mine[0]["higher_is_better"]
-        values = [_value(r) for r in mine]
+        values = [value(r) for r in mine]
         vmin, vmax = min(values), max(values)
         cmap = "viridis" if higher else "viridis_r"
         fig, axes = plt.subplots(1, len(names), figsize=(2.3 * len(names) + 1, 3.2), squeeze=False)
@@ -452,9 +496,9 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path) -> list[Path]:
             image = [[math.nan] * len(covs) for _ in lrs]
             for r in points:
                 i, j = lrs.index(r["lr"]), covs.index(r["lr_cov"])
-                image[i][j] = _value(r)
-                text = "x" if r["status"] == "diverged" else f"{_value(r):.3f}"
-                shade = (_value(r) - vmin) / (vmax - vmin) if vmax > vmin else 1.0
+                image[i][j] = value(r)
+                text = label(r)
+                shade = (value(r) - vmin) / (vmax - vmin) if vmax > vmin else 1.0
                 dark = shade < 0.5 if higher else shade > 0.5
                 color = "white" if dark else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
@@ -464,7 +508,11 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.set_xticks(range(len(covs)), ["-" if c is None else f"{c:g}" for c in covs])
             ax.set_xlabel("lr_cov")
         axes[0][0].set_ylabel("lr")
-        fig.suptitle(f"{task}, {precision}: test {mine[0]['metric_name']} (x = diverged)")
+        seeds = "mean over seeds, " if all_seeds else ""
+        fig.suptitle(
+            f"{task}, {precision}: test {mine[0]['metric_name']} ({seeds}x = diverged)",
+            fontsize=10,
+        )
         fig.tight_layout()
         path = out / f"sweep_{task}_{precision}.png"
         fig.savefig(path, dpi=80)
@@ -477,8 +525,19 @@ def write_sweep_report(
     records: list[dict[str, Any]], config: SweepConfig, out: Path, command: str
 ) -> str:
     """``sweep.md`` and ``sweep.json`` (rows and settings); returns the tables."""
-    rows = summarize(records)
+    rows = summarize(records, config.all_seeds)
     tables = sweep_table(rows)
+    if config.all_seeds:
+        how = (
+            f"Every grid point ran {config.seeds} seeds: best = the point with the best "
+            "mean over them (mean +- std), median over the points' means; a point counts "
+            "as diverged when any of its runs diverged."
+        )
+    else:
+        how = (
+            "Best = the best point on seed 0 (with further seeds: mean +- std over them); "
+            "median over the seed-0 grid."
+        )
     text = "\n".join(
         [
             "# Robustness sweep",
@@ -486,9 +545,9 @@ def write_sweep_report(
             f"Command: `{command}`",
             "",
             f"SINGD / reference grid: lr {list(LR_GRID)} x lr_cov {list(LR_COV_GRID)}, "
-            f"settings {SETTINGS}; AdamW lr {list(ADAMW_GRID)}. Diverged points count as "
-            "chance in the median. `singd` is torchsingd's default (safeguards on); "
-            f"the baseline is `{config.baseline}`.",
+            f"settings {SETTINGS}; AdamW lr {list(ADAMW_GRID)}. A diverged run, or one "
+            "that ends worse than chance, counts as chance. `singd` is torchsingd's "
+            f"default (safeguards on); the baseline is `{config.baseline}`. {how}",
             "",
             tables,
         ]
