@@ -678,3 +678,14 @@ def test_old_checkpoint_takes_missing_options_from_each_loading_group():
     g0, g1 = loading.param_groups
     assert g0["safeguards"] is False and g0["kl_clip"] == 1e-2
     assert g1["safeguards"] is True and g1["kl_clip"] == 0.25
+
+
+@pytest.mark.parametrize("name", STRUCTURES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_bounded_step_low_precision(name, dtype):
+    """The bounded step keeps the factor's dtype and its bound (up to that dtype's
+    rounding of ``max_step``)."""
+    m = random_member(get_structure(name), 17, "low").mul_(40.0).to(dtype)
+    step = m.bounded_step(0.1, 0.5)
+    assert step is not None and all(t.dtype == dtype for t in step.tensors())
+    assert spectral_norm(step) <= 0.5 * (1 + 2e-2)
