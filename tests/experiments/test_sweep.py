@@ -296,6 +296,8 @@ def test_sweep_config_validation():
         SweepConfig(baseline="adamw")
     with pytest.raises(ValueError, match="seeds"):
         SweepConfig(seeds=0)
+    with pytest.raises(ValueError, match="--all-seeds needs --seeds"):
+        SweepConfig(all_seeds=True)
 
 
 # --------------------------------------------------------------- command line
@@ -324,6 +326,8 @@ def test_cli_sweep_unknown_task(tmp_path, capsys):
     # a comparison task that the sweep does not have: a message and exit status 2
     assert cli.main([*SWEEP_ARGS, "--tasks", "digits-mlp", "--out", str(tmp_path)]) == 2
     assert "Unknown sweep task" in capsys.readouterr().err
+    assert cli.main([*SWEEP_ARGS, "--all-seeds", "--out", str(tmp_path)]) == 2
+    assert "--all-seeds needs --seeds" in capsys.readouterr().err
     # a structure the reference does not have, with the reference as the baseline
     args = [*SWEEP_ARGS, "--tasks", "digits-cnn", "--out", str(tmp_path)]
     args[args.index("reference-rule")] = "reference"

@@ -242,6 +242,8 @@ class SweepConfig:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}.")
         if self.seeds < 1 or self.jobs < 1 or self.threads < 1:
             raise ValueError("seeds, jobs and threads must be >= 1.")
+        if self.all_seeds and self.seeds < 2:
+            raise ValueError("--all-seeds needs --seeds N with N >= 2 (the seeds per point).")
         for structure in self.structures:
             get_structure(structure)  # a ValueError listing the valid names
             if self.baseline == "reference" and structure not in REFERENCE_STRUCTURES:
