@@ -353,6 +353,35 @@ def test_kl_clip_scales_the_reference_step():
         )
 
 
+def test_kfac_kl_clip_scales_its_step():
+    """KFAC's optional trust region: the step is KFAC's own, scaled by
+    ``sqrt(kl_clip / (lr^2 <G_nat, G>))``; off by default."""
+    from torchsingd import KFAC
+
+    lr, kappa = 0.1, 1e-4
+    hp = dict(lr=lr, momentum=0.0, weight_decay=0.0, T=1)
+    plain_model, clipped_model = _linear(), _linear()
+    plain = KFAC(plain_model, **hp)
+    clipped = KFAC(clipped_model, kl_clip=kappa, **hp)
+    assert plain.param_groups[0]["kl_clip"] is None
+    start = [p.detach().clone() for p in plain_model.parameters()]
+    _mse_step(plain_model, plain, 0)
+    _mse_step(clipped_model, clipped, 0)
+    W, b = plain_model[0].weight, plain_model[0].bias
+    G = torch.cat([W.grad, b.grad[:, None]], 1)
+    delta = [p.detach() - s for p, s in zip(plain_model.parameters(), start, strict=True)]
+    G_nat = -torch.cat([delta[0], delta[1][:, None]], 1) / lr
+    inner = (G_nat * G).sum().item()
+    assert lr**2 * inner > 10 * kappa
+    factor = math.sqrt(kappa / (lr**2 * inner))
+    for p, s, d in zip(clipped_model.parameters(), start, delta, strict=True):
+        torch.testing.assert_close(p.detach() - s, factor * d, rtol=1e-6, atol=1e-15)
+    assert clipped.safeguard_events["kl_clipped"] == 1
+    assert plain.safeguard_events["kl_clipped"] == 0
+    with pytest.raises(ValueError, match="kl_clip"):
+        KFAC(_linear(), kl_clip=-1.0)
+
+
 # -------------------------------------------- optimizer: nothing triggers
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)

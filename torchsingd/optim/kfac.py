@@ -96,6 +96,10 @@ class KFAC(KroneckerOptimizer):
         fallback, fallback_lr, fallback_betas, fallback_eps, fallback_weight_decay,
         max_update_norm, on_nonfinite, distributed_strategy, process_group: as for
         :class:`~torchsingd.SINGD`.
+        kl_clip: the trust region ("KL clipping" of distributed K-FAC): a group's
+            preconditioned directions are scaled so that ``lr^2 sum <G_nat, G> <=
+            kl_clip`` (:func:`torchsingd.optim.update.trust_region_scale`). ``None``
+            (default): off, the plain K-FAC step.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class KFAC(KroneckerOptimizer):
         on_nonfinite: str = "skip",
         distributed_strategy: str = "replicate",
         process_group: Any = None,
+        kl_clip: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -143,6 +148,7 @@ class KFAC(KroneckerOptimizer):
                 fallback_eps=fallback_eps,
                 fallback_weight_decay=fallback_weight_decay,
                 max_update_norm=max_update_norm,
+                kl_clip=kl_clip,
             ),
         )
         super().__init__(
