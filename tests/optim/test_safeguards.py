@@ -84,6 +84,45 @@ def test_spectral_norm_bound_bfloat16(structure, d):
     assert bound.item() >= spectral_norm(X) * (1 - 1e-2)
 
 
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+def test_quick_norm_bound_is_an_upper_bound(structure, d, dtype):
+    """``|c| + sqrt(||M||_F^2 - c^2 d + 1e-5 ||M||_F^2)``: an upper bound also when the
+    difference cancels (``M`` a multiple of the identity, or nearly so, in float32)."""
+    spec = get_structure(structure)
+    c = 0.5
+    for sample in range(3):
+        X = random_member(spec, d, "quick", sample).to(dtype)
+        Y = spec.eye(d, dtype=dtype).mul_(-c)
+        noise = random_member(spec, d, "q", sample).to(dtype)
+        Z = spec.eye(d, dtype=dtype).mul_(-c).add_(noise, alpha=1e-4)
+        for M in (X, Y, Z):
+            quick = M.quick_norm_bound()
+            exact = spectral_norm(M)
+            assert quick >= exact * (1 - 1e-12), (quick, exact)
+            D = M.to_dense().double()  # the triangle term it approximates, densely
+            mean = torch.trace(D) / d
+            triangle = mean.abs() + torch.linalg.matrix_norm(D - mean * torch.eye(d, dtype=F64))
+            slack = math.sqrt(1e-5) * torch.linalg.matrix_norm(D).item()
+            assert triangle.item() <= quick <= triangle.item() + 1.01 * slack + 1e-9
+
+
+def test_quick_norm_bound_skips_the_full_bound(monkeypatch):
+    """A clearly small step never reaches ``spectral_norm_bound``; a NaN matrix does (and
+    is left alone for the factor repair)."""
+    m = random_member(get_structure("hierarchical:3,2"), 9, "skip")
+    calls = []
+    original = type(m).spectral_norm_bound
+    monkeypatch.setattr(
+        type(m), "spectral_norm_bound", lambda self: calls.append(1) or original(self)
+    )
+    assert m.bounded_step(1e-3 / m.quick_norm_bound(), 0.5) is None and calls == []
+    assert m.bounded_step(100.0, 0.5) is not None and calls == [1]
+    m.tensors()[0].fill_(math.nan)
+    assert m.bounded_step(0.1, 0.5) is None and calls == [1, 1]
+
+
 @pytest.mark.parametrize("d", (2, 5, 17, 40))
 def test_spectral_norm_bound_tight_for_identity_plus_rank_one(d):
     """``M = cI + u u^T`` (c > 0), ``||M||_2 = c + |u|^2``.

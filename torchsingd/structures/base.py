@@ -17,6 +17,7 @@ of these tensors define a member of the family, which makes element-wise operati
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -173,12 +174,28 @@ class StructuredMatrix(ABC):
         each block on its own instead, so that one direction of large curvature does
         not slow the update of all the others.
         """
-        if beta == 0.0:
+        if beta == 0.0 or beta * self.quick_norm_bound() <= max_step:
             return None
         bound = float(self.spectral_norm_bound())
         if not beta * bound > max_step:
             return None
         return self.clone().mul_(max_step / bound)
+
+    def quick_norm_bound(self) -> float:
+        """A cheap upper bound on ``||self||_2``: ``|c| + ||M - cI||_F``, ``c = avgtr(M)``,
+        from ``||M - cI||_F^2 = ||M||_F^2 - c^2 d`` (two reductions, no temporaries).
+
+        A float32 sum of ``n`` squares is accurate to well within ``1e-5`` relative, so
+        ``1e-5 ||M||_F^2`` is added under the root to keep the cancellation in
+        ``||M||_F^2 - c^2 d`` from undercutting the bound. Used to skip
+        :meth:`spectral_norm_bound` (several passes) when the step is clearly small;
+        NaN or inf for a non-finite matrix.
+        """
+        M = self if self.dtype in (torch.float32, torch.float64) else self.to(torch.float32)
+        square = float(M.frobenius_sq())
+        c = float(M.average_trace())
+        rest = square - c * c * self.dim + 1e-5 * square
+        return abs(c) + math.sqrt(rest) if rest >= 0.0 else abs(c) + math.sqrt(1e-5 * square)
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.tensors())

@@ -94,8 +94,8 @@ class BlockDiagonalMatrix(StructuredMatrix):
         ``max_step`` (the blocks are independent: the bound of
         :meth:`~torchsingd.structures.StructuredMatrix.spectral_norm_bound`, per block);
         ``None`` if no block exceeds it."""
-        if beta == 0.0 or not self.dim:
-            return None
+        if beta == 0.0 or not self.dim or beta * self.quick_norm_bound() <= max_step:
+            return None  # the whole matrix's bound holds, so does every block's
         dtype = torch.promote_types(self.dtype, torch.float32)
         parts = [self.blocks.to(dtype), self.last.to(dtype).unsqueeze(0)]
         bounds = torch.cat([_block_norm_bounds(p) for p in parts])
