@@ -166,13 +166,13 @@ class StructuredMatrix(ABC):
         """The step ``S = beta * self`` of a factor update ``X <- X (I - S)``, bounded.
 
         ``None`` when ``beta * ||self||_2 <= max_step`` holds (by
-        :meth:`spectral_norm_bound`; also for a non-finite bound, which the factor
-        repair handles): the step is left alone. Otherwise a member ``S`` of the
-        family with ``||S||_2 <= max_step``: here ``beta`` scaled down for the whole
-        matrix, ``S = max_step / bound * self``. Structures whose members are
-        direct sums of independent diagonal blocks (diagonal, block-diagonal) bound
-        each block on its own instead, so that one direction of large curvature does
-        not slow the update of all the others.
+        :meth:`quick_norm_bound`, else :meth:`spectral_norm_bound`; also for a
+        non-finite bound, which the factor repair handles): the step is left alone.
+        Otherwise a member ``S`` of the family with ``||S||_2 <= max_step``: here
+        ``beta`` scaled down for the whole matrix, ``S = max_step / bound * self``.
+        Structures whose members are direct sums of independent diagonal blocks
+        (diagonal, block-diagonal) bound each block on its own instead, so that one
+        direction of large curvature does not slow the update of all the others.
         """
         if beta == 0.0 or beta * self.quick_norm_bound() <= max_step:
             return None
