@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,22 +59,26 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
+def counted_sweep(config: SweepConfig, out: Path, log=lambda s: None):
+    """``run_sweep`` with one torch thread; returns its records and the specs trained."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            first = Counting(mp)
-            records = run_sweep(CONFIG, out, progress=False, log=lambda s: None)
-        logged: list[str] = []
-        with pytest.MonkeyPatch.context() as mp:
-            second = Counting(mp)
-            again = run_sweep(CONFIG, out, progress=False, log=logged.append)
+            trained = Counting(mp)
+            records = run_sweep(config, out, progress=False, log=log)
     finally:
         torch.set_num_threads(threads)
-    return out, records, first.specs, again, second.specs, logged
+    return records, trained.specs
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    records, first = counted_sweep(CONFIG, out)
+    logged: list[str] = []
+    again, second = counted_sweep(CONFIG, out, logged.append)
+    return out, records, first, again, second, logged
 
 
 # ----------------------------------------------------------------- end to end
@@ -215,16 +220,8 @@ def test_sweep_all_seeds_reruns_every_point(swept, tmp_path):
     not run yet (the best points' seed-1 runs are reused) and plots the means."""
     out, records, *_ = swept
     (tmp_path / "runs.jsonl").write_text((out / "runs.jsonl").read_text())
-    config = SweepConfig(**{**CONFIG.__dict__, "all_seeds": True})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            trained = Counting(mp)
-            everything = run_sweep(config, tmp_path, progress=False, log=lambda s: None)
-    finally:
-        torch.set_num_threads(threads)
-    assert len(trained.specs) == 12 and {s.seed for s in trained.specs} == {1}
+    everything, trained = counted_sweep(replace(CONFIG, all_seeds=True), tmp_path)
+    assert len(trained) == 12 and {s.seed for s in trained} == {1}
     assert len(everything) == 30
     points = {(r["name"], r["lr"], r["lr_cov"]) for r in everything if r["phase"] == "seeds"}
     assert len(points) == 15

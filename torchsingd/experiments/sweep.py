@@ -389,6 +389,16 @@ def _point(record: dict[str, Any]) -> tuple:
     return (record["task"], record["precision"], record["name"], record["lr"], record["lr_cov"])
 
 
+def _runs_by_point(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """The runs of each grid point, its seed-0 grid run first."""
+    runs: dict[tuple, list[dict[str, Any]]] = {}
+    for phase in ("sweep", "seeds"):
+        for r in records:
+            if r["phase"] == phase:
+                runs.setdefault(_point(r), []).append(r)
+    return runs
+
+
 def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Row]:
     """One row per (task, precision, optimizer).
 
@@ -398,9 +408,7 @@ def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Ro
     over the means. A point counts as diverged when any of its runs diverged.
     """
     grid = [r for r in records if r["phase"] == "sweep"]
-    runs: dict[tuple, list[dict[str, Any]]] = {}
-    for r in grid + [r for r in records if r["phase"] == "seeds"]:
-        runs.setdefault(_point(r), []).append(r)
+    runs = _runs_by_point(records)
 
     def score(point: tuple) -> float:  # larger is better
         values = [_value(r) for r in runs[point]] if all_seeds else [_value(runs[point][0])]
@@ -467,10 +475,7 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path, all_seeds: bool = Fa
 
     plt = _pyplot()
     grid = [r for r in records if r["phase"] == "sweep"]
-    runs: dict[tuple, list[dict[str, Any]]] = {}
-    for r in grid + [r for r in records if r["phase"] == "seeds"]:
-        runs.setdefault(_point(r), []).append(r)
-    counted = {p: rs if all_seeds else rs[:1] for p, rs in runs.items()}
+    counted = {p: rs if all_seeds else rs[:1] for p, rs in _runs_by_point(records).items()}
 
     def value(r: dict[str, Any]) -> float:
         return statistics.mean(_value(x) for x in counted[_point(r)])
