@@ -71,21 +71,31 @@ def test_unbatched_conv_input_is_not_split(monkeypatch):
     torch.testing.assert_close(got, Kd.T @ a.T @ a @ Kd, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("structure", ["diagonal", "hierarchical:3,2", "triltoeplitz", "dense"])
-def test_inner_of_rows_sums_chunks(monkeypatch, structure):
+@pytest.mark.parametrize(
+    "structure, route",
+    [
+        ("diagonal", "inner_of"),
+        ("hierarchical:3,2", "gram_of"),  # 7 rows > k1 + k2 = 4: the Gram route pays
+        ("blockdiagonal:3", "gram_of"),  # 7 > 2 * 3
+        ("triltoeplitz", "inner_of"),
+        ("dense", "inner_of"),  # 7 <= 2 * 4
+    ],
+)
+def test_inner_of_rows_sums_chunks(monkeypatch, structure, route):
     """``P(X^T r^T r X)`` over row chunks (7 rows of width 4, chunks of 2 rows) equals
-    the dense float64 statistic of all rows."""
+    the dense float64 statistic of all rows, by ``inner_of`` per chunk or by the sum
+    of the chunks' ``gram_of``."""
     X = _random_K(structure, 4)
     rows = torch.randn(7, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 8)
     seen = []
-    original = type(X).inner_of
+    original = getattr(type(X), route)
 
     def spy(self, Z):
         seen.append(Z.shape[1])
         return original(self, Z)
 
-    monkeypatch.setattr(type(X), "inner_of", spy)
+    monkeypatch.setattr(type(X), route, spy)
     got = layers_base.inner_of_rows(X, rows).to_dense()
     assert seen == [2, 2, 2, 1]
     Xd = X.to_dense()

@@ -430,6 +430,29 @@ def test_inner_of(name, d, shape):
     assert torch.equal(X.to_dense(), Xd) and torch.equal(Z, Z_before)
 
 
+@pytest.mark.parametrize("name, d", CASES)
+def test_gram_route(name, d):
+    """``inner_of_gram`` of summed ``gram_of`` parts equals ``P(K^T Z Z^T K)`` of all
+    columns (the spec's projection of the dense product), and ``gram_pays`` says yes
+    for many columns exactly for the families that have the route."""
+    spec = get_structure(name)
+    X = random_member(spec, d, "gram")
+    Xd = X.to_dense()
+    Z = randn(d, 3 * d + 40, g=gen(name, d, "gram_Z"))
+    G = X.gram_of(Z[:, :7])
+    if G is None:
+        assert not X.gram_pays(10**6)
+        with pytest.raises(NotImplementedError, match="no Gram route"):
+            X.inner_of_gram(X)
+        return
+    assert X.gram_pays(10**6) and not X.gram_pays(1)
+    G.add_(X.gram_of(Z[:, 7:].T.contiguous().T))  # chunks add; column-major too
+    H = X.inner_of_gram(G)
+    assert isinstance(H, spec.cls) and H.options() == spec.options and H.dim == d
+    assert_close(H.to_dense(), project(spec, Xd.T @ Z @ Z.T @ Xd))
+    assert torch.equal(X.to_dense(), Xd)
+
+
 # ----------------------------------------------------------------- element-wise
 @pytest.mark.parametrize("name, d", CASES)
 def test_trace_and_average_trace(name, d):

@@ -124,16 +124,19 @@ class LayerAdapter(ABC):
         x = x.to(K.dtype)
         B = x.shape[0] if self.is_batched(module, x) else 1
         if B > 1:
-            per_sample = self.input_rows(module, x[:1], kfac_approx, block=block).numel()
-            chunk = max(1, STATISTIC_CHUNK_NUMEL // max(per_sample, 1))
+            one = self.input_rows(module, x[:1], kfac_approx, block=block)
+            chunk = max(1, STATISTIC_CHUNK_NUMEL // max(one.numel(), 1))
             if chunk < B:
+                # the Gram route (see gram_of_rows) sums the chunks' Grams, applies K once
+                gram = K.gram_pays(one.shape[0] * B)
                 H = None
                 for start in range(0, B, chunk):
                     part = x[start : start + chunk]
                     a = self.input_rows(module, part, kfac_approx, block=block)
-                    H_part = inner_of_rows(K, a).mul_(part.shape[0] / B)
+                    H_part = gram_of_rows(K, a) if gram else inner_of_rows(K, a)
+                    H_part.mul_(part.shape[0] / B)
                     H = H_part if H is None else H.add_(H_part)
-                return H
+                return K.inner_of_gram(H) if gram else H
         a = self.input_rows(module, x, kfac_approx, block=block)
         return inner_of_rows(K, a)
 
@@ -194,7 +197,10 @@ STATISTIC_CHUNK_NUMEL = 1 << 20
 def inner_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """``X.inner_of(rows.T) = P(X^T rows^T rows X)`` over chunks of at most
     ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]``: the statistic is a sum
-    over rows, so the products' temporaries stay chunk-sized."""
+    over rows, so the products' temporaries stay chunk-sized. By the Gram route
+    (:func:`gram_of_rows`, then ``X`` applied once) where ``X.gram_pays(N)``."""
+    if X.gram_pays(rows.shape[0]):
+        return X.inner_of_gram(gram_of_rows(X, rows))
     step = max(1, STATISTIC_CHUNK_NUMEL // max(rows.shape[1], 1))
     if rows.shape[0] <= step:
         return X.inner_of(rows.T)
@@ -202,6 +208,16 @@ def inner_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     for start in range(step, rows.shape[0], step):
         H.add_(X.inner_of(rows[start : start + step].T))
     return H
+
+
+def gram_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
+    """``P(rows^T rows)`` in ``X``'s family (:meth:`StructuredMatrix.gram_of`), summed
+    over chunks of at most ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]``."""
+    step = max(1, STATISTIC_CHUNK_NUMEL // max(rows.shape[1], 1))
+    G = X.gram_of(rows[:step].T)
+    for start in range(step, rows.shape[0], step):
+        G.add_(X.gram_of(rows[start : start + step].T))
+    return G
 
 
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:

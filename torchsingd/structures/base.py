@@ -233,6 +233,28 @@ class StructuredMatrix(ABC):
     def inner_of(self, Z: Tensor) -> StructuredMatrix:
         """``P(self^T @ Z @ Z^T @ self)`` for a dense ``Z`` of shape ``[d, n]``."""
 
+    def gram_of(self, Z: Tensor) -> StructuredMatrix | None:
+        """The entries of ``Z Z^T`` (``Z: [d, n]`` dense) that ``P(K^T Z Z^T K)`` reads,
+        held in a member of this family, or ``None``.
+
+        The Gram route to :meth:`inner_of`: ``inner_of_gram(gram_of(Z))`` equals
+        ``inner_of(Z)``. Dense: all of ``Z Z^T``; block-diagonal: its diagonal blocks
+        (``P(Z Z^T)``); hierarchical: its border rows and diagonal. It costs about one
+        product with ``Z`` instead of two (``S = K^T Z``, then ``S S^T``), and it is
+        additive, so statistics over chunks of rows sum their Grams and apply ``K``
+        once. ``None``: this family has no such route.
+        """
+        return None
+
+    def inner_of_gram(self, G: StructuredMatrix) -> StructuredMatrix:
+        """``P(self^T G self)`` for ``G`` a sum of :meth:`gram_of` results (symmetric)."""
+        raise NotImplementedError(f"{type(self).__name__} has no Gram route to inner_of.")
+
+    def gram_pays(self, columns: int) -> bool:
+        """Whether the Gram route beats :meth:`inner_of` for ``columns`` columns of ``Z``
+        in all (families without :meth:`gram_of`: never)."""
+        return False
+
     def outer_operator(self) -> StructuredMatrix | OuterOperator | SparseOuterOperator:
         """An operator equal to ``self @ self^T`` that supports ``mm``.
 

@@ -128,6 +128,25 @@ class BlockDiagonalMatrix(StructuredMatrix):
             torch.bmm(S_top, S_top.mT), S_bottom @ S_bottom.T, self.block_size
         )
 
+    def gram_of(self, Z: Tensor) -> BlockDiagonalMatrix:
+        top, bottom = self._split(Z)
+        return BlockDiagonalMatrix(
+            torch.bmm(top, top.mT), bottom @ bottom.T, self.block_size
+        )
+
+    def inner_of_gram(self, G: StructuredMatrix) -> BlockDiagonalMatrix:
+        self._check_compatible(G)
+        R = torch.bmm(self.blocks.mT, torch.bmm(G.blocks, self.blocks))
+        r = self.last.T @ (G.last @ self.last)
+        # symmetric, as S S^T is
+        return BlockDiagonalMatrix(
+            R.add_(R.mT.clone()).mul_(0.5), r.add_(r.T.clone()).mul_(0.5), self.block_size
+        )
+
+    def gram_pays(self, columns: int) -> bool:
+        # inner_of: 4 n d B flops (K^T Z, S S^T per block); Gram: 2 n d B + 4 d B^2 once
+        return columns > 2 * min(self.block_size, self.dim)
+
     @classmethod
     def from_dense(cls, M: Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> BlockDiagonalMatrix:
         dim = check_square(M)

@@ -65,6 +65,19 @@ class DenseMatrix(StructuredMatrix):
         S = self.tmm(Z)
         return DenseMatrix(S @ S.T)
 
+    def gram_of(self, Z: Tensor) -> DenseMatrix:
+        check_rows(Z, self.dim)
+        return DenseMatrix(Z @ Z.T)
+
+    def inner_of_gram(self, G: StructuredMatrix) -> DenseMatrix:
+        self._check_compatible(G)
+        R = self.mat.T @ (G.mat @ self.mat)
+        return DenseMatrix(R.add_(R.T.clone()).mul_(0.5))  # symmetric, as S S^T is
+
+    def gram_pays(self, columns: int) -> bool:
+        # inner_of: 4 n d^2 flops (K^T Z, S S^T); Gram: 2 n d^2 + 4 d^3 once
+        return columns > 2 * self.dim
+
     @classmethod
     def from_dense(cls, M: Tensor, *options: int) -> DenseMatrix:
         check_square(M)

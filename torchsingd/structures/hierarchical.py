@@ -164,6 +164,58 @@ class HierarchicalMatrix(StructuredMatrix):
             self.K2,
         )
 
+    def gram_of(self, Z: Tensor) -> HierarchicalMatrix:
+        """The entries of ``G = Z Z^T`` that ``P(K^T G K)`` reads: its top ``k1`` and
+        bottom ``k2`` rows and its diagonal, stored as ``A = G11``, ``B = [G12 G13]``,
+        ``c = diag(G22)``, ``D = G32``, ``E = G33`` (without ``P``'s factor 2)."""
+        check_rows(Z, self.dim)
+        k1, s = self.k1, self.k1 + self.m
+        W = torch.cat([Z[:k1], Z[s:]]) @ Z.T  # [k1 + k2, d]: one product for both
+        return HierarchicalMatrix(
+            W[:k1, :k1],
+            W[:k1, k1:],
+            row_sq_sum(Z[k1:s]),
+            W[k1:, k1:s],
+            W[k1:, s:],
+            self.K1,
+            self.K2,
+        )
+
+    def inner_of_gram(self, G: StructuredMatrix) -> HierarchicalMatrix:
+        """``P(K^T G K)`` from the rows and diagonal of ``G`` (see :meth:`gram_of`):
+        with ``GK = G K`` in blocks, ``M = K^T G K`` has ``M11 = A^T GK11``,
+        ``M1j = A^T GK1j``, ``M32 = B2^T GK12 + E^T GK32``, ``M33 = B2^T GK13 +
+        E^T GK33`` and ``diag(M22) = colsum(B1 * GK12) + c * diag(GK22) +
+        colsum(D * GK32)``, where ``diag(GK22) = colsum(G12 * B1) + g22 * c +
+        colsum(G32 * D)``."""
+        self._check_compatible(G)
+        A, c, D, E = self.A, self.c, self.D, self.E
+        B1, B2 = self._B12()
+        G11, G13, G32, G33 = G.A, G.B[:, self.m :], G.D, G.E
+        G12, G31 = G.B[:, : self.m], G13.T
+        GK11 = G11 @ A
+        GK12 = G11 @ B1 + G12 * c + G13 @ D
+        GK13 = G11 @ B2 + G13 @ E
+        GK32 = G31 @ B1 + G32 * c + G33 @ D
+        GK33 = G31 @ B2 + G33 @ E
+        M11 = A.T @ GK11
+        M33 = B2.T @ GK13 + E.T @ GK33
+        GK22 = (G12 * B1).sum(0) + G.c * c + (G32 * D).sum(0)
+        return HierarchicalMatrix(
+            M11.add_(M11.T.clone()).mul_(0.5),  # symmetric, as S S^T is
+            2 * (A.T @ torch.cat([GK12, GK13], 1)),
+            (B1 * GK12).sum(0) + c * GK22 + (D * GK32).sum(0),
+            2 * (B2.T @ GK12 + E.T @ GK32),
+            M33.add_(M33.T.clone()).mul_(0.5),
+            self.K1,
+            self.K2,
+        )
+
+    def gram_pays(self, columns: int) -> bool:
+        # inner_of: ~4 n d (k1 + k2) flops (K^T Z, then its products); Gram: ~2 n d
+        # (k1 + k2) and O(d (k1 + k2)^2) once
+        return columns > self.k1 + self.k2
+
     @classmethod
     def from_dense(cls, M: Tensor, K1: int = DEFAULT_K1, K2: int = DEFAULT_K2):
         dim = check_square(M)
