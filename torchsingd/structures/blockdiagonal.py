@@ -130,9 +130,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def gram_of(self, Z: Tensor) -> BlockDiagonalMatrix:
         top, bottom = self._split(Z)
-        return BlockDiagonalMatrix(
-            torch.bmm(top, top.mT), bottom @ bottom.T, self.block_size
-        )
+        return BlockDiagonalMatrix(torch.bmm(top, top.mT), bottom @ bottom.T, self.block_size)
 
     def inner_of_gram(self, G: StructuredMatrix) -> BlockDiagonalMatrix:
         self._check_compatible(G)
