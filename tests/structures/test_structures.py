@@ -516,6 +516,43 @@ def test_max_abs(name, d):
     assert not X.is_finite()
 
 
+@pytest.mark.parametrize("name", ["dense", "hierarchical:3,2", "blockdiagonal:3", "diagonal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_is_finite(name, dtype):
+    """Huge finite entries whose sum overflows are finite; one inf, -inf or NaN is not."""
+    spec = get_structure(name)
+    big = torch.finfo(dtype).max
+    X = spec.zeros(7, dtype=dtype)
+    for t in X.tensors():
+        t.fill_(big)  # every sum overflows to inf: the entry-by-entry check decides
+    assert X.is_finite()
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        Y = spec.eye(7, dtype=dtype)
+        Y.tensors()[-1].view(-1)[-1] = bad
+        assert not Y.is_finite()
+        W = X.clone()
+        W.tensors()[0].view(-1)[0] = bad
+        assert not W.is_finite()
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_add_and_mul_out_of_place(name, d):
+    """``add``/``mul`` give the numbers of ``clone().add_``/``clone().mul_`` (bit for
+    bit) and leave their operands alone."""
+    spec = get_structure(name)
+    X, Y = random_member(spec, d, "add_X"), random_member(spec, d, "add_Y")
+    Xd, Yd = X.to_dense(), Y.to_dense()
+    S = X.add(Y, alpha=-0.37)
+    assert isinstance(S, spec.cls) and S.options() == spec.options
+    assert torch.equal(S.to_dense(), X.clone().add_(Y, alpha=-0.37).to_dense())
+    assert_close(S.to_dense(), Xd - 0.37 * Yd)
+    P = X.mul(2.5)
+    assert torch.equal(P.to_dense(), X.clone().mul_(2.5).to_dense())
+    assert torch.equal(X.to_dense(), Xd) and torch.equal(Y.to_dense(), Yd)
+    with pytest.raises(ValueError):
+        X.add(spec.zeros(d + 1, dtype=F64))
+
+
 @pytest.mark.parametrize("name, d", CASES)
 def test_clone_copy_to(name, d):
     spec = get_structure(name)

@@ -44,7 +44,7 @@ def riemannian_momentum_step(
     alpha1: float,
 ) -> StructuredMatrix:
     """``m = scale * (H_coeff * H + damping_coeff * XtX - I) + alpha1 * m_old``."""
-    m = H.clone().mul_(H_coeff)
+    m = H.mul(H_coeff)
     m.add_(XtX, alpha=damping_coeff)
     m.add_identity_(-1.0).mul_(scale)
     if m_old is not None and alpha1 != 0.0:
@@ -149,8 +149,8 @@ def factor_step(
     """
     step = m.bounded_step(beta1, max_step) if max_step is not None else None
     if step is None:
-        return X.clone().add_(X.matmul(m), alpha=-beta1), False
-    return X.clone().add_(X.matmul(step), alpha=-1.0), True
+        return X.add(X.matmul(m), alpha=-beta1), False
+    return X.add(X.matmul(step), alpha=-1.0), True
 
 
 def natural_gradient(

@@ -120,6 +120,20 @@ class StructuredMatrix(ABC):
             t.add_(o, alpha=alpha)
         return self
 
+    def add(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> StructuredMatrix:
+        """``self + alpha * other``, a new member (the numbers of ``clone().add_``)."""
+        self._check_compatible(other)
+        return self._with_tensors(
+            tuple(
+                torch.add(t, o, alpha=alpha)
+                for t, o in zip(self.tensors(), other.tensors(), strict=True)
+            )
+        )
+
+    def mul(self, value: float | Tensor) -> StructuredMatrix:
+        """``value * self``, a new member (the numbers of ``clone().mul_``)."""
+        return self._with_tensors(tuple(torch.mul(t, value) for t in self.tensors()))
+
     def mul_(self, value: float | Tensor) -> StructuredMatrix:
         """``self <- value * self`` in place."""
         for t in self.tensors():
@@ -198,7 +212,17 @@ class StructuredMatrix(ABC):
         return abs(c) + math.sqrt(rest) if rest >= 0.0 else abs(c) + math.sqrt(1e-5 * square)
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors())
+        """Whether every stored number is finite.
+
+        First one reduction: a sum of the numbers is finite only if each is (NaN and
+        inf propagate), which settles the common case in one synchronisation; as a
+        sum of finite numbers can overflow, a non-finite sum is confirmed entry by
+        entry.
+        """
+        tensors = self.tensors()
+        if math.isfinite(float(torch.stack([t.sum() for t in tensors]).sum())):
+            return True
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     # --------------------------------------------------- structure-aware algebra
     @abstractmethod
