@@ -272,8 +272,10 @@ def test_large_vocabulary_keeps_diagonal_state():
     assert isinstance(layer.K, DiagonalMatrix) and isinstance(layer.m_K, DiagonalMatrix)
     assert layer.K.numel() == vocab and layer.m_K.numel() == vocab
     assert layer.C.numel() == dim * dim
-    # state: K, m_K (V numbers each), C, m_C (D^2 each), one momentum buffer (V * D)
-    expected_numbers = 2 * vocab + 2 * dim * dim + vocab * dim
+    # state: K, m_K and the cached K K^T (V numbers each), C, m_C and C C^T (D^2
+    # each), one momentum buffer (V * D)
+    assert isinstance(layer.KKt, DiagonalMatrix) and layer.CCt.numel() == dim * dim
+    expected_numbers = 3 * vocab + 3 * dim * dim + vocab * dim
     assert opt.state_bytes() == 4 * expected_numbers
     assert opt.state_bytes() < vocab * vocab  # far below one dense V x V factor
     # unused tokens keep K = 1 exactly (their statistic is zero; only damping acts on

@@ -666,3 +666,37 @@ def test_preconditioner_dims():
         conv.C.to_dense(), torch.eye(6)
     )
     assert lin.m_K is not None and torch.equal(lin.m_K.to_dense(), torch.zeros(6, 6))
+
+
+def _numbers(structure: str, d: int) -> tuple[int, int]:
+    """Numbers in a factor of dimension ``d`` and in its cached ``K K^T`` operator,
+    from the layouts in ALGORITHM.md (written out here, not asked of the package)."""
+    if structure == "dense":
+        return d * d, d * d
+    if structure == "diagonal":
+        return d, d
+    if structure == "blockdiagonal:4":
+        n, r = divmod(d, 4)
+        return 16 * n + r * r, 16 * n + r * r  # K K^T is block-diagonal too
+    assert structure == "hierarchical:3,2"
+    k1, k2 = min(d, 3), min(max(d - 3, 0), 2)
+    m = d - k1 - k2
+    # A, B, c, D, E; K K^T is an arrow: its k1 + k2 border columns and diagonal
+    return k1 * k1 + k1 * (m + k2) + m + k2 * m + k2 * k2, d * (k1 + k2) + d
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "blockdiagonal:4", "hierarchical:3,2"])
+def test_state_bytes_counts_factors_caches_and_buffers(structure):
+    """``state_bytes``: K, C, m_K, m_C, the cached K K^T and C C^T operators kept between
+    steps, and one momentum buffer per parameter (float64: 8 bytes a number)."""
+    model = make_mlp()  # Linear(6, 8), Linear(8, 3): (d_i, d_o) = (7, 8), (9, 3)
+    opt = SINGD(model, structures=structure, T=3, momentum=0.9)
+    train(model, opt, 0, 2)
+    params = sum(p.numel() for p in model.parameters())
+    factors = 0
+    for d_i, d_o in ((7, 8), (9, 3)):
+        for d in (d_i, d_o):
+            stored, cached = _numbers(structure, d)
+            factors += 2 * stored + cached  # factor, its momentum, the cached operator
+    assert all(layer.KKt is not None and layer.CCt is not None for layer in opt.layers.values())
+    assert opt.state_bytes() == 8 * (params + factors)

@@ -86,6 +86,11 @@ class BlockState:
         """Members with the structure and dtype of the two pending statistics."""
         raise NotImplementedError
 
+    def cached(self) -> dict[str, Any]:
+        """Tensors derived from the factors and kept between steps (not checkpointed,
+        counted by ``state_bytes``): objects with ``nbytes()``, or ``None``."""
+        return {}
+
 
 @dataclass
 class ModuleEntry:
@@ -443,12 +448,13 @@ class KroneckerOptimizer(Optimizer):
     def state_bytes(self) -> int:
         """Bytes of every tensor the optimizer keeps between steps.
 
-        Counts every block's factors and per-parameter state (momentum buffers,
+        Counts every block's factors, what is cached from them between steps (SINGD's
+        ``K K^T``, ``C C^T`` operators) and per-parameter state (momentum buffers,
         fallback moments); pending statistics are transient and not counted.
         """
         total = 0
         for layer in self.layers.values():
-            for x in layer.factors().values():
+            for x in (*layer.factors().values(), *layer.cached().values()):
                 total += 0 if x is None else x.nbytes()
         for state in self.state.values():
             for value in state.values():

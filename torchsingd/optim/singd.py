@@ -66,6 +66,9 @@ class LayerState(BlockState):
     def pending_like(self) -> tuple[StructuredMatrix, StructuredMatrix]:
         return self.K, self.C
 
+    def cached(self) -> dict[str, Any]:
+        return {"KKt": self.KKt, "CCt": self.CCt}
+
 
 def _outer(X: StructuredMatrix, columns: int, uses: int) -> Any:
     """``X X^T`` as a cached member where forming it pays over ``uses`` steps."""

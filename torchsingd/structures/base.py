@@ -338,6 +338,10 @@ class OuterOperator:
     def mm(self, X: Tensor) -> Tensor:
         return self.K.mm(self.K.tmm(X))
 
+    def nbytes(self) -> int:
+        """``0``: a view of ``K``, which holds the numbers."""
+        return 0
+
 
 @dataclass(frozen=True)
 class SparsePattern:
@@ -376,6 +380,10 @@ class SparseOuterOperator:
         self.v = pattern.delta.square().unsqueeze(1)
         # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
         self.W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
+
+    def nbytes(self) -> int:
+        """Bytes held: ``W`` (``d x b``) and ``delta^2`` (``d``)."""
+        return sum(t.numel() * t.element_size() for t in (self.W, self.v))
 
     def _border(self, X: Tensor, dim: int) -> Tensor:
         """The rows (``dim=0``) or columns (``dim=1``) of ``X`` in ``B``."""

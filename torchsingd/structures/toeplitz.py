@@ -120,6 +120,12 @@ class ToeplitzOuterOperator:
             L = dense_lower_toeplitz(col)
             self.dense = L @ L.T if lower else L.T @ L
 
+    def nbytes(self) -> int:
+        """Bytes held besides ``col`` (the factor's own): the spectrum or the small
+        dense product."""
+        held = self.spectrum if _use_fft(self.d) else self.dense
+        return held.numel() * held.element_size()
+
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.d)
         first_correlates = self.lower  # L L^T X: L^T (a correlation) acts first
