@@ -52,9 +52,13 @@ def test_bench_rows_are_finite(capsys):
     )
     assert [r["structure"] for r in rows] == ["diagonal", "hierarchical:15,15"]
     for r in rows:
-        for key in ("ours_over_adamw", "state_ratio", "gflops", "floor_over_adamw"):
+        for key in ("ours_over_adamw", "state_ratio", "floor_over_adamw"):
             assert math.isfinite(r[key]) and r[key] > 0, key
         assert math.isfinite(r["optimizer_share"])  # a difference of noisy times
+        if r["optimizer_share"] > 0:
+            assert math.isfinite(r["gflops"]) and r["gflops"] > 0
+        else:  # not measurable: no made-up throughput
+            assert r["gflops"] is None and r["fraction_of_peak"] is None
         assert r["state_ratio"] < 2.0  # structured: below AdamW's 2x parameter bytes
     assert "speed-up over the reference" not in capsys.readouterr().out  # no reference
 
@@ -63,3 +67,12 @@ def test_cli_forwards_bench_options(capsys):
     with pytest.raises(SystemExit):
         cli_main(["bench", "--help"])
     assert "--structures" in capsys.readouterr().out
+
+
+def test_throughput_is_absent_when_the_optimizer_time_is_noise():
+    """A non-positive ``t_ours - t_null`` gives no GFLOP/s (it printed 4.4e6 GFLOP/s
+    for a -4% share once); a positive one gives work / time and its peak fraction."""
+    assert bench.throughput(2e9, -1e-3, 100e9) == (None, None)
+    assert bench.throughput(2e9, 0.0, 100e9) == (None, None)
+    gflops, of_peak = bench.throughput(2e9, 0.04, 100e9)
+    assert gflops == pytest.approx(50.0) and of_peak == pytest.approx(0.5)

@@ -18,7 +18,8 @@ Columns:
   CPU: the maximum resident set size of a fresh subprocess running that training);
 - ``GFLOP/s`` and ``of peak``: the preconditioner work of :func:`preconditioner_flops`
   divided by ``t_ours - t_null``, and its fraction of the machine's measured matmul
-  throughput (a ``2048^3`` product in the benchmark's dtype);
+  throughput (a ``2048^3`` product in the benchmark's dtype); ``-`` where
+  ``t_ours - t_null`` is not positive (then ``opt share`` is negative: noise);
 - ``floor``: ``(t_null + work / throughput) / t_AdamW``, the ratio SINGD would reach
   if its preconditioner work ran at the measured matmul throughput and nothing else
   (parameter update, hooks, checks) cost anything: no implementation of the same
@@ -377,6 +378,15 @@ def measure(cands: list[Candidate], x, y, rounds: int, iters: int, device) -> No
             c.times.append((time.perf_counter() - t0) / iters)
 
 
+def throughput(work: float, seconds: float, peak_flops: float) -> tuple[float | None, ...]:
+    """GFLOP/s of ``work`` FLOPs done in ``seconds`` and the fraction of ``peak_flops``;
+    ``(None, None)`` when ``seconds`` (``t_ours - t_null``, a difference of two noisy
+    medians) is not positive: the optimizer's time is lost in the noise."""
+    if not seconds > 0.0:
+        return None, None
+    return work / seconds / 1e9, work / seconds / peak_flops
+
+
 def fmt_ratio(values: list[float], base: float) -> str:
     return f"{statistics.median(values) / base:.2f}x"
 
@@ -449,7 +459,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     med = {k: statistics.median(v) for k, v in t.items()}
                     ours = cands[2]
                     work = preconditioner_flops(ours.model, s, T, captured_rows(ours.model, x))
-                    pre_time = max(med["ours"] - med["null"], 1e-9)
+                    gflops, of_peak = throughput(work, med["ours"] - med["null"], peak_flops)
                     row = dict(
                         model=model_name,
                         structure=s,
@@ -464,8 +474,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         ref_over_ours=med["ref"] / med["ours"] if use_ref else None,
                         optimizer_share=(med["ours"] - med["null"]) / med["ours"],
                         state_ratio=state_bytes(ours.opt) / param_bytes(ours.model),
-                        gflops=work / pre_time / 1e9,
-                        fraction_of_peak=work / pre_time / peak_flops,
+                        gflops=gflops,
+                        fraction_of_peak=of_peak,
                         floor_over_adamw=(med["null"] + work / peak_flops) / med["adamw"],
                     )
                     row["peak_ratio"] = (
@@ -486,8 +496,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"[{row['ours_min_ms'] / row['adamw_ms']:.2f}-"
                         f"{row['ours_max_ms'] / row['adamw_ms']:.2f}] | {ref_cols} | "
                         f"{100 * row['optimizer_share']:.0f}% | {row['state_ratio']:.2f}x | "
-                        f"{peak} | {row['gflops']:.1f} | "
-                        f"{100 * row['fraction_of_peak']:.1f}% | "
+                        f"{peak} | {'-' if gflops is None else f'{gflops:.1f}'} | "
+                        f"{'-' if of_peak is None else f'{100 * of_peak:.1f}%'} | "
                         f"{row['floor_over_adamw']:.2f}x |",
                         flush=True,
                     )
