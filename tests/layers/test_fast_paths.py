@@ -48,3 +48,45 @@ def test_diagonal_conv_statistic_equals_unfolded_rows(name):
     Kd = K.to_dense()
     expected = torch.diag(torch.diagonal(Kd.T @ a.T @ a @ Kd))
     torch.testing.assert_close(fast, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_finish_input_rows_writes_a_view_in_one_pass(dtype, with_bias):
+    """Rows from a transposed ``[B, L, d]`` view of patches equal (bit for bit) the
+    plain computation: reshape to ``[N, d]``, append ones, divide by ``sqrt(N)``; the
+    result is row-major and the patches are not modified."""
+    from math import sqrt
+
+    from torchsingd.layers.base import finish_input_rows
+
+    g = torch.Generator().manual_seed(3)
+    cols = torch.randn(4, 6, 9, generator=g).to(dtype)  # an unfold's [B, d, L]
+    patches = cols.transpose(1, 2)  # [B, L, d], not contiguous
+    before = patches.clone()
+    a = patches.reshape(-1, 6)
+    if with_bias:
+        a = torch.cat([a, torch.ones(36, 1, dtype=dtype)], dim=1)
+    expected = a / sqrt(36)
+    rows = finish_input_rows(patches, with_bias)
+    assert rows.is_contiguous() and rows.dtype == dtype
+    assert torch.equal(rows, expected)
+    assert torch.equal(patches, before)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 9, 9), (7, 5, 1, 1), (5, 9, 9)])
+@pytest.mark.parametrize("loss_average", ["batch", "batch+sequence", None])
+def test_conv_grad_rows_one_pass(shape, loss_average):
+    """Output-gradient rows of a convolution: ``[B * L, C]`` row-major, equal (bit for
+    bit) to ``g`` moved to channels-last, flattened and scaled by ``sqrt(n)``."""
+    from torchsingd.layers.base import loss_terms_scale
+
+    module = nn.Conv2d(3, 5, 3)
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    before = g.clone()
+    g4 = g if g.ndim == 4 else g.unsqueeze(0)
+    B, C, L = g4.shape[0], g4.shape[1], g4.shape[2] * g4.shape[3]
+    expected = g4.permute(0, 2, 3, 1).reshape(B * L, C) * loss_terms_scale(B, L, loss_average)
+    rows = get_adapter(module).grad_rows(module, g, loss_average, "expand")
+    assert rows.is_contiguous() and torch.equal(rows, expected)
+    assert torch.equal(g, before)

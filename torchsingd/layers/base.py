@@ -23,7 +23,7 @@ Register a new layer type with :func:`register_layer`; see the README for an exa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from math import sqrt
+from math import prod, sqrt
 from typing import Any, Protocol
 
 import torch
@@ -221,10 +221,21 @@ def gram_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
 
 
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:
-    """Append a ones column (bias) and divide by ``sqrt(N_a)``."""
-    if with_bias:  # the concatenation is a fresh tensor: divide it in place
-        return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1).div_(sqrt(a.shape[0]))
-    return a / sqrt(a.shape[0])
+    """Rows ``[N, d (+ 1)]``: ``a`` (``[..., d]`` in any layout, ``N`` = the product
+    of its leading sizes) divided by ``sqrt(N)``, and a column of ``1 / sqrt(N)`` for
+    the bias.
+
+    One pass over ``a`` writes the divided values straight into the new row-major
+    tensor (a convolution's patches are a transposed view of the unfold: no separate
+    reshape copy, concatenation and division).
+    """
+    d = a.shape[-1]
+    N = prod(a.shape[:-1])
+    rows = a.new_empty(N, d + int(with_bias))
+    torch.div(a, sqrt(N), out=rows[:, :d].view(a.shape))
+    if with_bias:
+        rows[:, d:].fill_(1.0).div_(sqrt(N))
+    return rows
 
 
 def loss_terms_scale(batch_size: int, shared_size: int, loss_average: str | None) -> float:

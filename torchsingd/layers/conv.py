@@ -84,8 +84,8 @@ class ConvAdapter(LayerAdapter):
         return x.ndim == len(module.kernel_size) + 2
 
     def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
-        patches = unfold_input(module, x)
-        a = patches.reshape(-1, patches.shape[-1]) if kfac_approx == "expand" else patches.mean(1)
+        patches = unfold_input(module, x)  # "expand": rows are all samples' patches
+        a = patches if kfac_approx == "expand" else patches.mean(1)
         return finish_input_rows(a, self.has_bias(module))
 
     def input_statistic(
@@ -119,7 +119,9 @@ class ConvAdapter(LayerAdapter):
         B, C = g.shape[:2]
         g3 = g.reshape(B, C, -1)
         scale = loss_terms_scale(B, g3.shape[2], loss_average)
-        rows = g3.transpose(1, 2).reshape(-1, C) if kfac_approx == "expand" else g3.sum(2)
-        # a fresh tensor (the reshape copied, or a sum) is scaled in place: one
-        # output-gradient-sized temporary less; a view of g must not be written
-        return rows * scale if rows._is_view() else rows.mul_(scale)
+        if kfac_approx != "expand":
+            return g3.sum(2).mul_(scale)  # a fresh tensor: scaled in place
+        # one pass: the scaled [B, L, C] view of g written into row-major rows
+        rows = g.new_empty(B * g3.shape[2], C)
+        torch.mul(g3.transpose(1, 2), scale, out=rows.view(B, g3.shape[2], C))
+        return rows
