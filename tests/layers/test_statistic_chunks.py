@@ -75,18 +75,18 @@ def test_unbatched_conv_input_is_not_split(monkeypatch):
     "structure, route",
     [
         ("diagonal", "inner_of"),
-        ("hierarchical:3,2", "gram_of"),  # 7 rows > k1 + k2 = 4: the Gram route pays
-        ("blockdiagonal:3", "gram_of"),  # 7 > 2 * 3
+        ("hierarchical:3,2", "gram_of"),  # 9 rows > 2 (k1 + k2) = 8: the Gram route
+        ("blockdiagonal:3", "gram_of"),  # 9 > 2 * 3
         ("triltoeplitz", "inner_of"),
-        ("dense", "inner_of"),  # 7 <= 2 * 4
+        ("dense", "gram_of"),  # 9 > 2 * 4
     ],
 )
 def test_inner_of_rows_sums_chunks(monkeypatch, structure, route):
-    """``P(X^T r^T r X)`` over row chunks (7 rows of width 4, chunks of 2 rows) equals
+    """``P(X^T r^T r X)`` over row chunks (9 rows of width 4, chunks of 2 rows) equals
     the dense float64 statistic of all rows, by ``inner_of`` per chunk or by the sum
     of the chunks' ``gram_of``."""
     X = _random_K(structure, 4)
-    rows = torch.randn(7, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    rows = torch.randn(9, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 8)
     seen = []
     original = getattr(type(X), route)
@@ -97,7 +97,7 @@ def test_inner_of_rows_sums_chunks(monkeypatch, structure, route):
 
     monkeypatch.setattr(type(X), route, spy)
     got = layers_base.inner_of_rows(X, rows).to_dense()
-    assert seen == [2, 2, 2, 1]
+    assert seen == [2, 2, 2, 2, 1]
     Xd = X.to_dense()
     expected = get_structure(structure).from_dense(Xd.T @ rows.T @ rows @ Xd).to_dense()
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

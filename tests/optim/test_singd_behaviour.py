@@ -678,6 +678,12 @@ def _numbers(structure: str, d: int) -> tuple[int, int]:
     if structure == "blockdiagonal:4":
         n, r = divmod(d, 4)
         return 16 * n + r * r, 16 * n + r * r  # K K^T is block-diagonal too
+    if structure == "triltoeplitz":  # below d = 128: the small dense L L^T is cached
+        return d, d * d
+    if structure == "trilbottomrightdiag:2":  # [[A, 0], [b, diag(c)]], A: k x k
+        k = min(d, 2)
+        # K K^T applied as diag(c^2) + F F^T with F the k dense columns (d x k)
+        return k * k + (d - k) * k + (d - k), d * k + d
     assert structure == "hierarchical:3,2"
     k1, k2 = min(d, 3), min(max(d - 3, 0), 2)
     m = d - k1 - k2
@@ -685,7 +691,17 @@ def _numbers(structure: str, d: int) -> tuple[int, int]:
     return k1 * k1 + k1 * (m + k2) + m + k2 * m + k2 * k2, d * (k1 + k2) + d
 
 
-@pytest.mark.parametrize("structure", ["dense", "diagonal", "blockdiagonal:4", "hierarchical:3,2"])
+@pytest.mark.parametrize(
+    "structure",
+    [
+        "dense",
+        "diagonal",
+        "blockdiagonal:4",
+        "hierarchical:3,2",
+        "triltoeplitz",
+        "trilbottomrightdiag:2",
+    ],
+)
 def test_state_bytes_counts_factors_caches_and_buffers(structure):
     """``state_bytes``: K, C, m_K, m_C, the cached K K^T and C C^T operators kept between
     steps, and one momentum buffer per parameter (float64: 8 bytes a number)."""

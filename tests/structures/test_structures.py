@@ -453,6 +453,32 @@ def test_gram_route(name, d):
     assert torch.equal(X.to_dense(), Xd)
 
 
+@pytest.mark.parametrize("name", ["dense", "blockdiagonal:8", "hierarchical:5,3"])
+def test_gram_route_only_where_precise(name):
+    """16-bit factors keep ``inner_of`` (the Gram route's rounding of ``Z Z^T`` would be
+    amplified by a whitening ``K``); in float32 the route stays within 1e-4 of the
+    float64 statistic for ``K ~ (G + 1e-3 I)^-1/2`` of inputs with spectrum 1..1e-6."""
+    spec = get_structure(name)
+    d, n = 40, 4096
+    g = gen(name, "gram_precise")
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    Z = (
+        Q
+        @ torch.diag(torch.logspace(0, -3, d, dtype=F64))
+        @ torch.randn(d, n, generator=g, dtype=F64)
+    )
+    Z /= n**0.5  # Z Z^T has spectrum ~1..1e-6
+    evals, evecs = torch.linalg.eigh(Z @ Z.T + 1e-3 * torch.eye(d, dtype=F64))
+    K64 = spec.from_dense(evecs @ torch.diag(evals.rsqrt()) @ evecs.T)
+    exact = K64.inner_of(Z).to_dense()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert not K64.to(dtype).gram_pays(n) and K64.to(dtype).gram_of(Z.to(dtype)) is not None
+    K32 = K64.to(torch.float32)
+    assert K32.gram_pays(n)
+    got = K32.inner_of_gram(K32.gram_of(Z.float())).to_dense().double()
+    assert torch.linalg.matrix_norm(got - exact) <= 1e-4 * torch.linalg.matrix_norm(exact)
+
+
 # ----------------------------------------------------------------- element-wise
 @pytest.mark.parametrize("name, d", CASES)
 def test_trace_and_average_trace(name, d):

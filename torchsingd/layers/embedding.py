@@ -17,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchsingd.layers.base import LayerAdapter, finish_input_rows, linear_grad_rows
+from torchsingd.layers.base import (
+    LayerAdapter,
+    finish_input_rows,
+    inner_of_rows,
+    linear_grad_rows,
+)
 from torchsingd.structures import DiagonalMatrix, StructuredMatrix
 
 
@@ -73,7 +78,7 @@ class EmbeddingAdapter(LayerAdapter):
         work = torch.promote_types(K.dtype, torch.float32)
         if not isinstance(K, DiagonalMatrix):
             a = self.input_rows(module, x, kfac_approx, dtype=work).to(K.dtype)
-            return K.inner_of(a.T)
+            return inner_of_rows(K, a)  # chunked; by the Gram route where it pays
         if x.ndim == 0:
             x = x.unsqueeze(0)
         V = module.num_embeddings
