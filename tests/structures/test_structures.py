@@ -577,6 +577,10 @@ def test_add_and_mul_out_of_place(name, d):
     assert torch.equal(X.to_dense(), Xd) and torch.equal(Y.to_dense(), Yd)
     with pytest.raises(ValueError):
         X.add(spec.zeros(d + 1, dtype=F64))
+    Xb, Yf = X.to(torch.bfloat16), Y.to(torch.float32)  # mixed: self's dtype, as add_
+    Sb = Xb.add(Yf, alpha=-0.37)
+    assert Sb.dtype == torch.bfloat16
+    assert torch.equal(Sb.to_dense(), Xb.clone().add_(Yf, alpha=-0.37).to_dense())
 
 
 @pytest.mark.parametrize("name, d", CASES)
