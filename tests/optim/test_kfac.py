@@ -161,3 +161,29 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     for name, state in opt.layers.items():
         for key, value in state.factors().items():
             assert torch.equal(value.to_dense(), opt2.layers[name].factors()[key].to_dense())
+
+
+def test_dense_statistics_are_plain_grams(monkeypatch):
+    """KFAC's dense statistics through the adapters' ``P(K^T a^T a K)`` with ``K = I``:
+    ``a^T a`` of a convolution's unfolded input over batch chunks and ``g^T g`` of the
+    output gradient, as plain dense members (one product each, no ``I^T a^T``)."""
+    import torchsingd.layers.base as layers_base
+    from torchsingd.layers import get_adapter
+    from torchsingd.optim.kfac import identity_like
+    from torchsingd.structures import DenseMatrix
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).to(F64)
+    adapter = get_adapter(conv)
+    x = torch.randn(5, 3, 9, 9, dtype=F64)
+    a = adapter.input_rows(conv, x, "expand")
+    per_sample = adapter.input_rows(conv, x[:1], "expand").numel()
+    monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 2 * per_sample)  # 3 chunks
+    identity = identity_like(DenseMatrix(torch.zeros(a.shape[1], a.shape[1], dtype=F64)))
+    U = adapter.input_statistic(conv, x, identity, "expand")
+    assert type(U) is DenseMatrix
+    torch.testing.assert_close(U.to_dense(), a.T @ a, rtol=1e-12, atol=1e-12)
+    g = torch.randn(40, 4, dtype=F64)
+    V = layers_base.inner_of_rows(identity_like(DenseMatrix(torch.zeros(4, 4, dtype=F64))), g)
+    assert type(V) is DenseMatrix
+    torch.testing.assert_close(V.to_dense(), g.T @ g, rtol=1e-12, atol=1e-12)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchsingd.layers.base import inner_of_rows
 from torchsingd.optim.base import (
     BlockState,
     KroneckerOptimizer,
@@ -79,7 +80,30 @@ def damped_inverse(S: StructuredMatrix, damping: float) -> StructuredMatrix:
 
 
 def identity_like(X: StructuredMatrix) -> StructuredMatrix:
+    """The identity in ``X``'s family, through which the adapters' ``K``-weighted
+    statistics ``P(K^T a^T a K)`` give KFAC's ``P(a^T a)`` (dense: see
+    :class:`_DenseIdentity`)."""
+    if type(X) is DenseMatrix:
+        return _DenseIdentity(torch.eye(X.dim, dtype=X.dtype, device=X.device))
     return type(X).eye(X.dim, *X.options(), dtype=X.dtype, device=X.device)
+
+
+class _DenseIdentity(DenseMatrix):
+    """The dense identity as a statistic's ``K``: ``P(I Z Z^T I) = Z Z^T``, one product
+    instead of ``I^T Z`` and then its square; always by the (summed, chunked) Gram
+    route, which applies no ``K`` and so has no rounding to amplify, in any dtype.
+    Results are plain :class:`DenseMatrix` members."""
+
+    def inner_of(self, Z: Tensor) -> DenseMatrix:
+        return self.gram_of(Z)
+
+    def gram_pays(self, columns: int) -> bool:
+        return True
+
+    def inner_of_gram(self, G: StructuredMatrix) -> DenseMatrix:
+        if not isinstance(G, DenseMatrix) or G.dim != self.dim:
+            raise ValueError(f"Incompatible Gram {G!r} for {self!r}.")
+        return G
 
 
 class KFAC(KroneckerOptimizer):
@@ -215,7 +239,7 @@ class KFAC(KroneckerOptimizer):
         U = entry.adapter.input_statistic(
             entry.module, x, identity_like(layer.S_K), group["kfac_approx"], block=layer.block
         )
-        return U, identity_like(layer.S_C).inner_of(g.T)
+        return U, inner_of_rows(identity_like(layer.S_C), g)
 
     def _update_block(
         self,
