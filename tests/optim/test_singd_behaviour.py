@@ -678,8 +678,8 @@ def _numbers(structure: str, d: int) -> tuple[int, int]:
     if structure == "blockdiagonal:4":
         n, r = divmod(d, 4)
         return 16 * n + r * r, 16 * n + r * r  # K K^T is block-diagonal too
-    if structure == "triltoeplitz":  # below d = 128: the small dense L L^T is cached
-        return d, d * d
+    if structure == "triltoeplitz":  # below d = 128 the operator keeps only the column
+        return d, 0
     if structure == "trilbottomrightdiag:2":  # [[A, 0], [b, diag(c)]], A: k x k
         k = min(d, 2)
         # K K^T applied as diag(c^2) + F F^T with F the k dense columns (d x k)
@@ -716,3 +716,19 @@ def test_state_bytes_counts_factors_caches_and_buffers(structure):
             factors += 2 * stored + cached  # factor, its momentum, the cached operator
     assert all(layer.KKt is not None and layer.CCt is not None for layer in opt.layers.values())
     assert opt.state_bytes() == 8 * (params + factors)
+
+
+@pytest.mark.parametrize("d, held", [(127, 0), (200, (400 // 2 + 1) * 8)])
+def test_toeplitz_operator_holds_only_a_spectrum(d, held):
+    """Toeplitz ``K K^T`` keeps nothing below d = 128 (the small dense ``L`` is formed
+    per product) and the rfft of the column from there on (d = 200: FFT length 400, the
+    smallest 5-smooth number >= 2d - 1; 201 complex64 numbers); both apply ``K K^T``."""
+    from torchsingd.structures import get_structure
+
+    K = get_structure("triltoeplitz").eye(d, dtype=torch.float32)
+    K.tensors()[0].add_(torch.randn(d, generator=torch.Generator().manual_seed(d)) / d)
+    op = K.outer_operator()
+    assert op.nbytes() == held
+    X = torch.randn(d, 5, generator=torch.Generator().manual_seed(1))
+    Kd = K.to_dense().double()
+    torch.testing.assert_close(op.mm(X).double(), Kd @ Kd.T @ X.double(), rtol=1e-4, atol=1e-4)

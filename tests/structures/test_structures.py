@@ -1022,3 +1022,18 @@ def test_fft_size_is_smooth_and_long_enough(d):
             while r % p == 0:
                 r //= p
         assert r != 1, (d, smaller)
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 5, 65, 127])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_dense_lower_toeplitz(d, dtype):
+    """``L[i, j] = col[i - j]`` for ``i >= j``, else 0, entry by entry."""
+    from torchsingd.structures.toeplitz import dense_lower_toeplitz
+
+    col = randn(d, g=gen("dense_lower_toeplitz", d), dtype=dtype)
+    L = dense_lower_toeplitz(col)
+    expected = torch.zeros(d, d, dtype=dtype)
+    for i in range(d):
+        for j in range(i + 1):
+            expected[i, j] = col[i - j]
+    assert L.dtype == dtype and L.is_contiguous() and torch.equal(L, expected)
