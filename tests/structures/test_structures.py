@@ -1037,3 +1037,24 @@ def test_dense_lower_toeplitz(d, dtype):
         for j in range(i + 1):
             expected[i, j] = col[i - j]
     assert L.dtype == dtype and L.is_contiguous() and torch.equal(L, expected)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_border_rows_and_the_operator_built_from_them(name, d, monkeypatch):
+    """``border_rows`` (where a family provides it) is ``K[B, :]`` of the dense matrix,
+    and the sparse ``K K^T`` operator built from it equals, bit for bit, the one built
+    from products of ``K^T`` with unit vectors."""
+    from torchsingd.structures.base import SparseOuterOperator
+
+    spec = get_structure(name)
+    X = random_member(spec, d, "border_rows")
+    pattern = X.sparse_pattern()
+    R = X.border_rows()
+    if R is None:
+        return
+    assert pattern is not None and pattern.kind == "rows"
+    rows = [*range(pattern.head), *range(d - pattern.tail, d)]
+    assert torch.equal(R, X.to_dense()[rows])
+    W = SparseOuterOperator(X, pattern).W
+    monkeypatch.setattr(type(X), "border_rows", lambda self: None)
+    assert torch.equal(W, SparseOuterOperator(X, pattern).W)

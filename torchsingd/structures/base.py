@@ -312,6 +312,12 @@ class StructuredMatrix(ABC):
         pattern = self.sparse_pattern()
         return pattern is not None and uses * columns >= pattern.head + pattern.tail
 
+    def border_rows(self) -> Tensor | None:
+        """For a ``"rows"`` :meth:`sparse_pattern`: the dense rows ``K[B, :]`` as a
+        ``[head + tail, d]`` tensor read off the stored blocks (``None``: not provided;
+        :class:`SparseOuterOperator` then multiplies ``K^T`` with unit vectors)."""
+        return None
+
     def sparse_pattern(self) -> SparsePattern | None:
         """``self`` as ``diag(delta)`` plus a few dense rows or columns (``None``: not
         of that form). See :class:`SparsePattern`."""
@@ -389,10 +395,15 @@ class SparseOuterOperator:
     def __init__(self, K: StructuredMatrix, pattern: SparsePattern) -> None:
         d, h, t = K.dim, pattern.head, pattern.tail
         self.kind, self.head, self.tail, self.dtype = pattern.kind, h, t, K.dtype
+        self.v = pattern.delta.square().unsqueeze(1)
+        border = K.border_rows() if pattern.kind == "rows" else None
+        if border is not None:  # K^T E = K[B, :]^T exactly: no products with unit vectors
+            KtE = border.new_empty(d, h + t).copy_(border.T)  # E's row-major strides
+            self.W = K.mm(KtE)
+            return
         rows = torch.cat([torch.arange(h), torch.arange(d - t, d)]).to(K.device)
         E = torch.zeros(d, h + t, dtype=K.dtype, device=K.device)
         E[rows, torch.arange(h + t, device=K.device)] = 1
-        self.v = pattern.delta.square().unsqueeze(1)
         # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
         self.W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
 

@@ -93,6 +93,11 @@ class HierarchicalMatrix(StructuredMatrix):
         delta = torch.cat([z(self.k1), self.c, z(self.k2)])
         return SparsePattern("rows", self.k1, self.k2, delta)
 
+    def border_rows(self) -> Tensor:
+        """``[A B; 0 D E]``: the top ``k1`` and bottom ``k2`` rows."""
+        bottom = torch.cat([self.D.new_zeros(self.k2, self.k1), self.D, self.E], 1)
+        return torch.cat([torch.cat([self.A, self.B], 1), bottom])
+
     def _split_rows(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         check_rows(X, self.dim)
         return X[: self.k1], X[self.k1 : self.k1 + self.m], X[self.k1 + self.m :]

@@ -75,6 +75,10 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
         kk = self.C.shape[0]
         return SparsePattern("rows", 0, kk, torch.cat([self.a, self.a.new_zeros(kk)]))
 
+    def border_rows(self) -> Tensor:
+        """``[b C]``: the ``k`` dense bottom rows."""
+        return torch.cat([self.b, self.C], 1)
+
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
         m = self.a.shape[0]
