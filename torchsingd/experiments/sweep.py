@@ -399,6 +399,16 @@ def _runs_by_point(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, 
     return runs
 
 
+def _counted_runs(runs: dict[tuple, list], all_seeds: bool) -> dict[tuple, list]:
+    """Of :func:`_runs_by_point`'s runs, those that make each grid point's value: all
+    its seeds with ``all_seeds``, else its seed-0 grid run alone."""
+    return {p: rs if all_seeds else rs[:1] for p, rs in runs.items()}
+
+
+def _mean_value(runs: list[dict[str, Any]]) -> float:
+    return statistics.mean(_value(r) for r in runs)
+
+
 def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Row]:
     """One row per (task, precision, optimizer).
 
@@ -409,11 +419,11 @@ def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Ro
     """
     grid = [r for r in records if r["phase"] == "sweep"]
     runs = _runs_by_point(records)
+    counted = _counted_runs(runs, all_seeds)
 
     def score(point: tuple) -> float:  # larger is better
-        values = [_value(r) for r in runs[point]] if all_seeds else [_value(runs[point][0])]
-        mean = statistics.mean(values)
-        return mean if runs[point][0]["higher_is_better"] else -mean
+        mean = _mean_value(counted[point])
+        return mean if counted[point][0]["higher_is_better"] else -mean
 
     rows = []
     for cell in dict.fromkeys((r["task"], r["precision"], r["name"]) for r in grid):
@@ -421,8 +431,6 @@ def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Ro
         top = max(points, key=score)
         values = [_value(r) for r in runs[top]]
         first = runs[top][0]
-        means = [statistics.mean(_value(r) for r in runs[p]) for p in points]
-        seed0 = [_value(runs[p][0]) for p in points]
         cov = "" if first["lr_cov"] is None else f", lr_cov={first['lr_cov']:g}"
         at = f"lr={first['lr']:g}{cov}"
         rows.append(
@@ -431,14 +439,12 @@ def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Ro
                 precision=cell[1],
                 name=cell[2],
                 points=len(points),
-                diverged=sum(any(r["status"] == "diverged" for r in runs[p]) for p in points)
-                if all_seeds
-                else sum(runs[p][0]["status"] == "diverged" for p in points),
+                diverged=sum(any(r["status"] == "diverged" for r in counted[p]) for p in points),
                 best=statistics.mean(values),
                 best_std=statistics.stdev(values) if len(values) > 1 else None,
                 best_seeds=len(values),
                 best_at=at,
-                median=statistics.median(means if all_seeds else seed0),
+                median=statistics.median(_mean_value(counted[p]) for p in points),
                 metric_name=first["metric_name"],
             )
         )
@@ -475,10 +481,10 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path, all_seeds: bool = Fa
 
     plt = _pyplot()
     grid = [r for r in records if r["phase"] == "sweep"]
-    counted = {p: rs if all_seeds else rs[:1] for p, rs in _runs_by_point(records).items()}
+    counted = _counted_runs(_runs_by_point(records), all_seeds)
 
     def value(r: dict[str, Any]) -> float:
-        return statistics.mean(_value(x) for x in counted[_point(r)])
+        return _mean_value(counted[_point(r)])
 
     def label(r: dict[str, Any]) -> str:
         mine = counted[_point(r)]
