@@ -303,6 +303,44 @@ def test_parameter_step_without_momentum_or_decay():
     assert torch.equal(u, torch.full((2, 2), 3.0, dtype=DTYPE))  # direction untouched
 
 
+def test_parameter_step_mixed_buffers_equal_one_tensor_at_a_time():
+    """One call over several tensors (some with a momentum buffer, some without, two
+    dtypes) gives the numbers of separate calls, bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(5, 7), (5,), (3, 3, 2), (0,)]
+    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32]
+    params = [torch.randn(s, generator=gen).to(t) for s, t in zip(shapes, dtypes, strict=True)]
+    dirs = [torch.randn(s, generator=gen).to(t) for s, t in zip(shapes, dtypes, strict=True)]
+    bufs = [torch.randn(shapes[0], generator=gen), None, torch.randn(shapes[2]).double(), None]
+    dirs_before = [d.clone() for d in dirs]
+    one = [p.clone() for p in params]
+    one_bufs = [None if b is None else b.clone() for b in bufs]
+    kw = dict(lr=0.03, momentum=0.8, weight_decay=0.02)
+    out = parameter_step(params, dirs, bufs, **kw)
+    for i in range(len(one)):
+        (one_bufs[i],) = parameter_step([one[i]], [dirs[i]], [one_bufs[i]], **kw)
+    for p, q in zip(params, one, strict=True):
+        assert torch.equal(p, q)
+    for b, c in zip(out, one_bufs, strict=True):
+        assert torch.equal(b, c)
+    assert out[0] is bufs[0] and out[2] is bufs[2]  # existing buffers updated in place
+    assert all(torch.equal(d, e) for d, e in zip(dirs, dirs_before, strict=True))
+    # and against the formula for the entry that had no buffer
+    torch.testing.assert_close(out[1], dirs[1] + 0.02 * one[1].add(out[1], alpha=0.03))
+
+
+def test_parameter_step_rejects_lists_of_different_lengths():
+    with pytest.raises(ValueError, match="differ in length: 2, 1, 2"):
+        parameter_step(
+            [torch.ones(1)] * 2,
+            [torch.ones(1)],
+            [None, None],
+            lr=1.0,
+            momentum=0.0,
+            weight_decay=0.0,
+        )
+
+
 # ------------------------------------------------------- IKFAC first-order theorem
 def _ikfac_error(beta1: float, d: int = 6, lam: float = 0.1) -> tuple[float, float]:
     """One IKFAC step from ``K0 K0^T = (S_K0 + lam I)^-1``: (error, first-order change)."""

@@ -667,11 +667,11 @@ class KroneckerOptimizer(Optimizer):
                 clip_by_global_norm(dirs, group["max_update_norm"])
         self._commit_notes()
 
-        for entry, new_factors, directions, _ in pending:
+        for entry, new_factors, _, _ in pending:
             for block, factors in new_factors.items():
                 for attr, value in factors.items():
                     setattr(entry.blocks[block], attr, value)
-            self._parameter_update(entry, directions)
+        self._parameter_updates([(entry, directions) for entry, _, directions, _ in pending])
         if size > 1 and self.distributed_strategy == "shard":
             self._share_factors(updated)
 
@@ -738,27 +738,36 @@ class KroneckerOptimizer(Optimizer):
         tdist.all_reduce_tensors(tensors, average, self._group)
         return updated
 
-    def _parameter_update(self, entry: ModuleEntry, directions: list[Tensor]) -> None:
-        """Step 3 of ALGORITHM.md for one module; protected entries stay as they were."""
-        group = self.param_groups[entry.group_index]
-        params = entry.adapter.params(entry.module)
-        saved = [(p, idx, p[idx].clone()) for p, idx in entry.adapter.protected(entry.module)]
-        buffers = parameter_step(
-            params,
-            directions,
-            [self.state[p].get("momentum_buffer") for p in params],
-            lr=group["lr"],
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-        )
-        for p, buf in zip(params, buffers, strict=True):
-            if buf is not None:
-                self.state[p]["momentum_buffer"] = buf
-        for p, idx, value in saved:
-            p[idx] = value
-            buf = self.state[p].get("momentum_buffer")
-            if buf is not None:
-                buf[idx] = 0
+    def _parameter_updates(self, items: list[tuple[ModuleEntry, list[Tensor]]]) -> None:
+        """Step 3 of ALGORITHM.md for the given modules, one call per param group (all
+        of a group's tensors at once); protected entries stay as they were."""
+        by_group: dict[int, list[tuple[ModuleEntry, list[Tensor]]]] = {}
+        for entry, directions in items:
+            by_group.setdefault(entry.group_index, []).append((entry, directions))
+        for index, members in by_group.items():
+            group = self.param_groups[index]
+            saved = [
+                (p, idx, p[idx].clone())
+                for entry, _ in members
+                for p, idx in entry.adapter.protected(entry.module)
+            ]
+            params = [p for entry, _ in members for p in entry.adapter.params(entry.module)]
+            buffers = parameter_step(
+                params,
+                [d for _, directions in members for d in directions],
+                [self.state[p].get("momentum_buffer") for p in params],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+            )
+            for p, buf in zip(params, buffers, strict=True):
+                if buf is not None:
+                    self.state[p]["momentum_buffer"] = buf
+            for p, idx, value in saved:
+                p[idx] = value
+                buf = self.state[p].get("momentum_buffer")
+                if buf is not None:
+                    buf[idx] = 0
 
     def _fallback_step(self, items: list[tuple[int, nn.Parameter, Tensor]], grad_scale: float):
         by_group: dict[int, list[tuple[nn.Parameter, Tensor]]] = {}

@@ -190,20 +190,34 @@ def parameter_step(
 
     Updates ``params`` (and existing ``momentum_buffers``) in place and returns the
     momentum buffers (new ones are created when ``momentum != 0`` and none exists).
+    ``directions`` are not modified. The parameters must be distinct tensors: each
+    operation runs over all of them at once (``torch._foreach_*``; the same
+    per-tensor arithmetic as a loop, in a few dispatches instead of four per tensor).
     """
-    out: list[Tensor | None] = []
-    for p, u, buf in zip(params, directions, momentum_buffers, strict=True):
-        if weight_decay != 0.0:
-            u = u.add(p, alpha=weight_decay)
-        if momentum != 0.0:
-            if buf is None:
-                buf = torch.clone(u).detach()
-            else:
-                buf.mul_(momentum).add_(u)
-            u = buf
-        p.add_(u, alpha=-lr)
-        out.append(buf)
-    return out
+    params, directions = list(params), list(directions)
+    buffers = list(momentum_buffers)
+    if not (len(params) == len(directions) == len(buffers)):
+        raise ValueError(
+            f"params, directions and momentum_buffers differ in length: "
+            f"{len(params)}, {len(directions)}, {len(buffers)}."
+        )
+    if not params:
+        return []
+    if weight_decay != 0.0:
+        directions = torch._foreach_add(directions, params, alpha=weight_decay)
+    if momentum == 0.0:
+        torch._foreach_add_(params, directions, alpha=-lr)
+        return buffers
+    old = [i for i, buf in enumerate(buffers) if buf is not None]
+    if old:
+        kept = [buffers[i] for i in old]
+        torch._foreach_mul_(kept, momentum)
+        torch._foreach_add_(kept, [directions[i] for i in old])
+    for i, buf in enumerate(buffers):
+        if buf is None:
+            buffers[i] = torch.clone(directions[i]).detach()
+    torch._foreach_add_(params, buffers, alpha=-lr)
+    return buffers
 
 
 def clip_by_global_norm(directions: Sequence[Tensor], max_norm: float | None) -> float:
