@@ -234,6 +234,54 @@ def test_attached_module_matches_plain_module_with_training_dropout(need_weights
         torch.testing.assert_close(got[2][n], exp[2][n], rtol=1e-10, atol=1e-12, msg=labelled(n))
 
 
+FAST_CASES = {
+    "self": dict(module=dict(), kind="self", call=dict(need_weights=False)),
+    "cross_kv_dims": dict(module=dict(kdim=3, vdim=5), kind="cross", call=dict(need_weights=False)),
+    "causal": CASES["causal_need_weights_false"],
+    "dropout_train": dict(module=dict(dropout=0.4), kind="cross", call=dict(need_weights=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_CASES))
+@pytest.mark.parametrize("batch_first", [True, False], ids=["bfirst", "seqfirst"])
+def test_calls_without_masks_or_weights_skip_the_identity_projections(
+    name, batch_first, monkeypatch
+):
+    """No weights returned, no padding mask, no mask or a causal one: one
+    ``scaled_dot_product_attention`` of the projections, PyTorch's numbers (and its
+    dropout draw in train mode)."""
+    import torchsingd.layers.attention as attention_module
+
+    def general(*args, **kwargs):
+        raise AssertionError("the general path (identity projections) was taken")
+
+    monkeypatch.setattr(attention_module, "_attend_general", general)
+    case = FAST_CASES[name]
+    attn = make_attn(**case["module"], batch_first=batch_first)
+    plain = copy.deepcopy(attn)
+    _, opt = attached(attn)
+    query, key, value, kwargs = case_inputs(case, attn)
+    if case["kind"] == "self":
+        kwargs["_self"] = True
+    torch.manual_seed(5)
+    got = run_and_backward(attn, query, key, value, kwargs)
+    torch.manual_seed(5)
+    exp = run_and_backward(plain, query, key, value, kwargs)
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[0], exp[0], **tol)
+    assert got[1] is None and exp[1] is None
+    for n in exp[2]:
+        torch.testing.assert_close(got[2][n], exp[2][n], **tol, msg=labelled(n))
+    for g_got, g_exp in zip(got[3], exp[3], strict=True):
+        torch.testing.assert_close(g_got, g_exp, **tol)
+    for block in BLOCKS:
+        assert opt.layers[f"attn.{block}"].H_K is not None
+    if name == "dropout_train":  # the draw matters: another seed gives other numbers
+        torch.manual_seed(6)
+        other = run_and_backward(plain, query, key, value, kwargs)
+        assert not torch.allclose(other[0], exp[0])
+
+
 def test_no_grad_forward_uses_the_module_and_remove_hooks_restores_forward():
     attn = make_attn(batch_first=True)
     plain = copy.deepcopy(attn)

@@ -198,6 +198,60 @@ def _observed_forward(
         y = F.linear(x, weight, bias)
         observer(module, block, x, y)
         projected.append(y.transpose(0, 1) if batched else y)
+    if batched and _plain_attention(module, key_padding_mask, need_weights, attn_mask, is_causal):
+        z, weights = _attend(module, *(t.transpose(0, 1) for t in projected), is_causal), None
+    else:
+        z, weights = _attend_general(
+            module,
+            projected,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+        )
+        if batched:
+            z = z.transpose(0, 1)
+    weight, bias = _projection(module, "out")
+    out = F.linear(z, weight, bias)
+    observer(module, "out", z, out)
+    if batched and not module.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+def _plain_attention(module, key_padding_mask, need_weights, attn_mask, is_causal) -> bool:
+    """Whether ``F.multi_head_attention_forward`` would reduce to one
+    ``F.scaled_dot_product_attention`` of the projections without a mask tensor: no
+    weights returned, no padding mask, no ``bias_k``/``bias_v`` or zero attention, and
+    no attention mask or a causal one flagged ``is_causal`` (which it then drops)."""
+    if need_weights or key_padding_mask is not None:
+        return False
+    if module.bias_k is not None or module.bias_v is not None or module.add_zero_attn:
+        return False
+    return (attn_mask is None and not is_causal) or (attn_mask is not None and is_causal)
+
+
+def _attend(module: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, is_causal: bool):
+    """``F.multi_head_attention_forward``'s core for :func:`_plain_attention` calls,
+    without its identity projections: heads split from the batch-first projections
+    ``[N, S, E]`` (views), one ``scaled_dot_product_attention`` (the same call, so the
+    same dropout draw), heads merged back to ``[N, L, E]``."""
+    N, L, E = q.shape
+    H = module.num_heads
+
+    def heads(t: Tensor) -> Tensor:  # [N, S, E] -> [N, H, S, E / H]
+        return t.unflatten(-1, (H, E // H)).transpose(1, 2)
+
+    dropout = module.dropout if module.training else 0.0
+    z = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), None, dropout, is_causal)
+    return z.transpose(1, 2).reshape(N, L, E)
+
+
+def _attend_general(
+    module, projected, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+):
+    """Every other call: PyTorch's own function with identity projection weights."""
     E = module.embed_dim
     eye = torch.eye(E, dtype=projected[0].dtype, device=projected[0].device)
     z, weights = F.multi_head_attention_forward(
@@ -225,11 +279,4 @@ def _observed_forward(
         average_attn_weights=average_attn_weights,
         is_causal=is_causal,
     )
-    if batched:
-        z = z.transpose(0, 1)
-    weight, bias = _projection(module, "out")
-    out = F.linear(z, weight, bias)
-    observer(module, "out", z, out)
-    if batched and not module.batch_first:
-        out = out.transpose(0, 1)
-    return out, weights
+    return z, weights
