@@ -8,9 +8,13 @@ optimizer is attached the module's forward computes the projections itself (batc
 first), hands them to ``F.multi_head_attention_forward`` with identity projection
 weights (masks, dropout, ``bias_k``/``bias_v``, ``add_zero_attn``, ``need_weights`` and
 ``is_causal`` keep PyTorch's own semantics), and applies ``out_proj`` itself. This costs
-four extra ``E x E`` identity products per token; it is used only in forward passes
-whose backward is observed (grad enabled, a preconditioner-update step); other forward
-passes run PyTorch's own (possibly fused) implementation. ``bias_k`` and ``bias_v`` are
+four extra ``E x E`` identity products per token, except in calls that return no
+weights and have no padding mask, no ``bias_k``/``bias_v``, no zero attention and no
+mask (or a causal one flagged ``is_causal``), e.g. ``nn.TransformerEncoderLayer``'s:
+these call ``F.scaled_dot_product_attention`` on the projections directly, as PyTorch's
+function does after its projections. It is used only in forward passes whose backward
+is observed (grad enabled, a preconditioner-update step); other forward passes run
+PyTorch's own (possibly fused) implementation. ``bias_k`` and ``bias_v`` are
 trained by the fallback rule. Unbatched ``[L, E]`` inputs count as one sequence.
 """
 
