@@ -180,6 +180,10 @@ def test_dense_statistics_are_plain_grams(monkeypatch):
     per_sample = adapter.input_rows(conv, x[:1], "expand").numel()
     monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 2 * per_sample)  # 3 chunks
     identity = identity_like(DenseMatrix(torch.zeros(a.shape[1], a.shape[1], dtype=F64)))
+    # no d x d identity is stored, and nothing may read one
+    assert identity.nbytes() == 0 and identity.dtype == F64 and identity.dim == a.shape[1]
+    with pytest.raises(NotImplementedError, match="stores no entries"):
+        identity.mm(torch.ones(a.shape[1], 1, dtype=F64))
     U = adapter.input_statistic(conv, x, identity, "expand")
     assert type(U) is DenseMatrix
     torch.testing.assert_close(U.to_dense(), a.T @ a, rtol=1e-12, atol=1e-12)

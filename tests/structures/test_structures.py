@@ -1058,3 +1058,22 @@ def test_border_rows_and_the_operator_built_from_them(name, d, monkeypatch):
     W = SparseOuterOperator(X, pattern).W
     monkeypatch.setattr(type(X), "border_rows", lambda self: None)
     assert torch.equal(W, SparseOuterOperator(X, pattern).W)
+
+
+@pytest.mark.parametrize("name, d", CASES)
+def test_sparse_border_matches_the_pattern(name, d):
+    """``sparse_border`` (what ``outer_operator_pays`` reads, without building
+    ``delta``) is the pattern's ``(head, tail)``, or ``None`` without a pattern; and
+    the pattern's ``delta`` is the dense diagonal outside the border, zero on it."""
+    X = random_member(get_structure(name), d, "sparse_border")
+    pattern = X.sparse_pattern()
+    border = X.sparse_border()
+    if pattern is None:
+        assert border is None
+        return
+    assert border == (pattern.head, pattern.tail)
+    head, tail = border
+    inside = torch.zeros(d, dtype=torch.bool)
+    inside[head : d - tail] = True
+    assert torch.equal(pattern.delta[inside], torch.diagonal(X.to_dense())[inside])
+    assert not pattern.delta[~inside].any()

@@ -309,8 +309,14 @@ class StructuredMatrix(ABC):
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         """Whether forming ``outer_operator()`` once beats ``uses`` products ``K (K^T X)``
         with ``columns``-column ``X`` (families that return a plain view: never)."""
+        border = self.sparse_border()
+        return border is not None and uses * columns >= sum(border)
+
+    def sparse_border(self) -> tuple[int, int] | None:
+        """``(head, tail)`` of :meth:`sparse_pattern` without forming its ``delta``
+        (``None``: no pattern). Families with a pattern override it with their sizes."""
         pattern = self.sparse_pattern()
-        return pattern is not None and uses * columns >= pattern.head + pattern.tail
+        return None if pattern is None else (pattern.head, pattern.tail)
 
     def border_rows(self) -> Tensor | None:
         """For a ``"rows"`` :meth:`sparse_pattern`: the dense rows ``K[B, :]`` as a

@@ -93,6 +93,9 @@ class HierarchicalMatrix(StructuredMatrix):
         delta = torch.cat([z(self.k1), self.c, z(self.k2)])
         return SparsePattern("rows", self.k1, self.k2, delta)
 
+    def sparse_border(self) -> tuple[int, int]:
+        return self.k1, self.k2
+
     def border_rows(self) -> Tensor:
         """``[A B; 0 D E]``: the top ``k1`` and bottom ``k2`` rows."""
         bottom = torch.cat([self.D.new_zeros(self.k2, self.k1), self.D, self.E], 1)

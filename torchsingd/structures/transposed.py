@@ -75,6 +75,9 @@ class TransposedMatrix(StructuredMatrix):
             return None
         return SparsePattern("columns" if p.kind == "rows" else "rows", p.head, p.tail, p.delta)
 
+    def sparse_border(self) -> tuple[int, int] | None:
+        return self.lower.sparse_border()
+
     def mm(self, X: Tensor) -> Tensor:
         return self.lower.tmm(X)
 

@@ -75,6 +75,9 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
         kk = self.C.shape[0]
         return SparsePattern("rows", 0, kk, torch.cat([self.a, self.a.new_zeros(kk)]))
 
+    def sparse_border(self) -> tuple[int, int]:
+        return 0, self.C.shape[0]
+
     def border_rows(self) -> Tensor:
         """``[b C]``: the ``k`` dense bottom rows."""
         return torch.cat([self.b, self.C], 1)
@@ -186,6 +189,9 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
         """Dense columns ``[A; b]`` on the left, ``diag(c)`` right of them."""
         kk = self.A.shape[0]
         return SparsePattern("columns", kk, 0, torch.cat([self.c.new_zeros(kk), self.c]))
+
+    def sparse_border(self) -> tuple[int, int]:
+        return self.A.shape[0], 0
 
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
