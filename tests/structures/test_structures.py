@@ -1004,6 +1004,32 @@ def test_toeplitz_fft_path(name, d):
     assert_close(X.inner_of(Z).to_dense(), project(spec, Xd.T @ Z @ Z.T @ Xd), 1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [128, 513])
+def test_toeplitz_outer_operator_pads_once(d, dtype):
+    """``L L^T X`` and ``L^T L X`` through buffers padded once and truncated in place
+    are, bit for bit, two plain round trips ``irfft(rfft(x, n) * s, n)[:d]`` along
+    the rows of ``X^T`` (in float32 for bfloat16), for both layouts of ``X``."""
+    from torchsingd.structures.toeplitz import ToeplitzOuterOperator, fft_size
+
+    g = gen("pads-once", d, str(dtype))
+    col = (torch.randn(d, generator=g) * 0.1).to(dtype)
+    col[0] += 1
+    X = torch.randn(d, 37, generator=g).to(dtype)
+    size = fft_size(d)
+    s = torch.fft.rfft(col.float(), n=size)
+
+    def trip(rows, spectrum):
+        return torch.fft.irfft(torch.fft.rfft(rows, n=size, dim=1) * spectrum, n=size, dim=1)[:, :d]
+
+    for lower in (True, False):
+        first, second = (s.conj(), s) if lower else (s, s.conj())
+        expected = trip(trip(X.T.float().contiguous(), first), second).T.to(dtype)
+        for layout in (X, X.T.contiguous().T):
+            got = ToeplitzOuterOperator(col, lower).mm(layout)
+            assert got.dtype == dtype and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("d", [1, 2, 24, 48, 100, 512, 785, 1000])
 def test_fft_size_is_smooth_and_long_enough(d):
     from torchsingd.structures.toeplitz import fft_size

@@ -59,17 +59,33 @@ def fft_size(d: int) -> int:
     return best
 
 
-def _rows_conv(spectrum: Tensor, Xr: Tensor, d: int, size: int, correlate: bool) -> Tensor:
-    """Causal convolution (or, ``correlate``, correlation) of every row of ``Xr: [n, d]``
-    with the sequence whose length-``size`` spectrum is given; rows stay contiguous.
+def _padded_rows(X: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """``X^T`` (``X: [d, n]``, any layout) as the rows of a new ``[n, size]`` buffer
+    of ``dtype``, zero after column ``d``: one copy (transposing and converting at
+    once) instead of a transposing copy and then the FFT's own zero-padded one."""
+    d, n = X.shape
+    buf = X.new_empty(n, size, dtype=dtype)
+    buf[:, :d].copy_(X.T)
+    buf[:, d:].zero_()
+    return buf
+
+
+def _rows_conv_(spectrum: Tensor, buf: Tensor, d: int, correlate: bool) -> Tensor:
+    """Causal convolution (or, ``correlate``, correlation) of every row of the
+    zero-padded ``buf: [n, size]`` (its first ``d`` columns hold the rows) with the
+    sequence whose length-``size`` spectrum is given; returns a new ``[n, size]``
+    buffer whose first ``d`` columns hold the result, zero after them, so that it can
+    go into the next product as it is.
 
     Convolution: ``Y[r, i] = sum_{s <= i} col[s] X[r, i - s]``; correlation:
     ``Y[r, i] = sum_s col[s] X[r, i + s]`` (the conjugate spectrum; with
-    ``size >= 2d - 1`` neither wraps around). Returns a ``[n, d]`` view.
+    ``size >= 2d - 1`` neither wraps around).
     """
+    size = buf.shape[1]
     factor = spectrum.conj() if correlate else spectrum
-    out = torch.fft.irfft(torch.fft.rfft(Xr, n=size, dim=1).mul_(factor), n=size, dim=1)
-    return out[:, :d]
+    out = torch.fft.irfft(torch.fft.rfft(buf, dim=1).mul_(factor), n=size, dim=1)
+    out[:, d:].zero_()  # the truncation to the first d outputs, in place
+    return out
 
 
 def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
@@ -77,8 +93,8 @@ def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
     if _use_fft(d):
         work, size = _fft_dtype(X.dtype), fft_size(d)
         spectrum = torch.fft.rfft(col.to(work), n=size)
-        Xr = X.T.contiguous()  # FFTs along contiguous rows (no copy if X is transposed)
-        return _rows_conv(spectrum, Xr.to(work), d, size, correlate).T.to(X.dtype)
+        out = _rows_conv_(spectrum, _padded_rows(X, size, work), d, correlate)
+        return out[:, :d].T.to(X.dtype)
     L = dense_lower_toeplitz(col)  # d < FFT_MIN_DIM: one product with the small dense matrix
     return (L.T if correlate else L) @ X
 
@@ -136,10 +152,10 @@ class ToeplitzOuterOperator:
         if not _use_fft(self.d):
             L = dense_lower_toeplitz(self.col)
             return L @ (L.T @ X) if self.lower else L.T @ (L @ X)
-        Xr = X.T.contiguous()
-        Y = _rows_conv(self.spectrum, Xr.to(self.work), self.d, self.size, first_correlates)
-        Y = _rows_conv(self.spectrum, Y, self.d, self.size, not first_correlates)
-        return Y.T.to(X.dtype)
+        Y = _padded_rows(X, self.size, self.work)
+        Y = _rows_conv_(self.spectrum, Y, self.d, first_correlates)
+        Y = _rows_conv_(self.spectrum, Y, self.d, not first_correlates)
+        return Y[:, : self.d].T.to(X.dtype)
 
 
 def column_autocorrelation(S: Tensor) -> Tensor:
@@ -147,8 +163,7 @@ def column_autocorrelation(S: Tensor) -> Tensor:
     d, n = S.shape
     if _use_fft(d):
         work, size = _fft_dtype(S.dtype), fft_size(d)
-        Sr = S.T.contiguous()
-        spectrum = torch.view_as_real(torch.fft.rfft(Sr.to(work), n=size, dim=1))
+        spectrum = torch.view_as_real(torch.fft.rfft(_padded_rows(S, size, work), dim=1))
         power = torch.linalg.vector_norm(spectrum, dim=(0, 2)).square()  # no temporary
         return torch.fft.irfft(power, n=size)[:d].to(S.dtype)
     gram = S @ S.T  # d < FFT_MIN_DIM: small; half[j] is its j-th sub-diagonal's sum
