@@ -90,3 +90,35 @@ def test_conv_grad_rows_one_pass(shape, loss_average):
     rows = get_adapter(module).grad_rows(module, g, loss_average, "expand")
     assert rows.is_contiguous() and torch.equal(rows, expected)
     assert torch.equal(g, before)
+
+
+@pytest.mark.parametrize("structure", ["triltopleftdiag:1", "triltopleftdiag:2"])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_triltopleftdiag_conv_statistic_equals_unfolded_rows(name, structure):
+    """For ``triltopleftdiag:1`` with a bias (its dense row on the bias column) and
+    "expand", ``H_K`` comes from per-column means of the patches and of their squares
+    (no unfold of the batch); it equals ``P(K^T a^T a K)`` from the unfolded rows
+    (dense float64). Without a bias, or with a wider corner, the generic route."""
+    from torchsingd.layers.conv import ConvAdapter
+
+    torch.manual_seed(0)
+    make, shape = CONVS[name]
+    conv = make().to(F64)
+    x = torch.randn(*shape, dtype=F64)
+    adapter = get_adapter(conv)
+    spec = get_structure(structure)
+    K = spec.zeros(adapter.dims(conv)[0], dtype=F64)
+    for t in K.tensors():
+        t.copy_(torch.randn(t.shape, dtype=F64))
+    calls = []
+    original = ConvAdapter._column_means
+    ConvAdapter._column_means = staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k))
+    try:
+        fast = adapter.input_statistic(conv, x, K, "expand")
+    finally:
+        ConvAdapter._column_means = staticmethod(original)
+    a = adapter.input_rows(conv, x, "expand")
+    Kd = K.to_dense()
+    expected = spec.from_dense(Kd.T @ a.T @ a @ Kd).to_dense()
+    torch.testing.assert_close(fast.to_dense(), expected, rtol=1e-10, atol=1e-12)
+    assert bool(calls) == (structure == "triltopleftdiag:1" and conv.bias is not None)

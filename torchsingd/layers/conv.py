@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchsingd.layers.base import LayerAdapter, finish_input_rows, loss_terms_scale
-from torchsingd.structures import DiagonalMatrix, StructuredMatrix
+from torchsingd.structures import DiagonalMatrix, StructuredMatrix, TrilTopLeftDiagonalMatrix
 
 
 def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -97,21 +97,50 @@ class ConvAdapter(LayerAdapter):
         *,
         block: str = "",
     ) -> StructuredMatrix:
-        """For a diagonal ``K`` and "expand": ``diag(a^T a)`` without unfolding the batch.
+        """Without unfolding the batch where the statistic needs only per-column sums
+        of the rows ``a`` (``"expand"``):
 
-        ``diag(a^T a)[c, k] = sum over samples and locations of x[c, shifted by k]^2 / N``:
-        square and sum the prepared input over the batch first, then unfold one image.
+        - diagonal ``K``: ``diag(a^T a)[c, k] = sum over samples and locations of
+          x[c, shifted by k]^2 / N``: square and sum the prepared input over the batch
+          first, then unfold one image;
+        - ``triltopleftdiag:1`` with a bias (``K = [[diag(alpha), 0], [beta, gamma]]``,
+          its dense row on the bias column, whose entries in ``a`` are all
+          ``1 / sqrt(N)``): with ``mu`` and ``q`` the per-column means of the patches
+          and of their squares, ``P(K^T a^T a K)`` has diagonal
+          ``alpha^2 q + 2 alpha beta mu + beta^2``, row ``2 gamma (alpha mu + beta)``
+          and corner ``gamma^2`` (``K^T a^T`` is ``alpha * patches + beta`` over
+          ``sqrt(N)`` above a constant row ``gamma / sqrt(N)``).
         """
-        if not isinstance(K, DiagonalMatrix) or kfac_approx != "expand":
-            return super().input_statistic(module, x, K, kfac_approx, block=block)
-        prepared = prepare_input(module, x.to(K.dtype))
-        squares = prepared.square().sum(0, keepdim=True)
-        patches = extract_patches(module, squares)  # [1, O, C' * prod(k)]
-        rows = prepared.shape[0] * patches.shape[1]
-        diag = patches.sum(1).squeeze(0) / rows
-        if self.has_bias(module):
-            diag = torch.cat([diag, diag.new_ones(1)])
-        return DiagonalMatrix(K.diag * K.diag * diag)
+        if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
+            diag = self._column_means(module, x.to(K.dtype), square=True)
+            if self.has_bias(module):
+                diag = torch.cat([diag, diag.new_ones(1)])
+            return DiagonalMatrix(K.diag * K.diag * diag)
+        if (
+            kfac_approx == "expand"
+            and isinstance(K, TrilTopLeftDiagonalMatrix)
+            and K.C.shape[0] == 1
+            and self.has_bias(module)
+        ):
+            x = x.to(K.dtype)
+            mu = self._column_means(module, x, square=False)
+            q = self._column_means(module, x, square=True)
+            alpha, beta, gamma = K.a, K.b[0], K.C[0, 0]
+            diag = alpha * alpha * q + 2 * alpha * beta * mu + beta * beta
+            row = 2 * gamma * (alpha * mu + beta)
+            corner = (gamma * gamma).view(1, 1)
+            return TrilTopLeftDiagonalMatrix(diag, row.unsqueeze(0), corner, K.k)
+        return super().input_statistic(module, x, K, kfac_approx, block=block)
+
+    @staticmethod
+    def _column_means(module: nn.Module, x: Tensor, *, square: bool) -> Tensor:
+        """The mean over all rows of ``a`` (samples and locations) of each patch column
+        (of its square with ``square``), ``[C' * prod(k)]``: the prepared input is
+        summed over the batch first and one image unfolded."""
+        prepared = prepare_input(module, x)
+        summed = (prepared.square() if square else prepared).sum(0, keepdim=True)
+        patches = extract_patches(module, summed)  # [1, O, C' * prod(k)]
+        return patches.sum(1).squeeze(0) / (prepared.shape[0] * patches.shape[1])
 
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         if g.ndim == len(module.kernel_size) + 1:  # unbatched
