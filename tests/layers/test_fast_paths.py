@@ -122,3 +122,42 @@ def test_triltopleftdiag_conv_statistic_equals_unfolded_rows(name, structure):
     expected = spec.from_dense(Kd.T @ a.T @ a @ Kd).to_dense()
     torch.testing.assert_close(fast.to_dense(), expected, rtol=1e-10, atol=1e-12)
     assert bool(calls) == (structure == "triltopleftdiag:1" and conv.bias is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triltopleftdiag_conv_statistic_with_a_large_input_mean(dtype):
+    """Inputs whose mean is 300 times their spread, and a K that centres them (the
+    bias row ``beta = -alpha * mean``, as a whitening K does): the float32 statistic
+    from column sums of channel-centred inputs stays within 5e-4 of the float64 one
+    from unfolded rows (about what the float32 inputs' own rounding allows, 7e-5 here;
+    from raw moments, whose difference is 1e5 times smaller than they are, it would be
+    off by 4e-2); 16-bit factors take the generic route."""
+    from torchsingd.layers.conv import ConvAdapter
+
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, stride=2)  # no zero padding: every patch entry near 300
+    x = torch.randn(6, 3, 9, 9) + 300.0
+    adapter = get_adapter(conv)
+    spec = get_structure("triltopleftdiag:1")
+    d = adapter.dims(conv)[0]
+    K = spec.zeros(d, dtype=torch.float64)
+    K.a.copy_(torch.rand(d - 1, dtype=F64) + 0.5)
+    rows = adapter.input_rows(conv.to(F64), x.to(F64), "expand")
+    means = rows[:, :-1].sum(0) / rows[:, -1].sum()  # per-column mean of the patches
+    K.b[0].copy_(-K.a * means + 0.01 * torch.randn(d - 1, dtype=F64))
+    K.C.fill_(1.3)
+    Kd = K.to_dense()
+    expected = spec.from_dense(Kd.T @ rows.T @ rows @ Kd).to_dense()
+    Kx = spec.zeros(d, dtype=dtype)
+    for t, s in zip(Kx.tensors(), K.tensors(), strict=True):
+        t.copy_(s.to(dtype))
+    calls = []
+    original = ConvAdapter._column_means
+    ConvAdapter._column_means = staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k))
+    try:
+        got = adapter.input_statistic(conv.to(dtype), x.to(dtype), Kx, "expand").to_dense()
+    finally:
+        ConvAdapter._column_means = staticmethod(original)
+    assert bool(calls) == (dtype == torch.float32)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=5e-4)

@@ -103,16 +103,21 @@ class ConvAdapter(LayerAdapter):
         - diagonal ``K``: ``diag(a^T a)[c, k] = sum over samples and locations of
           x[c, shifted by k]^2 / N``: square and sum the prepared input over the batch
           first, then unfold one image;
-        - ``triltopleftdiag:1`` with a bias (``K = [[diag(alpha), 0], [beta, gamma]]``,
-          its dense row on the bias column, whose entries in ``a`` are all
-          ``1 / sqrt(N)``): with ``mu`` and ``q`` the per-column means of the patches
-          and of their squares, ``P(K^T a^T a K)`` has diagonal
-          ``alpha^2 q + 2 alpha beta mu + beta^2``, row ``2 gamma (alpha mu + beta)``
-          and corner ``gamma^2`` (``K^T a^T`` is ``alpha * patches + beta`` over
-          ``sqrt(N)`` above a constant row ``gamma / sqrt(N)``).
+        - ``triltopleftdiag:1`` with a bias and float32/float64 factors
+          (``K = [[diag(alpha), 0], [beta, gamma]]``, its dense row on the bias column,
+          whose entries in ``a`` are all ``1 / sqrt(N)``): ``K^T a^T`` is
+          ``(alpha * p + beta) / sqrt(N)`` above a constant row ``gamma / sqrt(N)``, with
+          ``p`` the patches. Each channel is first shifted by its mean ``s`` (``p = p' +
+          s``, ``beta' = alpha s + beta``), so that with ``mu`` and ``q`` the per-column
+          means of ``p'`` and ``p'^2``, ``P(K^T a^T a K)`` has diagonal
+          ``alpha^2 q + 2 alpha beta' mu + beta'^2``, row ``2 gamma (alpha mu + beta')``
+          and corner ``gamma^2``; the shift keeps ``q`` from being a small difference of
+          large raw moments when the inputs' mean dwarfs their spread. 16-bit factors
+          take the generic route.
         """
         if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
-            diag = self._column_means(module, x.to(K.dtype), square=True)
+            prepared = prepare_input(module, x.to(K.dtype))
+            diag = self._column_means(module, prepared, square=True)
             if self.has_bias(module):
                 diag = torch.cat([diag, diag.new_ones(1)])
             return DiagonalMatrix(K.diag * K.diag * diag)
@@ -120,12 +125,18 @@ class ConvAdapter(LayerAdapter):
             kfac_approx == "expand"
             and isinstance(K, TrilTopLeftDiagonalMatrix)
             and K.C.shape[0] == 1
+            and K.dtype in (torch.float32, torch.float64)
             and self.has_bias(module)
         ):
-            x = x.to(K.dtype)
-            mu = self._column_means(module, x, square=False)
-            q = self._column_means(module, x, square=True)
-            alpha, beta, gamma = K.a, K.b[0], K.C[0, 0]
+            prepared = prepare_input(module, x.to(K.dtype))
+            spatial = tuple(range(2, prepared.ndim))
+            shift = prepared.mean(dim=(0, *spatial), keepdim=True)  # [1, C', 1, ...]
+            prepared = prepared - shift
+            mu = self._column_means(module, prepared, square=False)
+            q = self._column_means(module, prepared, square=True)
+            per_column = module.weight.shape[2:].numel()  # kernel positions per channel
+            alpha, gamma = K.a, K.C[0, 0]
+            beta = alpha * shift.flatten().repeat_interleave(per_column) + K.b[0]
             diag = alpha * alpha * q + 2 * alpha * beta * mu + beta * beta
             row = 2 * gamma * (alpha * mu + beta)
             corner = (gamma * gamma).view(1, 1)
@@ -133,11 +144,10 @@ class ConvAdapter(LayerAdapter):
         return super().input_statistic(module, x, K, kfac_approx, block=block)
 
     @staticmethod
-    def _column_means(module: nn.Module, x: Tensor, *, square: bool) -> Tensor:
+    def _column_means(module: nn.Module, prepared: Tensor, *, square: bool) -> Tensor:
         """The mean over all rows of ``a`` (samples and locations) of each patch column
-        (of its square with ``square``), ``[C' * prod(k)]``: the prepared input is
-        summed over the batch first and one image unfolded."""
-        prepared = prepare_input(module, x)
+        (of its square with ``square``) of a prepared input, ``[C' * prod(k)]``: summed
+        over the batch first and one image unfolded."""
         summed = (prepared.square() if square else prepared).sum(0, keepdim=True)
         patches = extract_patches(module, summed)  # [1, O, C' * prod(k)]
         return patches.sum(1).squeeze(0) / (prepared.shape[0] * patches.shape[1])
