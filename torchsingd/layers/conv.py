@@ -36,12 +36,21 @@ def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
 
 def prepare_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """The input as the kernel sees it: batched, channels averaged over groups, padded."""
-    n = len(module.kernel_size)
-    if x.ndim == n + 1:  # unbatched
+    return pad_input(module, group_input(module, x))
+
+
+def group_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """The input batched, its channels averaged over the groups (not padded)."""
+    if x.ndim == len(module.kernel_size) + 1:  # unbatched
         x = x.unsqueeze(0)
     B, C = x.shape[:2]
     if module.groups > 1:
         x = x.reshape(B, module.groups, C // module.groups, *x.shape[2:]).mean(1)
+    return x
+
+
+def pad_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """``x`` (``[B, C', *S]``) padded as the module pads its input."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     pads = conv_padding(module)
     if any(pads):
@@ -107,13 +116,13 @@ class ConvAdapter(LayerAdapter):
           (``K = [[diag(alpha), 0], [beta, gamma]]``, its dense row on the bias column,
           whose entries in ``a`` are all ``1 / sqrt(N)``): ``K^T a^T`` is
           ``(alpha * p + beta) / sqrt(N)`` above a constant row ``gamma / sqrt(N)``, with
-          ``p`` the patches. Each channel is first shifted by its mean ``s`` (``p = p' +
-          s``, ``beta' = alpha s + beta``), so that with ``mu`` and ``q`` the per-column
-          means of ``p'`` and ``p'^2``, ``P(K^T a^T a K)`` has diagonal
+          ``p`` the patches. Each channel is shifted by ``s`` (``p = p' + s``,
+          ``beta' = alpha s + beta``), so that with ``mu`` and ``q`` the per-column means
+          of ``p'`` and ``p'^2``, ``P(K^T a^T a K)`` has diagonal
           ``alpha^2 q + 2 alpha beta' mu + beta'^2``, row ``2 gamma (alpha mu + beta')``
-          and corner ``gamma^2``; the shift keeps ``q`` from being a small difference of
-          large raw moments when the inputs' mean dwarfs their spread. 16-bit factors
-          take the generic route.
+          and corner ``gamma^2`` (:meth:`_centred_moments`); with ``s`` near the mean,
+          ``q`` is never a small difference of large raw moments. 16-bit factors take
+          the generic route.
         """
         if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
             prepared = prepare_input(module, x.to(K.dtype))
@@ -128,12 +137,7 @@ class ConvAdapter(LayerAdapter):
             and K.dtype in (torch.float32, torch.float64)
             and self.has_bias(module)
         ):
-            prepared = prepare_input(module, x.to(K.dtype))
-            spatial = tuple(range(2, prepared.ndim))
-            shift = prepared.mean(dim=(0, *spatial), keepdim=True)  # [1, C', 1, ...]
-            prepared = prepared - shift
-            mu = self._column_means(module, prepared, square=False)
-            q = self._column_means(module, prepared, square=True)
+            mu, q, shift = self._centred_moments(module, x.to(K.dtype))
             per_column = module.weight.shape[2:].numel()  # kernel positions per channel
             alpha, gamma = K.a, K.C[0, 0]
             beta = alpha * shift.flatten().repeat_interleave(per_column) + K.b[0]
@@ -142,6 +146,30 @@ class ConvAdapter(LayerAdapter):
             corner = (gamma * gamma).view(1, 1)
             return TrilTopLeftDiagonalMatrix(diag, row.unsqueeze(0), corner, K.k)
         return super().input_statistic(module, x, K, kfac_approx, block=block)
+
+    @classmethod
+    def _centred_moments(cls, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mu, q, s)``: per patch column, the means of ``p - s`` and ``(p - s)^2`` over
+        all rows of ``a``, with ``s`` ``[1, C', 1, ...]`` the channel means of the first
+        sample (close enough to the batch's for the squares not to cancel).
+
+        The batch is centred and reduced unpadded (one temporary); the two per-position
+        means are then padded as the input is: copies for reflect, replicate and
+        circular padding, and for zero padding the centred values of a zero, ``-s`` and
+        ``s^2``."""
+        grouped = group_input(module, x)
+        B, spatial = grouped.shape[0], tuple(range(1, grouped.ndim - 1))
+        shift = grouped[0].mean(dim=spatial, keepdim=True).unsqueeze(0)
+        centred = grouped - shift
+        m = centred.sum(0, keepdim=True).div_(B)
+        sq = centred.square_().sum(0, keepdim=True).div_(B)
+        m_pad, sq_pad = pad_input(module, m), pad_input(module, sq)
+        if module.padding_mode == "zeros" and m_pad.shape != m.shape:
+            outside = 1.0 - pad_input(module, torch.ones_like(m))
+            m_pad = m_pad - shift * outside
+            sq_pad = sq_pad + shift.square() * outside
+        mu = cls._column_means(module, m_pad, square=False)
+        return mu, cls._column_means(module, sq_pad, square=False), shift
 
     @staticmethod
     def _column_means(module: nn.Module, prepared: Tensor, *, square: bool) -> Tensor:
