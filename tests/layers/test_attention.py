@@ -182,6 +182,22 @@ def run_and_backward(attn, query, key, value, kwargs, seed: int = 20):
     return out.detach(), None if weights is None else weights.detach(), grads, in_grads
 
 
+def assert_same_results(got, exp, rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    """Two :func:`run_and_backward` results agree: output, attention weights (or both
+    ``None``), every parameter's gradient and the inputs' gradients."""
+    tol = dict(rtol=rtol, atol=atol)
+    torch.testing.assert_close(got[0], exp[0], **tol)
+    if exp[1] is None:
+        assert got[1] is None
+    else:
+        torch.testing.assert_close(got[1], exp[1], **tol)
+    assert got[2].keys() == exp[2].keys()
+    for n in exp[2]:
+        torch.testing.assert_close(got[2][n], exp[2][n], **tol, msg=labelled(n))
+    for g_got, g_exp in zip(got[3], exp[3], strict=True):
+        torch.testing.assert_close(g_got, g_exp, **tol)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("batch_first", [True, False], ids=["bfirst", "seqfirst"])
 def test_attached_module_matches_plain_module(name, batch_first):
@@ -199,17 +215,7 @@ def test_attached_module_matches_plain_module(name, batch_first):
 
     got = run_and_backward(attn, query, key, value, kwargs)
     exp = run_and_backward(plain, query, key, value, kwargs)
-    tol = dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got[0], exp[0], **tol)
-    if exp[1] is None:
-        assert got[1] is None
-    else:
-        torch.testing.assert_close(got[1], exp[1], **tol)
-    assert got[2].keys() == exp[2].keys()
-    for n in exp[2]:
-        torch.testing.assert_close(got[2][n], exp[2][n], **tol, msg=labelled(n))
-    for g_got, g_exp in zip(got[3], exp[3], strict=True):
-        torch.testing.assert_close(g_got, g_exp, **tol)
+    assert_same_results(got, exp)
     # the backward pass was observed: every block captured statistics
     for block in BLOCKS:
         assert opt.layers[f"attn.{block}"].H_K is not None
@@ -267,13 +273,8 @@ def test_calls_without_masks_or_weights_skip_the_identity_projections(
     got = run_and_backward(attn, query, key, value, kwargs)
     torch.manual_seed(5)
     exp = run_and_backward(plain, query, key, value, kwargs)
-    tol = dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got[0], exp[0], **tol)
     assert got[1] is None and exp[1] is None
-    for n in exp[2]:
-        torch.testing.assert_close(got[2][n], exp[2][n], **tol, msg=labelled(n))
-    for g_got, g_exp in zip(got[3], exp[3], strict=True):
-        torch.testing.assert_close(g_got, g_exp, **tol)
+    assert_same_results(got, exp)
     for block in BLOCKS:
         assert opt.layers[f"attn.{block}"].H_K is not None
     if name == "dropout_train":  # the draw matters: another seed gives other numbers
