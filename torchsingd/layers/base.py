@@ -201,23 +201,23 @@ def inner_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     (:func:`gram_of_rows`, then ``X`` applied once) where ``X.gram_pays(N)``."""
     if X.gram_pays(rows.shape[0]):
         return X.inner_of_gram(gram_of_rows(X, rows))
-    step = max(1, STATISTIC_CHUNK_NUMEL // max(rows.shape[1], 1))
-    if rows.shape[0] <= step:
-        return X.inner_of(rows.T)
-    H = X.inner_of(rows[:step].T)
-    for start in range(step, rows.shape[0], step):
-        H.add_(X.inner_of(rows[start : start + step].T))
-    return H
+    return _sum_over_row_chunks(X.inner_of, rows)
 
 
 def gram_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """``P(rows^T rows)`` in ``X``'s family (:meth:`StructuredMatrix.gram_of`), summed
     over chunks of at most ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]``."""
+    return _sum_over_row_chunks(X.gram_of, rows)
+
+
+def _sum_over_row_chunks(statistic, rows: Tensor) -> StructuredMatrix:
+    """``sum of statistic(chunk.T)`` over consecutive chunks of at most
+    ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]`` (one call when all fit)."""
     step = max(1, STATISTIC_CHUNK_NUMEL // max(rows.shape[1], 1))
-    G = X.gram_of(rows[:step].T)
+    H = statistic(rows[:step].T)
     for start in range(step, rows.shape[0], step):
-        G.add_(X.gram_of(rows[start : start + step].T))
-    return G
+        H.add_(statistic(rows[start : start + step].T))
+    return H
 
 
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:
