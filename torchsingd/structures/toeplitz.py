@@ -70,7 +70,7 @@ def _padded_rows(X: Tensor, size: int, dtype: torch.dtype) -> Tensor:
     return buf
 
 
-def _rows_conv_(spectrum: Tensor, buf: Tensor, d: int, correlate: bool) -> Tensor:
+def _padded_rows_conv(spectrum: Tensor, buf: Tensor, d: int, correlate: bool) -> Tensor:
     """Causal convolution (or, ``correlate``, correlation) of every row of the
     zero-padded ``buf: [n, size]`` (its first ``d`` columns hold the rows) with the
     sequence whose length-``size`` spectrum is given; returns a new ``[n, size]``
@@ -93,7 +93,7 @@ def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
     if _use_fft(d):
         work, size = _fft_dtype(X.dtype), fft_size(d)
         spectrum = torch.fft.rfft(col.to(work), n=size)
-        out = _rows_conv_(spectrum, _padded_rows(X, size, work), d, correlate)
+        out = _padded_rows_conv(spectrum, _padded_rows(X, size, work), d, correlate)
         return out[:, :d].T.to(X.dtype)
     L = dense_lower_toeplitz(col)  # d < FFT_MIN_DIM: one product with the small dense matrix
     return (L.T if correlate else L) @ X
@@ -153,8 +153,8 @@ class ToeplitzOuterOperator:
             L = dense_lower_toeplitz(self.col)
             return L @ (L.T @ X) if self.lower else L.T @ (L @ X)
         Y = _padded_rows(X, self.size, self.work)
-        Y = _rows_conv_(self.spectrum, Y, self.d, first_correlates)
-        Y = _rows_conv_(self.spectrum, Y, self.d, not first_correlates)
+        Y = _padded_rows_conv(self.spectrum, Y, self.d, first_correlates)
+        Y = _padded_rows_conv(self.spectrum, Y, self.d, not first_correlates)
         return Y[:, : self.d].T.to(X.dtype)
 
 
