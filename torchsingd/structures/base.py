@@ -469,6 +469,12 @@ class SparseOuterOperator:
         return out
 
 
+def symmetrize_(R: Tensor) -> Tensor:
+    """``R <- (R + R^T) / 2`` in place over the last two dimensions (a Gram route's
+    ``K^T G K`` is symmetric, as ``S S^T`` is, up to rounding); returns ``R``."""
+    return R.add_(R.mT.clone()).mul_(0.5)
+
+
 def check_square(M: Tensor, name: str = "M") -> int:
     """Return ``d`` for a ``[d, d]`` tensor, else raise a ``ValueError``."""
     if M.ndim != 2 or M.shape[0] != M.shape[1]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrize_
 
 DEFAULT_BLOCK_SIZE = 30
 
@@ -137,9 +137,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
         R = torch.bmm(self.blocks.mT, torch.bmm(G.blocks, self.blocks))
         r = self.last.T @ (G.last @ self.last)
         # symmetric, as S S^T is
-        return BlockDiagonalMatrix(
-            R.add_(R.mT.clone()).mul_(0.5), r.add_(r.T.clone()).mul_(0.5), self.block_size
-        )
+        return BlockDiagonalMatrix(symmetrize_(R), symmetrize_(r), self.block_size)
 
     def gram_pays(self, columns: int) -> bool:
         # inner_of: 4 n d B flops (K^T Z, S S^T per block); Gram: 2 n d B + 4 d B^2 once

@@ -26,6 +26,7 @@ from torchsingd.structures.base import (
     check_square,
     col_sq_sum,
     row_sq_sum,
+    symmetrize_,
 )
 
 DEFAULT_K1 = 15
@@ -210,11 +211,11 @@ class HierarchicalMatrix(StructuredMatrix):
         M33 = B2.T @ GK13 + E.T @ GK33
         GK22 = (G12 * B1).sum(0) + G.c * c + (G32 * D).sum(0)
         return HierarchicalMatrix(
-            M11.add_(M11.T.clone()).mul_(0.5),  # symmetric, as S S^T is
+            symmetrize_(M11),  # symmetric, as S S^T is
             2 * (A.T @ torch.cat([GK12, GK13], 1)),
             (B1 * GK12).sum(0) + c * GK22 + (D * GK32).sum(0),
             2 * (B2.T @ GK12 + E.T @ GK32),
-            M33.add_(M33.T.clone()).mul_(0.5),
+            symmetrize_(M33),
             self.K1,
             self.K2,
         )
