@@ -92,15 +92,24 @@ def test_conv_grad_rows_one_pass(shape, loss_average):
     assert torch.equal(g, before)
 
 
-@pytest.mark.parametrize("structure", ["triltopleftdiag:1", "triltopleftdiag:2"])
-@pytest.mark.parametrize("name", list(CONVS))
-def test_triltopleftdiag_conv_statistic_equals_unfolded_rows(name, structure):
-    """For ``triltopleftdiag:1`` with a bias (its dense row on the bias column) and
-    "expand", ``H_K`` comes from per-column means of the patches and of their squares
-    (no unfold of the batch); it equals ``P(K^T a^T a K)`` from the unfolded rows
-    (dense float64). Without a bias, or with a wider corner, the generic route."""
+def statistic_and_route(monkeypatch, adapter, conv, x, K):
+    """``(H_K, whether the column-sum route of ConvAdapter produced it)``."""
     from torchsingd.layers.conv import ConvAdapter
 
+    calls = []
+    original = ConvAdapter._centred_moments
+    counted = staticmethod(lambda module, x: calls.append(1) or original(module, x))
+    monkeypatch.setattr(ConvAdapter, "_centred_moments", counted)
+    return adapter.input_statistic(conv, x, K, "expand"), bool(calls)
+
+
+@pytest.mark.parametrize("structure", ["triltopleftdiag:1", "triltopleftdiag:2"])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_triltopleftdiag_conv_statistic_equals_unfolded_rows(name, structure, monkeypatch):
+    """For ``triltopleftdiag:1`` with a bias (its dense row on the bias column) and
+    "expand", ``H_K`` comes from per-column means of the channel-centred patches and of
+    their squares (no unfold of the batch); it equals ``P(K^T a^T a K)`` from the unfolded rows
+    (dense float64). Without a bias, or with a wider corner, the generic route."""
     torch.manual_seed(0)
     make, shape = CONVS[name]
     conv = make().to(F64)
@@ -110,30 +119,22 @@ def test_triltopleftdiag_conv_statistic_equals_unfolded_rows(name, structure):
     K = spec.zeros(adapter.dims(conv)[0], dtype=F64)
     for t in K.tensors():
         t.copy_(torch.randn(t.shape, dtype=F64))
-    calls = []
-    original = ConvAdapter._column_means
-    ConvAdapter._column_means = staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k))
-    try:
-        fast = adapter.input_statistic(conv, x, K, "expand")
-    finally:
-        ConvAdapter._column_means = staticmethod(original)
+    fast, column_sums = statistic_and_route(monkeypatch, adapter, conv, x, K)
     a = adapter.input_rows(conv, x, "expand")
     Kd = K.to_dense()
     expected = spec.from_dense(Kd.T @ a.T @ a @ Kd).to_dense()
     torch.testing.assert_close(fast.to_dense(), expected, rtol=1e-10, atol=1e-12)
-    assert bool(calls) == (structure == "triltopleftdiag:1" and conv.bias is not None)
+    assert column_sums == (structure == "triltopleftdiag:1" and conv.bias is not None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triltopleftdiag_conv_statistic_with_a_large_input_mean(dtype):
+def test_triltopleftdiag_conv_statistic_with_a_large_input_mean(dtype, monkeypatch):
     """Inputs whose mean is 300 times their spread, and a K that centres them (the
     bias row ``beta = -alpha * mean``, as a whitening K does): the float32 statistic
     from column sums of channel-centred inputs stays within 5e-4 of the float64 one
     from unfolded rows (about what the float32 inputs' own rounding allows, 7e-5 here;
     from raw moments, whose difference is 1e5 times smaller than they are, it would be
     off by 4e-2); 16-bit factors take the generic route."""
-    from torchsingd.layers.conv import ConvAdapter
-
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 4, 3, stride=2)  # no zero padding: every patch entry near 300
     x = torch.randn(6, 3, 9, 9) + 300.0
@@ -151,13 +152,8 @@ def test_triltopleftdiag_conv_statistic_with_a_large_input_mean(dtype):
     Kx = spec.zeros(d, dtype=dtype)
     for t, s in zip(Kx.tensors(), K.tensors(), strict=True):
         t.copy_(s.to(dtype))
-    calls = []
-    original = ConvAdapter._column_means
-    ConvAdapter._column_means = staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k))
-    try:
-        got = adapter.input_statistic(conv.to(dtype), x.to(dtype), Kx, "expand").to_dense()
-    finally:
-        ConvAdapter._column_means = staticmethod(original)
-    assert bool(calls) == (dtype == torch.float32)
+    got, column_sums = statistic_and_route(monkeypatch, adapter, conv.to(dtype), x.to(dtype), Kx)
+    got = got.to_dense()
+    assert column_sums == (dtype == torch.float32)
     if dtype == torch.float32:
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=5e-4)
