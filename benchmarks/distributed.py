@@ -64,7 +64,7 @@ def _worker(rank, world, port, strategy, structure, T, steps, out):
             times.append(time.perf_counter() - t0)
     sent = sum(tdist.traffic.values()) - sum(before.values())
     if rank == 0:
-        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        grad_bytes = sum(p.nbytes for p in model.parameters())
         torch.save(
             {
                 "time": statistics.median(times),

@@ -60,7 +60,7 @@ def all_reduce_tensors(tensors: Sequence[Tensor], average: Sequence[bool], group
     _, size = world(group)
     work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     flat = torch.cat([t.reshape(-1).to(work) for t in tensors])
-    traffic["all_reduce"] += flat.numel() * flat.element_size()
+    traffic["all_reduce"] += flat.nbytes
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
     for t, avg in zip(tensors, average, strict=True):
@@ -86,7 +86,7 @@ def broadcast_tensors(tensors: Sequence[Tensor], src: int, group=None) -> None:
         return
     work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     flat = torch.cat([t.reshape(-1).to(work) for t in tensors])
-    traffic["broadcast"] += flat.numel() * flat.element_size()
+    traffic["broadcast"] += flat.nbytes
     dist.broadcast(flat, src=src, group=group)
     offset = 0
     for t in tensors:

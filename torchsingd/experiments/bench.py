@@ -298,21 +298,16 @@ def build(kind: str, model_name: str, structure: str, T: int, device, dtype) -> 
 
 
 def param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(p.nbytes for p in model.parameters())
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     if isinstance(opt, SINGD):
         return opt.state_bytes()
-    total = sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    )
+    total = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     for attr in ("Ks", "Cs", "m_Ks", "m_Cs"):  # the reference keeps its factors here
         for mat in getattr(opt, attr, {}).values():
-            total += sum(t.numel() * t.element_size() for _, t in mat.named_tensors())
+            total += sum(t.nbytes for _, t in mat.named_tensors())
     return total
 
 

@@ -119,10 +119,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     if isinstance(opt, SINGD | KFAC):
         return opt.state_bytes()
     return sum(
-        t.numel() * t.element_size()
-        for state in opt.state.values()
-        for t in state.values()
-        if torch.is_tensor(t)
+        t.nbytes for state in opt.state.values() for t in state.values() if torch.is_tensor(t)
     )
 
 

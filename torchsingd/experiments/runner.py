@@ -151,7 +151,7 @@ def train(spec: RunSpec, progress: bool = True, position: int | None = None) -> 
         **asdict(spec),
         "key": spec.key(),
         "metric_name": task.metric_name,
-        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "param_bytes": sum(p.nbytes for p in model.parameters()),
         "rss_scope": rss_scope,
         "threads": torch.get_num_threads(),
     }

@@ -459,7 +459,7 @@ class KroneckerOptimizer(Optimizer):
         for state in self.state.values():
             for value in state.values():
                 if torch.is_tensor(value):
-                    total += value.numel() * value.element_size()
+                    total += value.nbytes
         return total
 
     def remove_hooks(self) -> None:

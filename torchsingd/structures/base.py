@@ -97,7 +97,7 @@ class StructuredMatrix(ABC):
 
     def nbytes(self) -> int:
         """How many bytes the structure stores."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.nbytes for t in self.tensors())
 
     def clone(self) -> StructuredMatrix:
         return self._with_tensors(tuple(t.clone() for t in self.tensors()))
@@ -415,7 +415,7 @@ class SparseOuterOperator:
 
     def nbytes(self) -> int:
         """Bytes held: ``W`` (``d x b``) and ``delta^2`` (``d``)."""
-        return sum(t.numel() * t.element_size() for t in (self.W, self.v))
+        return sum(t.nbytes for t in (self.W, self.v))
 
     def _border(self, X: Tensor, dim: int) -> Tensor:
         """The rows (``dim=0``) or columns (``dim=1``) of ``X`` in ``B``."""

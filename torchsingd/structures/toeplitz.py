@@ -144,7 +144,7 @@ class ToeplitzOuterOperator:
         """Bytes held besides ``col`` (the factor's own): the spectrum, if any."""
         if not _use_fft(self.d):
             return 0
-        return self.spectrum.numel() * self.spectrum.element_size()
+        return self.spectrum.nbytes
 
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.d)
