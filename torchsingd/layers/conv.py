@@ -126,7 +126,7 @@ class ConvAdapter(LayerAdapter):
         """
         if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
             prepared = prepare_input(module, x.to(K.dtype))
-            diag = self._column_means(module, prepared, square=True)
+            diag = self._column_means(module, prepared.square())
             if self.has_bias(module):
                 diag = torch.cat([diag, diag.new_ones(1)])
             return DiagonalMatrix(K.diag * K.diag * diag)
@@ -168,15 +168,14 @@ class ConvAdapter(LayerAdapter):
             outside = 1.0 - pad_input(module, torch.ones_like(m))
             m_pad = m_pad - shift * outside
             sq_pad = sq_pad + shift.square() * outside
-        mu = cls._column_means(module, m_pad, square=False)
-        return mu, cls._column_means(module, sq_pad, square=False), shift
+        return cls._column_means(module, m_pad), cls._column_means(module, sq_pad), shift
 
     @staticmethod
-    def _column_means(module: nn.Module, prepared: Tensor, *, square: bool) -> Tensor:
+    def _column_means(module: nn.Module, prepared: Tensor) -> Tensor:
         """The mean over all rows of ``a`` (samples and locations) of each patch column
-        (of its square with ``square``) of a prepared input, ``[C' * prod(k)]``: summed
-        over the batch first and one image unfolded."""
-        summed = (prepared.square() if square else prepared).sum(0, keepdim=True)
+        of a prepared input (or of its square, passed squared), ``[C' * prod(k)]``:
+        summed over the batch first and one image unfolded."""
+        summed = prepared.sum(0, keepdim=True)
         patches = extract_patches(module, summed)  # [1, O, C' * prod(k)]
         return patches.sum(1).squeeze(0) / (prepared.shape[0] * patches.shape[1])
 
