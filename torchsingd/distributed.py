@@ -81,13 +81,15 @@ def assign(costs: Sequence[float], ranks: int) -> list[int]:
 
 
 def broadcast_tensors(tensors: Sequence[Tensor], src: int, group=None) -> None:
-    """Broadcast ``tensors`` from rank ``src`` in place, packed into one buffer."""
+    """Broadcast ``tensors`` from rank ``src`` of ``group`` in place, packed into one
+    buffer (``dist.broadcast`` takes a global rank: translated here)."""
     if not tensors:
         return
     work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     flat = torch.cat([t.reshape(-1).to(work) for t in tensors])
     traffic["broadcast"] += flat.nbytes
-    dist.broadcast(flat, src=src, group=group)
+    root = src if group is None else dist.get_global_rank(group, src)
+    dist.broadcast(flat, src=root, group=group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))

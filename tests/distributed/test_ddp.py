@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(worker, *args) -> None:
+def spawn(worker, *args, nprocs: int = WORLD) -> None:
     """``mp.spawn`` on a free port. One retry for two rare failures of the harness, not
     of the code under test: a port taken in between, and a worker killed by SIGABRT
     (gloo aborting a process whose peer tore its sockets down first; seen once in
@@ -36,7 +36,7 @@ def spawn(worker, *args) -> None:
     that really crashes crashes twice; wrong numbers still fail the comparisons."""
     for attempt in range(2):
         try:
-            mp.spawn(worker, args=(_free_port(), *args), nprocs=WORLD, join=True)
+            mp.spawn(worker, args=(_free_port(), *args), nprocs=nprocs, join=True)
             return
         except Exception as err:  # noqa: BLE001 - only the two cases above are retried
             text = str(err).lower()
@@ -161,6 +161,50 @@ def test_two_ranks_equal_one_process(config, tmp_path):
                 continue
             for a, b in zip(tensors, single[name]["factors"][key], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def _subgroup_worker(rank, port, out_path):
+    """3 processes; ranks 1 and 2 train in the process group ``[1, 2]``, rank 0 idles."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=3)
+    torch.set_num_threads(1)
+    try:
+        sub = dist.new_group([1, 2])
+        if rank > 0:
+            model = make_model()
+            opt = SINGD(
+                model,
+                lr=0.05,
+                lr_cov=0.1,
+                T=1,
+                structures="hierarchical:3,2",
+                warn_unsupported=False,
+                distributed_strategy="shard",
+                process_group=sub,
+            )
+            ddp = DDP(model, process_group=sub)
+            train(ddp, opt, batches(3), rank - 1, 2)
+            if rank == 1:
+                torch.save([p.detach() for p in model.parameters()], out_path)
+            del ddp, opt
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_strategy_in_a_process_group_that_is_not_the_world(tmp_path):
+    """The owners of the layers are ranks of the group; broadcasts must use them (as
+    global ranks): equal to one process."""
+    out = tmp_path / "rank1.pt"
+    spawn(_subgroup_worker, str(out), nprocs=3)
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = SINGD(
+        model, lr=0.05, lr_cov=0.1, T=1, structures="hierarchical:3,2", warn_unsupported=False
+    )
+    train(model, opt, batches(3))
+    for p, q in zip(model.parameters(), torch.load(out), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("strategy", ["replicate", "shard"])
