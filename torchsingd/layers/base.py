@@ -178,15 +178,32 @@ class LayerAdapter(ABC):
     def install(self, module: nn.Module, observer: Observer) -> list[Any]:
         """Report ``module``'s forward passes to ``observer``; return removable handles.
 
-        Hooks are plain closures, so a deep copy of the model shares them but the
-        observer recognises (and ignores) the copy.
+        The hook (:class:`ObservingHook`) is shared by a deep copy of the model, whose
+        forward passes the observer recognises (and ignores), and pickles as a no-op.
         """
+        return [module.register_forward_hook(ObservingHook(observer))]
 
-        def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
-            if inputs and isinstance(output, Tensor):
-                observer(mod, "", inputs[0], output)
 
-        return [module.register_forward_hook(hook)]
+class ObservingHook:
+    """A forward hook that reports ``(module, "", input, output)`` to an observer.
+
+    A deep copy is the same hook (the observer ignores the copied module); pickling
+    (``torch.save(model)``) stores an inert hook, since the optimizer is not part of
+    the model: the loaded model is not observed.
+    """
+
+    def __init__(self, observer: Observer | None) -> None:
+        self.observer = observer
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if self.observer is not None and inputs and isinstance(output, Tensor):
+            self.observer(module, "", inputs[0], output)
+
+    def __deepcopy__(self, memo: dict) -> ObservingHook:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (ObservingHook, (None,))
 
 
 #: Input statistics are computed over chunks of the batch whose rows ``a`` hold at

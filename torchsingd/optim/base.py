@@ -25,7 +25,9 @@ later step.
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -101,6 +103,9 @@ class ModuleEntry:
     adapter: LayerAdapter
     group_index: int
     blocks: dict[str, BlockState] = field(default_factory=dict)
+    #: ``(id, requires_grad)`` of the adapter's parameters at construction: the
+    #: factors are sized for them, so a later change is refused with a clear error.
+    layout: tuple[tuple[int, bool], ...] = ()
 
 
 def is_number(x: Any) -> bool:
@@ -248,6 +253,9 @@ class KroneckerOptimizer(Optimizer):
         self._owners: dict[str, int] = {}  # layer name -> rank ("shard")
         self._fallback_params: list[tuple[int, nn.Parameter]] = []
         self._handles: list[Any] = []
+        # Hooks see the optimizer only through a weak reference; once it is collected,
+        # its hooks are removed (a deleted optimizer neither stays alive nor captures).
+        weakref.finalize(self, _remove_handles, self._handles)
         self._constructed = False
         super().__init__(params, defaults)
         self._constructed = True
@@ -260,6 +268,9 @@ class KroneckerOptimizer(Optimizer):
 
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             model = model.module
+        original = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = original
         fsdp1 = type(model).__name__ == "FullyShardedDataParallel"
         if fsdp1 or tdist.is_sharded_by_fsdp(list(model.parameters())):
             raise ValueError(
@@ -355,7 +366,6 @@ class KroneckerOptimizer(Optimizer):
             params = adapter.params(module)
             if not params or not params[0].requires_grad:
                 continue
-            adapter.check(module, name)
             found.append((name, module, adapter))
         uses: dict[int, int] = {}
         for _, module, adapter in found:
@@ -366,11 +376,21 @@ class KroneckerOptimizer(Optimizer):
         return found, tied
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (validated); its layers are hooked when added after construction."""
+        """Add a group (validated; on an error nothing is added).
+
+        After construction, the model's supported layers are looked up again, so a
+        layer appended to the model since then is preconditioned too.
+        """
         super().add_param_group(param_group)
-        self._validate(self.param_groups[-1])
-        if self._constructed:
-            self._assign_parameters()
+        try:
+            self._validate(self.param_groups[-1])
+            if self._constructed:
+                self._param_names = {id(p): n for n, p in self._model.named_parameters()}
+                self._candidates, self._tied = self._find_layers(self._model)
+                self._assign_parameters()
+        except BaseException:
+            self.param_groups.pop()
+            raise
 
     def _name(self, p: nn.Parameter) -> str:
         return self._param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
@@ -381,28 +401,35 @@ class KroneckerOptimizer(Optimizer):
         claimed: set[int] = {
             id(p) for e in self._entries.values() for p in e.adapter.params(e.module)
         }
+        known = {id(p) for _, p in self._fallback_params}
+        # Check everything before changing anything (a failed add_param_group is undone).
+        new_layers = []
         for name, module, adapter in self._candidates:
             if name in self._entries:
                 continue
             params = adapter.params(module)
             groups = {group_of.get(id(p)) for p in params}
             if groups == {None}:
-                continue
+                continue  # not ours to train: not checked either (e.g. a sparse embedding)
             if len(groups) != 1 or None in groups:
                 raise ValueError(
                     f"The parameters of layer {name!r} must all be in one parameter group "
                     f"(found groups {sorted(g for g in groups if g is not None)}"
                     f"{' and some not in the optimizer' if None in groups else ''})."
                 )
-            self._entries[name] = self._new_entry(name, module, adapter, groups.pop())
-            claimed.update(id(p) for p in params)
-        known = {id(p) for _, p in self._fallback_params}
-        new_fallback = [
-            (i, p)
-            for i, g in enumerate(self.param_groups)
-            for p in g["params"]
-            if id(p) not in claimed and id(p) not in known
-        ]
+            if any(id(p) in known for p in params):
+                continue  # already trained by the fallback rule (its state lives there)
+            adapter.check(module, name)
+            new_layers.append((name, module, adapter, groups.pop()))
+        for name, module, adapter, index in new_layers:
+            self._entries[name] = self._new_entry(name, module, adapter, index)
+            claimed.update(id(p) for p in adapter.params(module))
+        new_fallback = []
+        for i, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                if id(p) not in claimed and id(p) not in known:
+                    new_fallback.append((i, p))
+                    known.add(id(p))  # a parameter listed twice is updated once
         self._fallback_params += new_fallback
         if self._warn_unsupported and new_fallback:
             by_rule: dict[str, list[str]] = {}
@@ -425,7 +452,7 @@ class KroneckerOptimizer(Optimizer):
         if adapter.k_structure_option is not None:
             k_structure = group[adapter.k_structure_option]
         weight = adapter.params(module)[0]
-        entry = ModuleEntry(name, module, adapter, group_index)
+        entry = ModuleEntry(name, module, adapter, group_index, layout=_layout(adapter, module))
         for block in adapter.blocks(module):
             block_name = ".".join(part for part in (name, block) if part)
             dims = adapter.dims(module, block=block)
@@ -434,6 +461,24 @@ class KroneckerOptimizer(Optimizer):
             )
         self._handles += adapter.install(module, _Observer(self, entry))
         return entry
+
+    def _check_layout(self, entry: ModuleEntry) -> None:
+        """Refuse a layer whose trainable parameters changed since construction
+        (its factors are sized for them; e.g. a bias frozen later)."""
+        if _layout(entry.adapter, entry.module) == entry.layout:
+            return
+
+        def trained(layout: tuple[tuple[int, bool], ...]) -> list[str]:
+            names = {id(p): n for n, p in self._model.named_parameters()}
+            return [names.get(i, "?") for i, requires_grad in layout if requires_grad]
+
+        raise ValueError(
+            f"The trainable parameters of layer {entry.name!r} changed after "
+            f"{type(self).__name__} was constructed: it trained {trained(entry.layout)}, "
+            f"now {trained(_layout(entry.adapter, entry.module))} require gradients. Its "
+            "Kronecker factors are sized for the former: set requires_grad before "
+            "constructing the optimizer (or construct a new one)."
+        )
 
     @property
     def layers(self) -> dict[str, BlockState]:
@@ -463,10 +508,9 @@ class KroneckerOptimizer(Optimizer):
         return total
 
     def remove_hooks(self) -> None:
-        """Detach the optimizer from the model (no further statistics are captured)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Detach the optimizer from the model (no further statistics are captured;
+        also done when the optimizer is garbage-collected)."""
+        _remove_handles(self._handles)
 
     # ------------------------------------------------------------------ hooks
     def _wants(self, entry: ModuleEntry) -> bool:
@@ -479,6 +523,7 @@ class KroneckerOptimizer(Optimizer):
             return
         if not output.requires_grad or not self._wants(entry):
             return
+        self._check_layout(entry)
         layer = entry.blocks[block]
         output.register_hook(partial(self._capture, entry, layer, x.detach(), self.steps))
 
@@ -518,20 +563,45 @@ class KroneckerOptimizer(Optimizer):
             layer.capture_scale = self._capture_scale
 
     # ------------------------------------------------------------------- step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients and drop the statistics captured since the last step.
+
+        The statistics belong to the backward passes whose gradients are discarded
+        (a gradient-norm probe, a retried batch): they do not reach the next update.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        for entry in self._entries.values():
+            for layer in entry.blocks.values():
+                layer.clear_captures()
+
     def set_current_grad_scale(self, grad_scale: float) -> None:
         """Tell the optimizer the loss scale of this step's backward pass.
 
         Needed only when gradients were unscaled before ``step`` (e.g. after
         ``scaler.unscale_(optimizer)`` for clipping): then ``.grad`` is unscaled but
-        the captured output gradients are not.
+        the captured output gradients are not. ``scaler.step`` refuses an unscaled
+        step without it.
         """
+        if not is_number(grad_scale) or not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(
+                f"Invalid grad_scale={grad_scale!r}: must be a finite number > 0 (the "
+                "loss scale of this step, e.g. scaler.get_scale())."
+            )
         self._explicit_scale = float(grad_scale)
 
     def _read_scales(self) -> tuple[float, float, bool]:
         """``(scale of .grad, scale of captured g, found_inf)`` for this step."""
         grad_scale = getattr(self, "grad_scale", None)
-        grad_scale = 1.0 if grad_scale is None else float(grad_scale)
         found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is not None and self._explicit_scale is None:
+            # GradScaler.step passes grad_scale=None exactly when unscale_ was called
+            raise RuntimeError(
+                f"scaler.unscale_({type(self).__name__}) was called before scaler.step, "
+                "so .grad is unscaled but the captured output gradients are not: call "
+                "optimizer.set_current_grad_scale(scaler.get_scale()) after unscale_ "
+                "(the factors would otherwise see the loss scale squared)."
+            )
+        grad_scale = 1.0 if grad_scale is None else float(grad_scale)
         found_inf = bool(found_inf) if found_inf is not None else False
         g_scale = self._explicit_scale if self._explicit_scale is not None else grad_scale
         if self.steps == 0 and self._init_grad_scale == 1.0 and g_scale != 1.0:
@@ -554,12 +624,13 @@ class KroneckerOptimizer(Optimizer):
                 warnings.warn(message, stacklevel=5)
         self._notes = []
 
-    def _skip(self, why: str, g_scale: float) -> None:
-        """Leave parameters and factors untouched, drop this step's captures; warn or raise."""
+    def _skip(self, why: str, g_scale: float, may_raise: bool = True) -> None:
+        """Leave parameters and factors untouched, drop this step's captures; warn or
+        (with ``on_nonfinite="raise"`` and ``may_raise``) raise."""
         self._notes = []
         for layer in self.layers.values():
             layer.clear_captures()
-        if self.on_nonfinite == "raise":
+        if self.on_nonfinite == "raise" and may_raise:
             self._end_step(g_scale)
             raise NonFiniteError(f"{type(self).__name__} step {self.steps - 1}: {why}.")
         self.skipped_steps += 1
@@ -589,8 +660,14 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            self._step()
+        try:
+            with torch.no_grad():
+                self._step()
+        except BaseException:
+            # GradScaler.step deletes the attributes it set only when step returns
+            for attr in ("grad_scale", "found_inf"):
+                self.__dict__.pop(attr, None)
+            raise
         return loss
 
     def _kl_clip(self, group: dict[str, Any]) -> float | None:
@@ -607,6 +684,7 @@ class KroneckerOptimizer(Optimizer):
         update_now = self.steps % group["T"] == 0
         inner = None
         new_factors, nats = {}, {}
+        self._check_layout(entry)
         for block, layer in entry.blocks.items():
             G = entry.adapter.grad_matrix(entry.module, block=block)
             if G is None:
@@ -627,8 +705,8 @@ class KroneckerOptimizer(Optimizer):
 
     def _step(self) -> None:
         grad_scale, g_scale, found_inf = self._read_scales()
-        if found_inf:
-            self._skip("the gradient scaler found inf/NaN gradients", g_scale)
+        if found_inf:  # routine under a GradScaler (it lowers the scale): never raises
+            self._skip("the gradient scaler found inf/NaN gradients", g_scale, may_raise=False)
             return
 
         rank, size = tdist.world(self._group)
@@ -682,6 +760,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _zero_directions(self, entry: ModuleEntry):
         """Zero directions (and no new factors) for a layer another rank preconditions."""
+        self._check_layout(entry)
         if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         params = entry.adapter.params(entry.module)
@@ -719,7 +798,10 @@ class KroneckerOptimizer(Optimizer):
         ]
         if not due:
             return []
-        fresh = torch.tensor([float(layer.has_statistics(self.steps)) for _, layer in due])
+        device = due[0][0].adapter.params(due[0][0].module)[0].device  # NCCL: not the CPU
+        fresh = torch.tensor(
+            [float(layer.has_statistics(self.steps)) for _, layer in due], device=device
+        )
         tdist.all_reduce_tensors([fresh], [False], self._group)
         tensors, average, updated = [], [], []
         for (entry, layer), count in zip(due, fresh.tolist(), strict=True):
@@ -778,7 +860,9 @@ class KroneckerOptimizer(Optimizer):
             params = [p for p, _ in pairs]
             grads = [g for _, g in pairs]
             states = [self.state[p] for p in params]
-            lr = group["lr"] if group["fallback_lr"] is None else group["fallback_lr"]
+            lr = group["lr"]
+            if group["fallback_lr"] is not None:  # follows an LR scheduler's factor
+                lr = group["fallback_lr"] * _schedule_factor(group)
             wd = group["fallback_weight_decay"]
             wd = group["weight_decay"] if wd is None else wd
             if group["fallback"] == "adamw":
@@ -889,14 +973,38 @@ class _Observer:
     """
 
     def __init__(self, optimizer: KroneckerOptimizer, entry: ModuleEntry) -> None:
-        self.optimizer, self.entry = optimizer, entry
+        self._optimizer, self.entry = weakref.ref(optimizer), entry
 
     def __call__(self, module: nn.Module, block: str, x: Tensor, output: Tensor) -> None:
-        if module is self.entry.module:
-            self.optimizer._on_forward(self.entry, block, x, output)
+        optimizer = self._optimizer()
+        if optimizer is not None and module is self.entry.module:
+            optimizer._on_forward(self.entry, block, x, output)
 
     def wants(self, module: nn.Module) -> bool:
-        return module is self.entry.module and self.optimizer._wants(self.entry)
+        optimizer = self._optimizer()
+        return (
+            optimizer is not None and module is self.entry.module and optimizer._wants(self.entry)
+        )
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    """Finaliser of an optimizer: detach its hooks from the model."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _layout(adapter: LayerAdapter, module: nn.Module) -> tuple[tuple[int, bool], ...]:
+    return tuple((id(p), p.requires_grad) for p in adapter.params(module))
+
+
+def _schedule_factor(group: dict[str, Any]) -> float:
+    """``lr / initial_lr`` of a group an LR scheduler drives (``initial_lr`` is set by
+    ``torch.optim.lr_scheduler``), else 1."""
+    initial = group.get("initial_lr")
+    if not is_number(initial) or initial <= 0:
+        return 1.0
+    return float(group["lr"]) / float(initial)
 
 
 def _family(x: StructuredMatrix | None) -> str | None:

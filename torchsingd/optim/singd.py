@@ -114,7 +114,9 @@ class SINGD(KroneckerOptimizer):
     """Structured inverse-free natural gradient descent (Lin, Dangel et al., ICML 2024).
 
     A drop-in for the reference ``singd.optim.optimizer.SINGD``: same arguments, names,
-    meanings and defaults; the numbers agree with it (see the README for the one place
+    meanings and defaults, plus the safeguards (``safeguards=True`` by default, which
+    change the numbers only where they act; ``safeguards=False`` gives the reference's
+    exact rule). The numbers agree with the reference (see the README for the one place
     where the reference deviates from the paper and we follow the paper). Every
     hyper-parameter, ``structures`` included, can be set per parameter group.
 
@@ -151,7 +153,8 @@ class SINGD(KroneckerOptimizer):
             ``"diagonal"`` by default, since one-hot inputs have diagonal statistics.
         fallback: ``"adamw"`` or ``"sgd"``: the rule for parameters outside supported
             layers (norm layers, free parameters, unsupported or tied layers).
-        fallback_lr: its learning rate (``None``: the group's ``lr``).
+        fallback_lr: its learning rate (``None``: the group's ``lr``; a number is
+            multiplied by an LR scheduler's factor ``lr / initial_lr``).
         fallback_betas, fallback_eps: AdamW's moment coefficients and epsilon.
         fallback_weight_decay: its weight decay (``None``: the group's ``weight_decay``;
             decoupled for AdamW, coupled for SGD, which also uses ``momentum``).
@@ -160,7 +163,8 @@ class SINGD(KroneckerOptimizer):
             natural gradient; clip raw gradients with ``clip_grad_norm_`` as usual).
         on_nonfinite: ``"skip"`` (default: warn, leave every parameter and state
             tensor unchanged, count it in ``skipped_steps``) or ``"raise"`` when
-            gradients or updates hold inf/NaN.
+            gradients or updates hold inf/NaN. An overflow a ``GradScaler`` found is
+            always skipped (the scaler then lowers its scale).
         distributed_strategy: under ``torch.distributed``: ``"replicate"`` (every rank
             updates every factor from statistics averaged across ranks) or ``"shard"``
             (each rank updates the factors of its share of the layers); see
@@ -350,8 +354,10 @@ class SINGD(KroneckerOptimizer):
 
         A non-finite ``K`` (or ``C``) keeps the previous factor (identity if that is
         not finite either) and resets its momentum to zero, so the parameter step
-        still happens with a finite preconditioner; the reference rule instead writes
-        the inf/NaN factor and every later step is skipped (``skipped_steps``). With
+        still happens with a finite preconditioner. The reference rule writes the
+        inf/NaN factor (and every later update is NaN); with ``safeguards=False`` this
+        optimizer instead skips the whole step, as for any non-finite update (nothing
+        written, ``skipped_steps`` counts it). With
         ``on_nonfinite="raise"`` nothing is repaired: the step raises; nor when the
         gradient ``G`` itself is not finite (then the whole step is skipped).
         """
