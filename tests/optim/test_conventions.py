@@ -2,12 +2,11 @@
 optimizer, ``add_param_group`` (failed, and with layers added to the model later),
 parameters frozen after construction, ``zero_grad`` and captured statistics, gradient
 scalers (``unscale_``, overflows under ``on_nonfinite="raise"``), pickling a model
-with an optimizer attached, ``torch.compile`` wrappers and the fallback rule's
-learning rate under an LR scheduler.
+with an optimizer attached, ``torch.compile`` wrappers and parametrized modules.
 
 Oracles: the same training written another way (an optimizer built with the final
-groups from the start, a run without the discarded backward pass, ``torch.optim.AdamW``
-with the scheduled rate), compared bit for bit or to float64 rounding.
+groups from the start, a run without the discarded backward pass), compared bit for
+bit.
 """
 
 from __future__ import annotations
@@ -137,7 +136,7 @@ def test_layers_outside_the_optimizer_are_not_checked():
 
 
 @pytest.mark.parametrize("frozen", ["bias", "weight"])
-def test_freezing_after_construction_is_refused_with_the_layer_named(frozen):
+def test_freezing_part_of_a_layer_after_construction_is_refused(frozen):
     model = make_mlp(0)
     opt = SINGD(model, **HP1)
     train(model, opt, 0, 2)
@@ -157,6 +156,65 @@ def test_freezing_after_construction_is_refused_with_the_layer_named(frozen):
     mse(model(x), y).backward()  # step 1: nothing captured
     with pytest.raises(ValueError, match=r"now \[.*\] require gradients"):
         opt.step()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_layer_frozen_whole_after_construction_pauses(bias):
+    """Frozen: neither captured nor updated (weights and factors bit-identical);
+    unfrozen: trained again; the other layer trains throughout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = SINGD(model, **HP1)
+    train(model, opt, 0, 2)
+    model[0].requires_grad_(False)
+    frozen = full_state(model, opt)
+    train(model, opt, 2, 4)
+    now = full_state(model, opt)
+    for key in frozen:
+        same = torch.equal(frozen[key], now[key])
+        assert same == (key.startswith(("param.0.", "0.", "buffer.0.")) or ".0." in key), key
+    assert opt.layers["0"].pending is None
+    model[0].requires_grad_(True)
+    train(model, opt, 4, 5)
+    assert not torch.equal(now["param.0.weight"], model[0].weight)
+    assert not torch.equal(now["0.K.0"], opt.layers["0"].K.tensors()[0])
+
+
+def test_add_param_group_after_a_bias_only_start():
+    """BitFit-like: weights frozen at construction (biases to the fallback rule), then
+    unfrozen and added: the layers stay with the fallback rule, whose state they have."""
+    model = make_mlp(0)
+    for m in (model[0], model[2]):
+        m.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="fallback"):
+        opt = SINGD(model, **dict(HP1, warn_unsupported=True))
+    train(model, opt, 0, 2)
+    for m in (model[0], model[2]):
+        m.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="0.weight"):
+        opt.add_param_group({"params": [model[0].weight, model[2].weight]})
+    assert opt.layers == {} and set(opt.fallback_parameters) == {
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    }
+    train(model, opt, 2, 3)
+    assert opt.state[model[0].weight]["step"] == 1
+
+
+def test_add_param_group_rolled_back_when_its_warning_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
+    opt = SINGD(model, params=model[0].parameters(), **dict(HP1, warn_unsupported=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="fallback"):
+            opt.add_param_group({"params": model[1].parameters()})
+    assert len(opt.param_groups) == 1 and opt.fallback_parameters == {}
+    x, _ = batch(0, shape=(8, 4))
+    model(x).pow(3).sum().backward()
+    opt.step()  # the group that was not added is not referenced
+    assert opt.steps == 1
 
 
 def test_zero_grad_drops_the_statistics_of_discarded_backward_passes():
@@ -197,6 +255,8 @@ def test_set_current_grad_scale_validates(value):
     opt = SINGD(make_mlp(0), **HP1)
     with pytest.raises(ValueError, match="grad_scale"):
         opt.set_current_grad_scale(value)
+    opt.set_current_grad_scale(torch.tensor(1024.0))  # what a scaler's scale may be
+    assert opt._explicit_scale == 1024.0
 
 
 def test_scaler_overflow_is_skipped_even_with_on_nonfinite_raise():
@@ -249,27 +309,64 @@ def test_compiled_model_is_unwrapped():
     assert opt.state_dict()["kronecker"]["layers"].keys() == {"0", "2"}
 
 
-def test_fixed_fallback_lr_follows_an_lr_scheduler():
-    """``fallback_lr`` times the scheduler's factor ``lr / initial_lr``: AdamW's steps."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
-    ln = model[1]
-    ref_ln = nn.LayerNorm(3).double()
-    ref_ln.load_state_dict(ln.state_dict())
-    opt = SINGD(model, fallback_lr=0.03, **dict(HP1, lr=0.1, weight_decay=0.01))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
-    ref = torch.optim.AdamW(ref_ln.parameters(), lr=0.03, weight_decay=0.01, eps=1e-8)
-    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda t: 0.5**t)
-    for t in range(4):
-        x, _ = batch(t, shape=(8, 4))
-        opt.zero_grad()
-        ref.zero_grad()
-        h = model[0](x)
-        model[1](h).pow(3).sum().backward()
-        ref_ln(h.detach()).pow(3).sum().backward()
-        opt.step()
-        ref.step()
-        sched.step()
-        ref_sched.step()
-    for a, b in zip(ln.parameters(), ref_ln.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+def test_compiled_and_data_parallel_wrappers_are_unwrapped_in_any_order():
+    for wrap in (
+        lambda m: torch.compile(nn.DataParallel(m)),
+        lambda m: nn.DataParallel(torch.compile(m)),
+    ):
+        opt = SINGD(wrap(make_mlp(0)), **HP1)
+        assert list(opt.layers) == ["0", "2"]
+
+
+def test_state_saved_with_compiled_layer_names_loads():
+    """States saved before the unwrapping named layers ``_orig_mod.<name>``."""
+    model = make_mlp(0)
+    opt = SINGD(model, **HP1)
+    train(model, opt, 0, 2)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    sd = torch.load(buffer)
+    sd["kronecker"]["layers"] = {"_orig_mod." + k: v for k, v in sd["kronecker"]["layers"].items()}
+    model2 = make_mlp(0)
+    model2.load_state_dict(model.state_dict())
+    opt2 = SINGD(model2, **HP1)
+    opt2.load_state_dict(sd)
+    train(model, opt, 2, 4)
+    train(model2, opt2, 2, 4)
+    assert_states_equal(full_state(model, opt), full_state(model2, opt2))
+
+
+def test_hooks_left_on_a_deep_copy_keep_nothing_alive():
+    import copy
+
+    model = make_mlp(0)
+    opt = SINGD(model, **HP1)
+    ema = copy.deepcopy(model)
+    factor = weakref.ref(opt.layers["0"].K.tensors()[0])
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None and factor() is None
+    assert _forward_hooks(model) == 0 and _forward_hooks(ema) == 2  # inert there
+    x, y = batch(0)
+    mse(ema(x), y).backward()
+
+
+def test_parametrized_layers_go_to_the_fallback_rule():
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, X):
+            return X.triu() + X.triu(1).T
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    with pytest.warns(UserWarning, match="parametrizations.weight.original"):
+        opt = SINGD(model, **dict(HP1, warn_unsupported=True))
+    assert list(opt.layers) == ["2"]
+    before = model[0].parametrizations.weight.original.detach().clone()
+    x, _ = batch(0, shape=(8, 4))
+    model(x).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model[0].parametrizations.weight.original)

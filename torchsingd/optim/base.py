@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from torchsingd import distributed as tdist
@@ -266,11 +267,15 @@ class KroneckerOptimizer(Optimizer):
         """The model inside a (Distributed)DataParallel wrapper; refuse FSDP."""
         from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
-            model = model.module
-        original = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
-            model = original
+        while True:  # in any order: (Distributed)DataParallel, torch.compile's wrapper
+            if isinstance(model, (DataParallel, DistributedDataParallel)):
+                model = model.module
+            elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module
+            ):
+                model = model._orig_mod
+            else:
+                break
         fsdp1 = type(model).__name__ == "FullyShardedDataParallel"
         if fsdp1 or tdist.is_sharded_by_fsdp(list(model.parameters())):
             raise ValueError(
@@ -363,17 +368,18 @@ class KroneckerOptimizer(Optimizer):
             if adapter is None:
                 continue
             covered.update(id(m) for m in adapter.submodules(module))
+            if parametrize.is_parametrized(module):
+                continue  # its weight is computed: the fallback trains the originals
             params = adapter.params(module)
             if not params or not params[0].requires_grad:
                 continue
-            found.append((name, module, adapter))
+            found.append((name, module, adapter, [id(p) for p in params]))
         uses: dict[int, int] = {}
-        for _, module, adapter in found:
-            for p in adapter.params(module):
-                uses[id(p)] = uses.get(id(p), 0) + 1
-        tied = [n for n, m, a in found if any(uses[id(p)] > 1 for p in a.params(m))]
-        found = [(n, m, a) for n, m, a in found if n not in tied]
-        return found, tied
+        for *_, ids in found:
+            for i in ids:
+                uses[i] = uses.get(i, 0) + 1
+        tied = [n for n, _, _, ids in found if any(uses[i] > 1 for i in ids)]
+        return [(n, m, a) for n, m, a, _ in found if n not in tied], tied
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated; on an error nothing is added).
@@ -382,13 +388,29 @@ class KroneckerOptimizer(Optimizer):
         layer appended to the model since then is preconditioned too.
         """
         super().add_param_group(param_group)
+        if not self._constructed:
+            self._validate(self.param_groups[-1])
+            return
+        saved = (
+            dict(self._entries),
+            len(self._handles),
+            len(self._fallback_params),
+            self._candidates,
+            self._tied,
+            self._param_names,
+        )
         try:
             self._validate(self.param_groups[-1])
-            if self._constructed:
-                self._param_names = {id(p): n for n, p in self._model.named_parameters()}
-                self._candidates, self._tied = self._find_layers(self._model)
-                self._assign_parameters()
+            self._param_names = {id(p): n for n, p in self._model.named_parameters()}
+            self._candidates, self._tied = self._find_layers(self._model)
+            self._assign_parameters()
         except BaseException:
+            entries, n_handles, n_fallback, self._candidates, self._tied, self._param_names = saved
+            self._entries = entries
+            _remove_handles(self._handles[n_handles:])
+            del self._handles[n_handles:]
+            del self._fallback_params[n_fallback:]
+            self._owners = {}
             self.param_groups.pop()
             raise
 
@@ -411,14 +433,14 @@ class KroneckerOptimizer(Optimizer):
             groups = {group_of.get(id(p)) for p in params}
             if groups == {None}:
                 continue  # not ours to train: not checked either (e.g. a sparse embedding)
+            if any(id(p) in known for p in params):
+                continue  # already trained by the fallback rule (its state lives there)
             if len(groups) != 1 or None in groups:
                 raise ValueError(
                     f"The parameters of layer {name!r} must all be in one parameter group "
                     f"(found groups {sorted(g for g in groups if g is not None)}"
                     f"{' and some not in the optimizer' if None in groups else ''})."
                 )
-            if any(id(p) in known for p in params):
-                continue  # already trained by the fallback rule (its state lives there)
             adapter.check(module, name)
             new_layers.append((name, module, adapter, groups.pop()))
         for name, module, adapter, index in new_layers:
@@ -462,11 +484,16 @@ class KroneckerOptimizer(Optimizer):
         self._handles += adapter.install(module, _Observer(self, entry))
         return entry
 
-    def _check_layout(self, entry: ModuleEntry) -> None:
-        """Refuse a layer whose trainable parameters changed since construction
-        (its factors are sized for them; e.g. a bias frozen later)."""
-        if _layout(entry.adapter, entry.module) == entry.layout:
-            return
+    def _active(self, entry: ModuleEntry) -> bool:
+        """Whether ``entry``'s layer trains: ``False`` while all its parameters are
+        frozen (nothing is captured or updated); an error if only some of the
+        parameters it trained at construction changed (its factors are sized for
+        them; e.g. a bias frozen later)."""
+        now = _layout(entry.adapter, entry.module)
+        if now == entry.layout:
+            return True
+        if not any(requires_grad for _, requires_grad in now):
+            return False
 
         def trained(layout: tuple[tuple[int, bool], ...]) -> list[str]:
             names = {id(p): n for n, p in self._model.named_parameters()}
@@ -475,9 +502,9 @@ class KroneckerOptimizer(Optimizer):
         raise ValueError(
             f"The trainable parameters of layer {entry.name!r} changed after "
             f"{type(self).__name__} was constructed: it trained {trained(entry.layout)}, "
-            f"now {trained(_layout(entry.adapter, entry.module))} require gradients. Its "
-            "Kronecker factors are sized for the former: set requires_grad before "
-            "constructing the optimizer (or construct a new one)."
+            f"now {trained(now)} require gradients. Its Kronecker factors are sized for "
+            "the former: set requires_grad before constructing the optimizer (or "
+            "construct a new one). Freezing all of a layer's parameters is fine."
         )
 
     @property
@@ -521,9 +548,8 @@ class KroneckerOptimizer(Optimizer):
         """Called (through the observer) in every forward pass of a block."""
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
-        if not output.requires_grad or not self._wants(entry):
+        if not output.requires_grad or not self._wants(entry) or not self._active(entry):
             return
-        self._check_layout(entry)
         layer = entry.blocks[block]
         output.register_hook(partial(self._capture, entry, layer, x.detach(), self.steps))
 
@@ -582,12 +608,16 @@ class KroneckerOptimizer(Optimizer):
         the captured output gradients are not. ``scaler.step`` refuses an unscaled
         step without it.
         """
-        if not is_number(grad_scale) or not (math.isfinite(grad_scale) and grad_scale > 0):
+        try:
+            value = None if isinstance(grad_scale, (bool, str)) else float(grad_scale)
+        except (TypeError, ValueError, RuntimeError):
+            value = None
+        if value is None or not (math.isfinite(value) and value > 0):
             raise ValueError(
                 f"Invalid grad_scale={grad_scale!r}: must be a finite number > 0 (the "
                 "loss scale of this step, e.g. scaler.get_scale())."
             )
-        self._explicit_scale = float(grad_scale)
+        self._explicit_scale = value
 
     def _read_scales(self) -> tuple[float, float, bool]:
         """``(scale of .grad, scale of captured g, found_inf)`` for this step."""
@@ -684,7 +714,8 @@ class KroneckerOptimizer(Optimizer):
         update_now = self.steps % group["T"] == 0
         inner = None
         new_factors, nats = {}, {}
-        self._check_layout(entry)
+        if not self._active(entry):
+            return None
         for block, layer in entry.blocks.items():
             G = entry.adapter.grad_matrix(entry.module, block=block)
             if G is None:
@@ -760,7 +791,8 @@ class KroneckerOptimizer(Optimizer):
 
     def _zero_directions(self, entry: ModuleEntry):
         """Zero directions (and no new factors) for a layer another rank preconditions."""
-        self._check_layout(entry)
+        if not self._active(entry):
+            return None
         if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         params = entry.adapter.params(entry.module)
@@ -860,9 +892,7 @@ class KroneckerOptimizer(Optimizer):
             params = [p for p, _ in pairs]
             grads = [g for _, g in pairs]
             states = [self.state[p] for p in params]
-            lr = group["lr"]
-            if group["fallback_lr"] is not None:  # follows an LR scheduler's factor
-                lr = group["fallback_lr"] * _schedule_factor(group)
+            lr = group["lr"] if group["fallback_lr"] is None else group["fallback_lr"]
             wd = group["fallback_weight_decay"]
             wd = group["weight_decay"] if wd is None else wd
             if group["fallback"] == "adamw":
@@ -936,6 +966,11 @@ class KroneckerOptimizer(Optimizer):
                         )
                     group[key] = current[key]
         layers = self.layers
+        saved_layers = {  # states saved before torch.compile's wrapper was unwrapped
+            (k.replace("_orig_mod.", "") if k not in layers else k): v
+            for k, v in extra["layers"].items()
+        }
+        extra = dict(extra, layers=saved_layers)
         missing = set(layers) ^ set(extra["layers"])
         if missing:
             raise ValueError(f"Saved and current preconditioned layers differ: {sorted(missing)}.")
@@ -968,23 +1003,32 @@ class KroneckerOptimizer(Optimizer):
 class _Observer:
     """Reports one module's forward passes to its optimizer (see ``layers.Observer``).
 
-    Held only by hook closures, so deep copies of the model share it; it ignores
-    forward passes of modules other than the one it was made for.
+    Held only by hooks, so deep copies of the model share it; it ignores forward
+    passes of modules other than the one it was made for.
     """
 
     def __init__(self, optimizer: KroneckerOptimizer, entry: ModuleEntry) -> None:
-        self._optimizer, self.entry = weakref.ref(optimizer), entry
+        # weak references only: a hook left on a deep copy of the model (an EMA copy)
+        # keeps neither the optimizer nor its factors alive
+        self._optimizer = weakref.ref(optimizer)
+        self._module = weakref.ref(entry.module)
+        self._name = entry.name
+
+    def _entry(self, module: nn.Module) -> tuple[KroneckerOptimizer, ModuleEntry] | None:
+        optimizer = self._optimizer()
+        if optimizer is None or module is not self._module():
+            return None
+        entry = optimizer._entries.get(self._name)
+        return None if entry is None else (optimizer, entry)
 
     def __call__(self, module: nn.Module, block: str, x: Tensor, output: Tensor) -> None:
-        optimizer = self._optimizer()
-        if optimizer is not None and module is self.entry.module:
-            optimizer._on_forward(self.entry, block, x, output)
+        found = self._entry(module)
+        if found is not None:
+            found[0]._on_forward(found[1], block, x, output)
 
     def wants(self, module: nn.Module) -> bool:
-        optimizer = self._optimizer()
-        return (
-            optimizer is not None and module is self.entry.module and optimizer._wants(self.entry)
-        )
+        found = self._entry(module)
+        return found is not None and found[0]._wants(found[1])
 
 
 def _remove_handles(handles: list[Any]) -> None:
@@ -996,15 +1040,6 @@ def _remove_handles(handles: list[Any]) -> None:
 
 def _layout(adapter: LayerAdapter, module: nn.Module) -> tuple[tuple[int, bool], ...]:
     return tuple((id(p), p.requires_grad) for p in adapter.params(module))
-
-
-def _schedule_factor(group: dict[str, Any]) -> float:
-    """``lr / initial_lr`` of a group an LR scheduler drives (``initial_lr`` is set by
-    ``torch.optim.lr_scheduler``), else 1."""
-    initial = group.get("initial_lr")
-    if not is_number(initial) or initial <= 0:
-        return 1.0
-    return float(group["lr"]) / float(initial)
 
 
 def _family(x: StructuredMatrix | None) -> str | None:

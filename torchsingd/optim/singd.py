@@ -153,8 +153,8 @@ class SINGD(KroneckerOptimizer):
             ``"diagonal"`` by default, since one-hot inputs have diagonal statistics.
         fallback: ``"adamw"`` or ``"sgd"``: the rule for parameters outside supported
             layers (norm layers, free parameters, unsupported or tied layers).
-        fallback_lr: its learning rate (``None``: the group's ``lr``; a number is
-            multiplied by an LR scheduler's factor ``lr / initial_lr``).
+        fallback_lr: its learning rate (``None``: the group's ``lr``, so that an LR
+            scheduler drives it too; a number is a fixed rate).
         fallback_betas, fallback_eps: AdamW's moment coefficients and epsilon.
         fallback_weight_decay: its weight decay (``None``: the group's ``weight_decay``;
             decoupled for AdamW, coupled for SGD, which also uses ``momentum``).
