@@ -107,6 +107,10 @@ class ModuleEntry:
     #: ``(id, requires_grad)`` of the adapter's parameters at construction: the
     #: factors are sized for them, so a later change is refused with a clear error.
     layout: tuple[tuple[int, bool], ...] = ()
+    #: the module's parameters and their ``requires_grad`` at construction (a cheap
+    #: first test of :meth:`KroneckerOptimizer._active`)
+    watched: tuple[nn.Parameter, ...] = ()
+    watched_flags: tuple[bool, ...] = ()
 
 
 def is_number(x: Any) -> bool:
@@ -474,7 +478,16 @@ class KroneckerOptimizer(Optimizer):
         if adapter.k_structure_option is not None:
             k_structure = group[adapter.k_structure_option]
         weight = adapter.params(module)[0]
-        entry = ModuleEntry(name, module, adapter, group_index, layout=_layout(adapter, module))
+        watched = tuple(module.parameters())
+        entry = ModuleEntry(
+            name,
+            module,
+            adapter,
+            group_index,
+            layout=_layout(adapter, module),
+            watched=watched,
+            watched_flags=tuple(p.requires_grad for p in watched),
+        )
         for block in adapter.blocks(module):
             block_name = ".".join(part for part in (name, block) if part)
             dims = adapter.dims(module, block=block)
@@ -489,6 +502,8 @@ class KroneckerOptimizer(Optimizer):
         frozen (nothing is captured or updated); an error if only some of the
         parameters it trained at construction changed (its factors are sized for
         them; e.g. a bias frozen later)."""
+        if tuple(p.requires_grad for p in entry.watched) == entry.watched_flags:
+            return True
         now = _layout(entry.adapter, entry.module)
         if now == entry.layout:
             return True
