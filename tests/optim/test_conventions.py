@@ -370,3 +370,28 @@ def test_parametrized_layers_go_to_the_fallback_rule():
     model(x).pow(2).sum().backward()
     opt.step()
     assert not torch.equal(before, model[0].parametrizations.weight.original)
+
+
+@pytest.mark.parametrize("first", [0.0, 0.5])
+def test_checkpoint_after_alpha1_changed_loads_into_a_fresh_optimizer(first):
+    """Momenta appear (or vanish) when a group's alpha1 changes after construction; a
+    fresh optimizer built with the original alpha1 resumes from the checkpoint."""
+    second = 0.5 - first
+    model = make_mlp(0)
+    opt = SINGD(model, **dict(HP1, alpha1=first))
+    train(model, opt, 0, 2)
+    for group in opt.param_groups:
+        group["alpha1"] = second
+    train(model, opt, 2, 4)
+    assert (opt.layers["0"].m_K is None) == (second == 0.0)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    model2 = make_mlp(0)
+    model2.load_state_dict(model.state_dict())
+    opt2 = SINGD(model2, **dict(HP1, alpha1=first))
+    opt2.load_state_dict(torch.load(buffer))
+    assert opt2.param_groups[0]["alpha1"] == second
+    train(model, opt, 4, 6)
+    train(model2, opt2, 4, 6)
+    assert_states_equal(full_state(model, opt), full_state(model2, opt2))

@@ -992,15 +992,9 @@ class KroneckerOptimizer(Optimizer):
         for name, saved in extra["layers"].items():
             layer = layers[name]
             current = layer.factors()
-            wanted = {k: _family(v) for k, v in current.items()}
-            if saved["structures"] != wanted:
-                raise ValueError(
-                    f"Layer {name!r} was saved with factors {saved['structures']}, but this "
-                    f"optimizer has {wanted}."
-                )
-            for key, like in current.items():
-                if like is not None:
-                    setattr(layer, key, _restore(like, saved["factors"][key], f"{name}.{key}"))
+            restored = _restore_factors(current, saved, name)
+            for key, value in restored.items():
+                setattr(layer, key, value)
             if saved["pending"] is None:
                 layer.pending = None
             else:
@@ -1059,6 +1053,51 @@ def _layout(adapter: LayerAdapter, module: nn.Module) -> tuple[tuple[int, bool],
 
 def _family(x: StructuredMatrix | None) -> str | None:
     return None if x is None else f"{type(x).family}{list(x.options())}"
+
+
+def _restore_factors(
+    current: dict[str, StructuredMatrix | None], saved: dict[str, Any], name: str
+) -> dict[str, StructuredMatrix | None]:
+    """The saved factors of layer ``name`` in the current layer's dtypes and devices.
+
+    A factor that exists on one side only (momenta appear when a group's ``alpha1``
+    was changed from 0 after construction, and vanish when it is set to 0) follows
+    the saved state, restored like a current factor of the same structure and shape.
+    """
+    wanted = {k: _family(v) for k, v in current.items()}
+    families = saved["structures"]
+    if families.keys() != wanted.keys() or any(
+        families[k] is not None and wanted[k] is not None and families[k] != wanted[k]
+        for k in wanted
+    ):
+        raise ValueError(
+            f"Layer {name!r} was saved with factors {families}, but this optimizer has {wanted}."
+        )
+    out: dict[str, StructuredMatrix | None] = {}
+    for key, like in current.items():
+        tensors = saved["factors"][key]
+        if tensors is None:
+            out[key] = None
+            continue
+        if like is None:
+            shapes = [tuple(t.shape) for t in tensors]
+            like = next(
+                (
+                    f
+                    for f in current.values()
+                    if f is not None
+                    and _family(f) == families[key]
+                    and [tuple(t.shape) for t in f.tensors()] == shapes
+                ),
+                None,
+            )
+            if like is None:
+                raise ValueError(
+                    f"Layer {name!r} was saved with a factor {key!r} ({families[key]}) "
+                    "that this optimizer cannot hold."
+                )
+        out[key] = _restore(like, tensors, f"{name}.{key}")
+    return out
 
 
 def _restore(like: StructuredMatrix, tensors: list[Tensor], what: str) -> StructuredMatrix:
