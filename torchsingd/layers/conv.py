@@ -125,8 +125,11 @@ class ConvAdapter(LayerAdapter):
           the generic route.
         """
         if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
-            prepared = prepare_input(module, x.to(K.dtype))
-            diag = self._column_means(module, prepared.square())
+            # sums over the batch and locations before the division by N: float32 at
+            # least (a float16 sum of squared pixels overflows)
+            work = torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype
+            prepared = prepare_input(module, x.to(work))
+            diag = self._column_means(module, prepared.square()).to(K.dtype)
             if self.has_bias(module):
                 diag = torch.cat([diag, diag.new_ones(1)])
             return DiagonalMatrix(K.diag * K.diag * diag)

@@ -84,8 +84,8 @@ class EmbeddingAdapter(LayerAdapter):
         V = module.num_embeddings
         idx = x.reshape(x.shape[0], -1).long()
         if kfac_approx == "expand":  # diag(a^T a) = token counts / N
-            counts = torch.bincount(idx.flatten(), minlength=V).to(K.dtype)
-            diag = counts / idx.numel()
+            counts = torch.bincount(idx.flatten(), minlength=V).to(work)
+            diag = (counts / idx.numel()).to(K.dtype)  # a count > 65504 is inf in float16
         else:  # rows are per-sample frequency vectors f_b: diag = sum_b f_b^2 / B
             B, S = idx.shape
             freq = torch.zeros(B, V, dtype=work, device=x.device)

@@ -375,6 +375,8 @@ class KroneckerOptimizer(Optimizer):
             if parametrize.is_parametrized(module):
                 continue  # its weight is computed: the fallback trains the originals
             params = adapter.params(module)
+            if not all(isinstance(p, nn.Parameter) for p in params):
+                continue  # computed weights (legacy weight_norm): the fallback trains theirs
             if not params or not params[0].requires_grad:
                 continue
             found.append((name, module, adapter, [id(p) for p in params]))
@@ -562,6 +564,8 @@ class KroneckerOptimizer(Optimizer):
     def _on_forward(self, entry: ModuleEntry, block: str, x: Tensor, output: Tensor) -> None:
         """Called (through the observer) in every forward pass of a block."""
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        if output.numel() == 0:  # an empty batch (an MoE expert without tokens): no rows
             return
         if not output.requires_grad or not self._wants(entry) or not self._active(entry):
             return
