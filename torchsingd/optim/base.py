@@ -513,8 +513,7 @@ class KroneckerOptimizer(Optimizer):
             return False
 
         def trained(layout: tuple[tuple[int, bool], ...]) -> list[str]:
-            names = {id(p): n for n, p in self._model.named_parameters()}
-            return [names.get(i, "?") for i, requires_grad in layout if requires_grad]
+            return [self._param_names.get(i, "?") for i, requires_grad in layout if requires_grad]
 
         raise ValueError(
             f"The trainable parameters of layer {entry.name!r} changed after "
@@ -565,9 +564,9 @@ class KroneckerOptimizer(Optimizer):
         """Called (through the observer) in every forward pass of a block."""
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
-        if output.numel() == 0:  # an empty batch (an MoE expert without tokens): no rows
+        if output.numel() == 0 or not output.requires_grad:  # empty: an MoE expert without tokens
             return
-        if not output.requires_grad or not self._wants(entry) or not self._active(entry):
+        if not self._wants(entry) or not self._active(entry):
             return
         layer = entry.blocks[block]
         output.register_hook(partial(self._capture, entry, layer, x.detach(), self.steps))
@@ -615,9 +614,11 @@ class KroneckerOptimizer(Optimizer):
         (a gradient-norm probe, a retried batch): they do not reach the next update.
         """
         super().zero_grad(set_to_none=set_to_none)
-        for entry in self._entries.values():
-            for layer in entry.blocks.values():
-                layer.clear_captures()
+        self._clear_captures()
+
+    def _clear_captures(self) -> None:
+        for layer in self.layers.values():
+            layer.clear_captures()
 
     def set_current_grad_scale(self, grad_scale: float) -> None:
         """Tell the optimizer the loss scale of this step's backward pass.
@@ -677,8 +678,7 @@ class KroneckerOptimizer(Optimizer):
         """Leave parameters and factors untouched, drop this step's captures; warn or
         (with ``on_nonfinite="raise"`` and ``may_raise``) raise."""
         self._notes = []
-        for layer in self.layers.values():
-            layer.clear_captures()
+        self._clear_captures()
         if self.on_nonfinite == "raise" and may_raise:
             self._end_step(g_scale)
             raise NonFiniteError(f"{type(self).__name__} step {self.steps - 1}: {why}.")
@@ -804,8 +804,7 @@ class KroneckerOptimizer(Optimizer):
             self._share_factors(updated)
 
         self._fallback_step(fallback, grad_scale)
-        for layer in self.layers.values():
-            layer.clear_captures()
+        self._clear_captures()
         self._end_step(g_scale)
 
     def _zero_directions(self, entry: ModuleEntry):
