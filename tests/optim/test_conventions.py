@@ -39,6 +39,21 @@ def _forward_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
+def _through_bytes(obj):
+    """``obj`` after ``torch.save`` and ``torch.load`` (a checkpoint on disk)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _train_both_equal(pair, pair_ref, start: int, stop: int) -> None:
+    """Train two ``(model, optimizer)`` pairs over the same steps: bit-identical states."""
+    for model, opt in (pair, pair_ref):
+        train(model, opt, start, stop)
+    assert_states_equal(full_state(*pair_ref), full_state(*pair))
+
+
 # --------------------------------------------------------------- life cycle
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_deleted_optimizer_is_collected_and_its_hooks_removed(cls):
@@ -53,11 +68,8 @@ def test_deleted_optimizer_is_collected_and_its_hooks_removed(cls):
 
     # a second optimizer on the same model ends where one on a fresh model ends
     opt = SINGD(model, **HP1)
-    train(model, opt, 0, 4)
     model_ref = make_mlp(0)
-    opt_ref = SINGD(model_ref, **HP1)
-    train(model_ref, opt_ref, 0, 4)
-    assert_states_equal(full_state(model_ref, opt_ref), full_state(model, opt))
+    _train_both_equal((model, opt), (model_ref, SINGD(model_ref, **HP1)), 0, 4)
 
 
 def test_failed_add_param_group_leaves_the_optimizer_unchanged():
@@ -79,10 +91,7 @@ def test_failed_add_param_group_leaves_the_optimizer_unchanged():
         {"params": list(model_ref[0].parameters())},
         {"params": list(model_ref[2].parameters()), "lr": 0.01},
     ]
-    opt_ref = SINGD(model_ref, params=groups, **HP1)
-    train(model, opt, 0, 4)
-    train(model_ref, opt_ref, 0, 4)
-    assert_states_equal(full_state(model_ref, opt_ref), full_state(model, opt))
+    _train_both_equal((model, opt), (model_ref, SINGD(model_ref, params=groups, **HP1)), 0, 4)
 
 
 def test_layer_added_to_the_model_after_construction_is_preconditioned():
@@ -284,10 +293,7 @@ def test_scaler_overflow_is_skipped_even_with_on_nonfinite_raise():
 def test_model_with_an_attached_optimizer_pickles():
     model = make_mlp(0)
     opt = SINGD(model, **HP1)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = _through_bytes(model)
     x, y = batch(0)
     mse(loaded(x), y).backward()  # the loaded model is not observed
     assert all(layer.pending is None for layer in opt.layers.values())
@@ -295,10 +301,7 @@ def test_model_with_an_attached_optimizer_pickles():
         assert torch.equal(a, b)
     # the original is still observed and trains as without the pickling
     model_ref = make_mlp(0)
-    opt_ref = SINGD(model_ref, **HP1)
-    train(model, opt, 0, 3)
-    train(model_ref, opt_ref, 0, 3)
-    assert_states_equal(full_state(model_ref, opt_ref), full_state(model, opt))
+    _train_both_equal((model, opt), (model_ref, SINGD(model_ref, **HP1)), 0, 3)
 
 
 def test_compiled_model_is_unwrapped():
@@ -323,18 +326,13 @@ def test_state_saved_with_compiled_layer_names_loads():
     model = make_mlp(0)
     opt = SINGD(model, **HP1)
     train(model, opt, 0, 2)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    sd = torch.load(buffer)
+    sd = _through_bytes(opt.state_dict())
     sd["kronecker"]["layers"] = {"_orig_mod." + k: v for k, v in sd["kronecker"]["layers"].items()}
     model2 = make_mlp(0)
     model2.load_state_dict(model.state_dict())
     opt2 = SINGD(model2, **HP1)
     opt2.load_state_dict(sd)
-    train(model, opt, 2, 4)
-    train(model2, opt2, 2, 4)
-    assert_states_equal(full_state(model, opt), full_state(model2, opt2))
+    _train_both_equal((model2, opt2), (model, opt), 2, 4)
 
 
 def test_hooks_left_on_a_deep_copy_keep_nothing_alive():
@@ -384,14 +382,9 @@ def test_checkpoint_after_alpha1_changed_loads_into_a_fresh_optimizer(first):
         group["alpha1"] = second
     train(model, opt, 2, 4)
     assert (opt.layers["0"].m_K is None) == (second == 0.0)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
     model2 = make_mlp(0)
     model2.load_state_dict(model.state_dict())
     opt2 = SINGD(model2, **dict(HP1, alpha1=first))
-    opt2.load_state_dict(torch.load(buffer))
+    opt2.load_state_dict(_through_bytes(opt.state_dict()))
     assert opt2.param_groups[0]["alpha1"] == second
-    train(model, opt, 4, 6)
-    train(model2, opt2, 4, 6)
-    assert_states_equal(full_state(model, opt), full_state(model2, opt2))
+    _train_both_equal((model2, opt2), (model, opt), 4, 6)
