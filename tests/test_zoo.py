@@ -103,6 +103,30 @@ def cnn3d() -> nn.Module:
     )
 
 
+class UNet(nn.Module):
+    """Segmentation: a strided Conv2d down, a ConvTranspose2d up, a skip connection and
+    a per-pixel 1x1 head (output ``[B, H, W, classes]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inc = nn.Conv2d(1, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 2, stride=2)
+        self.up = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1)
+        self.norm = nn.GroupNorm(2, 16)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        skip = torch.relu(self.inc(x))
+        up = torch.relu(self.up(torch.relu(self.down(skip))))
+        return self.head(self.norm(torch.cat([skip, up], 1))).permute(0, 2, 3, 1)
+
+
+def _pixels(gen):
+    """Images and per-pixel classes (the pixel's value in three bands)."""
+    x = torch.randn(12, 1, 8, 8, generator=gen)
+    return x, ((x > -0.5).long() + (x > 0.5).long()).squeeze(1)
+
+
 class BagOfWords(nn.Module):
     """Mean of token embeddings (padding ignored) and a linear classifier."""
 
@@ -166,6 +190,7 @@ ZOO = {
     "resnet": (resnet, _images((1, 6, 6)), "batch"),
     "cnn1d": (cnn1d, _images((1, 16)), "batch"),
     "cnn3d": (cnn3d, _images((1, 5, 5, 5)), "batch"),
+    "unet": (UNet, _pixels, "batch"),
     "bag_of_words": (BagOfWords, _tokens(20, 7), "batch"),
     "gcn": (GCN, _graph, "batch"),
 }

@@ -1,6 +1,7 @@
 """Layer adapters and their registry (one module per layer family).
 
-Supported: ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d``, ``nn.Embedding``,
+Supported: ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d``,
+``nn.ConvTranspose1d``/``2d``/``3d``, ``nn.Embedding``,
 ``nn.MultiheadAttention`` (hence every ``nn.Transformer*`` layer), and
 torch_geometric's ``Linear`` (inside ``GCNConv`` and most graph layers). Parameters
 of other modules are trained by SINGD's fallback rule.
@@ -18,6 +19,7 @@ from torchsingd.layers.base import (
     register_layer,
 )
 from torchsingd.layers.conv import ConvAdapter
+from torchsingd.layers.conv_transpose import ConvTransposeAdapter
 from torchsingd.layers.embedding import EmbeddingAdapter
 from torchsingd.layers.linear import LinearAdapter
 
@@ -25,6 +27,8 @@ register_layer(nn.Linear, LinearAdapter())
 register_layer("torch_geometric.nn.dense.linear.Linear", LinearAdapter())
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, ConvAdapter())
+for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer(_conv, ConvTransposeAdapter())
 register_layer(nn.Embedding, EmbeddingAdapter())
 register_layer(nn.MultiheadAttention, MultiheadAttentionAdapter())
 
@@ -32,6 +36,7 @@ __all__ = [
     "KFAC_APPROXIMATIONS",
     "LOSS_AVERAGES",
     "ConvAdapter",
+    "ConvTransposeAdapter",
     "EmbeddingAdapter",
     "LayerAdapter",
     "LinearAdapter",

@@ -8,7 +8,8 @@ asks the registry for an adapter, which answers (after kfac-pytorch's ``ModuleHe
 2. ``dims``: ``(d_i, d_o)`` of a block's weight as a matrix (``d_i`` includes the bias);
 3. ``input_rows`` / ``input_statistic``: the block input as rows ``a`` (``[N_a, d_i]``,
    ALGORITHM.md section 2), or directly ``H_K = P(K^T a^T a K)`` where rows would be
-   wasteful (one-hot embedding inputs);
+   wasteful (one-hot embedding inputs); both take the input as ``capture_input``
+   returns it (the forward's input itself, except for transposed convolutions);
 4. ``grad_rows``: the block's output gradient as rows ``g`` (``[N_g, d_o]``);
 5. ``grad_matrix``: ``grad(W)`` of a block as ``[d_o, d_i]`` (bias as the last column);
 6. ``directions``: the blocks' ``[d_o, d_i]`` updates back into tensors shaped like
@@ -103,6 +104,16 @@ class LayerAdapter(ABC):
         block: str = "",
     ) -> Tensor:
         """``g``: ``[N_g, d_o]``, multiplied by ``sqrt(number of loss terms)``."""
+
+    def capture_input(
+        self, module: nn.Module, x: Tensor, output_shape: torch.Size, *, block: str = ""
+    ) -> Tensor:
+        """The block input as :meth:`input_rows` and :meth:`input_statistic` take it,
+        from the forward pass's input ``x`` and the shape of its output (called in the
+        backward pass, before those two). Default: ``x`` itself; a transposed
+        convolution returns its input zero-stuffed and padded, whose right padding
+        depends on the output size (``output_size`` in the forward call)."""
+        return x
 
     def input_statistic(
         self,

@@ -9,6 +9,8 @@ padding modes (reflect, replicate, circular) pad first, as the module does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,26 +60,29 @@ def pad_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x
 
 
-def extract_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+def extract_patches(
+    module: nn.modules.conv._ConvNd, x: Tensor, stride: tuple[int, ...] | None = None
+) -> Tensor:
     """Patches ``[B, prod(O), C' * prod(k)]`` of a prepared input ``[B, C', *S]``.
 
     The column order (channel, then kernel positions) matches ``weight.flatten(1)``.
+    ``stride`` replaces the module's (a transposed convolution's prepared input is
+    read with stride 1).
     """
     n = len(module.kernel_size)
     B = x.shape[0]
+    stride = module.stride if stride is None else stride
     if n == 2:  # one fused kernel for the common case
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=stride)
         return cols.transpose(1, 2)
-    for i, (k, s, d) in enumerate(
-        zip(module.kernel_size, module.stride, module.dilation, strict=True)
-    ):
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, stride, module.dilation, strict=True)):
         x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
     # x: [B, C', O_1..O_n, k_1..k_n] -> [B, O_1..O_n, C', k_1..k_n]
     c = x.shape[1]
     out_sizes = x.shape[2 : 2 + n]
     perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
     x = x.permute(perm)
-    return x.reshape(B, out_sizes.numel(), c * module.weight.shape[2:].numel())
+    return x.reshape(B, out_sizes.numel(), c * math.prod(module.kernel_size))
 
 
 def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -174,12 +179,15 @@ class ConvAdapter(LayerAdapter):
         return cls._column_means(module, m_pad), cls._column_means(module, sq_pad), shift
 
     @staticmethod
-    def _column_means(module: nn.Module, prepared: Tensor) -> Tensor:
+    def _column_means(
+        module: nn.Module, prepared: Tensor, stride: tuple[int, ...] | None = None
+    ) -> Tensor:
         """The mean over all rows of ``a`` (samples and locations) of each patch column
         of a prepared input (or of its square, passed squared), ``[C' * prod(k)]``:
-        summed over the batch first and one image unfolded."""
+        summed over the batch first and one image unfolded (``stride``: as for
+        :func:`extract_patches`)."""
         summed = prepared.sum(0, keepdim=True)
-        patches = extract_patches(module, summed)  # [1, O, C' * prod(k)]
+        patches = extract_patches(module, summed, stride)  # [1, O, C' * prod(k)]
         return patches.sum(1).squeeze(0) / (prepared.shape[0] * patches.shape[1])
 
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):

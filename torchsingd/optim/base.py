@@ -597,6 +597,7 @@ class KroneckerOptimizer(Optimizer):
             )
             if self._capture_scale != 1.0:
                 g = g / self._capture_scale
+            x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
             stats = self._statistics(entry, layer, x, g)
         if layer.has_statistics(self.steps):
             for acc, new in zip(layer.pending, stats, strict=True):
