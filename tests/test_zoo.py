@@ -139,6 +139,21 @@ class BagOfWords(nn.Module):
         return self.head(self.emb(ids).mean(1))
 
 
+class BagOfWordsOffsets(nn.Module):
+    """EmbeddingBag over a flat token list with offsets (bags of sizes 1..7), summed."""
+
+    def __init__(self, vocab: int = 20, width: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(vocab, width, mode="sum", padding_idx=0)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids):
+        sizes = torch.arange(len(ids), device=ids.device) % ids.shape[1] + 1
+        flat = torch.cat([row[:n] for row, n in zip(ids, sizes.tolist(), strict=True)])
+        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        return self.head(self.emb(flat, offsets))
+
+
 class GCN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -192,6 +207,7 @@ ZOO = {
     "cnn3d": (cnn3d, _images((1, 5, 5, 5)), "batch"),
     "unet": (UNet, _pixels, "batch"),
     "bag_of_words": (BagOfWords, _tokens(20, 7), "batch"),
+    "embedding_bag": (BagOfWordsOffsets, _tokens(20, 7), "batch"),
     "gcn": (GCN, _graph, "batch"),
 }
 

@@ -1,7 +1,7 @@
 """Layer adapters and their registry (one module per layer family).
 
 Supported: ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d``,
-``nn.ConvTranspose1d``/``2d``/``3d``, ``nn.Embedding``,
+``nn.ConvTranspose1d``/``2d``/``3d``, ``nn.Embedding``, ``nn.EmbeddingBag`` (sum, mean),
 ``nn.MultiheadAttention`` (hence every ``nn.Transformer*`` layer), and
 torch_geometric's ``Linear`` (inside ``GCNConv`` and most graph layers). Parameters
 of other modules are trained by SINGD's fallback rule.
@@ -21,6 +21,7 @@ from torchsingd.layers.base import (
 from torchsingd.layers.conv import ConvAdapter
 from torchsingd.layers.conv_transpose import ConvTransposeAdapter
 from torchsingd.layers.embedding import EmbeddingAdapter
+from torchsingd.layers.embedding_bag import EmbeddingBagAdapter
 from torchsingd.layers.linear import LinearAdapter
 
 register_layer(nn.Linear, LinearAdapter())
@@ -30,6 +31,7 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
 for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_layer(_conv, ConvTransposeAdapter())
 register_layer(nn.Embedding, EmbeddingAdapter())
+register_layer(nn.EmbeddingBag, EmbeddingBagAdapter())
 register_layer(nn.MultiheadAttention, MultiheadAttentionAdapter())
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "ConvAdapter",
     "ConvTransposeAdapter",
     "EmbeddingAdapter",
+    "EmbeddingBagAdapter",
     "LayerAdapter",
     "LinearAdapter",
     "MultiheadAttentionAdapter",

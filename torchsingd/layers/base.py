@@ -67,6 +67,11 @@ class LayerAdapter(ABC):
             out.append(module.bias)
         return out
 
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this module's configuration can be preconditioned at all (if not,
+        its parameters go to the fallback rule, with the usual warning)."""
+        return True
+
     def submodules(self, module: nn.Module) -> list[nn.Module]:
         """Child modules whose parameters this adapter covers (not adapted separately)."""
         return []
@@ -214,7 +219,7 @@ class ObservingHook:
         return self
 
     def __reduce__(self) -> tuple:
-        return (ObservingHook, (None,))
+        return (type(self), (None,))
 
 
 #: Input statistics are computed over chunks of the batch whose rows ``a`` hold at

@@ -372,6 +372,8 @@ class KroneckerOptimizer(Optimizer):
             if adapter is None:
                 continue
             covered.update(id(m) for m in adapter.submodules(module))
+            if not adapter.supports(module):
+                continue  # e.g. EmbeddingBag(mode="max"): not a linear map of its weight
             if parametrize.is_parametrized(module):
                 continue  # its weight is computed: the fallback trains the originals
             params = adapter.params(module)
