@@ -232,7 +232,8 @@ class StructuredMatrix(ABC):
 
     @abstractmethod
     def trace(self) -> Tensor:
-        """``trace(self)`` as a 0-d tensor."""
+        """``trace(self)`` as a 0-d tensor, summed in (and returned in) at least
+        float32: see :func:`wide`."""
 
     def average_trace(self) -> Tensor:
         """``avgtr(self) = trace(self) / d``."""
@@ -473,6 +474,12 @@ def symmetrize_(R: Tensor) -> Tensor:
     """``R <- (R + R^T) / 2`` in place over the last two dimensions (a Gram route's
     ``K^T G K`` is symmetric, as ``S S^T`` is, up to rounding); returns ``R``."""
     return R.add_(R.mT.clone()).mul_(0.5)
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to accumulate sums of ``dtype`` numbers in: at least float32 (a
+    float16 sum of ``d`` entries overflows long before their average does)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def check_square(M: Tensor, name: str = "M") -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrize_
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrize_, wide
 
 DEFAULT_BLOCK_SIZE = 30
 
@@ -61,7 +61,8 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return self
 
     def trace(self) -> Tensor:
-        return self.blocks.diagonal(dim1=1, dim2=2).sum() + self.last.diagonal().sum()
+        w = wide(self.dtype)
+        return self.blocks.diagonal(dim1=1, dim2=2).sum(dtype=w) + self.last.diagonal().sum(dtype=w)
 
     def _split(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Split rows of ``X: [d, m]`` into ``[n, B, m]`` and ``[r, m]``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrize_
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrize_, wide
 
 
 class DenseMatrix(StructuredMatrix):
@@ -38,7 +38,7 @@ class DenseMatrix(StructuredMatrix):
         return self
 
     def trace(self) -> Tensor:
-        return self.mat.diagonal().sum()
+        return self.mat.diagonal().sum(dtype=wide(self.dtype))
 
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, row_sq_sum
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, row_sq_sum, wide
 
 
 class DiagonalMatrix(StructuredMatrix):
@@ -40,7 +40,7 @@ class DiagonalMatrix(StructuredMatrix):
         return self
 
     def trace(self) -> Tensor:
-        return self.diag.sum()
+        return self.diag.sum(dtype=wide(self.dtype))
 
     def spectral_norm_bound(self) -> Tensor:
         """``||D||_2 = max |d_i|`` exactly."""

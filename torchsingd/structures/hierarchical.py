@@ -27,6 +27,7 @@ from torchsingd.structures.base import (
     col_sq_sum,
     row_sq_sum,
     symmetrize_,
+    wide,
 )
 
 DEFAULT_K1 = 15
@@ -86,7 +87,8 @@ class HierarchicalMatrix(StructuredMatrix):
         return self
 
     def trace(self) -> Tensor:
-        return self.A.diagonal().sum() + self.c.sum() + self.E.diagonal().sum()
+        w = wide(self.dtype)
+        return self.A.diagonal().sum(dtype=w) + self.c.sum(dtype=w) + self.E.diagonal().sum(dtype=w)
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense rows at the ``k1`` top and ``k2`` bottom rows, ``diag(c)`` between."""

@@ -91,6 +91,8 @@ def _padded_rows_conv(spectrum: Tensor, buf: Tensor, d: int, correlate: bool) ->
 def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
     d, n = X.shape
     if _use_fft(d):
+        if n == 0:  # MKL's FFT refuses an empty batch
+            return X.new_zeros(d, 0)
         work, size = _fft_dtype(X.dtype), fft_size(d)
         spectrum = torch.fft.rfft(col.to(work), n=size)
         out = _padded_rows_conv(spectrum, _padded_rows(X, size, work), d, correlate)
@@ -152,6 +154,8 @@ class ToeplitzOuterOperator:
         if not _use_fft(self.d):
             L = dense_lower_toeplitz(self.col)
             return L @ (L.T @ X) if self.lower else L.T @ (L @ X)
+        if X.shape[1] == 0:  # MKL's FFT refuses an empty batch
+            return X.new_zeros(self.d, 0)
         Y = _padded_rows(X, self.size, self.work)
         Y = _padded_rows_conv(self.spectrum, Y, self.d, first_correlates)
         Y = _padded_rows_conv(self.spectrum, Y, self.d, not first_correlates)
@@ -159,13 +163,17 @@ class ToeplitzOuterOperator:
 
 
 def column_autocorrelation(S: Tensor) -> Tensor:
-    """``half[j] = sum_{p, k} S[p + j, k] S[p, k]`` for ``S: [d, n]`` (shape ``[d]``)."""
+    """``half[j] = sum_{p, k} S[p + j, k] S[p, k]`` for ``S: [d, n]`` (shape ``[d]``),
+    in at least float32: the sums are up to ``n d`` times the entries' squares (a
+    float16 sum overflows where the projection, an average, does not)."""
     d, n = S.shape
+    work = _fft_dtype(S.dtype)
     if _use_fft(d):
-        work, size = _fft_dtype(S.dtype), fft_size(d)
+        size = fft_size(d)
         spectrum = torch.view_as_real(torch.fft.rfft(_padded_rows(S, size, work), dim=1))
         power = torch.linalg.vector_norm(spectrum, dim=(0, 2)).square()  # no temporary
-        return torch.fft.irfft(power, n=size)[:d].to(S.dtype)
+        return torch.fft.irfft(power, n=size)[:d]
+    S = S.to(work)
     gram = S @ S.T  # d < FFT_MIN_DIM: small; half[j] is its j-th sub-diagonal's sum
     return torch.stack([gram.diagonal(-j).sum() for j in range(d)])
 
@@ -216,7 +224,7 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         return self
 
     def trace(self) -> Tensor:
-        return self.col[0] * self.dim
+        return self.col[0].to(_fft_dtype(self.dtype)) * self.dim
 
     def average_trace(self) -> Tensor:
         return self.col[0].clone()
@@ -245,16 +253,19 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         return TrilToeplitzMatrix(causal_conv(self.col, other.col.unsqueeze(1)).squeeze(1))
 
     def _gram_half_sums(self) -> Tensor:
-        """Sub-diagonal sums of ``L^T L`` (equal to those of ``L L^T``).
+        """Sub-diagonal sums of ``L^T L`` (equal to those of ``L L^T``), in at least
+        float32 (see :func:`column_autocorrelation`).
 
         ``s[j] = sum_{v >= j} (d - v) col[v] col[v - j]``.
         """
         d = self.dim
-        weights = torch.arange(d, 0, -1, dtype=self.dtype, device=self.device)
-        return anticausal_conv(self.col, (weights * self.col).unsqueeze(1)).squeeze(1)
+        col = self.col.to(_fft_dtype(self.dtype))
+        weights = torch.arange(d, 0, -1, dtype=col.dtype, device=self.device)
+        return anticausal_conv(col, (weights * col).unsqueeze(1)).squeeze(1)
 
     def inner(self) -> TrilToeplitzMatrix:
-        return TrilToeplitzMatrix(project_diagonal_sums(_symmetric_sums(self._gram_half_sums())))
+        sums = _symmetric_sums(self._gram_half_sums())
+        return TrilToeplitzMatrix(project_diagonal_sums(sums).to(self.dtype))
 
     def outer(self) -> TrilToeplitzMatrix:
         return self.inner()
@@ -265,15 +276,17 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         if n == 0:
             return TrilToeplitzMatrix.zeros(d, dtype=S.dtype, device=S.device)
         half = column_autocorrelation(S)
-        return TrilToeplitzMatrix(project_diagonal_sums(_symmetric_sums(half)))
+        return TrilToeplitzMatrix(project_diagonal_sums(_symmetric_sums(half)).to(S.dtype))
 
     @classmethod
     def from_dense(cls, M: Tensor, *options: int) -> TrilToeplitzMatrix:
         d = check_square(M)
+        work = _fft_dtype(M.dtype)  # sums of d numbers: at least float32
         sums = torch.stack(
-            [M.diagonal().sum()] + [M.diagonal(-j).sum() + M.diagonal(j).sum() for j in range(1, d)]
+            [M.diagonal().sum(dtype=work)]
+            + [M.diagonal(-j).sum(dtype=work) + M.diagonal(j).sum(dtype=work) for j in range(1, d)]
         )
-        return cls(project_diagonal_sums(sums))
+        return cls(project_diagonal_sums(sums).to(M.dtype))
 
     def to_dense(self) -> Tensor:
         return dense_lower_toeplitz(self.col)

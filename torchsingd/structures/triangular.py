@@ -21,6 +21,7 @@ from torchsingd.structures.base import (
     check_square,
     col_sq_sum,
     row_sq_sum,
+    wide,
 )
 from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMatrix
 
@@ -68,7 +69,8 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
         return self
 
     def trace(self):
-        return self.a.sum() + self.C.diagonal().sum()
+        w = wide(self.dtype)
+        return self.a.sum(dtype=w) + self.C.diagonal().sum(dtype=w)
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense rows ``[b, C]`` at the bottom, ``diag(a)`` above."""
@@ -183,7 +185,8 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
         return self
 
     def trace(self):
-        return self.A.diagonal().sum() + self.c.sum()
+        w = wide(self.dtype)
+        return self.A.diagonal().sum(dtype=w) + self.c.sum(dtype=w)
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense columns ``[A; b]`` on the left, ``diag(c)`` right of them."""
