@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import sys
 from pathlib import Path
@@ -28,6 +29,13 @@ progress).
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if args.optimizers is not None:
+        print(
+            "compare --sweep: --optimizers does not apply (the sweep runs SINGD, the "
+            "--baseline and AdamW); use --structures and --baseline.",
+            file=sys.stderr,
+        )
+        return 2
     from torchsingd.experiments.bench import reference_cls
     from torchsingd.experiments.compare import command_line
     from torchsingd.experiments.sweep import plot_heatmaps, run_sweep, write_sweep_report
@@ -42,8 +50,10 @@ def _sweep(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"compare --sweep: {err}", file=sys.stderr)
         return 2
-    _set_threads(args.threads)
     out = Path(args.out if args.out is not None else "sweep_out")
+    if not _usable_out(out, "compare --sweep"):
+        return 2
+    _set_threads(args.threads)
     try:
         records = run_sweep(config, out, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -66,9 +76,9 @@ def _sweep_config(args: argparse.Namespace, baseline: str):
     )
 
     return SweepConfig(
-        tasks=tuple(args.tasks) if args.tasks else tuple(SWEEP_TASKS),
-        structures=tuple(args.structures) if args.structures else STRUCTURES,
-        precisions=tuple(args.precision) if args.precision else SWEEP_PRECISIONS,
+        tasks=_unique(args.tasks) if args.tasks else tuple(SWEEP_TASKS),
+        structures=_unique(args.structures) if args.structures else STRUCTURES,
+        precisions=_unique(args.precision) if args.precision else SWEEP_PRECISIONS,
         seeds=args.seeds if args.seeds is not None else 1,
         all_seeds=args.all_seeds,
         epochs=args.epochs,
@@ -84,28 +94,47 @@ def _compare(args: argparse.Namespace) -> int:
         return _sweep(args)
     from torchsingd.experiments.tasks import TASKS
 
+    sweep_only = [
+        flag
+        for flag, value in (
+            ("--structures", args.structures),
+            ("--all-seeds", args.all_seeds),
+            ("--baseline", args.baseline),
+        )
+        if value
+    ]
+    if sweep_only:
+        print(f"compare: {', '.join(sweep_only)} only apply with --sweep.", file=sys.stderr)
+        return 2
     if args.tasks is None:
         args.tasks = list(TASKS)
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
-        print(f"Unknown task(s) {unknown} for compare (without --sweep).", file=sys.stderr)
+        print(
+            f"Unknown task(s) {unknown} for compare (without --sweep); choose from "
+            f"{list(TASKS)} (mnist1d-sweep needs --sweep).",
+            file=sys.stderr,
+        )
         return 2
     from torchsingd.experiments.compare import CompareConfig, command_line, run_compare
+    from torchsingd.experiments.optimizers import OPTIMIZERS
     from torchsingd.experiments.plots import write_plots
     from torchsingd.experiments.report import summary_tables, write_reports
 
     config = CompareConfig(
-        tasks=tuple(args.tasks),
-        optimizers=tuple(args.optimizers),
-        precisions=tuple(args.precision) if args.precision else None,
+        tasks=_unique(args.tasks),
+        optimizers=_unique(args.optimizers) if args.optimizers else tuple(OPTIMIZERS),
+        precisions=_unique(args.precision) if args.precision else None,
         seeds=args.seeds if args.seeds is not None else (2 if args.quick else 3),
         epochs=args.epochs,
         quick=args.quick,
         jobs=args.jobs,
         threads=args.threads,
     )
-    _set_threads(args.threads)
     out = Path(args.out if args.out is not None else "demo_out")
+    if not _usable_out(out, "compare"):
+        return 2
+    _set_threads(args.threads)
     try:
         outcome = run_compare(config, out, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -142,6 +171,8 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs or (task.quick_epochs if args.quick else task.epochs),
         max_train=task.quick_train if args.quick else None,
     )
+    if args.out and not _usable_out(Path(args.out), "train"):
+        return 2
     _set_threads(args.threads)
     record = train(spec, progress=not args.no_progress)
     if record["status"] == "refused":
@@ -170,6 +201,19 @@ def _bench(args: argparse.Namespace) -> int:
 
     bench_main(args.bench_argv)
     return 0
+
+
+def _unique(values: list[str]) -> tuple[str, ...]:
+    """The values in order, each once (a name given twice would run twice)."""
+    return tuple(dict.fromkeys(values))
+
+
+def _usable_out(out: Path, command: str) -> bool:
+    """Whether ``out`` can be the output directory; says why not (before any work)."""
+    if out.exists() and not out.is_dir():
+        print(f"{command}: --out {out} exists and is not a directory.", file=sys.stderr)
+        return False
+    return True
 
 
 def _set_threads(threads: int) -> None:
@@ -201,12 +245,20 @@ def parser() -> argparse.ArgumentParser:
         choices=list(dict.fromkeys([*TASKS, *SWEEP_TASKS])),
         help=f"default: every comparison task (with --sweep: {', '.join(SWEEP_TASKS)})",
     )
-    c.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    c.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=list(OPTIMIZERS),
+        help="default: all (not with --sweep, which runs SINGD, --baseline and AdamW)",
+    )
     c.add_argument(
         "--precision", nargs="+", choices=PRECISIONS, help="default: the plan described above"
     )
     c.add_argument(
-        "--seeds", type=positive_int, help="seeds of the final runs (default 3, --quick 2)"
+        "--seeds",
+        type=positive_int,
+        help="seeds of the final runs (default 3, --quick 2; --sweep: default 1, the seeds "
+        "of each best point, or of every point with --all-seeds)",
     )
     c.add_argument("--epochs", type=positive_int, help="epochs of every run (default: per task)")
     c.add_argument("--quick", action="store_true", help="tiny version (under 3 minutes)")
@@ -263,7 +315,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--task", required=True, choices=list(TASKS))
     t.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
     t.add_argument("--precision", choices=PRECISIONS, default="float32")
-    t.add_argument("--lr", type=float, help="default: the middle of the optimizer's grid")
+    t.add_argument("--lr", type=positive_float, help="default: the middle of the optimizer's grid")
     t.add_argument("--epochs", type=positive_int, help="default: the task's")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quick", action="store_true", help="few epochs on a training subset")
@@ -279,6 +331,17 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 

@@ -76,3 +76,28 @@ def test_throughput_is_absent_when_the_optimizer_time_is_noise():
     assert bench.throughput(2e9, 0.0, 100e9) == (None, None)
     gflops, of_peak = bench.throughput(2e9, 0.04, 100e9)
     assert gflops == pytest.approx(50.0) and of_peak == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtypes", "foo"], "invalid choice: 'foo'"),
+        (["--rounds", "0"], "--rounds: must be >= 1"),
+        (["--threads", "0"], "--threads: must be >= 1"),
+        (["--T", "0"], "--T: must be >= 1"),
+        (["--batch", "0"], "--batch: must be >= 1"),
+        (["--structures", "foo"], "Unknown structure 'foo'. Valid forms"),
+        (["--json", "/nonexistent-dir/x.json"], "its folder does not exist"),
+    ],
+)
+def test_bad_bench_options_fail_before_measuring(argv, message, capsys, monkeypatch):
+    from torchsingd.experiments import bench
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured before validating")
+
+    monkeypatch.setattr(bench, "matmul_throughput", no_measuring)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -164,3 +164,65 @@ def test_train_command_runs_one_configuration(tmp_path, capsys):
     refused = ["train", "--task", "digits-mlp", "--optimizer", "kfac", "--precision", "bf16"]
     assert cli.main([*refused, "--no-progress"]) == 1
     assert "refused" in capsys.readouterr().out
+
+
+def test_bad_command_lines_fail_before_any_run(tmp_path, capsys, monkeypatch):
+    """Options of the other mode, a file as --out, lr <= 0: exit status 2, nothing run."""
+    counter = CountingTrain(monkeypatch)
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    base = ["compare", "--quick", "--tasks", "digits-mlp", "--no-progress", "--jobs", "1"]
+    cases = [
+        ([*base, "--structures", "diagonal"], "--structures only apply with --sweep"),
+        ([*base, "--baseline", "none", "--all-seeds"], "--all-seeds, --baseline only apply"),
+        ([*base, "--out", str(a_file)], "exists and is not a directory"),
+        (["compare", "--sweep", "--optimizers", "sgd"], "--optimizers does not apply"),
+        (["compare", "--tasks", "mnist1d-sweep"], "choose from ['digits-mlp'"),
+        (["train", "--task", "digits-mlp", "--optimizer", "sgd", "--out", str(a_file)], "not a"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    for lr in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["train", "--task", "digits-mlp", "--optimizer", "sgd", "--lr", lr])
+        assert info.value.code == 2
+        assert "--lr: must be a finite number > 0" in capsys.readouterr().err
+    assert counter.calls == []
+
+
+def test_names_given_twice_run_once_and_reused_runs_say_their_threads(tmp_path, capsys):
+    args = ["compare", "--quick", "--tasks", "digits-mlp", "digits-mlp", "--optimizers"]
+    args += ["sgd", "sgd", "--precision", "float32", "float32", "--seeds", "1", "--epochs", "1"]
+    args += ["--jobs", "1", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main([*args, "--threads", "1"]) == 0
+    assert len(lines(tmp_path / "runs.jsonl")) == GRID_SIZE + 1
+    capsys.readouterr()
+    assert cli.main([*args, "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{GRID_SIZE + 1} of {GRID_SIZE + 1} runs already done" in out
+    assert "timed with [1] torch thread(s) per job (this call: 2)" in out
+
+
+def test_parallel_progress_is_one_bar_above_which_the_log_is_written(tmp_path, capsys):
+    """With --jobs 2 the workers draw no bars; the log lines stay whole."""
+    args = ["compare", "--quick", "--tasks", "digits-mlp", "--optimizers", "sgd"]
+    args += ["--precision", "float32", "--seeds", "1", "--epochs", "1", "--jobs", "2"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    logged = [x for x in captured.out.splitlines() if x.startswith("[")]
+    assert [x.split("]")[0] for x in logged] == [f"[{i}/{GRID_SIZE + 1}" for i in range(1, 5)]
+    assert "runs (2 workers)" in captured.err  # the one bar
+    assert "lr search" not in captured.err  # no per-run bars from the workers
+
+
+def test_peak_rss_is_reset_between_runs():
+    """A run's peak RSS does not include an earlier, larger peak of the process."""
+    from torchsingd.experiments import runner
+
+    big = torch.ones(300_000_000 // 4)  # 300 MB, touched
+    before = runner._peak_rss_bytes()
+    del big
+    if runner._reset_peak_rss() != "run":
+        pytest.skip("the OS cannot reset the peak RSS")
+    assert runner._peak_rss_bytes() < before - (200 << 20)

@@ -333,3 +333,13 @@ def test_cli_sweep_unknown_task(tmp_path, capsys):
     assert cli.main(args) == 2
     assert "The reference has no structure 'blockdiagonal:4'" in capsys.readouterr().err
     assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_cli_sweep_names_given_twice_count_once():
+    args = cli.parser().parse_args(
+        ["compare", "--sweep", "--structures", "diagonal", "diagonal", "--tasks", "digits-cnn"]
+        + ["digits-cnn", "--precision", "float32", "float32"]
+    )
+    config = cli._sweep_config(args, "none")
+    assert config.structures == ("diagonal",)
+    assert config.tasks == ("digits-cnn",) and config.precisions == ("float32",)

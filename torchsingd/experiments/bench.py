@@ -38,12 +38,15 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from torchsingd import SINGD
+from torchsingd.cli import positive_int
 from torchsingd.layers import get_adapter
+from torchsingd.structures import get_structure
 from torchsingd.structures.toeplitz import FFT_MIN_DIM, fft_size
 
 STRUCTURES = [
@@ -394,18 +397,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (pinned)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (pinned)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--structures", nargs="+", default=STRUCTURES)
-    p.add_argument("--T", nargs="+", type=int, default=[1, 10])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--iters", type=int, default=10, help="iterations per round (>= T)")
+    p.add_argument("--T", nargs="+", type=positive_int, default=[1, 10])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16"],
+    )
+    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument(
+        "--iters", type=positive_int, default=10, help="iterations per round (>= every T)"
+    )
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    for name in args.structures:  # before any measurement
+        try:
+            get_structure(name)
+        except ValueError as err:
+            p.error(f"argument --structures: {err}")
+    if args.json:
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir():
+            p.error(f"argument --json: {target} is a directory or its folder does not exist")
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     if device.type == "cpu":

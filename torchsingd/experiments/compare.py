@@ -171,6 +171,13 @@ def run_compare(
         queue_finals(group)
     if done[0]:
         log(f"resuming from {store.path}: {done[0]} of {total} runs already done")
+        timed = {r.get("threads") for r in store.records.values()} - {None}
+        if timed - {config.threads}:
+            log(
+                f"note: runs reused from {store.path} were timed with "
+                f"{sorted(timed)} torch thread(s) per job (this call: {config.threads}); "
+                "their ms/it are as recorded (results.csv has each run's threads)"
+            )
 
     def finished(record: dict[str, Any]) -> None:
         store.add(record)
@@ -210,8 +217,11 @@ def execute(
 
     ``run(spec, progress, position)`` trains one spec (a module-level function, so that
     workers can import it; default :func:`~torchsingd.experiments.runner.train`).
-    ``jobs == 1`` trains in this process (whose torch threads the caller sets);
-    otherwise in ``jobs`` spawned worker processes with ``threads`` torch threads each.
+    ``jobs == 1`` trains in this process (whose torch threads the caller sets), with a
+    bar per run; otherwise in ``jobs`` spawned worker processes with ``threads`` torch
+    threads each, without bars of their own (bars drawn by several processes on one
+    terminal overwrite each other and the log lines): one bar here counts the runs,
+    and ``finished``'s output is written above it.
     """
     run = train if run is None else run
     if jobs == 1:
@@ -223,17 +233,31 @@ def execute(
     for slot in range(jobs):
         slots.put(slot)
     pool = ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots, progress)
+        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots, False)
     )
     running: set[Future] = set()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ready), desc=f"runs ({jobs} workers)", unit="run", dynamic_ncols=True)
     try:
         while ready or running:
             while ready and len(running) < jobs:
                 running.add(pool.submit(_train_in_worker, run, ready.popleft()))
             completed, running = wait(running, return_when=FIRST_COMPLETED)
             for future in completed:
-                finished(future.result())
+                record = future.result()
+                if bar is None:
+                    finished(record)
+                    continue
+                with bar.external_write_mode():
+                    finished(record)
+                bar.total = bar.n + 1 + len(ready) + len(running)  # finished may queue more
+                bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         pool.shutdown(wait=not running, cancel_futures=True)
 
 

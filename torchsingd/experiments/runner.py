@@ -115,6 +115,16 @@ def _reset_peak_rss() -> str:
 
 
 def _peak_rss_bytes() -> int:
+    """The peak RSS since :func:`_reset_peak_rss`: on Linux the high-water mark of
+    ``/proc/self/status`` (what ``clear_refs`` resets; ``ru_maxrss`` is never reset,
+    and in a spawned worker includes the parent's size at the fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
