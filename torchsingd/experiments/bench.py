@@ -339,22 +339,11 @@ def peak_memory(kind, model_name, structure, T, device, dtype, batch, iters=10) 
 
 
 def process_peak_rss() -> int:
-    """This process's peak resident set size in bytes.
+    """This process's peak resident set size in bytes (see
+    :func:`~torchsingd.experiments.runner.peak_rss_bytes`)."""
+    from torchsingd.experiments.runner import peak_rss_bytes
 
-    Linux's ``ru_maxrss`` of a child started by fork+exec includes the parent's size at
-    the fork, so on Linux the high-water mark is read from ``/proc/self/status``.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return peak_rss_bytes()
 
 
 def data(batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

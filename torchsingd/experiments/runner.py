@@ -114,10 +114,10 @@ def _reset_peak_rss() -> str:
     return "run"
 
 
-def _peak_rss_bytes() -> int:
-    """The peak RSS since :func:`_reset_peak_rss`: on Linux the high-water mark of
-    ``/proc/self/status`` (what ``clear_refs`` resets; ``ru_maxrss`` is never reset,
-    and in a spawned worker includes the parent's size at the fork)."""
+def peak_rss_bytes() -> int:
+    """The process's peak RSS in bytes (since :func:`_reset_peak_rss`): on Linux the
+    high-water mark of ``/proc/self/status`` (what ``clear_refs`` resets; ``ru_maxrss``
+    is never reset, and in a spawned worker includes the parent's size at the fork)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -181,7 +181,7 @@ def train(spec: RunSpec, progress: bool = True, position: int | None = None) -> 
         **result,
         "state_bytes": state_bytes(opt),
         "skipped_steps": skipped_steps(opt),
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

@@ -165,11 +165,20 @@ class LayerAdapter(ABC):
         """Whether :meth:`grad_matrix` would return a matrix (without building it)."""
         return module.weight.grad is not None
 
+    def weight_matrix(self, module: nn.Module, w: Tensor) -> Tensor:
+        """A tensor shaped like the weight as the ``[d_o, d_i - bias]`` matrix (default:
+        its leading dimension as rows, the rest flattened)."""
+        return w.flatten(start_dim=1)
+
+    def matrix_weight(self, module: nn.Module, mat: Tensor) -> Tensor:
+        """The inverse of :meth:`weight_matrix` (``mat`` without the bias column)."""
+        return mat.reshape_as(module.weight)
+
     def grad_matrix(self, module: nn.Module, *, block: str = "") -> Tensor | None:
         """``grad(W)`` as ``[d_o, d_i]`` (bias gradient as the last column), or ``None``."""
         if module.weight.grad is None:
             return None
-        G = module.weight.grad.flatten(start_dim=1)
+        G = self.weight_matrix(module, module.weight.grad)
         if self.has_bias(module):
             bias_grad = module.bias.grad
             if bias_grad is None:
@@ -180,8 +189,8 @@ class LayerAdapter(ABC):
     def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
         """Split a ``[d_o, d_i]`` matrix into tensors shaped like :meth:`params`."""
         if self.has_bias(module):
-            return [mat[:, :-1].reshape_as(module.weight), mat[:, -1].reshape_as(module.bias)]
-        return [mat.reshape_as(module.weight)]
+            return [self.matrix_weight(module, mat[:, :-1]), mat[:, -1].reshape_as(module.bias)]
+        return [self.matrix_weight(module, mat)]
 
     def directions(self, module: nn.Module, mats: dict[str, Tensor]) -> list[Tensor]:
         """The blocks' ``[d_o, d_i]`` updates as tensors aligned with :meth:`params`."""

@@ -85,11 +85,6 @@ def extract_patches(
     return x.reshape(B, out_sizes.numel(), c * math.prod(module.kernel_size))
 
 
-def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-    """Patches ``[B, prod(O), C_in/groups * prod(k)]`` (channels averaged over groups)."""
-    return extract_patches(module, prepare_input(module, x))
-
-
 class ConvAdapter(LayerAdapter):
     def dims(self, module: nn.Module, *, block: str = "") -> tuple[int, int]:
         return module.weight.shape[1:].numel() + int(self.has_bias(module)), module.out_channels
@@ -97,10 +92,33 @@ class ConvAdapter(LayerAdapter):
     def is_batched(self, module: nn.Module, x: Tensor) -> bool:
         return x.ndim == len(module.kernel_size) + 2
 
+    def prepare(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The block input as the patches are read from it (:func:`prepare_input`)."""
+        return prepare_input(module, x)
+
+    def patch_stride(self, module: nn.Module) -> tuple[int, ...]:
+        """The stride at which patches are read from the prepared input."""
+        return module.stride
+
     def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
-        patches = unfold_input(module, x)  # "expand": rows are all samples' patches
+        # "expand": rows are all samples' patches
+        patches = extract_patches(module, self.prepare(module, x), self.patch_stride(module))
         a = patches if kfac_approx == "expand" else patches.mean(1)
         return finish_input_rows(a, self.has_bias(module))
+
+    def diagonal_statistic(self, module: nn.Module, x: Tensor, K: DiagonalMatrix) -> DiagonalMatrix:
+        """``H_K`` for a diagonal ``K`` and ``"expand"``: ``diag(a^T a)[c, k]`` is the mean
+        over samples and locations of the squared prepared input shifted by ``k``; square
+        and sum over the batch first, then unfold one image."""
+        # sums over the batch and locations before the division by N: float32 at
+        # least (a float16 sum of squared pixels overflows)
+        work = torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype
+        prepared = self.prepare(module, x.to(work))
+        diag = self._column_means(module, prepared.square(), self.patch_stride(module))
+        diag = diag.to(K.dtype)
+        if self.has_bias(module):
+            diag = torch.cat([diag, diag.new_ones(1)])
+        return DiagonalMatrix(K.diag * K.diag * diag)
 
     def input_statistic(
         self,
@@ -130,14 +148,7 @@ class ConvAdapter(LayerAdapter):
           the generic route.
         """
         if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
-            # sums over the batch and locations before the division by N: float32 at
-            # least (a float16 sum of squared pixels overflows)
-            work = torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype
-            prepared = prepare_input(module, x.to(work))
-            diag = self._column_means(module, prepared.square()).to(K.dtype)
-            if self.has_bias(module):
-                diag = torch.cat([diag, diag.new_ones(1)])
-            return DiagonalMatrix(K.diag * K.diag * diag)
+            return self.diagonal_statistic(module, x, K)
         if (
             kfac_approx == "expand"
             and isinstance(K, TrilTopLeftDiagonalMatrix)

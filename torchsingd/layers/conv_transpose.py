@@ -16,14 +16,12 @@ is captured exactly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchsingd.layers.base import LayerAdapter, finish_input_rows
-from torchsingd.layers.conv import ConvAdapter, extract_patches, group_input
+from torchsingd.layers.base import LayerAdapter
+from torchsingd.layers.conv import ConvAdapter, group_input
 from torchsingd.structures import DiagonalMatrix, StructuredMatrix
 
 
@@ -60,10 +58,11 @@ class ConvTransposeAdapter(ConvAdapter):
             pads += [left, right]
         return F.pad(stuffed, pads) if any(pads) else stuffed
 
-    def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
-        patches = extract_patches(module, x, (1,) * len(module.kernel_size))
-        a = patches if kfac_approx == "expand" else patches.mean(1)
-        return finish_input_rows(a, self.has_bias(module))
+    def prepare(self, module: nn.Module, x: Tensor) -> Tensor:
+        return x  # capture_input prepared it
+
+    def patch_stride(self, module: nn.Module) -> tuple[int, ...]:
+        return (1,) * len(module.kernel_size)
 
     def input_statistic(
         self,
@@ -74,44 +73,22 @@ class ConvTransposeAdapter(ConvAdapter):
         *,
         block: str = "",
     ) -> StructuredMatrix:
-        """A diagonal ``K`` with ``"expand"``: the column means of the squared prepared
-        input, from one unfolded image (as for convolutions); otherwise the generic
-        route over rows."""
+        """A diagonal ``K`` with ``"expand"``: as for convolutions (one unfolded image);
+        otherwise the generic route over rows (the convolutions' centred-moment route
+        for ``triltopleftdiag:1`` reads the unstuffed input)."""
         if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
-            work = torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype
-            ones = (1,) * len(module.kernel_size)
-            diag = self._column_means(module, x.to(work).square(), ones).to(K.dtype)
-            if self.has_bias(module):
-                diag = torch.cat([diag, diag.new_ones(1)])
-            return DiagonalMatrix(K.diag * K.diag * diag)
+            return self.diagonal_statistic(module, x, K)
         return LayerAdapter.input_statistic(self, module, x, K, kfac_approx, block=block)
 
-    @staticmethod
-    def _as_matrix_layout(module: nn.Module, w: Tensor) -> Tensor:
+    def weight_matrix(self, module: nn.Module, w: Tensor) -> Tensor:
         """``[C_in, C_out/groups, *k]`` -> ``[C_out, C_in/groups * prod(k)]`` (see the
         module docstring)."""
         G, n = module.groups, len(module.kernel_size)
         w = w.reshape(G, w.shape[0] // G, *w.shape[1:]).transpose(1, 2)
-        w = w.flip(tuple(range(3, 3 + n)))
-        return w.reshape(module.out_channels, -1)
+        return w.flip(tuple(range(3, 3 + n))).reshape(module.out_channels, -1)
 
-    def grad_matrix(self, module: nn.Module, *, block: str = "") -> Tensor | None:
-        if module.weight.grad is None:
-            return None
-        G = self._as_matrix_layout(module, module.weight.grad)
-        if self.has_bias(module):
-            bias_grad = module.bias.grad
-            if bias_grad is None:
-                bias_grad = torch.zeros_like(module.bias)
-            G = torch.cat([G, bias_grad.unsqueeze(1)], dim=1)
-        return G
-
-    def split_matrix(self, module: nn.Module, mat: Tensor) -> list[Tensor]:
+    def matrix_weight(self, module: nn.Module, mat: Tensor) -> Tensor:
         G, n = module.groups, len(module.kernel_size)
-        k = module.kernel_size
-        width = module.in_channels // G * math.prod(k)
-        w = mat[:, :width].reshape(G, module.out_channels // G, module.in_channels // G, *k)
-        w = w.flip(tuple(range(3, 3 + n))).transpose(1, 2).reshape_as(module.weight)
-        if self.has_bias(module):
-            return [w, mat[:, -1].reshape_as(module.bias)]
-        return [w]
+        shape = (G, module.out_channels // G, module.in_channels // G, *module.kernel_size)
+        w = mat.reshape(shape).flip(tuple(range(3, 3 + n))).transpose(1, 2)
+        return w.reshape_as(module.weight)
