@@ -30,7 +30,7 @@ from torchsingd.optim.base import (
 )
 from torchsingd.optim.update import FactorUpdate, natural_gradient, update_factors
 from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
-from torchsingd.structures.base import OuterOperator
+from torchsingd.structures.base import OuterOperator, read_scalars
 
 __all__ = ["SINGD", "LayerState", "NonFiniteError", "parse_structures"]
 
@@ -365,9 +365,10 @@ class SINGD(KroneckerOptimizer):
             self._note("factor_step_bounded")
         if self.on_nonfinite == "raise":
             return new
-        for name in ("K", "C"):
+        totals = read_scalars([new.K.finite_sum(), new.C.finite_sum()])  # one sync
+        for name, total in zip(("K", "C"), totals, strict=True):
             factor = getattr(new, name)
-            if factor.is_finite():
+            if factor.finite_given(total):
                 continue
             if not bool(torch.isfinite(G).all()):  # a full pass over G: only checked here
                 return new

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from torchsingd.structures import StructuredMatrix
+from torchsingd.structures.base import read_scalars
 
 
 @dataclass
@@ -97,19 +98,26 @@ def update_factors(
         coeff_HK, coeff_HC = 1.0, H_C_scale
         damp_K = damp_C = damping
     else:
-        coeff_HK = H_C_scale * float(H_C.average_trace())
-        coeff_HC = H_C_scale * float(H_K.average_trace())
-        damp_K = damping * float(CtC.average_trace())
-        damp_C = damping * float(KtK.average_trace())
+        tr_HC, tr_HK, tr_CtC, tr_KtK = read_scalars(  # one sync, not four
+            [H_C.average_trace(), H_K.average_trace(), CtC.average_trace(), KtK.average_trace()]
+        )
+        coeff_HK, coeff_HC = H_C_scale * tr_HC, H_C_scale * tr_HK
+        damp_K, damp_C = damping * tr_CtC, damping * tr_KtK
     new_m_K = riemannian_momentum_step(H_K, coeff_HK, KtK, damp_K, scale, m_K, alpha1)
     new_m_C = riemannian_momentum_step(H_C, coeff_HC, CtC, damp_C, scale, m_C, alpha1)
 
     beta1_K = beta1_C = lr_cov
     if normalize_lr_cov:
-        beta1_K = lr_cov / max(1.0, float(new_m_K.max_abs()))
-        beta1_C = lr_cov / max(1.0, float(new_m_C.max_abs()))
-    new_K, bounded_K = factor_step(K, new_m_K, beta1_K, max_step)
-    new_C, bounded_C = factor_step(C, new_m_C, beta1_C, max_step)
+        max_K, max_C = read_scalars([new_m_K.max_abs(), new_m_C.max_abs()])
+        beta1_K = lr_cov / max(1.0, max_K)
+        beta1_C = lr_cov / max(1.0, max_C)
+    inputs_K = inputs_C = None
+    if max_step is not None:  # what both bounds decide from, read in one sync
+        tensors_K, tensors_C = new_m_K.bound_inputs(), new_m_C.bound_inputs()
+        values = read_scalars(tensors_K + tensors_C)
+        inputs_K, inputs_C = values[: len(tensors_K)], values[len(tensors_K) :]
+    new_K, bounded_K = factor_step(K, new_m_K, beta1_K, max_step, inputs_K)
+    new_C, bounded_C = factor_step(C, new_m_C, beta1_C, max_step, inputs_C)
     keep = alpha1 != 0.0
     return FactorUpdate(
         new_K,
@@ -123,7 +131,11 @@ def update_factors(
 
 
 def factor_step(
-    X: StructuredMatrix, m: StructuredMatrix, beta1: float, max_step: float | None
+    X: StructuredMatrix,
+    m: StructuredMatrix,
+    beta1: float,
+    max_step: float | None,
+    inputs: list[float] | None = None,
 ) -> tuple[StructuredMatrix, bool]:
     """``X (I - beta1 m)`` (a new member) and whether the factor-step bound acted.
 
@@ -147,7 +159,7 @@ def factor_step(
     :meth:`~torchsingd.structures.StructuredMatrix.spectral_norm_bound`, an upper
     bound, so the reduction errs on the safe side.
     """
-    step = m.bounded_step(beta1, max_step) if max_step is not None else None
+    step = m.bounded_step(beta1, max_step, inputs) if max_step is not None else None
     if step is None:
         return X.add(X.matmul(m), alpha=-beta1), False
     return X.add(X.matmul(step), alpha=-1.0), True

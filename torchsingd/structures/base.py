@@ -18,6 +18,7 @@ of these tensors define a member of the family, which makes element-wise operati
 from __future__ import annotations
 
 import math
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -176,7 +177,9 @@ class StructuredMatrix(ABC):
         # Squares overflow before the Hoelder sums do: then (inf or NaN) use the latter.
         return torch.where(torch.isfinite(first), torch.minimum(first, hoelder), hoelder)
 
-    def bounded_step(self, beta: float, max_step: float) -> StructuredMatrix | None:
+    def bounded_step(
+        self, beta: float, max_step: float, inputs: list[float] | None = None
+    ) -> StructuredMatrix | None:
         """The step ``S = beta * self`` of a factor update ``X <- X (I - S)``, bounded.
 
         ``None`` when ``beta * ||self||_2 <= max_step`` holds (by
@@ -187,15 +190,27 @@ class StructuredMatrix(ABC):
         Structures whose members are direct sums of independent diagonal blocks
         (diagonal, block-diagonal) bound each block on its own instead, so that one
         direction of large curvature does not slow the update of all the others.
+
+        ``inputs``: the values of :meth:`bound_inputs` when the caller has read them
+        already (with those of other matrices, in one synchronisation); else read here.
         """
-        if beta == 0.0 or beta * self.quick_norm_bound() <= max_step:
+        if beta == 0.0 or beta * self.quick_norm_bound(inputs) <= max_step:
             return None
         bound = float(self.spectral_norm_bound())
         if not beta * bound > max_step:
             return None
         return self.clone().mul_(max_step / bound)
 
-    def quick_norm_bound(self) -> float:
+    def bound_inputs(self) -> list[Tensor]:
+        """The 0-d tensors whose values :meth:`bounded_step` decides from (by default
+        those of :meth:`quick_norm_bound`); see :func:`read_scalars`."""
+        return self._quick_inputs()
+
+    def _quick_inputs(self) -> list[Tensor]:
+        M = self if self.dtype in (torch.float32, torch.float64) else self.to(torch.float32)
+        return [M.frobenius_sq(), M.average_trace()]
+
+    def quick_norm_bound(self, inputs: list[float] | None = None) -> float:
         """A cheap upper bound on ``||self||_2``: ``|c| + ||M - cI||_F``, ``c = avgtr(M)``,
         from ``||M - cI||_F^2 = ||M||_F^2 - c^2 d`` (two reductions, no temporaries).
 
@@ -203,11 +218,10 @@ class StructuredMatrix(ABC):
         ``1e-5 ||M||_F^2`` is added under the root to keep the cancellation in
         ``||M||_F^2 - c^2 d`` from undercutting the bound. Used to skip
         :meth:`spectral_norm_bound` (several passes) when the step is clearly small;
-        NaN or inf for a non-finite matrix.
+        NaN or inf for a non-finite matrix. ``inputs``: the values of
+        ``[||M||_F^2, avgtr(M)]`` if read already.
         """
-        M = self if self.dtype in (torch.float32, torch.float64) else self.to(torch.float32)
-        square = float(M.frobenius_sq())
-        c = float(M.average_trace())
+        square, c = read_scalars(self._quick_inputs()) if inputs is None else inputs
         rest = square - c * c * self.dim + 1e-5 * square
         return abs(c) + math.sqrt(rest) if rest >= 0.0 else abs(c) + math.sqrt(1e-5 * square)
 
@@ -219,11 +233,27 @@ class StructuredMatrix(ABC):
         sum of finite numbers can overflow, a non-finite sum is confirmed entry by
         entry.
         """
-        tensors = self.tensors()
-        wide = torch.promote_types(self.dtype, torch.float32)  # fp16 sums overflow early
-        if math.isfinite(float(torch.stack([t.sum(dtype=wide) for t in tensors]).sum())):
+        return self.finite_given(float(self.finite_sum()))
+
+    def finite_sum(self) -> Tensor:
+        """The sum of the stored numbers (0-d, at least float32): finite if every
+        number is; :meth:`finite_given` decides from its value. Lets a caller read
+        the sums of several matrices in one synchronisation (:func:`read_scalars`)."""
+        tensors = [t for t in self.tensors() if t.numel() > 0]
+        acc = wide(self.dtype)  # fp16 sums overflow early
+        if not tensors:
+            return torch.zeros((), dtype=acc, device=self.device)
+        if len(tensors) == 1:
+            return tensors[0].sum(dtype=acc)
+        return torch.stack([t.sum(dtype=acc) for t in tensors]).sum()
+
+    def finite_given(self, total: float) -> bool:
+        """:meth:`is_finite` from the value of :meth:`finite_sum`: a finite sum settles
+        it; a non-finite one (a sum of finite numbers can overflow) is confirmed entry
+        by entry."""
+        if math.isfinite(total):
             return True
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors())
 
     # --------------------------------------------------- structure-aware algebra
     @abstractmethod
@@ -474,6 +504,35 @@ def symmetrize_(R: Tensor) -> Tensor:
     """``R <- (R + R^T) / 2`` in place over the last two dimensions (a Gram route's
     ``K^T G K`` is symmetric, as ``S S^T`` is, up to rounding); returns ``R``."""
     return R.add_(R.mT.clone()).mul_(0.5)
+
+
+def read_scalars(values: list[Tensor]) -> list[float]:
+    """The Python floats of 0-d tensors, read in one device synchronisation.
+
+    On a GPU each ``float(t)`` waits for the device and copies one number back; the
+    tensors of one dtype and device are stacked and read at once instead. The values
+    are those of ``float(t)`` for each ``t``, exactly.
+    """
+    out: list[float | None] = [None] * len(values)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(values):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for indices in groups.values():
+        if len(indices) == 1:
+            out[indices[0]] = float(values[indices[0]])
+            continue
+        read = torch.stack([values[i].reshape(()) for i in indices]).tolist()
+        for i, v in zip(indices, read, strict=True):
+            out[i] = float(v)
+    return out
+
+
+def round_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (``inf`` beyond its range), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # rounds to inf
+        return math.copysign(math.inf, x)
 
 
 def wide(dtype: torch.dtype) -> torch.dtype:

@@ -90,12 +90,14 @@ class BlockDiagonalMatrix(StructuredMatrix):
             torch.bmm(self.blocks, other.blocks), self.last @ other.last, self.block_size
         )
 
-    def bounded_step(self, beta: float, max_step: float) -> BlockDiagonalMatrix | None:
+    def bounded_step(
+        self, beta: float, max_step: float, inputs: list[float] | None = None
+    ) -> BlockDiagonalMatrix | None:
         """``beta * self`` with each block scaled so that its spectral norm is at most
         ``max_step`` (the blocks are independent: the bound of
         :meth:`~torchsingd.structures.StructuredMatrix.spectral_norm_bound`, per block);
         ``None`` if no block exceeds it."""
-        if beta == 0.0 or not self.dim or beta * self.quick_norm_bound() <= max_step:
+        if beta == 0.0 or not self.dim or beta * self.quick_norm_bound(inputs) <= max_step:
             return None  # the whole matrix's bound holds, so does every block's
         dtype = torch.promote_types(self.dtype, torch.float32)
         parts = [self.blocks.to(dtype), self.last.to(dtype).unsqueeze(0)]

@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, row_sq_sum, wide
+from torchsingd.structures.base import (
+    StructuredMatrix,
+    check_rows,
+    check_square,
+    read_scalars,
+    round_float32,
+    row_sq_sum,
+    wide,
+)
 
 
 class DiagonalMatrix(StructuredMatrix):
@@ -44,18 +52,37 @@ class DiagonalMatrix(StructuredMatrix):
 
     def spectral_norm_bound(self) -> Tensor:
         """``||D||_2 = max |d_i|`` exactly."""
-        dtype = torch.promote_types(self.dtype, torch.float32)
-        return self.diag.abs().max().to(dtype) if self.dim else torch.zeros((), dtype=dtype)
+        if not self.dim:
+            return torch.zeros((), dtype=wide(self.dtype), device=self.device)
+        return self.bound_inputs()[0]
 
-    def bounded_step(self, beta: float, max_step: float) -> DiagonalMatrix | None:
+    def bound_inputs(self) -> list[Tensor]:
+        """``[max |d_i|]`` (at least float32): all :meth:`bounded_step` reads."""
+        if not self.dim:
+            return []
+        return [self.diag.abs().max().to(wide(self.dtype))]
+
+    def bounded_step(
+        self, beta: float, max_step: float, inputs: list[float] | None = None
+    ) -> DiagonalMatrix | None:
         """``beta * d`` with each entry clipped to ``[-max_step, max_step]`` (each entry
-        is an eigenvalue: the exact per-direction bound); ``None`` if none exceeds."""
+        is an eigenvalue: the exact per-direction bound); ``None`` if none exceeds.
+
+        Decided from ``max |d_i|`` alone: ``max_i |fl(beta d_i)| = fl(beta max_i |d_i|)``
+        (rounding is monotone), computed here as the step's product would be."""
         if beta == 0.0 or not self.dim:
             return None
         dtype = torch.promote_types(self.dtype, torch.float32)
-        step = self.diag.to(dtype) * beta
-        if not bool(step.abs().max() > max_step):  # False for NaN: the repair's case
+        (largest,) = read_scalars(self.bound_inputs()) if inputs is None else inputs
+        limit = max_step
+        if dtype == torch.float32:  # as the kernels: float32 operands, product, comparison
+            largest = round_float32(round_float32(abs(beta)) * largest)
+            limit = round_float32(max_step)
+        else:
+            largest = abs(beta) * largest
+        if not largest > limit:  # False for NaN: the repair's case
             return None
+        step = self.diag.to(dtype) * beta
         return DiagonalMatrix(step.clamp_(-max_step, max_step).to(self.dtype))
 
     def mm(self, X: Tensor) -> Tensor:
