@@ -527,6 +527,16 @@ def read_scalars(values: list[Tensor]) -> list[float]:
     return out
 
 
+def written(op, out: Tensor, *args: Tensor) -> Tensor:
+    """``op(*args, out=out)``; where autograd must record it (grad mode on and an
+    argument requiring grad), ``out.copy_(op(*args))`` instead: ``out=`` variants do not
+    support autograd, an in-place copy into a view of a fresh tensor does. Returns
+    ``out``."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        return out.copy_(op(*args))
+    return op(*args, out=out)
+
+
 def round_float32(x: float) -> float:
     """``x`` rounded to the nearest float32 (``inf`` beyond its range), as a Python float."""
     try:

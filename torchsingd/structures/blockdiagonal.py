@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrize_, wide
+from torchsingd.structures.base import (
+    StructuredMatrix,
+    check_rows,
+    check_square,
+    symmetrize_,
+    wide,
+    written,
+)
 
 DEFAULT_BLOCK_SIZE = 30
 
@@ -74,8 +81,8 @@ class BlockDiagonalMatrix(StructuredMatrix):
         """``blockdiag(blocks, last) @ X``, each part written into one output."""
         top, bottom = self._split(X)
         out, rows = X.new_empty(X.shape), top.shape[0] * top.shape[1]
-        torch.bmm(blocks, top, out=out[:rows].view(top.shape))
-        torch.mm(last, bottom, out=out[rows:])
+        written(torch.bmm, out[:rows].view(top.shape), blocks, top)
+        written(torch.mm, out[rows:], last, bottom)
         return out
 
     def mm(self, X: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from torchsingd.structures.base import (
     row_sq_sum,
     symmetrize_,
     wide,
+    written,
 )
 
 DEFAULT_K1 = 15
@@ -118,17 +119,17 @@ class HierarchicalMatrix(StructuredMatrix):
         X1, X2, X23 = X[: self.k1], X[self.k1 : self.k1 + self.m], X[self.k1 :]
         out = torch.empty_like(X)  # keeps a transposed layout
         k1, s = self.k1, self.k1 + self.m
-        torch.mm(self.A, X1, out=out[:k1]).addmm_(self.B, X23)
-        torch.mul(self.c.unsqueeze(1), X2, out=out[k1:s])
-        torch.mm(torch.cat([self.D, self.E], 1), X23, out=out[s:])
+        written(torch.mm, out[:k1], self.A, X1).addmm_(self.B, X23)
+        written(torch.mul, out[k1:s], self.c.unsqueeze(1), X2)
+        written(torch.mm, out[s:], torch.cat([self.D, self.E], 1), X23)
         return out
 
     def tmm(self, X: Tensor) -> Tensor:
         X1, X2, X3 = self._split_rows(X)
         out = torch.empty_like(X)  # keeps a transposed layout
         k1 = self.k1
-        torch.mm(self.A.T, X1, out=out[:k1])
-        rest = torch.mm(self.B.T, X1, out=out[k1:])  # [B1^T; B2^T] X1
+        written(torch.mm, out[:k1], self.A.T, X1)
+        rest = written(torch.mm, out[k1:], self.B.T, X1)  # [B1^T; B2^T] X1
         rest[: self.m].addcmul_(self.c.unsqueeze(1), X2)
         rest.addmm_(torch.cat([self.D, self.E], 1).T, X3)  # + [D^T; E^T] X3
         return out

@@ -22,6 +22,7 @@ from torchsingd.structures.base import (
     col_sq_sum,
     row_sq_sum,
     wide,
+    written,
 )
 from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMatrix
 
@@ -92,15 +93,15 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
     def mm(self, X):
         X1, X2 = self._split(X)
         out, m = torch.empty_like(X), X1.shape[0]  # blocks written in place, no cat
-        torch.mul(self.a.unsqueeze(1), X1, out=out[:m])
-        torch.mm(self.b, X1, out=out[m:]).addmm_(self.C, X2)
+        written(torch.mul, out[:m], self.a.unsqueeze(1), X1)
+        written(torch.mm, out[m:], self.b, X1).addmm_(self.C, X2)
         return out
 
     def tmm(self, X):
         X1, X2 = self._split(X)
         out, m = torch.empty_like(X), X1.shape[0]
-        torch.mul(self.a.unsqueeze(1), X1, out=out[:m]).addmm_(self.b.T, X2)
-        torch.mm(self.C.T, X2, out=out[m:])
+        written(torch.mul, out[:m], self.a.unsqueeze(1), X1).addmm_(self.b.T, X2)
+        written(torch.mm, out[m:], self.C.T, X2)
         return out
 
     def matmul(self, other):
@@ -204,15 +205,15 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
     def mm(self, X):
         X1, X2 = self._split(X)
         out, kk = torch.empty_like(X), X1.shape[0]  # blocks written in place, no cat
-        torch.mm(self.A, X1, out=out[:kk])
-        torch.mul(self.c.unsqueeze(1), X2, out=out[kk:]).addmm_(self.b, X1)
+        written(torch.mm, out[:kk], self.A, X1)
+        written(torch.mul, out[kk:], self.c.unsqueeze(1), X2).addmm_(self.b, X1)
         return out
 
     def tmm(self, X):
         X1, X2 = self._split(X)
         out, kk = torch.empty_like(X), X1.shape[0]
-        torch.mm(self.A.T, X1, out=out[:kk]).addmm_(self.b.T, X2)
-        torch.mul(self.c.unsqueeze(1), X2, out=out[kk:])
+        written(torch.mm, out[:kk], self.A.T, X1).addmm_(self.b.T, X2)
+        written(torch.mul, out[kk:], self.c.unsqueeze(1), X2)
         return out
 
     def matmul(self, other):
