@@ -2,7 +2,9 @@
 
 For the benchmark's models (batch 128) and structures, ours and the reference: the
 iteration's wall time (median of 5 rounds of 10), and from ``torch.profiler`` over 10
-iterations, per iteration, the number of aten operators dispatched, of device-to-host
+iterations, per iteration, the number of aten operators dispatched (nested ones
+included), of operator calls per ``opt.step()`` that reach the dispatcher from Python
+(``step calls``, views left out: what a host-bound GPU pays for), of device-to-host
 reads (each a sync: ``Memcpy DtoH`` on the GPU; ``aten::_local_scalar_dense`` on the
 CPU), of GPU kernels and copies, and their summed time (user ranges such as
 ``Optimizer.step#SINGD.step``, which span the whole step on the GPU's timeline, left
@@ -24,6 +26,7 @@ import warnings
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchsingd.experiments.bench import REFERENCE_NAMES, build, data, reference_cls, sync
 
@@ -48,6 +51,37 @@ def _annotation(event) -> bool:
     return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith(
         ("Optimizer.", "ProfilerStep")
     )
+
+
+VIEWS = {
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "numpy_T", "transpose",
+    "permute", "slice", "select", "narrow", "diagonal", "unsqueeze", "squeeze", "expand",
+    "as_strided", "alias", "detach", "lift_fresh", "split", "unbind", "view_as", "flatten",
+}  # fmt: skip
+
+
+class _Calls(TorchDispatchMode):
+    """Counts the operator calls (views left out) that reach the dispatcher from Python."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.__name__.split(".")[0] not in VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def step_calls(c, x, y, steps) -> float:
+    """Operator calls per ``opt.step()`` (views left out), over ``steps`` steps."""
+    total = 0
+    for _ in range(steps):
+        c.opt.zero_grad()
+        torch.nn.functional.cross_entropy(c.model(x).float(), y).backward()
+        with _Calls() as mode:
+            c.opt.step()
+        total += mode.n
+    return total / steps
 
 
 def counts(c, x, y, device, iters=10, top=0) -> dict[str, float]:
@@ -93,8 +127,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     have_ref = reference_cls() is not None
     print(
-        "| model | T | candidate | ms/iter | aten ops | host syncs | kernels | kernel ms |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| model | T | candidate | ms/iter | aten ops | step calls | host syncs | kernels | "
+        "kernel ms |\n|---|---|---|---|---|---|---|---|---|"
     )
     for model_name in args.models:
         x, y = data(args.batch, device, torch.float32)
@@ -110,8 +144,9 @@ def main(argv=None) -> None:
                 ms = 1e3 * wall(c, x, y, device, rounds=1 if slow else 5, iters=3 if slow else 10)
                 n = counts(c, x, y, device, iters=2 if slow else max(T, 10), top=args.top)
                 label = kind if kind in ("adamw", "null") else f"{kind} {s}"
+                calls = step_calls(c, x, y, 2 if slow else max(T, 10))
                 print(
-                    f"| {model_name} | {T} | {label} | {ms:.2f} | {n['ops']:.0f} | "
+                    f"| {model_name} | {T} | {label} | {ms:.2f} | {n['ops']:.0f} | {calls:.0f} | "
                     f"{n['syncs']:.1f} | {n['kernels']:.0f} | {n['kernel_ms']:.2f} |",
                     flush=True,
                 )

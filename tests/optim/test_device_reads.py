@@ -18,7 +18,7 @@ import torch
 
 from torchsingd import SINGD
 from torchsingd.experiments.bench import data, mlp
-from torchsingd.structures import get_structure
+from torchsingd.structures import base, get_structure
 from torchsingd.structures.base import read_scalars, round_float32
 
 READS = ("__float__", "__bool__", "__int__", "item", "tolist")
@@ -26,7 +26,9 @@ READS = ("__float__", "__bool__", "__int__", "item", "tolist")
 
 @pytest.fixture
 def reads(monkeypatch):
-    """Counts the reads of tensor values into Python."""
+    """Counts the reads of tensor values into Python, with the CPU treated as a device
+    whose reads wait (as a GPU's do; on the CPU ``read_scalars`` reads one by one)."""
+    monkeypatch.setattr(base, "_read_waits", lambda device: True)
     counter = {"n": 0}
     for name in READS:
         original = getattr(torch.Tensor, name)
@@ -73,8 +75,11 @@ def test_reads_per_step(reads, structure, T):
     assert all(c <= 2 for c in other), counts
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu", "as-on-a-gpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_read_scalars_equals_float(dtype):
+def test_read_scalars_equals_float(dtype, batched, monkeypatch):
+    if batched:  # the stacked reads a GPU gets
+        monkeypatch.setattr(base, "_read_waits", lambda device: True)
     gen = torch.Generator().manual_seed(0)
     values = [torch.randn((), generator=gen).to(dtype) for _ in range(3)]
     values += [

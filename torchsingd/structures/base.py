@@ -117,28 +117,41 @@ class StructuredMatrix(ABC):
     def add_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> StructuredMatrix:
         """``self <- self + alpha * other`` in place."""
         self._check_compatible(other)
-        for t, o in zip(self.tensors(), other.tensors(), strict=True):
-            t.add_(o, alpha=alpha)
+        tensors = self.tensors()
+        if len(tensors) > 1 and not isinstance(alpha, Tensor):
+            # one dispatch for all tensors: the per-tensor add_, bit for bit
+            torch._foreach_add_(list(tensors), list(other.tensors()), alpha=alpha)
+        else:
+            for t, o in zip(tensors, other.tensors(), strict=True):
+                t.add_(o, alpha=alpha)
         return self
 
     def add(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> StructuredMatrix:
         """``self + alpha * other``, a new member (the numbers of ``clone().add_``)."""
         self._check_compatible(other)
-        return self._with_tensors(
-            tuple(  # in self's dtype, as add_ (which computes in the promoted one)
-                torch.add(t, o, alpha=alpha).to(t.dtype)
-                for t, o in zip(self.tensors(), other.tensors(), strict=True)
-            )
-        )
+        tensors, others = list(self.tensors()), list(other.tensors())
+        if len(tensors) > 1 and not isinstance(alpha, Tensor):
+            sums = torch._foreach_add(tensors, others, alpha=alpha)
+        else:
+            sums = [torch.add(t, o, alpha=alpha) for t, o in zip(tensors, others, strict=True)]
+        # in self's dtype, as add_ (which computes in the promoted one)
+        return self._with_tensors(tuple(s.to(t.dtype) for s, t in zip(sums, tensors, strict=True)))
 
     def mul(self, value: float | Tensor) -> StructuredMatrix:
         """``value * self``, a new member (the numbers of ``clone().mul_``)."""
-        return self._with_tensors(tuple(torch.mul(t, value) for t in self.tensors()))
+        tensors = self.tensors()
+        if len(tensors) > 1:
+            return self._with_tensors(tuple(torch._foreach_mul(list(tensors), value)))
+        return self._with_tensors(tuple(torch.mul(t, value) for t in tensors))
 
     def mul_(self, value: float | Tensor) -> StructuredMatrix:
         """``self <- value * self`` in place."""
-        for t in self.tensors():
-            t.mul_(value)
+        tensors = self.tensors()
+        if len(tensors) > 1:
+            torch._foreach_mul_(list(tensors), value)
+        else:
+            for t in tensors:
+                t.mul_(value)
         return self
 
     def max_abs(self) -> Tensor:
@@ -511,8 +524,11 @@ def read_scalars(values: list[Tensor]) -> list[float]:
 
     On a GPU each ``float(t)`` waits for the device and copies one number back; the
     tensors of one dtype and device are stacked and read at once instead. The values
-    are those of ``float(t)`` for each ``t``, exactly.
+    are those of ``float(t)`` for each ``t``, exactly. On the CPU a read waits for
+    nothing, and stacking would only add work: there each is read on its own.
     """
+    if not any(_read_waits(t.device) for t in values):
+        return [float(t) for t in values]
     out: list[float | None] = [None] * len(values)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, t in enumerate(values):
@@ -543,6 +559,12 @@ def round_float32(x: float) -> float:
         return struct.unpack("f", struct.pack("f", x))[0]
     except OverflowError:  # rounds to inf
         return math.copysign(math.inf, x)
+
+
+def _read_waits(device: torch.device) -> bool:
+    """Whether reading a number back from ``device`` waits for the device (all but
+    the CPU)."""
+    return device.type != "cpu"
 
 
 def wide(dtype: torch.dtype) -> torch.dtype:
