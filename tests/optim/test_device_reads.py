@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from torchsingd import SINGD
+from torchsingd.experiments.bench import STRUCTURES as BENCH_STRUCTURES
 from torchsingd.experiments.bench import data, mlp
 from torchsingd.structures import base, get_structure
 from torchsingd.structures.base import read_scalars, round_float32
@@ -41,16 +42,7 @@ def reads(monkeypatch):
     return counter
 
 
-STRUCTURES = [
-    "dense",
-    "diagonal",
-    "blockdiagonal:30",
-    "hierarchical:15,15",
-    "triltoeplitz",
-    "triutoeplitz",
-    "triltopleftdiag:1",
-    "trilbottomrightdiag:2",
-]
+STRUCTURES = [*BENCH_STRUCTURES, "trilbottomrightdiag:2"]  # the benchmark's and one more
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)

@@ -113,7 +113,9 @@ def update_factors(
         beta1_C = lr_cov / max(1.0, max_C)
     inputs_K = inputs_C = None
     if max_step is not None:  # what both bounds decide from, read in one sync
-        tensors_K, tensors_C = new_m_K.bound_inputs(), new_m_C.bound_inputs()
+        # (none for a zero step, which bounded_step leaves alone before reading)
+        tensors_K = new_m_K.bound_inputs() if beta1_K != 0.0 else []
+        tensors_C = new_m_C.bound_inputs() if beta1_C != 0.0 else []
         values = read_scalars(tensors_K + tensors_C)
         inputs_K, inputs_C = values[: len(tensors_K)], values[len(tensors_K) :]
     new_K, bounded_K = factor_step(K, new_m_K, beta1_K, max_step, inputs_K)
