@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import torchsingd.layers.base as layers_base
+import torchsingd.structures.base as structures_base
 from torchsingd.layers import get_adapter
 from torchsingd.structures import get_structure
 
@@ -29,10 +30,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("gram_min", [0, None], ids=["gram-route", "default-rule"])
 @pytest.mark.parametrize("structure", ["dense", "hierarchical:3,2", "blockdiagonal:3"])
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("case, make, shape", CASES, ids=[c[0] for c in CASES])
-def test_chunked_input_statistic(monkeypatch, case, make, shape, kfac_approx, structure):
+def test_chunked_input_statistic(monkeypatch, case, make, shape, kfac_approx, structure, gram_min):
+    """By either route: ``GRAM_MIN_NUMEL = 0`` takes the Gram route at these small
+    sizes, the default rule the direct one."""
+    if gram_min is not None:
+        monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", gram_min)
     torch.manual_seed(0)
     module = make().double()
     adapter = get_adapter(module)
@@ -72,19 +78,26 @@ def test_unbatched_conv_input_is_not_split(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "structure, route",
+    "structure, route, gram_min",
     [
-        ("diagonal", "inner_of"),
-        ("hierarchical:3,2", "gram_of"),  # 9 rows > 2 (k1 + k2) = 8: the Gram route
-        ("blockdiagonal:3", "gram_of"),  # 9 > 2 * 3
-        ("triltoeplitz", "inner_of"),
-        ("dense", "gram_of"),  # 9 > 2 * 4
+        ("diagonal", "inner_of", 0),
+        ("hierarchical:3,2", "gram_of", 0),  # 9 rows > 2 (k1 + k2) = 8: the Gram route
+        ("blockdiagonal:3", "gram_of", 0),  # 9 > 2 * 3
+        ("triltoeplitz", "inner_of", 0),
+        ("dense", "gram_of", 0),  # 9 > 2 * 4
+        ("dense", "gram_of", 36),  # 9 * 4 numbers: at the threshold
+        ("hierarchical:3,2", "inner_of", 37),  # below it: the direct route
+        ("blockdiagonal:3", "inner_of", None),  # the default threshold (1 << 17)
+        ("dense", "inner_of", None),
     ],
 )
-def test_inner_of_rows_sums_chunks(monkeypatch, structure, route):
+def test_inner_of_rows_sums_chunks(monkeypatch, structure, route, gram_min):
     """``P(X^T r^T r X)`` over row chunks (9 rows of width 4, chunks of 2 rows) equals
     the dense float64 statistic of all rows, by ``inner_of`` per chunk or by the sum
-    of the chunks' ``gram_of``."""
+    of the chunks' ``gram_of``; the Gram route is taken from ``GRAM_MIN_NUMEL`` numbers
+    of the rows on."""
+    if gram_min is not None:
+        monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", gram_min)
     X = _random_K(structure, 4)
     rows = torch.randn(9, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 8)
@@ -101,3 +114,27 @@ def test_inner_of_rows_sums_chunks(monkeypatch, structure, route):
     Xd = X.to_dense()
     expected = get_structure(structure).from_dense(Xd.T @ rows.T @ rows @ Xd).to_dense()
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, d, n, pays",
+    [
+        ("hierarchical:15,15", 785, 128, False),  # the MLP's first layer at batch 128
+        ("hierarchical:15,15", 785, 256, True),
+        ("hierarchical:15,15", 65, 2048, True),  # 133120 numbers
+        ("hierarchical:15,15", 65, 2016, False),  # 131040
+        ("hierarchical:15,15", 4096, 40, False),  # FLOPs: 40 <= 2 (15 + 15)
+        ("blockdiagonal:30", 513, 128, False),
+        ("blockdiagonal:30", 513, 4096, True),
+        ("dense", 257, 512, False),  # 131584 numbers, but 512 <= 2 d
+        ("dense", 257, 515, True),
+        ("dense", 10, 4096, False),  # 40960 numbers
+    ],
+)
+def test_gram_route_rule(name, d, n, pays):
+    """The Gram route needs more than the FLOP threshold's columns and at least
+    ``GRAM_MIN_NUMEL`` numbers; in float32 and float64 only."""
+    K = get_structure(name).eye(d, dtype=torch.float32)
+    assert K.gram_pays(n) is pays
+    assert K.to(F64).gram_pays(n) is pays
+    assert not K.to(torch.bfloat16).gram_pays(n)

@@ -26,6 +26,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+GRAM_MIN_NUMEL = 1 << 17
+"""Fewest numbers in ``Z`` for which the Gram route to ``inner_of`` is taken (see
+:meth:`StructuredMatrix._gram_pays_above`)."""
+
 
 class StructuredMatrix(ABC):
     """A square matrix of a structured family, stored by its defining tensors.
@@ -321,8 +325,27 @@ class StructuredMatrix(ABC):
 
     def gram_pays(self, columns: int) -> bool:
         """Whether the Gram route beats :meth:`inner_of` for ``columns`` columns of ``Z``
-        in all (families without :meth:`gram_of`: never; see :meth:`gram_precise`)."""
+        in all (families without :meth:`gram_of`: never; see :meth:`gram_precise` and
+        :meth:`_gram_pays_above`)."""
         return False
+
+    def _gram_pays_above(self, columns: int, flop_columns: float) -> bool:
+        """The Gram route's rule: a precise dtype, more than ``flop_columns`` columns
+        (where it does fewer FLOPs) and at least ``GRAM_MIN_NUMEL`` numbers in ``Z``.
+
+        The last condition is measured: below it both routes cost a few dispatches
+        of small products, and the Gram route's extra ones (``K^T G K`` and the
+        symmetrisation) outweigh the FLOPs it saves. On 2 CPU threads (min of 3 x 30
+        calls, ``Z`` of ``n`` rows of width ``d``) the Gram route took 1.25x / 1.32x
+        the time of :meth:`inner_of` at ``n = 128`` for hierarchical:15,15 at ``d =
+        785`` / ``513`` (1.33x / 1.44x block-diagonal:30, 1.80x / 2.79x dense at ``d
+        = 65`` / ``257``: the MLP's layers at batch 128), broke even at ``n d`` about
+        ``1.3e5 - 2e5`` for both structured families at every ``d`` from 65 to 785,
+        and took 0.5-0.8x from ``n = 4096`` (a convolution's rows) on.
+        """
+        return (
+            self.gram_precise() and columns > flop_columns and columns * self.dim >= GRAM_MIN_NUMEL
+        )
 
     def gram_precise(self) -> bool:
         """Whether this member's dtype is precise enough for the Gram route: float32

@@ -151,7 +151,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def gram_pays(self, columns: int) -> bool:
         # inner_of: 4 n d B flops (K^T Z, S S^T per block); Gram: 2 n d B + 4 d B^2 once
-        return self.gram_precise() and columns > 2 * min(self.block_size, self.dim)
+        return self._gram_pays_above(columns, 2 * min(self.block_size, self.dim))
 
     @classmethod
     def from_dense(cls, M: Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> BlockDiagonalMatrix:

@@ -76,7 +76,7 @@ class DenseMatrix(StructuredMatrix):
 
     def gram_pays(self, columns: int) -> bool:
         # inner_of: 4 n d^2 flops (K^T Z, S S^T); Gram: 2 n d^2 + 4 d^3 once
-        return self.gram_precise() and columns > 2 * self.dim
+        return self._gram_pays_above(columns, 2 * self.dim)
 
     @classmethod
     def from_dense(cls, M: Tensor, *options: int) -> DenseMatrix:

@@ -227,7 +227,7 @@ class HierarchicalMatrix(StructuredMatrix):
         # inner_of: ~4 n d (k1 + k2) flops (K^T Z, then its products); Gram: ~2 n d
         # (k1 + k2) and ~2 m (2 k1^2 + 3 k1 k2 + 2 k2^2) once: pays from n ~ 1.75 (k1 +
         # k2) (from 2 d when d <= K1: then only A, a dense factor)
-        return self.gram_precise() and columns > 2 * (self.k1 + self.k2)
+        return self._gram_pays_above(columns, 2 * (self.k1 + self.k2))
 
     @classmethod
     def from_dense(cls, M: Tensor, K1: int = DEFAULT_K1, K2: int = DEFAULT_K2):
