@@ -158,17 +158,32 @@ class StructuredMatrix(ABC):
                 t.mul_(value)
         return self
 
+    def _stored(self) -> Tensor | None:
+        """The stored numbers as one 1-D tensor (a view of a family's only tensor; else
+        a concatenation, about ``d B`` numbers for the structured families), or
+        ``None`` when nothing is stored. Reductions over every stored number then take
+        one or two operators instead of two or three per tensor."""
+        flat = [t.reshape(-1) for t in self.tensors() if t.numel() > 0]
+        if not flat:
+            return None
+        return flat[0] if len(flat) == 1 else torch.cat(flat)
+
     def max_abs(self) -> Tensor:
         """The largest absolute entry of the matrix (its infinity vector norm)."""
-        values = [t.abs().max() for t in self.tensors() if t.numel() > 0]
-        if not values:
+        flat = self._stored()
+        if flat is None:
             return torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.stack(values).max()
+        return flat.abs().max()
 
     def frobenius_sq(self) -> Tensor:
         """``||M||_F^2``: the sum of squares of the stored numbers, for structures that
         store every non-zero entry once (Toeplitz weighs its diagonals by their length)."""
-        return sum(t.square().sum() for t in self.tensors())
+        flat = self._stored()
+        if flat is None:
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        if flat.dtype in (torch.float32, torch.float64):
+            return torch.dot(flat, flat)
+        return flat.square().sum()
 
     def spectral_norm_bound(self) -> Tensor:
         """An upper bound on ``||self||_2`` (the largest singular value), a 0-d tensor.
@@ -256,13 +271,11 @@ class StructuredMatrix(ABC):
         """The sum of the stored numbers (0-d, at least float32): finite if every
         number is; :meth:`finite_given` decides from its value. Lets a caller read
         the sums of several matrices in one synchronisation (:func:`read_scalars`)."""
-        tensors = [t for t in self.tensors() if t.numel() > 0]
+        flat = self._stored()
         acc = wide(self.dtype)  # fp16 sums overflow early
-        if not tensors:
+        if flat is None:
             return torch.zeros((), dtype=acc, device=self.device)
-        if len(tensors) == 1:
-            return tensors[0].sum(dtype=acc)
-        return torch.stack([t.sum(dtype=acc) for t in tensors]).sum()
+        return flat.sum(dtype=acc)
 
     def finite_given(self, total: float) -> bool:
         """:meth:`is_finite` from the value of :meth:`finite_sum`: a finite sum settles

@@ -17,6 +17,7 @@ Sizing for dimension ``d``: ``d <= K1``: only ``A``; ``d <= K1 + K2``: ``A`` (``
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchsingd.structures.base import (
@@ -88,13 +89,12 @@ class HierarchicalMatrix(StructuredMatrix):
         return self
 
     def trace(self) -> Tensor:
-        w = wide(self.dtype)
-        return self.A.diagonal().sum(dtype=w) + self.c.sum(dtype=w) + self.E.diagonal().sum(dtype=w)
+        diagonal = torch.cat([self.A.diagonal(), self.c, self.E.diagonal()])
+        return diagonal.sum(dtype=wide(self.dtype))
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense rows at the ``k1`` top and ``k2`` bottom rows, ``diag(c)`` between."""
-        z = self.c.new_zeros
-        delta = torch.cat([z(self.k1), self.c, z(self.k2)])
+        delta = F.pad(self.c, (self.k1, self.k2))  # [0 (k1), c, 0 (k2)]
         return SparsePattern("rows", self.k1, self.k2, delta)
 
     def sparse_border(self) -> tuple[int, int]:
@@ -135,30 +135,31 @@ class HierarchicalMatrix(StructuredMatrix):
         return out
 
     def matmul(self, other: StructuredMatrix) -> HierarchicalMatrix:
+        # B_new = A [oB1 oB2] + B2 [oD oE] + [B1 * oc, 0]: two products for both
+        # column blocks of B (written in place: fewer, larger operations)
         self._check_compatible(other)
         B1, B2 = self._B12()
-        oB1, oB2 = other._B12()
-        B_new = torch.cat(
-            [self.A @ oB1 + B1 * other.c + B2 @ other.D, self.A @ oB2 + B2 @ other.E], dim=1
-        )
+        B_new = torch.mm(self.A, other.B).addmm_(B2, torch.cat([other.D, other.E], 1))
+        B_new[:, : self.m].addcmul_(B1, other.c)
         return HierarchicalMatrix(
             self.A @ other.A,
             B_new,
             self.c * other.c,
-            self.D * other.c + self.E @ other.D,
+            torch.mm(self.E, other.D).addcmul_(self.D, other.c),
             self.E @ other.E,
             self.K1,
             self.K2,
         )
 
     def inner(self) -> HierarchicalMatrix:
+        # diag(M22) = c^2 + colsum(B1^2) + colsum(D^2): one pass over [B1; D]
         B1, B2 = self._B12()
         return HierarchicalMatrix(
             self.A.T @ self.A,
-            2 * (self.A.T @ self.B),
-            self.c * self.c + col_sq_sum(B1) + col_sq_sum(self.D),
-            2 * (B2.T @ B1 + self.E.T @ self.D),
-            self.E.T @ self.E + B2.T @ B2,
+            torch.mm(self.A.T, self.B).mul_(2),
+            col_sq_sum(torch.cat([B1, self.D])).addcmul_(self.c, self.c),
+            torch.mm(B2.T, B1).addmm_(self.E.T, self.D).mul_(2),
+            torch.mm(self.E.T, self.E).addmm_(B2.T, B2),
             self.K1,
             self.K2,
         )

@@ -13,6 +13,7 @@ Stores about ``k d`` numbers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchsingd.structures.base import (
@@ -70,13 +71,12 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
         return self
 
     def trace(self):
-        w = wide(self.dtype)
-        return self.a.sum(dtype=w) + self.C.diagonal().sum(dtype=w)
+        return torch.cat([self.a, self.C.diagonal()]).sum(dtype=wide(self.dtype))
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense rows ``[b, C]`` at the bottom, ``diag(a)`` above."""
         kk = self.C.shape[0]
-        return SparsePattern("rows", 0, kk, torch.cat([self.a, self.a.new_zeros(kk)]))
+        return SparsePattern("rows", 0, kk, F.pad(self.a, (0, kk)))
 
     def sparse_border(self) -> tuple[int, int]:
         return 0, self.C.shape[0]
@@ -107,7 +107,10 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
     def matmul(self, other):
         self._check_compatible(other)
         return TrilTopLeftDiagonalMatrix(
-            self.a * other.a, self.b * other.a + self.C @ other.b, self.C @ other.C, self.k
+            self.a * other.a,
+            torch.mm(self.C, other.b).addcmul_(self.b, other.a),
+            self.C @ other.C,
+            self.k,
         )
 
     def inner(self):
@@ -186,13 +189,12 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
         return self
 
     def trace(self):
-        w = wide(self.dtype)
-        return self.A.diagonal().sum(dtype=w) + self.c.sum(dtype=w)
+        return torch.cat([self.A.diagonal(), self.c]).sum(dtype=wide(self.dtype))
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense columns ``[A; b]`` on the left, ``diag(c)`` right of them."""
         kk = self.A.shape[0]
-        return SparsePattern("columns", kk, 0, torch.cat([self.c.new_zeros(kk), self.c]))
+        return SparsePattern("columns", kk, 0, F.pad(self.c, (kk, 0)))
 
     def sparse_border(self) -> tuple[int, int]:
         return self.A.shape[0], 0
@@ -220,14 +222,14 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
         self._check_compatible(other)
         return TrilBottomRightDiagonalMatrix(
             self.A @ other.A,
-            self.b @ other.A + self.c.unsqueeze(1) * other.b,
+            torch.mm(self.b, other.A).addcmul_(self.c.unsqueeze(1), other.b),
             self.c * other.c,
             self.k,
         )
 
     def inner(self):
         return TrilBottomRightDiagonalMatrix(
-            self.A.T @ self.A + self.b.T @ self.b,
+            torch.mm(self.A.T, self.A).addmm_(self.b.T, self.b),
             2 * (self.c.unsqueeze(1) * self.b),
             self.c * self.c,
             self.k,
