@@ -289,22 +289,33 @@ def adamw_step(
     """AdamW (decoupled weight decay, bias-corrected moments), in place.
 
     Each ``states[i]`` holds ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (created on
-    the first call).
+    the first call). The tensors with the same step count are updated together
+    (``torch._foreach_*``: per tensor the arithmetic of ``p.mul_``, ``m.lerp_``,
+    ``v.mul_().addcmul_``, ``(v / c2).sqrt_().add_`` and ``p.addcdiv_``, in eight
+    dispatches instead of eight per tensor).
     """
     beta1, beta2 = betas
-    for p, g, state in zip(params, grads, states, strict=True):
+    by_step: dict[int, list[int]] = {}
+    for i, (p, state) in enumerate(zip(params, states, strict=True)):
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
-        t = state["step"]
+        by_step.setdefault(state["step"], []).append(i)
+    for t, index in by_step.items():
+        ps, gs = [params[i] for i in index], [grads[i] for i in index]
+        ms = [states[i]["exp_avg"] for i in index]
+        vs = [states[i]["exp_avg_sq"] for i in index]
         if weight_decay != 0.0:
-            p.mul_(1.0 - lr * weight_decay)
-        state["exp_avg"].lerp_(g, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(eps)
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1**t))
+            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        denoms = torch._foreach_div(vs, 1.0 - beta2**t)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(ps, ms, denoms, value=-lr / (1.0 - beta1**t))
 
 
 def sgd_step(
