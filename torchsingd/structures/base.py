@@ -482,6 +482,10 @@ class SparseOuterOperator:
         d, h, t = K.dim, pattern.head, pattern.tail
         self.kind, self.head, self.tail, self.dtype = pattern.kind, h, t, K.dtype
         self.v = pattern.delta.square().unsqueeze(1)
+        self.index = None  # B as indices, where it has two parts (see _border)
+        if h and t:
+            self.index = torch.arange(h + t, device=K.device)
+            self.index[h:] += d - t - h
         border = K.border_rows() if pattern.kind == "rows" else None
         if border is not None:  # K^T E = K[B, :]^T exactly: no products with unit vectors
             KtE = border.new_empty(d, h + t).copy_(border.T)  # E's row-major strides
@@ -494,17 +498,29 @@ class SparseOuterOperator:
         self.W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
 
     def nbytes(self) -> int:
-        """Bytes held: ``W`` (``d x b``) and ``delta^2`` (``d``)."""
-        return sum(t.nbytes for t in (self.W, self.v))
+        """Bytes held: ``W`` (``d x b``), ``delta^2`` (``d``) and ``B``'s indices."""
+        held = [self.W, self.v] + ([self.index] if self.index is not None else [])
+        return sum(t.nbytes for t in held)
 
     def _border(self, X: Tensor, dim: int) -> Tensor:
-        """The rows (``dim=0``) or columns (``dim=1``) of ``X`` in ``B``."""
+        """The rows (``dim=0``) or columns (``dim=1``) of ``X`` in ``B``: a view where
+        ``B`` is one range, else a fresh tensor (one gather)."""
         h, t, d = self.head, self.tail, X.shape[dim]
         if t == 0:
             return X.narrow(dim, 0, h)
         if h == 0:
             return X.narrow(dim, d - t, t)
-        return torch.cat([X.narrow(dim, 0, h), X.narrow(dim, d - t, t)], dim)
+        return X.index_select(dim, self.index)
+
+    def _write_border(self, out: Tensor, dim: int, values: Tensor) -> None:
+        """``out``'s rows (``dim=0``) or columns (``dim=1``) in ``B`` <- ``values``."""
+        h, t, d = self.head, self.tail, out.shape[dim]
+        if h and t:
+            out.index_copy_(dim, self.index, values)
+        elif h:
+            out.narrow(dim, 0, h).copy_(values)
+        elif t:
+            out.narrow(dim, d - t, t).copy_(values)
 
     def mm(self, X: Tensor) -> Tensor:
         if not X.is_contiguous() and X.T.is_contiguous():
@@ -525,7 +541,8 @@ class SparseOuterOperator:
         if self.kind == "columns":
             FtX = self.W.T @ X  # before X is overwritten
             return X.mul_(self.v).addmm_(self.W, FtX)
-        XB = self._border(X, 0).clone()  # X[B] and X are overwritten below
+        XB = self._border(X, 0)  # X[B] and X are overwritten below: keep a copy
+        XB = XB.clone() if self.index is None else XB  # (a gathered XB is one already)
         border = self.W.T @ X
         return self._arrow(X.mul_(self.v), XB, border)
 
@@ -533,19 +550,15 @@ class SparseOuterOperator:
         """Dense rows: ``out`` holds ``delta^2 * X``; add ``M[:, B] X[B]`` (right
         outside ``B``) and write ``border = M[B, :] X`` into the rows of ``B``."""
         out.addmm_(self.W, XB)
-        out[: self.head] = border[: self.head]
-        out[out.shape[0] - self.tail :] = border[self.head :]
+        self._write_border(out, 0, border)
         return out
 
     def _rmm(self, X: Tensor) -> Tensor:
         """``X M`` for ``X: [n, d]``."""
         if self.kind == "columns":
             return (X * self.v.T).addmm_(X @ self.W, self.W.T)
-        d, h = X.shape[1], self.head
         out = (X * self.v.T).addmm_(self._border(X, 1), self.W.T)  # right outside B
-        border = X @ self.W  # X M[:, B]
-        out[:, :h] = border[:, :h]
-        out[:, d - self.tail :] = border[:, h:]
+        self._write_border(out, 1, X @ self.W)  # X M[:, B]
         return out
 
 
