@@ -562,10 +562,10 @@ class SparseOuterOperator:
         return out
 
 
-def symmetrize_(R: Tensor) -> Tensor:
-    """``R <- (R + R^T) / 2`` in place over the last two dimensions (a Gram route's
-    ``K^T G K`` is symmetric, as ``S S^T`` is, up to rounding); returns ``R``."""
-    return R.add_(R.mT.clone()).mul_(0.5)
+def symmetrized(R: Tensor) -> Tensor:
+    """``(R + R^T) / 2`` over the last two dimensions, a new tensor (a Gram route's
+    ``K^T G K`` is symmetric, as ``S S^T`` is, up to rounding)."""
+    return (R + R.mT).mul_(0.5)
 
 
 def read_scalars(values: list[Tensor]) -> list[float]:

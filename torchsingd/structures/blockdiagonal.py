@@ -16,7 +16,7 @@ from torchsingd.structures.base import (
     StructuredMatrix,
     check_rows,
     check_square,
-    symmetrize_,
+    symmetrized,
     wide,
     written,
 )
@@ -147,7 +147,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
         R = torch.bmm(self.blocks.mT, torch.bmm(G.blocks, self.blocks))
         r = self.last.T @ (G.last @ self.last)
         # symmetric, as S S^T is
-        return BlockDiagonalMatrix(symmetrize_(R), symmetrize_(r), self.block_size)
+        return BlockDiagonalMatrix(symmetrized(R), symmetrized(r), self.block_size)
 
     def gram_pays(self, columns: int) -> bool:
         # inner_of: 4 n d B flops (K^T Z, S S^T per block); Gram: 2 n d B + 4 d B^2 once

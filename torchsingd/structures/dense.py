@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrize_, wide
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrized, wide
 
 
 class DenseMatrix(StructuredMatrix):
@@ -72,7 +72,7 @@ class DenseMatrix(StructuredMatrix):
     def inner_of_gram(self, G: StructuredMatrix) -> DenseMatrix:
         self._check_compatible(G)
         R = self.mat.T @ (G.mat @ self.mat)
-        return DenseMatrix(symmetrize_(R))
+        return DenseMatrix(symmetrized(R))
 
     def gram_pays(self, columns: int) -> bool:
         # inner_of: 4 n d^2 flops (K^T Z, S S^T); Gram: 2 n d^2 + 4 d^3 once

@@ -27,7 +27,7 @@ from torchsingd.structures.base import (
     check_square,
     col_sq_sum,
     row_sq_sum,
-    symmetrize_,
+    symmetrized,
     wide,
     written,
 )
@@ -202,24 +202,26 @@ class HierarchicalMatrix(StructuredMatrix):
         colsum(D * GK32)``, where ``diag(GK22) = colsum(G12 * B1) + g22 * c +
         colsum(G32 * D)``."""
         self._check_compatible(G)
-        A, c, D, E = self.A, self.c, self.D, self.E
+        A, B, c, D, E, m, k1 = self.A, self.B, self.c, self.D, self.E, self.m, self.k1
         B1, B2 = self._B12()
-        G11, G13, G32, G33 = G.A, G.B[:, self.m :], G.D, G.E
-        G12, G31 = G.B[:, : self.m], G13.T
-        GK11 = G11 @ A
-        GK12 = G11 @ B1 + G12 * c + G13 @ D
-        GK13 = G11 @ B2 + G13 @ E
-        GK32 = G31 @ B1 + G32 * c + G33 @ D
-        GK33 = G31 @ B2 + G33 @ E
-        M11 = A.T @ GK11
-        M33 = B2.T @ GK13 + E.T @ GK33
-        GK22 = (G12 * B1).sum(0) + G.c * c + (G32 * D).sum(0)
+        G13 = G.B[:, m:]
+        G12_32 = torch.cat([G.B[:, :m], G.D])  # [G12; G32]
+        BD = torch.cat([B1, D])  # [B1; D]
+        # S = [GK12 GK13; GK32 GK33] = [G11; G31] B + [G13; G33] [D E] + [G12; G32] c
+        # on the middle columns: both border row blocks in one product
+        S = torch.mm(torch.cat([G.A, G13.T]), B)
+        S.addmm_(torch.cat([G13, G.E]), torch.cat([D, E], 1))
+        S[:, :m].addcmul_(G12_32, c)
+        M11 = A.T @ (G.A @ A)  # A^T GK11
+        R = torch.mm(B2.T, S[:k1]).addmm_(E.T, S[k1:])  # [M32 M33]
+        M33 = R[:, m:]
+        GK22 = (G12_32 * BD).sum(0).addcmul_(G.c, c)  # diag(GK22)
         return HierarchicalMatrix(
-            symmetrize_(M11),  # symmetric, as S S^T is
-            2 * (A.T @ torch.cat([GK12, GK13], 1)),
-            (B1 * GK12).sum(0) + c * GK22 + (D * GK32).sum(0),
-            2 * (B2.T @ GK12 + E.T @ GK32),
-            symmetrize_(M33),
+            symmetrized(M11),  # symmetric, as S S^T is
+            torch.mm(A.T, S[:k1]).mul_(2),
+            (BD * S[:, :m]).sum(0).addcmul_(c, GK22),
+            R[:, :m] * 2,
+            symmetrized(M33),
             self.K1,
             self.K2,
         )
