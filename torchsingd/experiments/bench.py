@@ -332,18 +332,10 @@ def peak_memory(kind, model_name, structure, T, device, dtype, batch, iters=10) 
         f"c = b.build({kind!r}, {model_name!r}, {structure!r}, {T}, torch.device('cpu'),"
         f" {dtype}); x, y = b.data({batch}, torch.device('cpu'), {dtype});"
         f"c.iterate(x, y, {iters});"
-        "print(b.process_peak_rss())"
+        "from torchsingd.experiments.runner import peak_rss_bytes; print(peak_rss_bytes())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def process_peak_rss() -> int:
-    """This process's peak resident set size in bytes (see
-    :func:`~torchsingd.experiments.runner.peak_rss_bytes`)."""
-    from torchsingd.experiments.runner import peak_rss_bytes
-
-    return peak_rss_bytes()
 
 
 def data(batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

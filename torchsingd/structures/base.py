@@ -482,16 +482,14 @@ class SparseOuterOperator:
         d, h, t = K.dim, pattern.head, pattern.tail
         self.kind, self.head, self.tail, self.dtype = pattern.kind, h, t, K.dtype
         self.v = pattern.delta.square().unsqueeze(1)
-        self.index = None  # B as indices, where it has two parts (see _border)
-        if h and t:
-            self.index = torch.arange(h + t, device=K.device)
-            self.index[h:] += d - t - h
+        # B as indices, kept where it has two parts (see _border)
+        self.index = _border_index(d, h, t, K.device) if h and t else None
         border = K.border_rows() if pattern.kind == "rows" else None
         if border is not None:  # K^T E = K[B, :]^T exactly: no products with unit vectors
             KtE = border.new_empty(d, h + t).copy_(border.T)  # E's row-major strides
             self.W = K.mm(KtE)
             return
-        rows = torch.cat([torch.arange(h), torch.arange(d - t, d)]).to(K.device)
+        rows = self.index if self.index is not None else _border_index(d, h, t, K.device)
         E = torch.zeros(d, h + t, dtype=K.dtype, device=K.device)
         E[rows, torch.arange(h + t, device=K.device)] = 1
         # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
@@ -560,6 +558,13 @@ class SparseOuterOperator:
         out = (X * self.v.T).addmm_(self._border(X, 1), self.W.T)  # right outside B
         self._write_border(out, 1, X @ self.W)  # X M[:, B]
         return out
+
+
+def _border_index(d: int, head: int, tail: int, device: torch.device) -> Tensor:
+    """The indices of ``B``: the first ``head`` and the last ``tail`` of ``d``."""
+    index = torch.arange(head + tail, device=device)
+    index[head:] += d - tail - head
+    return index
 
 
 def symmetrized(R: Tensor) -> Tensor:
