@@ -421,6 +421,70 @@ def test_kfac_kl_clip_scales_its_step():
         KFAC(_linear(), kl_clip=-1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=str)
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {0: math.inf},  # times a nonzero G: +-inf
+        {0: -math.inf, 1: math.inf},  # inf - inf: NaN
+        {2: math.nan},
+        {3: math.inf},  # G is 0 there: inf * 0 = NaN
+    ],
+    ids=["inf", "inf-inf", "nan", "inf*0"],
+)
+def test_trust_region_sum_is_not_finite_where_a_direction_is_not(poison, dtype):
+    """Why a group with a trust region needs no finiteness check of its directions:
+    ``<G_nat, G>`` as the optimizer computes it (float32 accumulation) is non-finite
+    whenever ``G_nat`` holds an inf or NaN, whatever the (finite) ``G``."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(4, 5, generator=g, dtype=dtype)
+    G.view(-1)[3] = 0
+    nat = torch.randn(4, 5, generator=g, dtype=dtype) * 1e3
+    for index, value in poison.items():
+        nat.view(-1)[index] = value
+    acc = torch.promote_types(dtype, torch.float32)
+    dot = torch.dot(nat.reshape(-1).to(acc), G.reshape(-1).to(acc)).float()
+    assert not math.isfinite(float(dot))
+
+
+class _Entry:
+    def __init__(self, group_index: int) -> None:
+        self.group_index = group_index
+
+
+def test_finiteness_check_reads_trust_region_sums():
+    """``_finite``: a group's trust-region sum stands for its directions; groups without
+    one and fallback gradients are reduced; a non-finite total is confirmed tensor by
+    entry by entry (float32 overflow of finite numbers' sums does not skip a step)."""
+    opt = SINGD(_linear(), T=1)
+    f32 = torch.float32
+    big = torch.full((3,), 3e38, dtype=f32)  # finite, but sums overflow
+    nan = torch.tensor([1.0, math.nan])
+
+    def check(pending, fallback, inners):
+        inners = dict(inners)
+        return opt._finite(pending, fallback, inners), inners
+
+    one = torch.tensor(1.5, dtype=f32)
+    # the sum is finite: the group's directions are taken as finite (not reduced)
+    ok, inners = check([(_Entry(0), {}, [torch.ones(2)], one)], [], {0: one})
+    assert ok and inners == {0: 1.5}
+    # an overflowing sum with finite directions: confirmed finite, the inf is kept
+    inf = torch.tensor(math.inf, dtype=f32)
+    ok, inners = check([(_Entry(0), {}, [big], inf)], [], {0: inf})
+    assert ok and inners == {0: math.inf}
+    # a non-finite direction makes its group's sum non-finite: skipped
+    ok, _ = check([(_Entry(0), {}, [nan], torch.tensor(math.nan))], [], {0: torch.tensor(math.nan)})
+    assert not ok
+    # no trust region (inner None): the directions themselves are reduced
+    assert not check([(_Entry(1), {}, [nan], None)], [], {})[0]
+    assert check([(_Entry(1), {}, [big, big], None)], [], {})[0]  # overflow only
+    # fallback gradients are always reduced
+    assert not check([(_Entry(0), {}, [torch.ones(2)], one)], [(0, None, nan)], {0: one})[0]
+    assert check([], [(0, None, big)], {})[0]
+    assert check([], [], {})[0]
+
+
 # -------------------------------------------- optimizer: nothing triggers
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)

@@ -48,6 +48,7 @@ from torchsingd.optim.update import (
     trust_region_scale,
 )
 from torchsingd.structures import StructuredMatrix, get_structure
+from torchsingd.structures.base import read_scalars
 
 _CALLABLE = "<callable: taken from the optimizer that loads this state>"
 FALLBACK_RULES = ("adamw", "sgd")
@@ -778,11 +779,8 @@ class KroneckerOptimizer(Optimizer):
             shared += [inner for _, _, _, inner in pending if inner is not None]
             tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
-        # A sum is finite iff every entry is (up to float32 overflow of the sum itself,
-        # which only updates of ~1e34 per entry could cause): one reduction per tensor.
-        sums = [d.sum(dtype=torch.float32) for _, _, dirs, _ in pending for d in dirs]
-        sums += [g.sum(dtype=torch.float32) for _, _, g in fallback]
-        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+        inners = self._group_inners(pending)
+        if not self._finite(pending, fallback, inners):
             self._skip("non-finite gradients or natural gradients", g_scale)
             return
 
@@ -790,8 +788,8 @@ class KroneckerOptimizer(Optimizer):
             mine = [(ds, inner) for e, _, ds, inner in pending if e.group_index == i]
             dirs = [d for ds, _ in mine for d in ds]
             kl_clip = self._kl_clip(group)
-            if kl_clip is not None and mine:
-                inner = float(sum(inner for _, inner in mine))
+            if kl_clip is not None and i in inners:
+                inner = inners[i]
                 if trust_region_scale(dirs, float(group["lr"]), inner, kl_clip) < 1.0:
                     self._note("kl_clipped")
             if group["max_update_norm"] is not None:
@@ -809,6 +807,49 @@ class KroneckerOptimizer(Optimizer):
         self._fallback_step(fallback, grad_scale)
         self._clear_captures()
         self._end_step(g_scale)
+
+    def _group_inners(self, pending: list) -> dict[int, Any]:
+        """Per param group with a trust region: ``sum <G_nat, G>`` over its modules, a
+        0-d float32 tensor (added in the modules' order, as before: the same number)."""
+        parts: dict[int, list[Tensor]] = {}
+        for entry, _, _, inner in pending:
+            if inner is not None:
+                parts.setdefault(entry.group_index, []).append(inner)
+        totals = {}
+        for i, terms in parts.items():
+            total = terms[0]
+            for term in terms[1:]:
+                total = total + term
+            totals[i] = total
+        return totals
+
+    def _finite(self, pending: list, fallback: list, inners: dict[int, Any]) -> bool:
+        """Whether every direction and fallback gradient is finite; replaces the
+        tensors in ``inners`` by their Python floats (all read in one synchronisation).
+
+        A module's ``<G_nat, G>`` is non-finite wherever its direction holds an inf or
+        NaN (``inf * x`` is +-inf, ``inf * 0`` and ``inf - inf`` are NaN, and no sum
+        with such a term is finite), so the directions of groups with a trust region
+        need no reduction of their own; the others and the fallback gradients are
+        reduced to one float32 sum per tensor (non-finite where an entry is) and those
+        to one total. A non-finite number is confirmed entry by entry (``isfinite``),
+        since sums of finite numbers can overflow float32, which is no reason to skip.
+        """
+        sums = [
+            d.sum(dtype=torch.float32)
+            for _, _, dirs, inner in pending
+            if inner is None
+            for d in dirs
+        ]
+        sums += [g.sum(dtype=torch.float32) for _, _, g in fallback]
+        groups = list(inners)
+        totals = [inners[i] for i in groups] + ([torch.stack(sums).sum()] if sums else [])
+        values = read_scalars(totals)
+        inners.update(zip(groups, values[: len(groups)], strict=True))
+        if all(math.isfinite(v) for v in values):
+            return True
+        tensors = [d for _, _, dirs, _ in pending for d in dirs] + [g for _, _, g in fallback]
+        return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def _zero_directions(self, entry: ModuleEntry):
         """Zero directions (and no new factors) for a layer another rank preconditions."""
