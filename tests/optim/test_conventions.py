@@ -388,3 +388,67 @@ def test_checkpoint_after_alpha1_changed_loads_into_a_fresh_optimizer(first):
     opt2.load_state_dict(_through_bytes(opt.state_dict()))
     assert opt2.param_groups[0]["alpha1"] == second
     _train_both_equal((model2, opt2), (model, opt), 4, 6)
+
+
+def _checkpoint(structure: str = "dense", widths=(6, 8, 3), **hp):
+    model = make_mlp(1, widths=widths)
+    opt = SINGD(model, **dict(HP1, lr=0.01, T=2, structures=structure, **hp))
+    train(model, opt, 0, 3)
+    return _through_bytes(opt.state_dict())
+
+
+@pytest.mark.parametrize(
+    "saved, match",
+    [
+        (lambda: _checkpoint(widths=(6, 5, 3)), "does not match"),  # another width
+        (lambda: _checkpoint(structure="diagonal"), "was saved with factors"),
+        (lambda: _checkpoint(lr_cov=lambda t: 0.01), "callable lr_cov"),
+    ],
+    ids=["shapes", "structures", "callable"],
+)
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_failed_load_leaves_the_optimizer_as_it_was(saved, match, cls):
+    """A state that does not fit raises and changes nothing (hyper-parameters,
+    momentum buffers, factors, counters): training goes on exactly as without the
+    attempt. (torch.optim checks before it changes anything.)"""
+    state = saved()
+    if cls is KFAC:  # a KFAC checkpoint of the same kind
+        model = make_mlp(1, widths=(6, 5, 3) if match == "does not match" else (6, 8, 3))
+        hp = dict(lr=0.01, T=2, warn_unsupported=False)
+        if match == "callable lr_cov":
+            hp["lr_cov"] = lambda t: 0.01
+        if match == "was saved with factors":
+            pytest.skip("KFAC has one structure")
+        other = KFAC(model, **hp)
+        train(model, other, 0, 3)
+        state = _through_bytes(other.state_dict())
+    pairs = []
+    for _ in range(2):
+        model = make_mlp(0)
+        opt = cls(model, **dict(HP1, T=3)) if cls is SINGD else cls(model, T=3, lr=0.05)
+        train(model, opt, 0, 2)
+        pairs.append((model, opt))
+    (model, opt), reference = pairs
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    assert [dict(g) for g in opt.param_groups] == groups
+    assert opt.steps == reference[1].steps
+    assert_states_equal(_everything(*reference), _everything(model, opt))
+    for pair in ((model, opt), reference):
+        train(*pair, 2, 6)
+    assert_states_equal(_everything(*reference), _everything(model, opt))
+
+
+def _everything(model: nn.Module, opt) -> dict[str, torch.Tensor]:
+    """Parameters, per-parameter state and every factor tensor of any optimizer."""
+    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        for key, value in opt.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"state.{n}.{key}"] = value.clone()
+    for name, layer in opt.layers.items():
+        for key, factor in layer.factors().items():
+            for i, t in enumerate(() if factor is None else factor.tensors()):
+                out[f"factor.{name}.{key}.{i}"] = t.clone()
+    return out

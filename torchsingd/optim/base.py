@@ -1005,7 +1005,30 @@ class KroneckerOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict`; the layers must match by name and shape."""
+        """Load a state from :meth:`state_dict`; the layers must match by name and shape.
+
+        All or nothing: a state that does not fit (another model, other structures,
+        a callable hyper-parameter the loading optimizer lacks) raises a ``ValueError``
+        and leaves this optimizer as it was (hyper-parameters, per-parameter state,
+        factors, step counters), as ``torch.optim`` does.
+        """
+        kept = (
+            self.state,
+            self.param_groups,
+            [(layer, dict(vars(layer))) for layer in self.layers.values()],
+            (self.steps, self.skipped_steps, self._capture_scale),
+        )
+        try:
+            self._load_state_dict(state_dict)
+        except BaseException:
+            self.state, self.param_groups, layers, counters = kept
+            for layer, attributes in layers:
+                vars(layer).clear()
+                vars(layer).update(attributes)
+            self.steps, self.skipped_steps, self._capture_scale = counters
+            raise
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("kronecker", None)
         if extra is None or extra["optimizer"] != type(self).__name__:
