@@ -133,6 +133,14 @@ def test_invalid_vocab_structure_and_hyperparameters():
         KFAC(mlp(), vocab_structure="blockdiagonal:3")
     with pytest.raises(ValueError, match="damping"):
         KFAC(mlp(), damping=-1.0)
+    with pytest.raises(ValueError, match="lr_cov"):  # a running-average weight
+        KFAC(mlp(), lr_cov=1.5)
+    model = mlp()
+    opt = KFAC(model, lr_cov=lambda t: 2.0)
+    X, y = data()
+    ((model(X) - y) ** 2).mean().backward()
+    with pytest.raises(ValueError, match=r"lr_cov\(0\) returned 2.0"):
+        opt.step()
 
 
 def test_checkpoint_resume_is_bit_exact(tmp_path):

@@ -534,6 +534,12 @@ INVALID = [
     ("structures", dict(structures=("dense",))),
     ("preconditioner_dtype", dict(preconditioner_dtype=torch.int32)),
     ("init_grad_scale", dict(init_grad_scale=0)),
+    ("lr", dict(lr=math.inf)),  # every weight would be inf after one step
+    ("damping", dict(damping=math.inf)),
+    ("lr_cov", dict(lr_cov=math.inf)),
+    ("weight_decay", dict(weight_decay=math.nan)),
+    ("fallback_lr", dict(fallback_lr=math.inf)),
+    ("warn_unsupported", dict(warn_unsupported="yes")),
 ]
 
 
@@ -544,6 +550,20 @@ def test_invalid_hyperparameter_raises_naming_it(name, kwargs):
     with pytest.raises(ValueError) as info:
         SINGD(make_mlp(0), **kwargs)
     assert re.search(rf"\b{name}\b", str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("returned", [-0.5, math.nan, math.inf, "0.1", None])
+def test_callable_lr_cov_is_checked_when_used(returned):
+    """A scheduled lr_cov is checked like a constant where it is called; the failed
+    step changes nothing, and a valid schedule value (also a 0-d tensor) works."""
+    model = make_mlp(0)
+    opt = SINGD(model, T=1, lr_cov=lambda t: returned if t == 1 else torch.tensor(0.01))
+    train(model, opt, 0, 1)
+    before = full_state(model, opt)
+    with pytest.raises(ValueError, match=r"lr_cov\(1\) returned"):
+        train(model, opt, 1, 2)
+    assert_states_equal(before, full_state(model, opt))
+    assert opt.steps == 1
 
 
 def test_invalid_hyperparameter_in_param_group():

@@ -145,13 +145,15 @@ def validate_common(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid {name}={group[name]!r}: {why}.")
 
     for name in ("lr", "damping", "weight_decay", "fallback_eps"):
-        if not is_number(group[name]) or not group[name] >= 0.0:
-            bad(name, "must be a number >= 0")
+        if not is_number(group[name]) or not 0.0 <= group[name] < math.inf:
+            bad(name, "must be a finite number >= 0")
     if not is_number(group["momentum"]) or not 0.0 <= group["momentum"] < 1.0:
         bad("momentum", "must be a number in [0, 1)")
     for name in ("fallback_lr", "fallback_weight_decay"):
-        if group[name] is not None and (not is_number(group[name]) or not group[name] >= 0):
-            bad(name, "must be None (use the group's value) or a number >= 0")
+        if group[name] is not None and (
+            not is_number(group[name]) or not 0.0 <= group[name] < math.inf
+        ):
+            bad(name, "must be None (use the group's value) or a finite number >= 0")
     if group["max_update_norm"] is not None and (
         not is_number(group["max_update_norm"]) or not group["max_update_norm"] > 0
     ):
@@ -171,13 +173,30 @@ def validate_common(group: dict[str, Any]) -> None:
     if not isinstance(group["T"], int) or isinstance(group["T"], bool) or group["T"] < 1:
         bad("T", "the preconditioner update interval must be an integer >= 1")
     lr_cov = group["lr_cov"]
-    if not callable(lr_cov) and (not is_number(lr_cov) or not lr_cov >= 0.0):
-        bad("lr_cov", "must be a number >= 0 or a callable of the step")
+    if not callable(lr_cov) and (not is_number(lr_cov) or not 0.0 <= lr_cov < math.inf):
+        bad("lr_cov", "must be a finite number >= 0 or a callable of the step")
     if group["loss_average"] not in LOSS_AVERAGES:
         bad("loss_average", f"must be one of {LOSS_AVERAGES}")
     if group["kfac_approx"] not in KFAC_APPROXIMATIONS:
         bad("kfac_approx", f"must be one of {KFAC_APPROXIMATIONS}")
     get_structure(group["vocab_structure"])
+
+
+def scheduled_lr_cov(group: dict[str, Any], step: int, upper: float = math.inf) -> float:
+    """The group's ``lr_cov`` at ``step`` as a float: a callable's value is checked like
+    a constant (finite, ``>= 0``, below ``upper`` where the method needs it)."""
+    lr_cov = group["lr_cov"]
+    if not callable(lr_cov):
+        return float(lr_cov)
+    raw = lr_cov(step)
+    try:  # a Python or NumPy number, or a one-element tensor
+        value = math.nan if isinstance(raw, (bool, str)) else float(raw)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not 0.0 <= value < math.inf or value > upper:
+        limit = "a finite number >= 0" if upper == math.inf else f"a number in [0, {upper:g}]"
+        raise ValueError(f"lr_cov({step}) returned {raw!r}: it must return {limit}.")
+    return value
 
 
 def common_defaults(
@@ -236,6 +255,10 @@ class KroneckerOptimizer(Optimizer):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Invalid on_nonfinite={on_nonfinite!r}: must be one of {NONFINITE_POLICIES}."
+            )
+        if not isinstance(warn_unsupported, bool):
+            raise ValueError(
+                f"Invalid warn_unsupported={warn_unsupported!r}: must be True or False."
             )
         self._model = model
         self._warn_unsupported = warn_unsupported
@@ -720,6 +743,7 @@ class KroneckerOptimizer(Optimizer):
             # GradScaler.step deletes the attributes it set only when step returns
             for attr in ("grad_scale", "found_inf"):
                 self.__dict__.pop(attr, None)
+            self._notes = []  # safeguards of a step that did not commit
             raise
         return loss
 

@@ -37,6 +37,7 @@ from torchsingd.optim.base import (
     ModuleEntry,
     common_defaults,
     parse_dtypes,
+    scheduled_lr_cov,
     validate_common,
 )
 from torchsingd.structures import DenseMatrix, DiagonalMatrix, StructuredMatrix, get_structure
@@ -207,6 +208,12 @@ class KFAC(KroneckerOptimizer):
 
     def _validate(self, group: dict[str, Any]) -> None:
         validate_common(group)
+        lr_cov = group["lr_cov"]
+        if not callable(lr_cov) and not lr_cov <= 1.0:
+            raise ValueError(
+                f"Invalid lr_cov={lr_cov!r}: KFAC's lr_cov is the weight of the new "
+                "statistic in a running average, a number in [0, 1]."
+            )
         parse_dtypes(group["factor_dtype"], "factor_dtype")
         if get_structure(group["vocab_structure"]).cls not in INVERTIBLE:
             raise ValueError(
@@ -270,8 +277,7 @@ class KFAC(KroneckerOptimizer):
     ) -> tuple[dict[str, Any], Tensor]:
         S_K, S_C, inv_K, inv_C = layer.S_K, layer.S_C, layer.inv_K, layer.inv_C
         if stats is not None:
-            beta1 = group["lr_cov"]
-            beta1 = float(beta1(self.steps)) if callable(beta1) else float(beta1)
+            beta1 = scheduled_lr_cov(group, self.steps, upper=1.0)
             S_K = S_K.clone().mul_(1.0 - beta1).add_(stats[0], alpha=beta1)
             S_C = S_C.clone().mul_(1.0 - beta1).add_(stats[1], alpha=beta1 * output_scale)
             inv_K = damped_inverse(S_K, group["damping"])

@@ -26,6 +26,7 @@ from torchsingd.optim.base import (
     common_defaults,
     is_number,
     parse_dtypes,
+    scheduled_lr_cov,
     validate_common,
 )
 from torchsingd.optim.update import FactorUpdate, natural_gradient, update_factors
@@ -321,8 +322,7 @@ class SINGD(KroneckerOptimizer):
     ) -> tuple[dict[str, Any], Tensor]:
         K, C, m_K, m_C = layer.K, layer.C, layer.m_K, layer.m_C
         if stats is not None:
-            lr_cov = group["lr_cov"]
-            lr_cov = float(lr_cov(self.steps)) if callable(lr_cov) else float(lr_cov)
+            lr_cov = scheduled_lr_cov(group, self.steps)
             safe = group.get("safeguards", False)
             new = update_factors(
                 K,
