@@ -452,3 +452,16 @@ def _everything(model: nn.Module, opt) -> dict[str, torch.Tensor]:
             for i, t in enumerate(() if factor is None else factor.tensors()):
                 out[f"factor.{name}.{key}.{i}"] = t.clone()
     return out
+
+
+def test_warnings_point_at_the_callers_line():
+    """Construction and step warnings are attributed to the user's code (as
+    ``torch.optim``'s are), not to a line inside torchsingd."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = SINGD(model, kfac_like=True)  # the fallback and the alpha1 warnings
+        model(torch.full((2, 3), float("nan"), dtype=torch.float64)).sum().backward()
+        opt.step()  # skipped: non-finite gradients
+    assert len(caught) == 3, [str(w.message) for w in caught]
+    assert {w.filename for w in caught} == {__file__}

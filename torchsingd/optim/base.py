@@ -26,6 +26,8 @@ later step.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -49,6 +51,21 @@ from torchsingd.optim.update import (
 )
 from torchsingd.structures import StructuredMatrix, get_structure
 from torchsingd.structures.base import read_scalars
+
+_INTERNAL = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # torchsingd/
+    os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep,  # its step wrappers
+)
+
+
+def warn(message: str) -> None:
+    """``warnings.warn`` attributed to the user's line (the first frame outside
+    torchsingd and ``torch.optim``), however deep in the optimizer it is raised."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
 
 _CALLABLE = "<callable: taken from the optimizer that loads this state>"
 FALLBACK_RULES = ("adamw", "sgd")
@@ -491,11 +508,10 @@ class KroneckerOptimizer(Optimizer):
                 by_rule.setdefault(self.param_groups[i]["fallback"], []).append(self._name(p))
             rules = "; ".join(f"{rule}: {names}" for rule, names in by_rule.items())
             tied = f" Tied (shared) layers left to it: {self._tied}." if self._tied else ""
-            warnings.warn(
+            warn(
                 f"{type(self).__name__} preconditions {len(self._entries)} layer(s); these "
                 f"parameters are trained by the fallback rule instead — {rules}.{tied} "
                 "Pass warn_unsupported=False to silence this.",
-                stacklevel=3,
             )
 
     def _new_entry(
@@ -682,11 +698,10 @@ class KroneckerOptimizer(Optimizer):
         found_inf = bool(found_inf) if found_inf is not None else False
         g_scale = self._explicit_scale if self._explicit_scale is not None else grad_scale
         if self.steps == 0 and self._init_grad_scale == 1.0 and g_scale != 1.0:
-            warnings.warn(
+            warn(
                 f"A gradient scale of {g_scale} is used at step 0; pass "
                 f"init_grad_scale={g_scale} to {type(self).__name__} for better numerics "
                 "in the first backward pass.",
-                stacklevel=4,
             )
         return grad_scale, g_scale, found_inf
 
@@ -698,7 +713,7 @@ class KroneckerOptimizer(Optimizer):
         for event, message in self._notes:
             self.safeguard_events[event] += 1
             if message is not None:
-                warnings.warn(message, stacklevel=5)
+                warn(message)
         self._notes = []
 
     def _skip(self, why: str, g_scale: float, may_raise: bool = True) -> None:
@@ -710,10 +725,9 @@ class KroneckerOptimizer(Optimizer):
             self._end_step(g_scale)
             raise NonFiniteError(f"{type(self).__name__} step {self.steps - 1}: {why}.")
         self.skipped_steps += 1
-        warnings.warn(
+        warn(
             f"{type(self).__name__} skipped a step: {why}; parameters and state are "
             f"unchanged (see {type(self).__name__}.skipped_steps).",
-            stacklevel=4,
         )
         self._end_step(g_scale)
 

@@ -9,7 +9,6 @@ in :mod:`torchsingd.optim.base`.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from torchsingd.optim.base import (
     parse_dtypes,
     scheduled_lr_cov,
     validate_common,
+    warn,
 )
 from torchsingd.optim.update import FactorUpdate, natural_gradient, update_factors
 from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
@@ -263,10 +263,9 @@ class SINGD(KroneckerOptimizer):
     def _validate(self, group: dict[str, Any]) -> None:
         validate_hyperparameters(group)
         if group["kfac_like"] and group["alpha1"] != 0.0:
-            warnings.warn(
+            warn(
                 f"A parameter group has kfac_like=True; setting alpha1={group['alpha1']} to "
-                "0 (IKFAC uses no Riemannian momentum).",
-                stacklevel=4,
+                "0 (IKFAC uses no Riemannian momentum)."
             )
             group["alpha1"] = 0.0
 
