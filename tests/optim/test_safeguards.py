@@ -189,6 +189,13 @@ def test_bounded_step_diagonal_clips_each_entry():
     expected = torch.tensor([-0.5, -0.2, 0.05, 0.4, 0.5, 0.5], dtype=F64)
     torch.testing.assert_close(step, expected, rtol=1e-15, atol=1e-15)
     assert m.bounded_step(beta, 100.0) is None  # 0.1 * 100 = 10 <= 100
+    # an inf entry is not clamped (the unbounded step is inf, which the repair undoes)
+    d[2] = math.inf
+    inf = get_structure("diagonal").from_dense(torch.diag(d))
+    assert inf.bounded_step(beta, max_step) is None
+    huge = torch.tensor([3e38, 1.0])  # finite; beta * 3e38 overflows float32: clamped
+    step = get_structure("diagonal").from_dense(torch.diag(huge)).bounded_step(3.0, max_step)
+    assert torch.equal(step.to_dense().diagonal(), torch.tensor([0.5, 0.5]))
 
 
 def test_bounded_step_blockdiagonal_scales_each_block():
@@ -535,12 +542,18 @@ def _repair_loss(model, x):
     return torch.tanh(model(x)).sum() / x.shape[0]
 
 
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "blockdiagonal:2"])
 @pytest.mark.parametrize("safeguards", [False, True])
 @pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
-def test_factor_repair(safeguards, kfac_like):
+def test_factor_repair(safeguards, kfac_like, structure):
+    """An overflowing statistic: the factor update is undone and its momentum reset.
+    (Diagonal factors: the factor-step bound used to clamp an inf entry of ``beta1 m``
+    to ``max_factor_step``, leaving a finite factor, no repair and an inf momentum that
+    stayed in the state and shrank the factor at every later update.)"""
     model = _repair_model()
     opt = SINGD(
         model,
+        structures=structure,
         lr=0.1,
         momentum=0.0,
         T=1,
@@ -576,7 +589,7 @@ def test_factor_repair(safeguards, kfac_like):
     with pytest.warns(UserWarning, match="was not finite") as record:
         opt.step()
     repaired = sorted(
-        name for name in "KC" for w in record if f"factor {name} of '0' was not finite" in str(w)
+        name for name in "KC" for w in record if f" {name} of '0' was not finite" in str(w)
     )
     assert repaired == (["K"] if kfac_like else ["C", "K"])
     assert opt.skipped_steps == 0
@@ -752,13 +765,15 @@ def _two_layers(seed: int = 0) -> nn.ModuleList:
     return nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 3)])
 
 
-def test_factor_overflow_raises_under_on_nonfinite_raise():
-    """``on_nonfinite="raise"``: a factor update that overflows is not repaired; it raises."""
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_factor_overflow_raises_under_on_nonfinite_raise(structure):
+    """``on_nonfinite="raise"``: a factor update that overflows is not repaired; it
+    raises (diagonal: also where only the momentum overflowed, the bounded factor not)."""
     from torchsingd.optim import NonFiniteError
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = SINGD(model, T=1, on_nonfinite="raise")
+    opt = SINGD(model, T=1, on_nonfinite="raise", structures=structure)
     x = torch.full((8, 4), 1e20)
     model(x).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

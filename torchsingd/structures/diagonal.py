@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -74,6 +76,9 @@ class DiagonalMatrix(StructuredMatrix):
             return None
         dtype = torch.promote_types(self.dtype, torch.float32)
         (largest,) = read_scalars(self.bound_inputs()) if inputs is None else inputs
+        if largest == math.inf:  # an inf entry (an overflowed statistic): the unbounded
+            return None  # step is not finite either, and the factor repair undoes it (a
+            # clamp to +-max_step would leave a finite factor and the inf in the momentum)
         limit = max_step
         if dtype == torch.float32:  # as the kernels: float32 operands, product, comparison
             largest = round_float32(round_float32(abs(beta)) * largest)
