@@ -630,6 +630,33 @@ def test_explicit_unsupported_parameter_trained_by_adamw_fallback(weight_decay):
     assert not torch.equal(oracle, torch.ones_like(oracle))
 
 
+def test_float16_fallback_never_divides_zero_by_zero():
+    """In float16 AdamW's eps=1e-8 rounds to 0, so a zero gradient entry gives 0/0 in
+    torch.optim.AdamW; the fallback's eps is at least 2^-24 there: the entry stays put
+    (its numbers otherwise equal AdamW's in float32 up to float16 rounding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).half()
+    opt = SINGD(model, lr=1e-2, T=1, warn_unsupported=False)
+    oracle = [nn.Parameter(p.detach().float().clone()) for p in model[1].parameters()]
+    adamw = torch.optim.AdamW(oracle, lr=1e-2)
+    x = torch.randn(8, 4).half()
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(x)
+        (out[:, 0] * 1.5).sum().backward()  # the bias' entries 1-3 get zero gradients
+        for o, p in zip(oracle, model[1].parameters(), strict=True):
+            o.grad = p.grad.float()
+        assert torch.equal(model[1].bias.grad[1:], torch.zeros(3, dtype=torch.float16))
+        opt.step()
+        adamw.step()
+    assert opt.skipped_steps == 0
+    for p, o in zip(model[1].parameters(), oracle, strict=True):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.float(), o.detach(), rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match="fallback_eps"):
+        SINGD(model, fallback_eps=0.0)
+
+
 def test_weight_and_bias_in_different_groups_raise():
     model = make_mlp(0)
     with pytest.raises(ValueError, match="'0'"):

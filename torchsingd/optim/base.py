@@ -161,9 +161,11 @@ def validate_common(group: dict[str, Any]) -> None:
     def bad(name: str, why: str) -> None:
         raise ValueError(f"Invalid {name}={group[name]!r}: {why}.")
 
-    for name in ("lr", "damping", "weight_decay", "fallback_eps"):
+    for name in ("lr", "damping", "weight_decay"):
         if not is_number(group[name]) or not 0.0 <= group[name] < math.inf:
             bad(name, "must be a finite number >= 0")
+    if not is_number(group["fallback_eps"]) or not 0.0 < group["fallback_eps"] < math.inf:
+        bad("fallback_eps", "must be a finite number > 0 (AdamW divides by sqrt(v) + eps)")
     if not is_number(group["momentum"]) or not 0.0 <= group["momentum"] < 1.0:
         bad("momentum", "must be a number in [0, 1)")
     for name in ("fallback_lr", "fallback_weight_decay"):

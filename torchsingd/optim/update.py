@@ -292,7 +292,9 @@ def adamw_step(
     the first call). The tensors with the same step count are updated together
     (``torch._foreach_*``: per tensor the arithmetic of ``p.mul_``, ``m.lerp_``,
     ``v.mul_().addcmul_``, ``(v / c2).sqrt_().add_`` and ``p.addcdiv_``, in eight
-    dispatches instead of eight per tensor).
+    dispatches instead of eight per tensor). On float16 tensors ``eps`` is at least
+    ``2^-24`` (``torch.optim.AdamW``'s default 1e-8 rounds to 0 there: a zero gradient
+    then gives ``0 / 0``, NaN in the weights).
     """
     beta1, beta2 = betas
     by_step: dict[int, list[int]] = {}
@@ -314,8 +316,18 @@ def adamw_step(
         torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
         denoms = torch._foreach_div(vs, 1.0 - beta2**t)
         torch._foreach_sqrt_(denoms)
-        torch._foreach_add_(denoms, eps)
+        if any(d.dtype == torch.float16 for d in denoms):  # eps below float16's range
+            # (1e-8 rounds to 0 there, and a zero gradient's step would be 0/0 = NaN)
+            torch._foreach_add_(denoms, [_representable_eps(eps, d.dtype) for d in denoms])
+        else:
+            torch._foreach_add_(denoms, eps)
         torch._foreach_addcdiv_(ps, ms, denoms, value=-lr / (1.0 - beta1**t))
+
+
+def _representable_eps(eps: float, dtype: torch.dtype) -> float:
+    """``eps``, raised to the smallest positive float16 (``2^-24``, ~6e-8) for float16
+    tensors, where a smaller one rounds to zero."""
+    return max(eps, 2.0**-24) if dtype == torch.float16 else eps
 
 
 def sgd_step(
