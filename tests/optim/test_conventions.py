@@ -465,3 +465,35 @@ def test_warnings_point_at_the_callers_line():
         opt.step()  # skipped: non-finite gradients
     assert len(caught) == 3, [str(w.message) for w in caught]
     assert {w.filename for w in caught} == {__file__}
+
+
+def test_parameters_unfrozen_after_construction_are_not_dropped_silently():
+    """params=None leaves frozen parameters out (as the reference does); one that is
+    unfrozen later and gets a gradient is named in a warning (once), and trains after
+    add_param_group."""
+    model = make_mlp(0)
+    model[0].requires_grad_(False)
+    opt = SINGD(model, **HP1)
+    assert set(opt.layers) == {"2"}
+    model[0].requires_grad_(True)
+    with pytest.warns(UserWarning, match="are not trained"):
+        train(model, opt, 0, 1)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, 1, 2)
+    assert not caught  # said once
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen, strict=True))
+    opt.add_param_group({"params": list(model[0].parameters())})
+    assert set(opt.layers) == {"0", "2"}
+    train(model, opt, 2, 3)
+    assert not any(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen, strict=True))
+
+
+def test_unfrozen_parameter_warning_names_them():
+    model = make_mlp(0)
+    model[0].requires_grad_(False)
+    opt = SINGD(model, **HP1)
+    model[0].requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"\['0.weight', '0.bias'\] have gradients but are not"):
+        train(model, opt, 0, 1)

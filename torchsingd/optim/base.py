@@ -284,8 +284,12 @@ class KroneckerOptimizer(Optimizer):
         self.on_nonfinite = on_nonfinite
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._candidates, self._tied = self._find_layers(model)
+        #: parameters left out as frozen (``params=None``): a step that finds one with a
+        #: gradient (unfrozen since) says once that it is not trained
+        self._left_out: list[Tensor] = []
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+            self._left_out = [p for p in model.parameters() if not p.requires_grad]
         self.steps = 0
         self.skipped_steps = 0
         #: How often each safeguard acted (counted since construction, not saved):
@@ -797,7 +801,25 @@ class KroneckerOptimizer(Optimizer):
                 inner = dot.float() if inner is None else (inner + dot).float()
         return new_factors, entry.adapter.directions(entry.module, nats), inner
 
+    def _warn_left_out(self) -> None:
+        """Warn (once per parameter) about parameters left out of the optimizer as
+        frozen at construction that have a gradient now: they are not trained."""
+        if all(p.grad is None for p in self._left_out):
+            return
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        found = [p for p in self._left_out if p.grad is not None and id(p) not in mine]
+        self._left_out = [p for p in self._left_out if p.grad is None and id(p) not in mine]
+        if found:
+            warn(
+                f"{type(self).__name__}: parameters {[self._name(p) for p in found]} have "
+                "gradients but are not trained: they were frozen (requires_grad=False) "
+                "when the optimizer was constructed with params=None. Add them with "
+                "add_param_group, or construct the optimizer after unfreezing."
+            )
+
     def _step(self) -> None:
+        if self._left_out:
+            self._warn_left_out()
         grad_scale, g_scale, found_inf = self._read_scales()
         if found_inf:  # routine under a GradScaler (it lowers the scale): never raises
             self._skip("the gradient scaler found inf/NaN gradients", g_scale, may_raise=False)
