@@ -446,6 +446,40 @@ def test_activation_checkpointing_counts_each_forward_once(mode):
     assert not torch.equal(opt.layers["block.0"].K.to_dense(), torch.eye(9, dtype=DTYPE))
 
 
+@pytest.mark.parametrize("probe", ["grad_inputs", "backward_inputs", "grad_params"])
+def test_input_gradient_probes_add_no_statistics(probe):
+    """A backward pass that does not accumulate the weights' gradients (an adversarial
+    example's ``autograd.grad`` w.r.t. the input, ``backward(inputs=[x])``) adds no
+    statistics: the step equals one without the probe. ``autograd.grad`` w.r.t. the
+    parameters cannot be told apart from a gradient the caller writes into ``.grad``
+    itself, so it is captured (as before)."""
+    hp = dict(lr=0.1, lr_cov=0.05, T=1, weight_decay=1e-3)
+    ref, model = CkptNet("plain"), CkptNet("plain")
+    opt_ref, opt = SINGD(ref, **hp), SINGD(model, **hp)
+    for t in range(3):
+        x, y = batch(t)
+        x_adv = x.clone().requires_grad_(True)
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        loss = mse(model(x_adv), y)
+        if probe == "grad_inputs":
+            torch.autograd.grad(loss, x_adv)
+        elif probe == "backward_inputs":
+            loss.backward(inputs=[x_adv])
+        else:
+            torch.autograd.grad(loss, list(model.parameters()))
+        assert all(p.grad is None for p in model.parameters())
+        captured = opt.layers["inp"].pending is not None
+        assert captured == (probe == "grad_params")
+        if captured:
+            return
+        for m in (ref, model):
+            mse(m(x), y).backward()
+        opt_ref.step()
+        opt.step()
+    assert_close(snapshot(ref, opt_ref), snapshot(model, opt), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------- 6. evaluation passes
 def make_cnn(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)

@@ -630,9 +630,14 @@ class KroneckerOptimizer(Optimizer):
         """Backward tensor hook: add this pass's statistics to the block's state.
 
         A backward pass that arrives after ``step()`` (its forward belonged to an
-        earlier step) is ignored: statistics never leak into a later step.
+        earlier step) is ignored: statistics never leak into a later step. So is one
+        that does not accumulate the layer's weight gradient (``autograd.grad`` with
+        respect to the inputs, an adversarial example's or a gradient penalty's probe;
+        ``backward(inputs=...)`` without the weight): the statistics belong to ``.grad``.
         """
-        if forward_step != self.steps:
+        if forward_step != self.steps or not _accumulates_into(
+            entry.adapter.params(entry.module)[0]
+        ):
             return
         group = self.param_groups[entry.group_index]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -1139,6 +1144,20 @@ class KroneckerOptimizer(Optimizer):
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
+
+
+def _accumulates_into(weight: Tensor) -> bool:
+    """Whether the running backward pass will accumulate a gradient into ``weight``
+    (a leaf): ``False`` for ``torch.autograd.grad`` with respect to other tensors and
+    ``backward(inputs=...)`` without it. ``autograd.grad`` with respect to parameters
+    (gradients the caller may write into ``.grad`` itself) cannot be told apart and
+    counts as accumulating, as does anything this private API cannot answer."""
+    try:
+        with torch.enable_grad():  # (backward hooks run without grad mode)
+            node = weight.view_as(weight).grad_fn.next_functions[0][0]
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return True
 
 
 class _Observer:
