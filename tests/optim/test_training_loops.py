@@ -906,6 +906,26 @@ def test_torch_compile_eager_backends(fresh_dynamo, backend, where):
     _compile_check(backend, where)
 
 
+def test_torch_compile_deep_model_stays_within_the_recompile_limit(fresh_dynamo):
+    """The observing hooks run eagerly (one graph break each), so Dynamo does not
+    compile a hook frame per layer: 12 layers stay under its recompile limit (8)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(12)])
+    compiled = torch.compile(model, backend="eager")
+    opt = SINGD(compiled, lr=1e-2, T=2, warn_unsupported=False)
+    counters.clear()
+    for t in range(4):
+        x, _ = batch(t, dtype=torch.float32)  # [16, 6]: an autoencoding target
+        opt.zero_grad()
+        mse(compiled(x), x).backward()
+        opt.step()
+    frames = counters["frames"]
+    assert frames["total"] == frames["ok"], dict(frames)  # none gave up on the limit
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor(fresh_dynamo):
     _compile_check("inductor", "compiled_module")

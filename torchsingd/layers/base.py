@@ -220,6 +220,10 @@ class ObservingHook:
     def __init__(self, observer: Observer | None) -> None:
         self.observer = observer
 
+    # Dynamo would trace into the observer and guard on which layer it belongs to,
+    # compiling the hook's frame once per layer (a 12-layer MLP hit the recompile
+    # limit); run eagerly, it is one graph break, as before
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if self.observer is not None and inputs and isinstance(output, Tensor):
             self.observer(module, "", inputs[0], output)
