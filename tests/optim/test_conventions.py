@@ -497,3 +497,14 @@ def test_unfrozen_parameter_warning_names_them():
     model[0].requires_grad_(True)
     with pytest.warns(UserWarning, match=r"\['0.weight', '0.bias'\] have gradients but are not"):
         train(model, opt, 0, 1)
+
+
+def test_messages_say_why():
+    """The split-layer error says why a layer needs one group; the fallback warning
+    names parameters passed in while frozen (never preconditioned later)."""
+    model = make_mlp(0)
+    with pytest.raises(ValueError, match="share its Kronecker factors"):
+        SINGD(model, params=[{"params": [model[0].weight]}, {"params": [model[0].bias]}])
+    model[0].requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"not preconditioned even once unfrozen: \['0.weight'"):
+        SINGD(model, params=list(model.parameters()))

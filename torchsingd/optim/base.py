@@ -494,7 +494,9 @@ class KroneckerOptimizer(Optimizer):
                 raise ValueError(
                     f"The parameters of layer {name!r} must all be in one parameter group "
                     f"(found groups {sorted(g for g in groups if g is not None)}"
-                    f"{' and some not in the optimizer' if None in groups else ''})."
+                    f"{' and some not in the optimizer' if None in groups else ''}): "
+                    "its weight and bias share its Kronecker factors. To decay biases "
+                    "differently, put whole layers in groups with their own weight_decay."
                 )
             adapter.check(module, name)
             new_layers.append((name, module, adapter, groups.pop()))
@@ -514,6 +516,12 @@ class KroneckerOptimizer(Optimizer):
                 by_rule.setdefault(self.param_groups[i]["fallback"], []).append(self._name(p))
             rules = "; ".join(f"{rule}: {names}" for rule, names in by_rule.items())
             tied = f" Tied (shared) layers left to it: {self._tied}." if self._tied else ""
+            frozen = [self._name(p) for _, p in new_fallback if not p.requires_grad]
+            if frozen:  # a supported layer frozen now is not preconditioned later either
+                tied += (
+                    f" Frozen now (requires_grad=False), so not preconditioned even once "
+                    f"unfrozen: {frozen}."
+                )
             warn(
                 f"{type(self).__name__} preconditions {len(self._entries)} layer(s); these "
                 f"parameters are trained by the fallback rule instead — {rules}.{tied} "
