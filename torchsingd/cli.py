@@ -1,5 +1,6 @@
 """Command line: ``torchsingd compare`` (the optimizer comparison), ``torchsingd train``
-(one configuration) and ``torchsingd bench`` (speed and memory benchmark)."""
+(one configuration) and ``torchsingd bench`` (speed and memory benchmark); also
+``python -m torchsingd``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ search per optimizer (3 values each, judged on a validation split of the trainin
 then the best lr re-run over --seeds seeds; writes results.json, results.csv (one row per
 run), summary.md and PNG plots into --out, and prints the summary tables.
 
-Default plan (what `make demo` runs, about 10 minutes on 2 cores): every optimizer in
+Default plan (what `make demo` runs, about 6 minutes on 2 cores): every optimizer in
 float32 on every task; bf16-mixed (autocast) and pure bf16 for adamw, singd-dense,
 singd-diagonal, singd-hierarchical and kfac on digits-mlp and autoencoder (bfloat16
 convolutions and attention are slow on CPUs without bfloat16 units). --precision runs
@@ -90,6 +91,8 @@ def _sweep_config(args: argparse.Namespace, baseline: str):
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if not _have_extras("compare"):
+        return 2
     if args.sweep:
         return _sweep(args)
     from torchsingd.experiments.tasks import TASKS
@@ -155,6 +158,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if not _have_extras("train"):
+        return 2
     from torchsingd.experiments.compare import describe
     from torchsingd.experiments.optimizers import OPTIMIZERS
     from torchsingd.experiments.runner import RunSpec, train
@@ -209,11 +214,42 @@ def _unique(values: list[str]) -> tuple[str, ...]:
 
 
 def _usable_out(out: Path, command: str) -> bool:
-    """Whether ``out`` can be the output directory; says why not (before any work)."""
+    """Whether ``out`` can be the output directory (created if missing, and writable);
+    says why not, before any work."""
     if out.exists() and not out.is_dir():
         print(f"{command}: --out {out} exists and is not a directory.", file=sys.stderr)
         return False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".torchsingd-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        print(f"{command}: cannot write to --out {out}: {err.strerror}.", file=sys.stderr)
+        return False
     return True
+
+
+#: What each command imports beyond torch (the ``experiments`` extra).
+NEEDS = {
+    "compare": ("sklearn", "matplotlib", "tqdm"),
+    "train": ("sklearn", "tqdm"),
+}
+
+
+def _have_extras(command: str) -> bool:
+    """Whether the optional packages ``command`` needs are installed; says which are
+    missing and how to install them (before any work)."""
+    import importlib.util
+
+    missing = [name for name in NEEDS[command] if importlib.util.find_spec(name) is None]
+    if missing:
+        names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
+        print(
+            f"torchsingd {command} needs {names}: pip install 'torchsingd[experiments]'.",
+            file=sys.stderr,
+        )
+    return not missing
 
 
 def _set_threads(threads: int) -> None:
@@ -312,16 +348,26 @@ def parser() -> argparse.ArgumentParser:
         description="Train one (task, optimizer, precision, lr, seed) on the full training "
         "set and report the test metric per epoch (the final runs of `compare`).",
     )
-    t.add_argument("--task", required=True, choices=list(TASKS))
-    t.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
-    t.add_argument("--precision", choices=PRECISIONS, default="float32")
+    t.add_argument("--task", required=True, choices=list(TASKS), help="the embedded task")
+    t.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS), help="its name")
+    t.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="float32, bf16-mixed (autocast) or bf16 (pure); default float32",
+    )
     t.add_argument("--lr", type=positive_float, help="default: the middle of the optimizer's grid")
     t.add_argument("--epochs", type=positive_int, help="default: the task's")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed_int, default=0, help="data order and init (default 0)")
     t.add_argument("--quick", action="store_true", help="few epochs on a training subset")
     t.add_argument("--out", help="append the run to <out>/runs.jsonl")
-    t.add_argument("--threads", type=positive_int, default=min(2, cpus))
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--threads",
+        type=positive_int,
+        default=min(2, cpus),
+        help=f"torch threads (default: min(2, CPUs) = {min(2, cpus)})",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=_train)
     return p
 
@@ -331,6 +377,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed torch.manual_seed accepts (0 <= seed < 2^64)."""
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^64), got {value}")
     return value
 
 

@@ -37,7 +37,7 @@ def test_bench_rows_are_finite(capsys):
             "mlp",
             "--structures",
             "diagonal",
-            "hierarchical:15,15",
+            "hierarchical15_15",  # the reference's name: reported (and modelled) canonically
             "--T",
             "10",
             "--dtypes",
@@ -88,6 +88,13 @@ def test_throughput_is_absent_when_the_optimizer_time_is_noise():
         (["--batch", "0"], "--batch: must be >= 1"),
         (["--structures", "foo"], "Unknown structure 'foo'. Valid forms"),
         (["--json", "/nonexistent-dir/x.json"], "its folder does not exist"),
+        (["--json", "/proc/x.json"], "--json: cannot write /proc/x.json"),
+        (["--device", "foo"], "argument --device: 'foo'"),
+        pytest.param(
+            ["--device", "cuda"],
+            "argument --device: 'cuda'",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists"),
+        ),
     ],
 )
 def test_bad_bench_options_fail_before_measuring(argv, message, capsys, monkeypatch):

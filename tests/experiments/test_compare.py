@@ -179,6 +179,9 @@ def test_bad_command_lines_fail_before_any_run(tmp_path, capsys, monkeypatch):
         (["compare", "--sweep", "--optimizers", "sgd"], "--optimizers does not apply"),
         (["compare", "--tasks", "mnist1d-sweep"], "choose from ['digits-mlp'"),
         (["train", "--task", "digits-mlp", "--optimizer", "sgd", "--out", str(a_file)], "not a"),
+        ([*base, "--out", "/proc/torchsingd-out"], "cannot write to --out /proc/torchsingd-out"),
+        (["compare", "--sweep", "--quick", "--out", f"{a_file}/sub"], "cannot write to --out"),
+        (["train", "--task", "digits-mlp", "--optimizer", "sgd", "--out", "/proc/x"], "cannot"),
     ]
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
@@ -188,7 +191,35 @@ def test_bad_command_lines_fail_before_any_run(tmp_path, capsys, monkeypatch):
             cli.main(["train", "--task", "digits-mlp", "--optimizer", "sgd", "--lr", lr])
         assert info.value.code == 2
         assert "--lr: must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--task", "digits-mlp", "--optimizer", "sgd", "--seed", "1" + "0" * 20])
+    assert info.value.code == 2 and "--seed: must be in [0, 2^64)" in capsys.readouterr().err
     assert counter.calls == []
+
+
+def test_missing_extras_are_named_before_any_run(capsys, monkeypatch):
+    """Without the experiments extra: one line naming what to install, exit status 2."""
+    import importlib.util
+
+    counter = CountingTrain(monkeypatch)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name)
+    )
+    assert cli.main(["compare", "--quick", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "needs matplotlib: pip install 'torchsingd[experiments]'" in err
+    assert counter.calls == []
+
+
+def test_python_dash_m_torchsingd():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "torchsingd", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "compare" in out.stdout and "bench" in out.stdout
 
 
 def test_names_given_twice_run_once_and_reused_runs_say_their_threads(tmp_path, capsys):

@@ -377,37 +377,68 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:N] (default: cuda when available, else cpu)",
+    )
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (pinned)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--structures", nargs="+", default=STRUCTURES)
-    p.add_argument("--T", nargs="+", type=positive_int, default=[1, 10])
+    p.add_argument(
+        "--structures",
+        nargs="+",
+        default=STRUCTURES,
+        help="any structure name (reference names such as block30diagonal included)",
+    )
+    p.add_argument(
+        "--T", nargs="+", type=positive_int, default=[1, 10], help="preconditioner intervals"
+    )
     p.add_argument(
         "--dtypes",
         nargs="+",
         default=["float32", "bfloat16"],
         choices=["float32", "bfloat16", "float16"],
     )
-    p.add_argument("--batch", type=positive_int, default=128)
-    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--batch", type=positive_int, default=128, help="batch size")
+    p.add_argument(
+        "--rounds", type=positive_int, default=5, help="interleaved rounds (median reported)"
+    )
     p.add_argument(
         "--iters", type=positive_int, default=10, help="iterations per round (>= every T)"
     )
-    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference package's rows")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     args = p.parse_args(argv)
+    structures = []
     for name in args.structures:  # before any measurement
-        try:
-            get_structure(name)
+        try:  # one canonical name per structure: the FLOP model and reference use it
+            structures.append(get_structure(name).name)
         except ValueError as err:
             p.error(f"argument --structures: {err}")
+    args.structures = list(dict.fromkeys(structures))
     if args.json:
         target = Path(args.json)
         if target.is_dir() or not target.parent.is_dir():
             p.error(f"argument --json: {target} is a directory or its folder does not exist")
+        try:  # writable? (found out now, not after the whole benchmark)
+            existed = target.exists()
+            with open(target, "a"):
+                pass
+            if not existed:
+                target.unlink()
+        except OSError as err:
+            p.error(f"argument --json: cannot write {target}: {err.strerror}")
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("this torch has no usable CUDA device")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError("the benchmark runs on cpu or cuda")
+    except RuntimeError as err:
+        p.error(f"argument --device: {args.device!r}: {err}")
     warnings.filterwarnings("ignore")
-    device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     have_ref = not args.no_reference and reference_cls() is not None
@@ -421,6 +452,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{args.rounds} interleaved rounds x {args.iters} iterations (min-max in brackets)"
     )
     rows = []
+    total = len(args.dtypes) * len(args.models) * len(args.T) * len(args.structures)
+    bar = _progress(total, args.no_progress)
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         peak_flops = matmul_throughput(device, dtype)
@@ -448,6 +481,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     )
                     if use_ref:
                         kinds.append("ref")
+                    bar.set_description(f"{dtype_name} {model_name} {s} T={T}")
                     cands = [build(k, model_name, s, T, device, dtype) for k in kinds]
                     measure(cands, x, y, args.rounds, max(args.iters, T), device)
                     t = {c.name: c.times for c in cands}
@@ -486,22 +520,53 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         else "- | -"
                     )
                     peak = "-" if row["peak_ratio"] is None else f"{row['peak_ratio']:.3f}x"
-                    print(
+                    bar.update(1)
+                    bar.write(
                         f"| {model_name} | {s} | {T} | {row['ours_over_adamw']:.2f}x "
                         f"[{row['ours_min_ms'] / row['adamw_ms']:.2f}-"
                         f"{row['ours_max_ms'] / row['adamw_ms']:.2f}] | {ref_cols} | "
                         f"{100 * row['optimizer_share']:.0f}% | {row['state_ratio']:.2f}x | "
                         f"{peak} | {'-' if gflops is None else f'{gflops:.1f}'} | "
                         f"{'-' if of_peak is None else f'{100 * of_peak:.1f}%'} | "
-                        f"{row['floor_over_adamw']:.2f}x |",
-                        flush=True,
+                        f"{row['floor_over_adamw']:.2f}x |"
                     )
+    bar.close()
     if rows:
         summarize(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return rows
+
+
+class _NoBar:
+    """The part of tqdm's interface used here, printing rows only."""
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, disabled: bool):
+    """A tqdm bar on stderr (rows still go to stdout), if tqdm is installed and
+    stderr is a terminal; else printing rows only."""
+    if disabled or not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
+    bar.write = lambda text: tqdm.write(text, file=sys.stdout)  # above the bar
+    return bar
 
 
 def summarize(rows: list[dict]) -> None:

@@ -94,7 +94,8 @@ def plot_memory(records: list[dict[str, Any]], path: Path) -> Path:
     for i, task in enumerate(tasks):
         values = {r.optimizer: r.state_bytes / r.param_bytes for r in rows if r.task == task}
         xs = [j + i * width for j, o in enumerate(optimizers) if o in values]
-        ax.bar(xs, [values[o] for o in optimizers if o in values], width, label=task)
+        # markers, not bars: on the log axis a bar's length would not show its value
+        ax.plot(xs, [values[o] for o in optimizers if o in values], "o", label=task)
     ax.axhline(2.0, color="black", lw=0.8, ls="--", label="AdamW (2 moments)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(optimizers))])
     ax.set_xticklabels([OPTIMIZERS[o].label for o in optimizers], rotation=25, ha="right")
@@ -112,9 +113,10 @@ def plot_memory(records: list[dict[str, Any]], path: Path) -> Path:
 def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
     """All plots of the final runs ``records`` into ``out``; returns their paths."""
     out = Path(out)
-    paths = [
+    trained = [r for r in records if r["status"] == "ok" and r["history"]]
+    paths = [  # (a task whose every run was refused or diverged gets no empty figure)
         plot_curves(task, [r for r in records if r["task"] == task], out / f"curves_{task}.png")
-        for task in dict.fromkeys(r["task"] for r in records)
+        for task in dict.fromkeys(r["task"] for r in trained)
     ]
     if any(r["status"] != "refused" for r in records):
         paths.append(plot_memory(records, out / "memory.png"))

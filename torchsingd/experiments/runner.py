@@ -264,12 +264,13 @@ def _train_loop(
 
 
 def _progress_bar(spec: RunSpec, total: int, position: int | None) -> Any:
-    """A tqdm bar named by task, optimizer, precision, seed (and the lr while searching)."""
+    """A tqdm bar named by task, optimizer, precision, lr (and a sweep's lr_cov), seed."""
     from tqdm.auto import tqdm
 
-    desc = f"{spec.task} {spec.optimizer} {spec.precision} seed {spec.seed}"
-    if spec.phase == "search":
-        desc += f" (lr search {spec.lr:g})"
+    lr_cov = getattr(spec, "lr_cov", None)
+    desc = f"{spec.task} {spec.optimizer} {spec.precision} lr {spec.lr:g}"
+    desc += "" if lr_cov is None else f" lr_cov {lr_cov:g}"
+    desc += f" seed {spec.seed}" + (" (lr search)" if spec.phase == "search" else "")
     return tqdm(
         total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True, position=position
     )

@@ -511,7 +511,8 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path, all_seeds: bool = Fa
                 i, j = lrs.index(r["lr"]), covs.index(r["lr_cov"])
                 image[i][j] = value(r)
                 text = label(r)
-                shade = (value(r) - vmin) / (vmax - vmin) if vmax > vmin else 1.0
+                # (all equal: imshow paints the colour map's low end, dark for viridis)
+                shade = (value(r) - vmin) / (vmax - vmin) if vmax > vmin else 0.0
                 dark = shade < 0.5 if higher else shade > 0.5
                 color = "white" if dark else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
@@ -520,7 +521,7 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path, all_seeds: bool = Fa
             ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
             ax.set_xticks(range(len(covs)), ["-" if c is None else f"{c:g}" for c in covs])
             ax.set_xlabel("lr_cov")
-        axes[0][0].set_ylabel("lr")
+            ax.set_ylabel("lr")  # each panel: the optimizers' lr grids differ
         seeds = "mean over seeds, " if all_seeds else ""
         fig.suptitle(
             f"{task}, {precision}: test {mine[0]['metric_name']} ({seeds}x = diverged)",
