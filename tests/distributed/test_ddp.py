@@ -280,3 +280,75 @@ def test_example_runs_under_torchrun_and_resumes(tmp_path):
     )
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout and "epoch 1:" in second.stdout
+
+
+def _sum_loss_worker(rank, port, config, out_path, mode):
+    """A sum loss (``loss_average=None``) on 2 ranks: gradients summed by hand, or DDP
+    (which averages) with the loss times N and ``set_current_grad_scale(N)``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        opt = _sum_factory(config, init_grad_scale=WORLD if mode == "ddp" else 1.0)(model)
+        net = DDP(model) if mode == "ddp" else model
+        for x, y in batches(4):
+            n = len(x) // WORLD
+            xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(xs), ys, reduction="sum")
+            if mode == "ddp":
+                (loss * WORLD).backward()
+                opt.set_current_grad_scale(WORLD)
+            else:
+                loss.backward()
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)  # summed
+            opt.step()
+        if rank == 0:
+            torch.save([p.detach() for p in model.parameters()], out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _sum_factory(config, init_grad_scale=1.0):
+    kind, structure, strategy = config
+
+    def build(model):
+        common = dict(
+            lr=1e-3,
+            T=1,
+            loss_average=None,
+            warn_unsupported=False,
+            distributed_strategy=strategy,
+            init_grad_scale=init_grad_scale,
+        )
+        if kind == "kfac":
+            return KFAC(model, lr_cov=0.1, damping=0.1, **common)
+        return SINGD(model, lr_cov=0.1, structures=structure, kl_clip=None, **common)
+
+    return build
+
+
+@pytest.mark.parametrize("mode", ["summed", "ddp"])
+@pytest.mark.parametrize(
+    "config",
+    [("singd", "dense", "replicate"), ("singd", "diagonal", "shard"), ("kfac", "dense", "shard")],
+    ids=lambda c: "-".join(c),
+)
+def test_sum_loss_two_ranks_equal_one_process(config, mode, tmp_path):
+    """loss_average=None: H_K is a mean over the input rows (averaged across ranks),
+    H_C a sum over the output gradients (summed); it summed both (H_K N times too
+    large: parameters off by ~0.5 after 5 steps)."""
+    out = tmp_path / "rank0.pt"
+    spawn(_sum_loss_worker, config, str(out), mode)
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = _sum_factory(config)(model)
+    for x, y in batches(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+    for p, q in zip(model.parameters(), torch.load(out), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)

@@ -953,7 +953,9 @@ class KroneckerOptimizer(Optimizer):
         """Called when a block's factors were overwritten (drop derived caches)."""
 
     def _sync_statistics(self) -> list[tuple[ModuleEntry, BlockState]]:
-        """Average (sum for ``loss_average=None``) this step's statistics across ranks.
+        """Average this step's statistics across ranks; for ``loss_average=None`` (a
+        sum loss) the output side's is summed (a sum over the whole batch's output
+        gradients) and the input side's still averaged (a mean over the input rows).
 
         Every rank takes part for every block due for an update, with zeros where it
         captured nothing, so that the packed buffers line up. Returns the blocks whose
@@ -982,10 +984,10 @@ class KroneckerOptimizer(Optimizer):
                 layer.capture_step = self.steps
                 layer.capture_scale = self._capture_scale
             mean = self.param_groups[entry.group_index]["loss_average"] is not None
-            for stat in layer.pending:
+            for side, stat in enumerate(layer.pending):  # (input side, output side)
                 for t in stat.tensors():
                     tensors.append(t)
-                    average.append(mean)
+                    average.append(mean or side == 0)
         tdist.all_reduce_tensors(tensors, average, self._group)
         return updated
 
