@@ -177,6 +177,25 @@ def test_grad_scale_protocol_invariance(schedule, init_matches, T):
     )
 
 
+@pytest.mark.parametrize("factors", [torch.float16, torch.bfloat16], ids=str)
+def test_large_loss_scale_with_narrow_factors(factors):
+    """float32 gradients at a loss scale of 2^24 (a GradScaler that never overflows
+    doubles its scale every 2000 steps) with float16 factors: the output gradients are
+    unscaled before they are rounded to the factors' dtype, so the statistics do not
+    overflow (every factor update was discarded as non-finite): the same numbers as
+    without a scale (powers of two)."""
+    scales = [2.0**24] * 6
+    hp = dict(HP, T=1, lr_cov=0.05, preconditioner_dtype=factors)
+    model_ref = make_mlp(0, dtype=torch.float32)
+    opt_ref = SINGD(model_ref, **hp)
+    train(model_ref, opt_ref, 0, len(scales), dtype=torch.float32)
+    model = make_mlp(0, dtype=torch.float32)
+    opt = SINGD(model, init_grad_scale=scales[0], **hp)
+    train(model, opt, 0, len(scales), scales=scales, dtype=torch.float32)
+    assert opt.safeguard_events["factor_repaired"] == 0
+    assert_states_equal(full_state(model_ref, opt_ref), full_state(model, opt))
+
+
 def test_real_grad_scaler_on_cpu_float32():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
     steps = 8

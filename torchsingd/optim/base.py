@@ -649,15 +649,20 @@ class KroneckerOptimizer(Optimizer):
             return
         group = self.param_groups[entry.group_index]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            dtype = self._output_dtype(layer)
+            scaled = self._capture_scale != 1.0
+            # A loss-scaled gradient is unscaled before it is rounded to narrower factors
+            # (float32 gradients at scale 2^20 times sqrt(batch) overflow float16)
+            work = torch.promote_types(grad_output.dtype, dtype) if scaled else dtype
             g = entry.adapter.grad_rows(
                 entry.module,
-                grad_output.detach().to(self._output_dtype(layer)),
+                grad_output.detach().to(work),
                 group["loss_average"],
                 group["kfac_approx"],
                 block=layer.block,
             )
-            if self._capture_scale != 1.0:
-                g = g / self._capture_scale
+            if scaled:
+                g = (g / self._capture_scale).to(dtype)
             x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
             stats = self._statistics(entry, layer, x, g)
         if layer.has_statistics(self.steps):
