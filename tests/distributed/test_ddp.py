@@ -352,3 +352,40 @@ def test_sum_loss_two_ranks_equal_one_process(config, mode, tmp_path):
         opt.step()
     for p, q in zip(model.parameters(), torch.load(out), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+
+
+def _events_worker(rank, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        opt = _events_optimizer(model, "shard")
+        ddp = DDP(model)
+        train(ddp, opt, batches(3), rank, WORLD)
+        torch.save(dict(opt.safeguard_events), f"{out_path}.{rank}")
+        dist.barrier()
+        del ddp, opt
+    finally:
+        dist.destroy_process_group()
+
+
+def _events_optimizer(model, strategy):
+    # lr_cov large enough that the factor-step bound acts in most updates
+    return SINGD(
+        model, lr=0.05, lr_cov=5.0, T=1, warn_unsupported=False, distributed_strategy=strategy
+    )
+
+
+def test_shard_counts_every_ranks_safeguard_events(tmp_path):
+    """Under "shard" each factor is updated by its owner only; every rank's
+    safeguard_events still counts all of them (as one process does)."""
+    out = tmp_path / "events"
+    spawn(_events_worker, str(out))
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = _events_optimizer(model, "replicate")
+    train(model, opt, batches(3))
+    assert opt.safeguard_events["factor_step_bounded"] > 0
+    for rank in range(WORLD):
+        assert torch.load(f"{out}.{rank}") == opt.safeguard_events, rank

@@ -857,7 +857,18 @@ class KroneckerOptimizer(Optimizer):
             shared = [d for _, _, dirs, _ in pending for d in dirs]
             # a trust-region scalar exists for the same entries on every rank
             shared += [inner for _, _, _, inner in pending if inner is not None]
-            tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
+            # the factor safeguards acted on the owners only: count them on every rank
+            owned = ("factor_step_bounded", "factor_repaired")
+            first = next(iter(self._entries.values()), None)
+            device = first.adapter.params(first.module)[0].device if first else None
+            counts = torch.tensor(
+                [float(sum(e == event for e, _ in self._notes)) for event in owned],
+                device=device,
+            )
+            tdist.all_reduce_tensors([*shared, counts], [False] * (len(shared) + 1), self._group)
+            for event, total in zip(owned, counts.tolist(), strict=True):
+                mine = sum(e == event for e, _ in self._notes)
+                self._notes += [(event, None)] * (round(total) - mine)  # (warned by owners)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
         inners = self._group_inners(pending)
         if not self._finite(pending, fallback, inners):
