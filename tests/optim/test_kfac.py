@@ -199,3 +199,44 @@ def test_dense_statistics_are_plain_grams(monkeypatch):
     V = layers_base.inner_of_rows(identity_like(DenseMatrix(torch.zeros(4, 4, dtype=F64))), g)
     assert type(V) is DenseMatrix
     torch.testing.assert_close(V.to_dense(), g.T @ g, rtol=1e-12, atol=1e-12)
+
+
+def test_overflowing_statistic_is_repaired_not_stored():
+    """An input whose square overflows float32 (``a^T a`` inf, every gradient finite):
+    KFAC keeps the previous ``S_K`` and its inverse, counts and warns (it stored the inf,
+    whose inverse had a zero row: that input's weights never moved again); with
+    ``on_nonfinite="raise"`` the step raises and nothing is written."""
+    from torchsingd.optim import NonFiniteError
+
+    def overflowing(model):
+        torch.manual_seed(0)
+        x = torch.randn(8, 4)
+        x[0, 0] = 1e20
+        torch.tanh(model(x)).sum().backward()  # tanh saturates: finite gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = KFAC(model, T=1, lr=0.1)
+    before = opt.layers["0"].S_K.to_dense().clone()
+    overflowing(model)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.warns(UserWarning, match="factor S_K of '0' was not finite"):
+        opt.step()
+    assert opt.safeguard_events["factor_repaired"] == 1 and opt.skipped_steps == 0
+    assert torch.equal(opt.layers["0"].S_K.to_dense(), before)
+    assert opt.layers["0"].S_C.is_finite() and opt.layers["0"].inv_K.is_finite()
+    weight = model[0].weight.detach().clone()
+    for _ in range(2):  # clean steps move every input's weights again
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().sum().backward()
+        opt.step()
+    assert (model[0].weight - weight)[:, 0].abs().max() > 0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = KFAC(model, T=1, lr=0.1, on_nonfinite="raise")
+    overflowing(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteError):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True))

@@ -23,6 +23,7 @@ bfloat16 model) or use SINGD, which needs no inverse.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from torchsingd.optim.base import (
     validate_common,
 )
 from torchsingd.structures import DenseMatrix, DiagonalMatrix, StructuredMatrix, get_structure
+from torchsingd.structures.base import read_scalars
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
 INVERTIBLE = (DenseMatrix, DiagonalMatrix)
@@ -278,10 +280,30 @@ class KFAC(KroneckerOptimizer):
         S_K, S_C, inv_K, inv_C = layer.S_K, layer.S_C, layer.inv_K, layer.inv_C
         if stats is not None:
             beta1 = scheduled_lr_cov(group, self.steps, upper=1.0)
-            S_K = S_K.clone().mul_(1.0 - beta1).add_(stats[0], alpha=beta1)
-            S_C = S_C.clone().mul_(1.0 - beta1).add_(stats[1], alpha=beta1 * output_scale)
-            inv_K = damped_inverse(S_K, group["damping"])
-            inv_C = damped_inverse(S_C, group["damping"])
+            new_K = S_K.clone().mul_(1.0 - beta1).add_(stats[0], alpha=beta1)
+            new_C = S_C.clone().mul_(1.0 - beta1).add_(stats[1], alpha=beta1 * output_scale)
+            totals = read_scalars([new_K.finite_sum(), new_C.finite_sum()])  # one sync
+            finite = [S.finite_given(t) for S, t in zip((new_K, new_C), totals, strict=True)]
+            # An overflowed statistic (an input whose square is inf) would give an
+            # inverse with zero rows: those inputs' weights would never move again
+            if all(finite) or self.on_nonfinite == "raise":
+                S_K, S_C = new_K, new_C
+                inv_K = damped_inverse(S_K, group["damping"])
+                inv_C = damped_inverse(S_C, group["damping"])
+                if not all(finite):  # the step raises (its directions are NaN)
+                    inv_K = inv_K.mul(math.nan)
+            else:  # keep the previous factor (and its inverse) where the new one is not finite
+                for name, ok in zip(("S_K", "S_C"), finite, strict=True):
+                    if not ok:
+                        self._note(
+                            "factor_repaired",
+                            f"KFAC: the update of factor {name} of {layer.name!r} was not "
+                            "finite; kept the previous factor (see safeguard_events).",
+                        )
+                if finite[0]:
+                    S_K, inv_K = new_K, damped_inverse(new_K, group["damping"])
+                if finite[1]:
+                    S_C, inv_C = new_C, damped_inverse(new_C, group["damping"])
         right = inv_K.mm(G.T.to(inv_K.dtype)).T  # G (S_K + lambda I)^-1, symmetric inverse
         nat = inv_C.mm(right.to(inv_C.dtype)).to(G.dtype)
         factors = {"S_K": S_K, "S_C": S_C, "inv_K": inv_K, "inv_C": inv_C}
