@@ -559,6 +559,9 @@ INVALID = [
     ("weight_decay", dict(weight_decay=math.nan)),
     ("fallback_lr", dict(fallback_lr=math.inf)),
     ("warn_unsupported", dict(warn_unsupported="yes")),
+    ("structures", dict(structures="foo")),
+    ("structures", dict(structures=("dense", "bar"))),
+    ("vocab_structure", dict(vocab_structure="foo")),
 ]
 
 

@@ -198,7 +198,10 @@ def validate_common(group: dict[str, Any]) -> None:
         bad("loss_average", f"must be one of {LOSS_AVERAGES}")
     if group["kfac_approx"] not in KFAC_APPROXIMATIONS:
         bad("kfac_approx", f"must be one of {KFAC_APPROXIMATIONS}")
-    get_structure(group["vocab_structure"])
+    try:
+        get_structure(group["vocab_structure"])
+    except ValueError as err:
+        bad("vocab_structure", str(err).rstrip("."))
 
 
 def scheduled_lr_cov(group: dict[str, Any], step: int, upper: float = math.inf) -> float:

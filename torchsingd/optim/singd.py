@@ -84,13 +84,17 @@ def _like(X: StructuredMatrix, kind: str) -> StructuredMatrix:
 
 def parse_structures(value: Any) -> tuple[StructureSpec, StructureSpec]:
     """``structures`` as two specs (``K`` then ``C``); a single name applies to both."""
+    given = value
     if isinstance(value, (str, StructureSpec)):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(
             f"structures must be a name or a pair of names (for K and C), got {value!r}."
         )
-    return get_structure(value[0]), get_structure(value[1])
+    try:
+        return get_structure(value[0]), get_structure(value[1])
+    except ValueError as err:
+        raise ValueError(f"Invalid structures={given!r}: {err}") from None
 
 
 def validate_hyperparameters(group: dict[str, Any]) -> None:
