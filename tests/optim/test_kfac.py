@@ -201,6 +201,15 @@ def test_dense_statistics_are_plain_grams(monkeypatch):
     torch.testing.assert_close(V.to_dense(), g.T @ g, rtol=1e-12, atol=1e-12)
 
 
+def test_arguments_after_damping_are_keyword_only():
+    """SINGD's sixth positional argument is alpha1; KFAC has none, so its later
+    arguments are keyword only (a positional 0.5 became weight_decay)."""
+    with pytest.raises(TypeError):
+        KFAC(mlp(), None, 0.1, 0.9, 1e-3, 0.5)
+    opt = KFAC(mlp(), None, 0.1, 0.9, 1e-3, weight_decay=0.5)
+    assert opt.param_groups[0]["weight_decay"] == 0.5
+
+
 def test_overflowing_statistic_is_repaired_not_stored():
     """An input whose square overflows float32 (``a^T a`` inf, every gradient finite):
     KFAC keeps the previous ``S_K`` and its inverse, counts and warns (it stored the inf,

@@ -1004,6 +1004,34 @@ def test_unregistered_custom_layer_goes_to_the_fallback():
     assert set(opt.fallback_parameters) == {"dense.kernel", "dense.offset"}
 
 
+class ForgetfulAdapter(DenseAdapter):
+    """``split_matrix`` forgets to transpose the kernel back."""
+
+    def split_matrix(self, module, mat):
+        return [mat[:, :-1], mat[:, -1]]
+
+
+def test_wrongly_shaped_directions_raise_before_anything_is_written():
+    """A user adapter returning directions of the wrong shapes: an error naming the
+    layer and the method, and nothing written (the step had already written the other
+    layer's parameters and both layers' factors when torch raised a size mismatch)."""
+    torchsingd.register_layer(Dense, ForgetfulAdapter())
+    try:
+        model = DenseNet()
+        opt = SINGD(model, lr=0.1, lr_cov=0.05, T=1)
+        x, y = batch(0, DENSE_SHAPE, 2)
+        mse(model(x), y).backward()
+        params = [p.detach().clone() for p in model.parameters()]
+        factors = {n: layer.K.to_dense().clone() for n, layer in opt.layers.items()}
+        with pytest.raises(ValueError, match=r"Layer 'dense': ForgetfulAdapter.directions"):
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+        assert all(torch.equal(opt.layers[n].K.to_dense(), K) for n, K in factors.items())
+        assert opt.steps == 0 and not any(opt.state[p] for p in model.parameters())
+    finally:
+        _ADAPTERS.pop(Dense, None)
+
+
 def test_registered_custom_layer_is_preconditioned(dense_registered):
     model = DenseNet()
     lr = 0.1

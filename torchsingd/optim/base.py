@@ -820,7 +820,15 @@ class KroneckerOptimizer(Optimizer):
                 acc = torch.promote_types(G.dtype, torch.float32)
                 dot = torch.dot(nats[block].reshape(-1).to(acc), G.reshape(-1).to(acc))
                 inner = dot.float() if inner is None else (inner + dot).float()
-        return new_factors, entry.adapter.directions(entry.module, nats), inner
+        directions = entry.adapter.directions(entry.module, nats)
+        params = entry.adapter.params(entry.module)
+        if [d.shape for d in directions] != [p.shape for p in params]:
+            raise ValueError(  # (before anything is written: a user adapter's mistake)
+                f"Layer {entry.name!r}: {type(entry.adapter).__name__}.directions (from "
+                f"split_matrix) returned shapes {[tuple(d.shape) for d in directions]} "
+                f"for parameters of shapes {[tuple(p.shape) for p in params]}."
+            )
+        return new_factors, directions, inner
 
     def _warn_left_out(self) -> None:
         """Warn (once per parameter) about parameters left out of the optimizer as

@@ -133,7 +133,8 @@ class KFAC(KroneckerOptimizer):
 
     Args:
         model, params, lr, momentum, damping, weight_decay, T, loss_average,
-        kfac_approx, warn_unsupported, init_grad_scale: as for :class:`~torchsingd.SINGD`.
+        kfac_approx, warn_unsupported, init_grad_scale: as for :class:`~torchsingd.SINGD`
+        (from ``weight_decay`` on keyword only: SINGD's ``alpha1`` comes first there).
         lr_cov: ``beta1``, the weight of the new statistic in the running average (a
             number or a callable of the step).
         factor_dtype: dtype of the factors (a pair for input and output side, or
@@ -143,8 +144,8 @@ class KFAC(KroneckerOptimizer):
         max_update_norm, on_nonfinite, distributed_strategy, process_group: as for
         :class:`~torchsingd.SINGD`.
         kl_clip: the trust region ("KL clipping" of distributed K-FAC): a group's
-            preconditioned directions are scaled so that ``lr^2 sum <G_nat, G> <=
-            kl_clip`` (:func:`torchsingd.optim.update.trust_region_scale`). ``None``
+            preconditioned directions are scaled by ``min(1, sqrt(kl_clip / (lr^2 sum
+            <G_nat, G>)))`` (:func:`torchsingd.optim.update.trust_region_scale`). ``None``
             (default): off, the plain K-FAC step.
     """
 
@@ -155,6 +156,7 @@ class KFAC(KroneckerOptimizer):
         lr: float = 1e-3,
         momentum: float = 0.9,
         damping: float = 1e-3,
+        *,  # (SINGD has alpha1 next: keywords only, so no value lands in the wrong slot)
         weight_decay: float = 0.0,
         T: int = 10,
         loss_average: str | None = "batch",
@@ -163,7 +165,6 @@ class KFAC(KroneckerOptimizer):
         warn_unsupported: bool = True,
         factor_dtype: Any = (None, None),
         init_grad_scale: float = 1.0,
-        *,
         vocab_structure: str = "diagonal",
         fallback: str = "adamw",
         fallback_lr: float | None = None,

@@ -185,8 +185,10 @@ class SINGD(KroneckerOptimizer):
             diagonal and block-diagonal factors only the entries or blocks that exceed
             it are (:func:`torchsingd.optim.update.factor_step`). ``None``: no bound.
         kl_clip: trust region on the parameter step: a group's preconditioned
-            directions are scaled so that ``lr^2 * sum <G_nat, G> <= kl_clip``
-            (:func:`torchsingd.optim.update.trust_region_scale`). ``None``: off.
+            directions are scaled by ``s = min(1, sqrt(kl_clip / (lr^2 sum <G_nat,
+            G>)))``, so that the step's predicted KL ``s^2 lr^2 sum <G_nat, G>`` is at
+            most ``kl_clip`` (:func:`torchsingd.optim.update.trust_region_scale`).
+            ``None``: off.
             The third safeguard has no setting: a factor update that comes out
             non-finite is undone (previous factor kept, its momentum reset) instead of
             skipping the whole step. ``safeguard_events`` counts what acted.
