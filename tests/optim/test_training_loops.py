@@ -991,10 +991,31 @@ class DenseNet(nn.Module):
 def dense_registered():
     torchsingd.register_layer(Dense, DenseAdapter())
     yield
-    _ADAPTERS.pop(Dense, None)
+    torchsingd.unregister_layer(Dense)
 
 
 DENSE_SHAPE = (6, 3, 4)
+
+
+def test_registry_replaces_with_a_warning_and_unregisters():
+    """The latest registration of a class wins, by type or by fully qualified name;
+    replacing one warns; unregister_layer removes either form; a bare name (which
+    would never match a module) is refused."""
+    name = f"{Dense.__module__}.{Dense.__qualname__}"
+    first, second = DenseAdapter(), ForgetfulAdapter()
+    try:
+        torchsingd.register_layer(Dense, first)
+        assert get_adapter(Dense(2, 2)) is first
+        with pytest.warns(UserWarning, match="had the adapter DenseAdapter; now ForgetfulAdapter"):
+            torchsingd.register_layer(name, second)  # by name after by type: the name wins
+        assert get_adapter(Dense(2, 2)) is second
+        assert torchsingd.unregister_layer(Dense) is second
+        assert get_adapter(Dense(2, 2)) is None and Dense not in _ADAPTERS
+        assert torchsingd.unregister_layer(Dense) is None
+        with pytest.raises(ValueError, match="fully qualified class name"):
+            torchsingd.register_layer("Dense", first)
+    finally:
+        torchsingd.unregister_layer(Dense)
 
 
 def test_unregistered_custom_layer_goes_to_the_fallback():
@@ -1029,7 +1050,7 @@ def test_wrongly_shaped_directions_raise_before_anything_is_written():
         assert all(torch.equal(opt.layers[n].K.to_dense(), K) for n, K in factors.items())
         assert opt.steps == 0 and not any(opt.state[p] for p in model.parameters())
     finally:
-        _ADAPTERS.pop(Dense, None)
+        torchsingd.unregister_layer(Dense)
 
 
 def test_registered_custom_layer_is_preconditioned(dense_registered):

@@ -17,6 +17,7 @@ from torchsingd.layers.base import (
     Observer,
     get_adapter,
     register_layer,
+    unregister_layer,
 )
 from torchsingd.layers.conv import ConvAdapter
 from torchsingd.layers.conv_transpose import ConvTransposeAdapter
@@ -47,4 +48,5 @@ __all__ = [
     "Observer",
     "get_adapter",
     "register_layer",
+    "unregister_layer",
 ]

@@ -23,6 +23,7 @@ Register a new layer type with :func:`register_layer`; see the README for an exa
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from math import prod, sqrt
 from typing import Any, Protocol
@@ -320,22 +321,55 @@ _ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
 _ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {}
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register_layer(module_type: type[nn.Module] | str, adapter: LayerAdapter) -> None:
     """Precondition modules of ``module_type`` (and its subclasses) with ``adapter``.
 
     ``module_type`` may also be a fully qualified class name (``"pkg.mod.Class"``), so
-    that a third-party layer is supported without importing its package.
+    that a third-party layer is supported without importing its package. The latest
+    registration for a class wins, by type or by name; replacing one warns (optimizers
+    constructed before keep the adapter they found). :func:`unregister_layer` undoes it.
     """
     if not isinstance(adapter, LayerAdapter):
         raise TypeError(f"adapter must be a LayerAdapter instance, got {type(adapter).__name__}.")
     if isinstance(module_type, str):
-        _ADAPTERS_BY_NAME[module_type] = adapter
+        if "." not in module_type.strip("."):
+            raise ValueError(
+                f"module_type {module_type!r} must be a fully qualified class name "
+                "('package.module.Class'), as modules are matched by it."
+            )
+        name = module_type
     elif isinstance(module_type, type) and issubclass(module_type, nn.Module):
-        _ADAPTERS[module_type] = adapter
+        name = _qualified(module_type)
     else:
         raise TypeError(
             f"module_type must be an nn.Module subclass or a class name, got {module_type!r}."
         )
+    old = unregister_layer(module_type if isinstance(module_type, type) else name)
+    if old is not None:
+        warnings.warn(
+            f"register_layer: {name} had the adapter {type(old).__name__}; now "
+            f"{type(adapter).__name__} (optimizers constructed before keep the old one).",
+            stacklevel=2,
+        )
+    if isinstance(module_type, str):
+        _ADAPTERS_BY_NAME[name] = adapter
+    else:
+        _ADAPTERS[module_type] = adapter
+
+
+def unregister_layer(module_type: type[nn.Module] | str) -> LayerAdapter | None:
+    """Remove the adapter registered for ``module_type`` (a class or its fully
+    qualified name; registrations by either form are removed); returns it, or
+    ``None`` if there was none. Optimizers constructed before keep it."""
+    name = module_type if isinstance(module_type, str) else _qualified(module_type)
+    removed = _ADAPTERS_BY_NAME.pop(name, None)
+    for cls in [c for c in _ADAPTERS if _qualified(c) == name]:
+        removed = _ADAPTERS.pop(cls)
+    return removed
 
 
 def get_adapter(module: nn.Module) -> LayerAdapter | None:
