@@ -188,10 +188,19 @@ def test_dense_statistics_are_plain_grams(monkeypatch):
     per_sample = adapter.input_rows(conv, x[:1], "expand").numel()
     monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 2 * per_sample)  # 3 chunks
     identity = identity_like(DenseMatrix(torch.zeros(a.shape[1], a.shape[1], dtype=F64)))
-    # no d x d identity is stored, and nothing may read one
+    # no d x d identity is stored, and nothing may read one; products with it are
+    # copies (for user adapters), which the built-in statistics never make
     assert identity.nbytes() == 0 and identity.dtype == F64 and identity.dim == a.shape[1]
     with pytest.raises(NotImplementedError, match="stores no entries"):
-        identity.mm(torch.ones(a.shape[1], 1, dtype=F64))
+        identity.to_dense()
+    ones = torch.ones(a.shape[1], 2, dtype=F64)
+    assert torch.equal(identity.mm(ones), ones) and torch.equal(identity.tmm(ones), ones)
+
+    def no_product(*args, **kwargs):
+        raise AssertionError("the built-in statistic multiplied by the identity")
+
+    monkeypatch.setattr(type(identity), "mm", no_product)
+    monkeypatch.setattr(type(identity), "tmm", no_product)
     U = adapter.input_statistic(conv, x, identity, "expand")
     assert type(U) is DenseMatrix
     torch.testing.assert_close(U.to_dense(), a.T @ a, rtol=1e-12, atol=1e-12)
@@ -249,3 +258,32 @@ def test_overflowing_statistic_is_repaired_not_stored():
     with pytest.raises(NonFiniteError):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True))
+
+
+def test_custom_input_statistic_applying_K_works_under_kfac():
+    """A user adapter's input_statistic may apply K (K.mm, as under SINGD); KFAC's
+    stand-in identity multiplies as I: the same statistic as the built-in route."""
+    import torchsingd
+    from torchsingd.layers import LinearAdapter
+    from torchsingd.structures import DenseMatrix
+
+    class Lin(nn.Linear):
+        pass
+
+    class StatAdapter(LinearAdapter):
+        def input_statistic(self, module, x, K, kfac_approx, *, block=""):
+            KtA = K.tmm(self.input_rows(module, x, kfac_approx).T)
+            return DenseMatrix(KtA @ KtA.T)
+
+    torchsingd.register_layer(Lin, StatAdapter())
+    try:
+        stats = []
+        for cls in (nn.Linear, Lin):
+            torch.manual_seed(0)
+            model = nn.Sequential(cls(3, 2)).double()
+            opt = KFAC(model, T=1)
+            model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+            stats.append(opt.layers["0"].pending[0].to_dense())
+        torch.testing.assert_close(stats[1], stats[0], rtol=1e-14, atol=1e-15)
+    finally:
+        torchsingd.unregister_layer(Lin)

@@ -42,7 +42,7 @@ from torchsingd.optim.base import (
     validate_common,
 )
 from torchsingd.structures import DenseMatrix, DiagonalMatrix, StructuredMatrix, get_structure
-from torchsingd.structures.base import read_scalars
+from torchsingd.structures.base import check_rows, read_scalars
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
 INVERTIBLE = (DenseMatrix, DiagonalMatrix)
@@ -99,7 +99,8 @@ class _DenseIdentity(DenseMatrix):
 
     It stores no ``d x d`` tensor (``torch.eye`` of the CNN's 3137-wide linear layer
     was 39 MB per captured statistic), only an empty one for ``dtype`` and ``device``;
-    reading the entries (``mat``, and so any product) raises.
+    reading the entries (``mat``) raises; products with dense matrices (``mm``,
+    ``tmm``) are copies, so an adapter's ``input_statistic`` may use them.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -115,6 +116,14 @@ class _DenseIdentity(DenseMatrix):
             "KFAC's statistic identity stores no entries; only the Gram route "
             "(gram_of, inner_of_gram, inner_of) is defined."
         )
+
+    def mm(self, X: Tensor) -> Tensor:
+        """``I X`` (a copy): what a user adapter's ``input_statistic`` may apply."""
+        check_rows(X, self.dim)
+        return X.clone()
+
+    def tmm(self, X: Tensor) -> Tensor:
+        return self.mm(X)
 
     def inner_of(self, Z: Tensor) -> DenseMatrix:
         return self.gram_of(Z)
