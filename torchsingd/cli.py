@@ -232,8 +232,8 @@ def _usable_out(out: Path, command: str) -> bool:
 
 #: What each command imports beyond torch (the ``experiments`` extra).
 NEEDS = {
-    "compare": ("sklearn", "matplotlib", "tqdm"),
-    "train": ("sklearn", "tqdm"),
+    "compare": ("numpy", "sklearn", "matplotlib", "tqdm"),
+    "train": ("numpy", "sklearn", "tqdm"),
 }
 
 
@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own options; see `torchsingd bench --help`
         return _bench(argparse.Namespace(bench_argv=argv[1:]))
+    helping = "-h" in argv or "--help" in argv
+    if argv[:1] and argv[0] in NEEDS and not helping and not _have_extras(argv[0]):
+        return 2  # (checked before the parser, which imports them)
     args = parser().parse_args(argv)
     args.argv = argv
     return args.run(args)
