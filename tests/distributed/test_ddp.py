@@ -389,3 +389,43 @@ def test_shard_counts_every_ranks_safeguard_events(tmp_path):
     assert opt.safeguard_events["factor_step_bounded"] > 0
     for rank in range(WORLD):
         assert torch.load(f"{out}.{rank}") == opt.safeguard_events, rank
+
+
+def _bad_lr_cov_worker(rank, port, out_path):
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)  # one preconditioned layer: one rank owns nothing
+        model = nn.Sequential(nn.Flatten(), nn.Linear(50, 3)).double()
+        opt = SINGD(
+            model,
+            T=1,
+            lr_cov=lambda t: 0.1 if t == 0 else -1.0,
+            warn_unsupported=False,
+            distributed_strategy="shard",
+        )
+        ddp = DDP(model)
+        train(ddp, opt, batches(1), rank, WORLD)
+        try:
+            train(ddp, opt, batches(2)[1:], rank, WORLD)
+            outcome = "stepped"
+        except ValueError as err:
+            outcome = str(err)
+        torch.save(outcome, f"{out_path}.{rank}")
+        dist.barrier()
+        del ddp, opt
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_bad_scheduled_lr_cov_raises_on_every_rank(tmp_path):
+    """Under "shard" only a layer's owner reads lr_cov; a bad scheduled value raised on
+    the owners alone and the other ranks hung in the next collective. Now every rank
+    checks it first and raises."""
+    out = tmp_path / "outcome"
+    spawn(_bad_lr_cov_worker, str(out))
+    for rank in range(WORLD):
+        assert "lr_cov(1) returned -1.0" in torch.load(f"{out}.{rank}"), rank

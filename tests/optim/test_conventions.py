@@ -465,6 +465,15 @@ def test_warnings_point_at_the_callers_line():
         opt.step()  # skipped: non-finite gradients
     assert len(caught) == 3, [str(w.message) for w in caught]
     assert {w.filename for w in caught} == {__file__}
+    # through torch's GradScaler too (its step calls ours)
+    model = nn.Sequential(nn.Linear(3, 3))
+    opt = SINGD(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+        scaler.step(opt)  # "a gradient scale of 1024 is used at step 0"
+    assert [w.filename for w in caught if "init_grad_scale" in str(w.message)] == [__file__]
 
 
 def test_parameters_unfrozen_after_construction_are_not_dropped_silently():
@@ -476,7 +485,7 @@ def test_parameters_unfrozen_after_construction_are_not_dropped_silently():
     opt = SINGD(model, **HP1)
     assert set(opt.layers) == {"2"}
     model[0].requires_grad_(True)
-    with pytest.warns(UserWarning, match="are not trained"):
+    with pytest.warns(UserWarning, match="does not train them"):
         train(model, opt, 0, 1)
     frozen = [p.detach().clone() for p in model[0].parameters()]
     with warnings.catch_warnings(record=True) as caught:
@@ -491,12 +500,26 @@ def test_parameters_unfrozen_after_construction_are_not_dropped_silently():
 
 
 def test_unfrozen_parameter_warning_names_them():
+    """Named at once in the first steps, later within LEFT_OUT_CHECK_EVERY steps (the
+    scan is rate-limited: a frozen backbone may have thousands of parameters)."""
     model = make_mlp(0)
     model[0].requires_grad_(False)
     opt = SINGD(model, **HP1)
     model[0].requires_grad_(True)
-    with pytest.warns(UserWarning, match=r"\['0.weight', '0.bias'\] have gradients but are not"):
+    with pytest.warns(UserWarning, match=r"\['0.weight', '0.bias'\] have gradients but"):
         train(model, opt, 0, 1)
+    model = make_mlp(0)
+    model[0].requires_grad_(False)
+    opt = SINGD(model, **HP1)
+    train(model, opt, 0, 5)
+    model[0].requires_grad_(True)
+    every = opt.LEFT_OUT_CHECK_EVERY
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, 5, every)  # steps 5 .. every-1: not looked at
+    assert not caught
+    with pytest.warns(UserWarning, match="does not train them"):
+        train(model, opt, every, every + 1)
 
 
 def test_messages_say_why():

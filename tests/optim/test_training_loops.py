@@ -1014,6 +1014,21 @@ def test_registry_replaces_with_a_warning_and_unregisters():
         assert torchsingd.unregister_layer(Dense) is None
         with pytest.raises(ValueError, match="fully qualified class name"):
             torchsingd.register_layer("Dense", first)
+
+        def make():  # two classes with one qualified name (a factory called twice)
+            class Proj(Dense):
+                pass
+
+            return Proj
+
+        one, two = make(), make()
+        torchsingd.register_layer(one, first)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # another class: nothing replaced
+            torchsingd.register_layer(two, second)
+        assert get_adapter(one(2, 2)) is first and get_adapter(two(2, 2)) is second
+        assert torchsingd.unregister_layer(one) is first and get_adapter(two(2, 2)) is second
+        torchsingd.unregister_layer(two)
     finally:
         torchsingd.unregister_layer(Dense)
 

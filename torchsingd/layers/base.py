@@ -23,8 +23,10 @@ Register a new layer type with :func:`register_layer`; see the README for an exa
 
 from __future__ import annotations
 
+import sys
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from math import prod, sqrt
 from typing import Any, Protocol
 
@@ -210,6 +212,14 @@ class LayerAdapter(ABC):
         return [module.register_forward_hook(ObservingHook(observer))]
 
 
+def _observe(observer: Observer | None, module: nn.Module, inputs: tuple, output: Any) -> None:
+    if observer is not None and inputs and isinstance(output, Tensor):
+        observer(module, "", inputs[0], output)
+
+
+_observe_eagerly: Callable[..., None] | None = None  # _observe, kept out of Dynamo
+
+
 class ObservingHook:
     """A forward hook that reports ``(module, "", input, output)`` to an observer.
 
@@ -221,13 +231,18 @@ class ObservingHook:
     def __init__(self, observer: Observer | None) -> None:
         self.observer = observer
 
-    # Dynamo would trace into the observer and guard on which layer it belongs to,
-    # compiling the hook's frame once per layer (a 12-layer MLP hit the recompile
-    # limit); run eagerly, it is one graph break, as before
-    @torch.compiler.disable
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self.observer is not None and inputs and isinstance(output, Tensor):
-            self.observer(module, "", inputs[0], output)
+        global _observe_eagerly
+        if "torch._dynamo" not in sys.modules:  # nothing is compiled (not even loaded)
+            _observe(self.observer, module, inputs, output)
+            return
+        # Dynamo would trace into the observer and guard on which layer it belongs to,
+        # compiling the hook's frame once per layer (a 12-layer MLP hit the recompile
+        # limit); run eagerly, it is one graph break. Made on first use: importing
+        # torch.compiler's machinery costs ~1.2 s, which a run without compile skips.
+        if _observe_eagerly is None:
+            _observe_eagerly = torch.compiler.disable(_observe)
+        _observe_eagerly(self.observer, module, inputs, output)
 
     def __deepcopy__(self, memo: dict) -> ObservingHook:
         return self
@@ -348,7 +363,7 @@ def register_layer(module_type: type[nn.Module] | str, adapter: LayerAdapter) ->
         raise TypeError(
             f"module_type must be an nn.Module subclass or a class name, got {module_type!r}."
         )
-    old = unregister_layer(module_type if isinstance(module_type, type) else name)
+    old = unregister_layer(module_type)
     if old is not None:
         warnings.warn(
             f"register_layer: {name} had the adapter {type(old).__name__}; now "
@@ -362,14 +377,17 @@ def register_layer(module_type: type[nn.Module] | str, adapter: LayerAdapter) ->
 
 
 def unregister_layer(module_type: type[nn.Module] | str) -> LayerAdapter | None:
-    """Remove the adapter registered for ``module_type`` (a class or its fully
-    qualified name; registrations by either form are removed); returns it, or
-    ``None`` if there was none. Optimizers constructed before keep it."""
-    name = module_type if isinstance(module_type, str) else _qualified(module_type)
-    removed = _ADAPTERS_BY_NAME.pop(name, None)
-    for cls in [c for c in _ADAPTERS if _qualified(c) == name]:
-        removed = _ADAPTERS.pop(cls)
-    return removed
+    """Remove the adapter registered for ``module_type``: for a class, its own
+    registration and one by its fully qualified name; for a name, that one and those
+    of classes with that name. Returns the removed adapter (``None`` if none).
+    Optimizers constructed before keep it."""
+    if isinstance(module_type, str):
+        removed = _ADAPTERS_BY_NAME.pop(module_type, None)
+        for cls in [c for c in _ADAPTERS if _qualified(c) == module_type]:
+            removed = _ADAPTERS.pop(cls)
+        return removed
+    by_name = _ADAPTERS_BY_NAME.pop(_qualified(module_type), None)
+    return _ADAPTERS.pop(module_type, by_name)
 
 
 def get_adapter(module: nn.Module) -> LayerAdapter | None:

@@ -54,13 +54,14 @@ from torchsingd.structures.base import read_scalars
 
 _INTERNAL = (
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # torchsingd/
-    os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep,  # its step wrappers
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,  # optim wrappers, GradScaler
 )
 
 
 def warn(message: str) -> None:
     """``warnings.warn`` attributed to the user's line (the first frame outside
-    torchsingd and ``torch.optim``), however deep in the optimizer it is raised."""
+    torchsingd and torch: ``opt.step()`` or ``scaler.step(opt)``), however deep in the
+    optimizer it is raised."""
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
@@ -830,9 +831,19 @@ class KroneckerOptimizer(Optimizer):
             )
         return new_factors, directions, inner
 
+    #: The largest valid ``lr_cov`` (KFAC's is a running-average weight: 1).
+    LR_COV_UPPER = math.inf
+
+    #: How often (in steps) parameters left out as frozen are looked at again: a scan
+    #: costs ~0.1 us per parameter (a frozen backbone may have thousands).
+    LEFT_OUT_CHECK_EVERY = 16
+
     def _warn_left_out(self) -> None:
         """Warn (once per parameter) about parameters left out of the optimizer as
-        frozen at construction that have a gradient now: they are not trained."""
+        frozen at construction that have a gradient now: it does not train them.
+        Looked at in the first steps and then every ``LEFT_OUT_CHECK_EVERY`` steps."""
+        if self.steps > 2 and self.steps % self.LEFT_OUT_CHECK_EVERY:
+            return
         if all(p.grad is None for p in self._left_out):
             return
         mine = {id(p) for g in self.param_groups for p in g["params"]}
@@ -841,9 +852,10 @@ class KroneckerOptimizer(Optimizer):
         if found:
             warn(
                 f"{type(self).__name__}: parameters {[self._name(p) for p in found]} have "
-                "gradients but are not trained: they were frozen (requires_grad=False) "
-                "when the optimizer was constructed with params=None. Add them with "
-                "add_param_group, or construct the optimizer after unfreezing."
+                f"gradients but {type(self).__name__} does not train them: they were "
+                "frozen (requires_grad=False) when it was constructed with params=None. "
+                "Add them with add_param_group, or construct the optimizer after "
+                "unfreezing (if another optimizer trains them, ignore this)."
             )
 
     def _step(self) -> None:
@@ -855,6 +867,12 @@ class KroneckerOptimizer(Optimizer):
             return
 
         rank, size = tdist.world(self._group)
+        if size > 1 and self.distributed_strategy == "shard":
+            # a scheduled lr_cov is read by the owners only: check it on every rank,
+            # so that a bad value raises everywhere instead of hanging the others
+            for group in self.param_groups:
+                if callable(group["lr_cov"]) and self.steps % group["T"] == 0:
+                    scheduled_lr_cov(group, self.steps, upper=self.LR_COV_UPPER)
         updated = self._sync_statistics() if size > 1 else []
         pending = []
         for entry in self._entries.values():
@@ -869,15 +887,17 @@ class KroneckerOptimizer(Optimizer):
             # a trust-region scalar exists for the same entries on every rank
             shared += [inner for _, _, _, inner in pending if inner is not None]
             # the factor safeguards acted on the owners only: count them on every rank
+            # (only in steps that update factors: the same steps on every rank)
             owned = ("factor_step_bounded", "factor_repaired")
-            first = next(iter(self._entries.values()), None)
-            device = first.adapter.params(first.module)[0].device if first else None
-            counts = torch.tensor(
-                [float(sum(e == event for e, _ in self._notes)) for event in owned],
-                device=device,
-            )
-            tdist.all_reduce_tensors([*shared, counts], [False] * (len(shared) + 1), self._group)
-            for event, total in zip(owned, counts.tolist(), strict=True):
+            if updated:
+                layer = updated[0][0]
+                counts = torch.tensor(
+                    [float(sum(e == event for e, _ in self._notes)) for event in owned],
+                    device=layer.adapter.params(layer.module)[0].device,
+                )
+                shared.append(counts)
+            tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
+            for event, total in zip(owned, counts.tolist() if updated else [0, 0], strict=True):
                 mine = sum(e == event for e, _ in self._notes)
                 self._notes += [(event, None)] * (round(total) - mine)  # (warned by owners)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]

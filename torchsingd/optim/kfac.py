@@ -158,6 +158,8 @@ class KFAC(KroneckerOptimizer):
             (default): off, the plain K-FAC step.
     """
 
+    LR_COV_UPPER = 1.0
+
     def __init__(
         self,
         model: nn.Module,
@@ -289,7 +291,7 @@ class KFAC(KroneckerOptimizer):
     ) -> tuple[dict[str, Any], Tensor]:
         S_K, S_C, inv_K, inv_C = layer.S_K, layer.S_C, layer.inv_K, layer.inv_C
         if stats is not None:
-            beta1 = scheduled_lr_cov(group, self.steps, upper=1.0)
+            beta1 = scheduled_lr_cov(group, self.steps, upper=self.LR_COV_UPPER)
             new_K = S_K.clone().mul_(1.0 - beta1).add_(stats[0], alpha=beta1)
             new_C = S_C.clone().mul_(1.0 - beta1).add_(stats[1], alpha=beta1 * output_scale)
             totals = read_scalars([new_K.finite_sum(), new_C.finite_sum()])  # one sync
