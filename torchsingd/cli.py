@@ -91,8 +91,6 @@ def _sweep_config(args: argparse.Namespace, baseline: str):
 
 
 def _compare(args: argparse.Namespace) -> int:
-    if not _have_extras("compare"):
-        return 2
     if args.sweep:
         return _sweep(args)
     from torchsingd.experiments.tasks import TASKS
@@ -158,8 +156,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if not _have_extras("train"):
-        return 2
     from torchsingd.experiments.compare import describe
     from torchsingd.experiments.optimizers import OPTIMIZERS
     from torchsingd.experiments.runner import RunSpec, train

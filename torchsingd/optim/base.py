@@ -889,17 +889,16 @@ class KroneckerOptimizer(Optimizer):
             # the factor safeguards acted on the owners only: count them on every rank
             # (only in steps that update factors: the same steps on every rank)
             owned = ("factor_step_bounded", "factor_repaired")
+            mine = [sum(e == event for e, _ in self._notes) for event in owned]
             if updated:
-                layer = updated[0][0]
-                counts = torch.tensor(
-                    [float(sum(e == event for e, _ in self._notes)) for event in owned],
-                    device=layer.adapter.params(layer.module)[0].device,
-                )
+                entry = updated[0][0]
+                device = entry.adapter.params(entry.module)[0].device
+                counts = torch.tensor(mine, dtype=torch.float32, device=device)
                 shared.append(counts)
             tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
-            for event, total in zip(owned, counts.tolist() if updated else [0, 0], strict=True):
-                mine = sum(e == event for e, _ in self._notes)
-                self._notes += [(event, None)] * (round(total) - mine)  # (warned by owners)
+            if updated:
+                for event, own, total in zip(owned, mine, counts.tolist(), strict=True):
+                    self._notes += [(event, None)] * (round(total) - own)  # (warned by owners)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
         inners = self._group_inners(pending)
         if not self._finite(pending, fallback, inners):
@@ -937,13 +936,7 @@ class KroneckerOptimizer(Optimizer):
         for entry, _, _, inner in pending:
             if inner is not None:
                 parts.setdefault(entry.group_index, []).append(inner)
-        totals = {}
-        for i, terms in parts.items():
-            total = terms[0]
-            for term in terms[1:]:
-                total = total + term
-            totals[i] = total
-        return totals
+        return {i: sum(terms[1:], start=terms[0]) for i, terms in parts.items()}
 
     def _finite(self, pending: list, fallback: list, inners: dict[int, Any]) -> bool:
         """Whether every direction and fallback gradient is finite; replaces the

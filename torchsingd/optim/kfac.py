@@ -223,7 +223,7 @@ class KFAC(KroneckerOptimizer):
     def _validate(self, group: dict[str, Any]) -> None:
         validate_common(group)
         lr_cov = group["lr_cov"]
-        if not callable(lr_cov) and not lr_cov <= 1.0:
+        if not callable(lr_cov) and not lr_cov <= self.LR_COV_UPPER:
             raise ValueError(
                 f"Invalid lr_cov={lr_cov!r}: KFAC's lr_cov is the weight of the new "
                 "statistic in a running average, a number in [0, 1]."
@@ -297,25 +297,22 @@ class KFAC(KroneckerOptimizer):
             totals = read_scalars([new_K.finite_sum(), new_C.finite_sum()])  # one sync
             finite = [S.finite_given(t) for S, t in zip((new_K, new_C), totals, strict=True)]
             # An overflowed statistic (an input whose square is inf) would give an
-            # inverse with zero rows: those inputs' weights would never move again
-            if all(finite) or self.on_nonfinite == "raise":
-                S_K, S_C = new_K, new_C
-                inv_K = damped_inverse(S_K, group["damping"])
-                inv_C = damped_inverse(S_C, group["damping"])
-                if not all(finite):  # the step raises (its directions are NaN)
-                    inv_K = inv_K.mul(math.nan)
-            else:  # keep the previous factor (and its inverse) where the new one is not finite
-                for name, ok in zip(("S_K", "S_C"), finite, strict=True):
-                    if not ok:
-                        self._note(
-                            "factor_repaired",
-                            f"KFAC: the update of factor {name} of {layer.name!r} was not "
-                            "finite; kept the previous factor (see safeguard_events).",
-                        )
-                if finite[0]:
-                    S_K, inv_K = new_K, damped_inverse(new_K, group["damping"])
-                if finite[1]:
-                    S_C, inv_C = new_C, damped_inverse(new_C, group["damping"])
+            # inverse with zero rows: those inputs' weights would never move again.
+            # Repaired (the previous factor and inverse kept), unless the step raises.
+            raising = self.on_nonfinite == "raise"
+            for name, ok in zip(("S_K", "S_C"), finite, strict=True):
+                if not ok and not raising:
+                    self._note(
+                        "factor_repaired",
+                        f"KFAC: the update of factor {name} of {layer.name!r} was not "
+                        "finite; kept the previous factor (see safeguard_events).",
+                    )
+            if finite[0] or raising:
+                S_K, inv_K = new_K, damped_inverse(new_K, group["damping"])
+            if finite[1] or raising:
+                S_C, inv_C = new_C, damped_inverse(new_C, group["damping"])
+            if raising and not all(finite):  # the step raises (its directions are NaN)
+                inv_K = inv_K.mul(math.nan)
         right = inv_K.mm(G.T.to(inv_K.dtype)).T  # G (S_K + lambda I)^-1, symmetric inverse
         nat = inv_C.mm(right.to(inv_C.dtype)).to(G.dtype)
         factors = {"S_K": S_K, "S_C": S_C, "inv_K": inv_K, "inv_C": inv_C}
