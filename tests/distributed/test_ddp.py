@@ -292,7 +292,7 @@ def _sum_loss_worker(rank, port, config, out_path, mode):
         model = make_model()
         opt = _sum_factory(config, init_grad_scale=WORLD if mode == "ddp" else 1.0)(model)
         net = DDP(model) if mode == "ddp" else model
-        for x, y in batches(4):
+        for t, (x, y) in enumerate(batches(4)):
             n = len(x) // WORLD
             xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
             opt.zero_grad()
@@ -304,6 +304,13 @@ def _sum_loss_worker(rank, port, config, out_path, mode):
                 loss.backward()
                 for p in model.parameters():
                     dist.all_reduce(p.grad)  # summed
+            if mode == "retry" and t == 1:  # a step that raises after the statistics'
+                # reduction ("replicate" reads a scheduled lr_cov there), retried with
+                # the schedule fixed: the sum over ranks must not be summed again
+                opt.param_groups[0]["lr_cov"] = lambda step: -1.0
+                with pytest.raises(ValueError, match="returned -1.0"):
+                    opt.step()
+                opt.param_groups[0]["lr_cov"] = 0.1
             opt.step()
         if rank == 0:
             torch.save([p.detach() for p in model.parameters()], out_path)
@@ -331,7 +338,7 @@ def _sum_factory(config, init_grad_scale=1.0):
     return build
 
 
-@pytest.mark.parametrize("mode", ["summed", "ddp"])
+@pytest.mark.parametrize("mode", ["summed", "ddp", "retry"])
 @pytest.mark.parametrize(
     "config",
     [("singd", "dense", "replicate"), ("singd", "diagonal", "shard"), ("kfac", "dense", "shard")],
@@ -340,7 +347,9 @@ def _sum_factory(config, init_grad_scale=1.0):
 def test_sum_loss_two_ranks_equal_one_process(config, mode, tmp_path):
     """loss_average=None: H_K is a mean over the input rows (averaged across ranks),
     H_C a sum over the output gradients (summed); it summed both (H_K N times too
-    large: parameters off by ~0.5 after 5 steps)."""
+    large: parameters off by ~0.5 after 5 steps). "retry": a step raises after the
+    reduction and is retried with the same statistics (the sum was summed again:
+    H_C N times too large)."""
     out = tmp_path / "rank0.pt"
     spawn(_sum_loss_worker, config, str(out), mode)
     torch.set_num_threads(1)
@@ -429,3 +438,45 @@ def test_shard_bad_scheduled_lr_cov_raises_on_every_rank(tmp_path):
     spawn(_bad_lr_cov_worker, str(out))
     for rank in range(WORLD):
         assert "lr_cov(1) returned -1.0" in torch.load(f"{out}.{rank}"), rank
+
+
+def _bad_adapter_worker(rank, port, out_path):
+    from datetime import timedelta
+
+    from tests.optim.test_training_loops import DENSE_SHAPE, Dense, DenseNet, batch
+    from tests.optim.test_training_loops import ForgetfulAdapter as Forgetful
+    from torchsingd import register_layer, unregister_layer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a short timeout: without the fix the rank that does not own the layer waits here
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=20))
+    torch.set_num_threads(1)
+    register_layer(Dense, Forgetful())
+    try:
+        model = DenseNet()
+        opt = SINGD(model, lr=0.1, lr_cov=0.05, T=1, distributed_strategy="shard")
+        assert len(set(opt._owner(e) for e in opt._entries.values())) == WORLD
+        x, y = batch(0, DENSE_SHAPE, 2)
+        nn.functional.mse_loss(model(x), y).backward()
+        try:
+            opt.step()
+            outcome = "stepped"
+        except Exception as err:  # noqa: BLE001 - the type is part of the outcome
+            outcome = f"{type(err).__name__}: {err}"
+        torch.save(outcome, f"{out_path}.{rank}")
+        dist.barrier()
+        del opt
+    finally:
+        unregister_layer(Dense)
+        dist.destroy_process_group()
+
+
+def test_shard_bad_adapter_raises_on_every_rank(tmp_path):
+    """A user adapter whose directions have the wrong shapes raised on the layer's
+    owner only; the other rank waited in the next collective until its timeout. Every
+    rank now checks the shapes once and raises the same error."""
+    out = tmp_path / "outcome"
+    spawn(_bad_adapter_worker, str(out))
+    for rank in range(WORLD):
+        outcome = torch.load(f"{out}.{rank}")
+        assert outcome.startswith("ValueError: Layer 'dense': ForgetfulAdapter"), (rank, outcome)

@@ -531,3 +531,91 @@ def test_messages_say_why():
     model[0].requires_grad_(False)
     with pytest.warns(UserWarning, match=r"not preconditioned even once unfrozen: \['0.weight'"):
         SINGD(model, params=list(model.parameters()))
+
+
+# ------------------------------------------------- hyper-parameters per step
+def _everything(model, opt) -> dict[str, torch.Tensor]:
+    """Parameters and every tensor of the optimizer's state_dict (factors included)."""
+    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj.detach().clone()
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for k, v in enumerate(obj):
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, (int, float)):
+            out[prefix] = torch.tensor(float(obj), dtype=torch.float64)
+
+    walk("opt", opt.state_dict())
+    return out
+
+
+def _hp(cls, **changes):
+    hp = dict(HP1, **changes)
+    if cls is KFAC:
+        hp = {k: v for k, v in hp.items() if k != "alpha1"}
+    return hp
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_tensor_lr_and_scheduler_match_float_lr(cls):
+    """``lr`` as a one-element tensor (``torch.optim`` allows it; schedulers then fill
+    it in place) trains bit for bit like the same float schedule."""
+    runs = []
+    for lr in (0.05, torch.tensor(0.05, dtype=torch.float64)):
+        model = make_mlp(0)
+        opt = cls(model, **_hp(cls, lr=lr))
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for t in range(5):
+            train(model, opt, t, t + 1)
+            sched.step()
+        assert float(opt.param_groups[0]["lr"]) == 0.05 * 0.5**2
+        runs.append(_everything(model, opt))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert_states_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("lr", 1e300),  # finite, but not a float32 number: raised part-way before
+        ("lr", -0.1),
+        ("lr", torch.tensor([0.1, 0.2])),
+        ("momentum", 1.0),
+        ("weight_decay", float("nan")),
+        ("damping", float("inf")),
+        ("lr_cov", float("nan")),
+    ],
+)
+def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, name, value):
+    """A schedule that produces NaN (or the user setting a bad value between steps)
+    raises a ValueError naming it; the weights, factors and step counter are untouched
+    (torch.optim would write NaN into every weight)."""
+    model = make_mlp(0)
+    opt = cls(model, **_hp(cls))
+    train(model, opt, 0, 2)
+    x, y = batch(2)
+    opt.zero_grad()
+    mse(model(x), y).backward()
+    before, steps = _everything(model, opt), opt.steps
+    opt.param_groups[0][name] = value
+    with pytest.raises(ValueError, match=rf"Invalid {name}=.* in param group 0 .*must be"):
+        opt.step()
+    opt.param_groups[0][name] = HP1.get(name, 0.05 if name == "lr_cov" else None)
+    after = _everything(model, opt)
+    assert len(after) > 10 and any(k.startswith("opt.state") for k in after)
+    assert_states_equal(before, after)
+    assert opt.steps == steps
+
+
+@pytest.mark.parametrize("lr", [1e300, float("nan"), torch.tensor([0.1, 0.2]), "0.1"])
+def test_invalid_lr_at_construction_says_the_range(lr):
+    with pytest.raises(ValueError, match=r"Invalid lr=.*finite number in \[0, 3.403e\+38\]"):
+        SINGD(make_mlp(0), lr=lr)

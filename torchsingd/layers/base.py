@@ -165,7 +165,12 @@ class LayerAdapter(ABC):
         return False
 
     def has_gradient(self, module: nn.Module, *, block: str = "") -> bool:
-        """Whether :meth:`grad_matrix` would return a matrix (without building it)."""
+        """Whether :meth:`grad_matrix` would return a matrix (without building it, for
+        the default layout; an adapter with its own ``grad_matrix`` and no
+        ``has_gradient`` is asked by building it: ranks that do not own a layer under
+        ``distributed_strategy="shard"`` call this)."""
+        if type(self).grad_matrix is not LayerAdapter.grad_matrix:
+            return self.grad_matrix(module, block=block) is not None
         return module.weight.grad is not None
 
     def weight_matrix(self, module: nn.Module, w: Tensor) -> Tensor:

@@ -91,10 +91,13 @@ class BlockState:
     pending: list[StructuredMatrix] | None = None
     capture_step: int = -1
     capture_scale: float = 1.0
+    #: whether ``pending`` was reduced across ranks already (by a step that then raised)
+    reduced: bool = False
 
     def clear_captures(self) -> None:
         self.pending = None
         self.capture_step = -1
+        self.reduced = False
 
     def has_statistics(self, step: int) -> bool:
         """Whether statistics captured in ``step`` are pending."""
@@ -130,10 +133,62 @@ class ModuleEntry:
     #: first test of :meth:`KroneckerOptimizer._active`)
     watched: tuple[nn.Parameter, ...] = ()
     watched_flags: tuple[bool, ...] = ()
+    #: whether the adapter's directions were seen to have the parameters' shapes
+    #: (a rank that does not own the module under "shard" checks once, see
+    #: :meth:`KroneckerOptimizer._zero_directions`)
+    shapes_checked: bool = False
 
 
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+#: The largest learning rate: the parameter updates pass ``-lr`` to float32 arithmetic
+#: (a larger value cannot be converted, and would make every weight inf anyway).
+LR_MAX = float(torch.finfo(torch.float32).max)
+
+
+def lr_value(lr: Any) -> float | None:
+    """``lr`` as a float: a Python number or, as ``torch.optim`` allows, a tensor of one
+    real element (``None`` for anything else)."""
+    if is_number(lr):
+        return float(lr)
+    if (
+        isinstance(lr, Tensor)
+        and lr.numel() == 1
+        and not lr.requires_grad
+        and not (lr.is_complex() or lr.dtype == torch.bool)
+    ):
+        return float(lr)
+    return None
+
+
+def check_step_hyperparameters(groups: list[dict[str, Any]]) -> None:
+    """The numbers a scheduler or the user may change between steps (``lr``,
+    ``momentum``, ``weight_decay``, ``damping``, a constant ``lr_cov``), checked before a
+    step writes anything (a NaN learning rate from a schedule would make every weight
+    NaN). Raises a ``ValueError`` naming the group, the value and the valid range."""
+    for i, group in enumerate(groups):
+        lr = lr_value(group["lr"])
+        problem = None
+        if lr is None or not 0.0 <= lr <= LR_MAX:
+            problem = ("lr", f"a finite number in [0, {LR_MAX:.4g}]")
+        elif not is_number(group["momentum"]) or not 0.0 <= group["momentum"] < 1.0:
+            problem = ("momentum", "a number in [0, 1)")
+        else:
+            for name in ("weight_decay", "damping", "lr_cov"):
+                value = group[name]
+                if name == "lr_cov" and callable(value):
+                    continue  # checked where it is called
+                if not is_number(value) or not 0.0 <= value < math.inf:
+                    problem = (name, "a finite number >= 0")
+                    break
+        if problem is not None:
+            name, valid = problem
+            raise ValueError(
+                f"Invalid {name}={group[name]!r} in param group {i} (changed since "
+                f"construction, e.g. by a scheduler): must be {valid}. Nothing was updated."
+            )
 
 
 def parse_dtypes(
@@ -162,16 +217,19 @@ def validate_common(group: dict[str, Any]) -> None:
     def bad(name: str, why: str) -> None:
         raise ValueError(f"Invalid {name}={group[name]!r}: {why}.")
 
-    for name in ("lr", "damping", "weight_decay"):
+    lr = lr_value(group["lr"])
+    if lr is None or not 0.0 <= lr <= LR_MAX:
+        bad("lr", f"must be a finite number in [0, {LR_MAX:.4g}] (or a tensor of one)")
+    for name in ("damping", "weight_decay"):
         if not is_number(group[name]) or not 0.0 <= group[name] < math.inf:
             bad(name, "must be a finite number >= 0")
     if not is_number(group["fallback_eps"]) or not 0.0 < group["fallback_eps"] < math.inf:
         bad("fallback_eps", "must be a finite number > 0 (AdamW divides by sqrt(v) + eps)")
     if not is_number(group["momentum"]) or not 0.0 <= group["momentum"] < 1.0:
         bad("momentum", "must be a number in [0, 1)")
-    for name in ("fallback_lr", "fallback_weight_decay"):
+    for name, upper in (("fallback_lr", LR_MAX), ("fallback_weight_decay", math.inf)):
         if group[name] is not None and (
-            not is_number(group[name]) or not 0.0 <= group[name] < math.inf
+            not is_number(group[name]) or not 0.0 <= group[name] < math.inf or group[name] > upper
         ):
             bad(name, "must be None (use the group's value) or a finite number >= 0")
     if group["max_update_norm"] is not None and (
@@ -822,14 +880,20 @@ class KroneckerOptimizer(Optimizer):
                 dot = torch.dot(nats[block].reshape(-1).to(acc), G.reshape(-1).to(acc))
                 inner = dot.float() if inner is None else (inner + dot).float()
         directions = entry.adapter.directions(entry.module, nats)
+        self._check_shapes(entry, directions)
+        return new_factors, directions, inner
+
+    def _check_shapes(self, entry: ModuleEntry, directions: list[Tensor]) -> None:
+        """Raise (before anything is written) if a user adapter's ``directions`` do not
+        have its parameters' shapes."""
         params = entry.adapter.params(entry.module)
         if [d.shape for d in directions] != [p.shape for p in params]:
-            raise ValueError(  # (before anything is written: a user adapter's mistake)
+            raise ValueError(
                 f"Layer {entry.name!r}: {type(entry.adapter).__name__}.directions (from "
                 f"split_matrix) returned shapes {[tuple(d.shape) for d in directions]} "
                 f"for parameters of shapes {[tuple(p.shape) for p in params]}."
             )
-        return new_factors, directions, inner
+        entry.shapes_checked = True
 
     #: The largest valid ``lr_cov`` (KFAC's is a running-average weight: 1).
     LR_COV_UPPER = math.inf
@@ -859,6 +923,7 @@ class KroneckerOptimizer(Optimizer):
             )
 
     def _step(self) -> None:
+        check_step_hyperparameters(self.param_groups)
         if self._left_out:
             self._warn_left_out()
         grad_scale, g_scale, found_inf = self._read_scales()
@@ -911,7 +976,7 @@ class KroneckerOptimizer(Optimizer):
             kl_clip = self._kl_clip(group)
             if kl_clip is not None and i in inners:
                 inner = inners[i]
-                if trust_region_scale(dirs, float(group["lr"]), inner, kl_clip) < 1.0:
+                if trust_region_scale(dirs, lr_value(group["lr"]), inner, kl_clip) < 1.0:
                     self._note("kl_clipped")
             if group["max_update_norm"] is not None:
                 clip_by_global_norm(dirs, group["max_update_norm"])
@@ -972,6 +1037,10 @@ class KroneckerOptimizer(Optimizer):
             return None
         if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
+        if not entry.shapes_checked:  # once: the owner raises on a wrong shape, and so
+            # must this rank, or it would wait for the owner in the next collective
+            grads = {b: entry.adapter.grad_matrix(entry.module, block=b) for b in entry.blocks}
+            self._check_shapes(entry, entry.adapter.directions(entry.module, grads))
         params = entry.adapter.params(entry.module)
         inner = None
         if self._kl_clip(self.param_groups[entry.group_index]) is not None:
@@ -1026,9 +1095,16 @@ class KroneckerOptimizer(Optimizer):
             mean = self.param_groups[entry.group_index]["loss_average"] is not None
             for side, stat in enumerate(layer.pending):  # (input side, output side)
                 for t in stat.tensors():
+                    if layer.reduced and not (mean or side == 0):
+                        # a retried step: this is the sum over the ranks already (plus
+                        # what a backward pass since added), so sum A / N + new
+                        # (averages of an average need nothing: they stay A + mean new)
+                        t.div_(tdist.world(self._group)[1])
                     tensors.append(t)
                     average.append(mean or side == 0)
         tdist.all_reduce_tensors(tensors, average, self._group)
+        for _, layer in updated:
+            layer.reduced = True
         return updated
 
     def _parameter_updates(self, items: list[tuple[ModuleEntry, list[Tensor]]]) -> None:
@@ -1049,7 +1125,7 @@ class KroneckerOptimizer(Optimizer):
                 params,
                 [d for _, directions in members for d in directions],
                 [self.state[p].get("momentum_buffer") for p in params],
-                lr=group["lr"],
+                lr=lr_value(group["lr"]),
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
             )
@@ -1071,7 +1147,7 @@ class KroneckerOptimizer(Optimizer):
             params = [p for p, _ in pairs]
             grads = [g for _, g in pairs]
             states = [self.state[p] for p in params]
-            lr = group["lr"] if group["fallback_lr"] is None else group["fallback_lr"]
+            lr = lr_value(group["lr"]) if group["fallback_lr"] is None else group["fallback_lr"]
             wd = group["fallback_weight_decay"]
             wd = group["weight_decay"] if wd is None else wd
             if group["fallback"] == "adamw":
