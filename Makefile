@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	# Pinned first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# Pinned first: an unpinned torch would pull a multi-GB CUDA build. The CPU build's
+	# wheel is looked for in /opt/wheels where that exists (PIP_FIND_LINKS not needed).
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 	$(PY) -m pip install --quiet -e '.[test,experiments]'
 	touch $(STAMP)
 
