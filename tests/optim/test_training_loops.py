@@ -1236,3 +1236,52 @@ def test_torch_compile_transformer_encoder(fresh_dynamo, T):
         opt_ref.step()
         opt.step()
     assert_close(snapshot(ref, opt_ref), snapshot(model, opt), rtol=1e-5, atol=1e-6)
+
+
+class KeywordCalls(nn.Module):
+    """Embedding, convolution and linear layers called with ``input=`` or positionally."""
+
+    def __init__(self, keyword: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.keyword = keyword
+        self.emb = nn.Embedding(7, 4)
+        self.conv = nn.Conv1d(4, 3, 2)
+        self.fc = nn.Linear(3, 2)
+        self.to(DTYPE)
+
+    def forward(self, idx):
+        call = (lambda m, x: m(input=x)) if self.keyword else (lambda m, x: m(x))
+        h = call(self.emb, idx).transpose(1, 2)  # [B, 4, S]
+        h = torch.tanh(call(self.conv, h)).mean(2)
+        return call(self.fc, h)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "triltoeplitz"])
+def test_layers_called_with_the_input_as_a_keyword_are_observed(structure):
+    """``layer(input=x)``: the forward hook saw no positional input and captured
+    nothing, so K and C stayed the identity forever, silently."""
+    states = []
+    for keyword in (False, True):
+        model = KeywordCalls(keyword)
+        opt = SINGD(model, lr=0.1, lr_cov=0.05, T=1, structures=structure)
+        for t in range(3):
+            gen = torch.Generator().manual_seed(t)
+            idx = torch.randint(0, 7, (5, 6), generator=gen)
+            opt.zero_grad()
+            model(idx).square().sum().backward()
+            opt.step()
+        states.append(
+            {
+                **{n: p.detach() for n, p in model.named_parameters()},
+                **{
+                    f"{n}.{k}": f.to_dense()
+                    for n, layer in opt.layers.items()
+                    for k, f in (("K", layer.K), ("C", layer.C))
+                },
+            }
+        )
+        assert not torch.equal(opt.layers["fc"].K.to_dense(), torch.eye(4, dtype=DTYPE))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key

@@ -23,6 +23,7 @@ Register a new layer type with :func:`register_layer`; see the README for an exa
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from abc import ABC, abstractmethod
@@ -214,19 +215,45 @@ class LayerAdapter(ABC):
         The hook (:class:`ObservingHook`) is shared by a deep copy of the model, whose
         forward passes the observer recognises (and ignores), and pickles as a no-op.
         """
-        return [module.register_forward_hook(ObservingHook(observer))]
+        return [module.register_forward_hook(ObservingHook(observer), with_kwargs=True)]
 
 
-def _observe(observer: Observer | None, module: nn.Module, inputs: tuple, output: Any) -> None:
-    if observer is not None and inputs and isinstance(output, Tensor):
-        observer(module, "", inputs[0], output)
+_FIRST_ARGUMENT: dict[type, str | None] = {}
+
+
+def first_argument(module: nn.Module) -> str | None:
+    """The name of the first argument of ``module``'s forward (``input`` for torch's
+    layers), by which a call may pass the input as a keyword (cached per class)."""
+    cls = type(module)
+    if cls not in _FIRST_ARGUMENT:
+        try:
+            names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+        except (TypeError, ValueError):
+            names = []
+        _FIRST_ARGUMENT[cls] = names[0] if names else None
+    return _FIRST_ARGUMENT[cls]
+
+
+def _observe(
+    observer: Observer | None, module: nn.Module, args: tuple, kwargs: dict, output: Any
+) -> None:
+    if observer is None or not isinstance(output, Tensor):
+        return
+    if args:
+        observer(module, "", args[0], output)
+    elif kwargs:  # layer(input=x)
+        x = kwargs.get(first_argument(module))
+        if isinstance(x, Tensor):
+            observer(module, "", x, output)
 
 
 _observe_eagerly: Callable[..., None] | None = None  # _observe, kept out of Dynamo
 
 
 class ObservingHook:
-    """A forward hook that reports ``(module, "", input, output)`` to an observer.
+    """A forward hook (``with_kwargs=True``) that reports ``(module, "", input,
+    output)`` to an observer; the input is the first positional argument, or the
+    forward's first argument passed by keyword (``layer(input=x)``).
 
     A deep copy is the same hook (the observer ignores the copied module); pickling
     (``torch.save(model)``) stores an inert hook, since the optimizer is not part of
@@ -236,10 +263,10 @@ class ObservingHook:
     def __init__(self, observer: Observer | None) -> None:
         self.observer = observer
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         global _observe_eagerly
         if "torch._dynamo" not in sys.modules:  # nothing is compiled (not even loaded)
-            _observe(self.observer, module, inputs, output)
+            _observe(self.observer, module, args, kwargs, output)
             return
         # Dynamo would trace into the observer and guard on which layer it belongs to,
         # compiling the hook's frame once per layer (a 12-layer MLP hit the recompile
@@ -247,7 +274,7 @@ class ObservingHook:
         # torch.compiler's machinery costs ~1.2 s, which a run without compile skips.
         if _observe_eagerly is None:
             _observe_eagerly = torch.compiler.disable(_observe)
-        _observe_eagerly(self.observer, module, inputs, output)
+        _observe_eagerly(self.observer, module, args, kwargs, output)
 
     def __deepcopy__(self, memo: dict) -> ObservingHook:
         return self
