@@ -41,6 +41,18 @@ def test_average_trace_of_a_large_half_factor(name, d, dtype):
     assert float(KtK.to_dense().to(torch.float64).diagonal().mean()) == entry
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_frobenius_norm_of_a_large_half_factor(name, dtype):
+    """``||40 I||_F^2 = 1600 d``: 102400 at d = 64, inf in float16 for every family
+    but Toeplitz (which summed in float32 already)."""
+    d = 64
+    K = get_structure(name).eye(d, dtype=dtype).mul_(40.0)
+    value = K.frobenius_sq()
+    assert value.dtype == torch.float32
+    assert float(value) == 1600.0 * d
+
+
 @pytest.mark.parametrize("name", ["diagonal", "hierarchical:15,15", "triltoeplitz"])
 def test_float16_factor_update_stays_finite(name):
     spec = get_structure(name)

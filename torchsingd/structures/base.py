@@ -177,13 +177,15 @@ class StructuredMatrix(ABC):
 
     def frobenius_sq(self) -> Tensor:
         """``||M||_F^2``: the sum of squares of the stored numbers, for structures that
-        store every non-zero entry once (Toeplitz weighs its diagonals by their length)."""
+        store every non-zero entry once (Toeplitz weighs its diagonals by their length);
+        in at least float32 (squares of half-precision numbers overflow: 40^2 * 64 is
+        inf in float16)."""
         flat = self._stored()
+        dtype = torch.promote_types(self.dtype, torch.float32)
         if flat is None:
-            return torch.zeros((), dtype=self.dtype, device=self.device)
-        if flat.dtype in (torch.float32, torch.float64):
-            return torch.dot(flat, flat)
-        return flat.square().sum()
+            return torch.zeros((), dtype=dtype, device=self.device)
+        flat = flat.to(dtype)
+        return torch.dot(flat, flat)
 
     def spectral_norm_bound(self) -> Tensor:
         """An upper bound on ``||self||_2`` (the largest singular value), a 0-d tensor.
