@@ -640,3 +640,51 @@ def test_transformer_encoder_layer_trains_with_one_optimizer(batch_first, norm_f
 
     opt.remove_hooks()
     assert model.self_attn.forward.__func__ is nn.MultiheadAttention.forward
+
+
+class Pointer(nn.Module):
+    """Pointer-network style: only the attention weights feed the loss, so ``out_proj``
+    is outside the backward pass (its gradient stays ``None``) while q and k train.
+    ``touch_output`` adds ``0 * output``: ``out_proj`` then gets a zero gradient."""
+
+    def __init__(self, touch_output: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.touch_output = touch_output
+        self.enc = nn.Linear(4, E)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = self.enc(x)
+        out, w = self.attn(h[:, :1], h, h)
+        logits = torch.log(w[:, 0] + 1e-9)
+        return logits + 0 * out.sum() if self.touch_output else logits
+
+
+@pytest.mark.parametrize("cls_name", ["SINGD", "KFAC"])
+def test_attention_used_only_for_its_weights_trains_q_and_k(cls_name):
+    """The q/k projections have gradients; the module used to be skipped whole (every
+    block needed a gradient), so they never trained, silently. The blocks outside the
+    backward pass now count as zero gradients: q, k and the parameters update exactly
+    as when ``out_proj`` has a zero gradient of its own."""
+    import torchsingd
+
+    cls = getattr(torchsingd, cls_name)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, 4, generator=gen, dtype=DTYPE)
+    y = torch.randint(0, 5, (8,), generator=gen)
+    params = []
+    for touch in (False, True):
+        model = Pointer(touch)
+        start = model.attn.in_proj_weight.detach().clone()
+        opt = cls(model, lr=0.1, T=1)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.nll_loss(model(x), y).backward()
+            assert (model.attn.out_proj.weight.grad is None) is not touch
+            opt.step()
+        assert not torch.equal(model.attn.in_proj_weight, start)
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in params[0]:
+        assert torch.equal(params[0][name], params[1][name]), name

@@ -104,3 +104,26 @@ def test_legacy_weight_norm_layer_goes_to_the_fallback_rule():
     model(torch.randn(4, 2, 8, dtype=torch.float64)).pow(2).sum().backward()
     opt.step()
     assert not torch.equal(before, conv.weight_v)
+
+
+@pytest.mark.parametrize("structure", ["dense", "triltoeplitz"])
+def test_layer_with_an_empty_weight_goes_to_the_fallback(structure):
+    """``nn.Linear(0, 3)`` (its bias still trains) crashed in the user's backward
+    (reshaping the empty input); with Toeplitz ``Linear(3, 0)`` failed at construction.
+    Such a layer now goes to the fallback rule, named in the construction warning; its
+    bias takes the AdamW step torch.optim.AdamW takes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(0, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    bias = model[0].bias.detach().clone().requires_grad_()
+    reference = torch.optim.AdamW([bias], lr=0.05, weight_decay=0.0)
+    with pytest.warns(UserWarning, match=r"fallback rule.*0\.bias"):
+        opt = SINGD(model, lr=0.05, T=1, structures=structure, weight_decay=0.0)
+    assert set(opt.layers) == {"2"}
+    x = torch.zeros(4, 0, dtype=torch.float64)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        reference.param_groups[0]["params"][0].grad = model[0].bias.grad.clone()
+        opt.step()
+        reference.step()
+    torch.testing.assert_close(model[0].bias, reference.param_groups[0]["params"][0])

@@ -592,13 +592,21 @@ def test_tensor_lr_and_scheduler_match_float_lr(cls):
         ("weight_decay", float("nan")),
         ("damping", float("inf")),
         ("lr_cov", float("nan")),
+        ("T", 0),
+        ("T", 2.5),
+        ("kl_clip", -1.0),  # was a math domain error
+        ("max_update_norm", 0.0),
+        ("alpha1", 1.5),  # was accepted
     ],
 )
 def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, name, value):
     """A schedule that produces NaN (or the user setting a bad value between steps)
     raises a ValueError naming it; the weights, factors and step counter are untouched
-    (torch.optim would write NaN into every weight)."""
+    (torch.optim would write NaN into every weight). T=0 raised a ZeroDivisionError in
+    the next forward pass; that forward now raises the same ValueError."""
     model = make_mlp(0)
+    if cls is KFAC and name in ("alpha1", "kl_clip"):
+        pytest.skip(f"KFAC has no {name}")
     opt = cls(model, **_hp(cls))
     train(model, opt, 0, 2)
     x, y = batch(2)
@@ -606,9 +614,12 @@ def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, n
     mse(model(x), y).backward()
     before, steps = _everything(model, opt), opt.steps
     opt.param_groups[0][name] = value
+    if name == "T" and value == 0:
+        with pytest.raises(ValueError, match=r"Invalid T=0 in param group 0"):
+            model(x)
     with pytest.raises(ValueError, match=rf"Invalid {name}=.* in param group 0 .*must be"):
         opt.step()
-    opt.param_groups[0][name] = HP1.get(name, 0.05 if name == "lr_cov" else None)
+    opt.param_groups[0][name] = HP1.get(name, {"lr_cov": 0.05, "kl_clip": 1e-2}.get(name))
     after = _everything(model, opt)
     assert len(after) > 10 and any(k.startswith("opt.state") for k in after)
     assert_states_equal(before, after)
@@ -619,3 +630,130 @@ def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, n
 def test_invalid_lr_at_construction_says_the_range(lr):
     with pytest.raises(ValueError, match=r"Invalid lr=.*finite number in \[0, 3.403e\+38\]"):
         SINGD(make_mlp(0), lr=lr)
+
+
+# ------------------------------------------------------ state-dict hooks, copies
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_state_dict_hooks_see_the_whole_state_and_load_hooks_run_after_it(cls):
+    """torch.optim's hooks: a state_dict post-hook and a load pre-hook see the factors
+    (a hook that casts the checkpoint cast everything but them); a load post-hook runs
+    once the factors and counters are restored (it saw the old ones, and what it set
+    was overwritten) and not at all after a load that fails."""
+    model = make_mlp(0)
+    opt = cls(model, **_hp(cls))
+    train(model, opt, 0, 3)
+    seen = []
+
+    def cast(optimizer, sd):  # a post-hook that rewrites the saved state
+        seen.append(sorted(sd))
+        for layer in sd["kronecker"]["layers"].values():
+            for name, tensors in layer["factors"].items():
+                if tensors is not None:
+                    layer["factors"][name] = [t.float() for t in tensors]
+        return sd
+
+    opt.register_state_dict_post_hook(cast)
+    sd = opt.state_dict()
+    assert seen == [["kronecker", "param_groups", "state"]]
+    assert all(
+        t.dtype == torch.float32
+        for layer in sd["kronecker"]["layers"].values()
+        for tensors in layer["factors"].values()
+        if tensors is not None
+        for t in tensors
+    )
+
+    fresh_model = make_mlp(1)
+    fresh = cls(fresh_model, **_hp(cls))
+    pre_seen, post_seen = [], []
+    fresh.register_load_state_dict_pre_hook(lambda o, sd: pre_seen.append(sorted(sd)))
+
+    def post(optimizer):
+        post_seen.append(optimizer.steps)
+        optimizer.steps = 100  # what a post-hook sets stays
+
+    fresh.register_load_state_dict_post_hook(post)
+    fresh.load_state_dict(sd)
+    assert pre_seen == [["kronecker", "param_groups", "state"]]
+    assert post_seen == [3] and fresh.steps == 100
+    loaded = _everything(fresh_model, fresh)
+    source = _everything(model, opt)
+    factors = [k for k in source if k.startswith("opt.kronecker.layers") and "factors" in k]
+    assert factors
+    for key in factors:  # restored from the cast copy: the hook's float32, same values
+        assert loaded[key].dtype == torch.float64
+        torch.testing.assert_close(loaded[key], source[key].float().double(), rtol=0, atol=0)
+
+    bad = _through_bytes(sd)
+    del bad["kronecker"]["layers"]["2"]
+    with pytest.raises(ValueError, match="layers differ"):
+        fresh.load_state_dict(bad)
+    assert post_seen == [3] and fresh.steps == 100  # no post-hook for a failed load
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_copying_or_pickling_the_optimizer_raises_a_clear_error(cls):
+    """torch.optim's __getstate__ kept only the groups and state: the copy raised an
+    AttributeError at its first state_dict/zero_grad/step."""
+    import copy
+    import pickle
+
+    opt = cls(make_mlp(0), **_hp(cls))
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps, _through_bytes):
+        with pytest.raises(TypeError, match="cannot be pickled or copied.*state_dict"):
+            copier(opt)
+
+
+# ------------------------------------------------ model cast or moved afterwards
+def _with_norm(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).float()
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_model_cast_after_construction_warns_and_keeps_stepping(cls):
+    """``model.double()`` after some steps: the fallback's AdamW moments stayed float32
+    and its step raised after the preconditioned layers had been written (a half step);
+    the factors silently stayed float32. Now a warning says so, once, and the
+    per-parameter state is cast to the parameters' dtype as torch.optim's
+    load_state_dict casts it; the next steps run."""
+    model = _with_norm()
+    opt = cls(model, **_hp(cls, warn_unsupported=False))
+    train(model, opt, 0, 2, dtype=torch.float32)
+    model.double()
+    with pytest.warns(UserWarning, match=r"layers \['0', '3'\] changed dtype from torch.float32"):
+        train(model, opt, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, 3, 5)
+    assert opt.steps == 5
+    for p in model.parameters():
+        tensors = [v for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.ndim]
+        assert tensors and all(v.dtype == torch.float64 for v in tensors), p.shape
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_model_moved_after_construction_is_refused_before_writing(cls):
+    """Factors live on the device of construction; a model moved later (to "meta"
+    here, standing in for a GPU) gets a ValueError that says what to do, in the
+    observed forward pass (the backward would fail mixing devices) and in step."""
+    model = _with_norm()
+    opt = cls(model, **_hp(cls, warn_unsupported=False))
+    train(model, opt, 0, 1, dtype=torch.float32)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:  # the same Parameter objects afterwards, as model.cuda() keeps them
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert opt.param_groups[0]["params"][0].device.type == "meta"
+    x = torch.zeros(4, 6, device="meta")
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"moved from cpu to meta.*before constructing"):
+        model(x)  # the forward pass that would capture statistics
+    with torch.no_grad():
+        model(x)  # not observed: fine
+    with pytest.raises(ValueError, match=r"moved from cpu to meta.*before constructing"):
+        opt.step()
+    assert opt.steps == 1

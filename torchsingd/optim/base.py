@@ -30,6 +30,7 @@ import os
 import sys
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -137,6 +138,8 @@ class ModuleEntry:
     #: (a rank that does not own the module under "shard" checks once, see
     #: :meth:`KroneckerOptimizer._zero_directions`)
     shapes_checked: bool = False
+    #: ``watched[0]``'s dtype and device at construction (the factors were made for them)
+    placement: tuple[torch.dtype, torch.device] | None = None
 
 
 def is_number(x: Any) -> bool:
@@ -163,25 +166,44 @@ def lr_value(lr: Any) -> float | None:
     return None
 
 
+def _positive_or_none(x: Any) -> bool:
+    return x is None or (is_number(x) and x > 0)
+
+
+def _rate(x: Any) -> bool:
+    return is_number(x) and 0.0 <= x < math.inf
+
+
+#: What a step checks again (a scheduler or the user may have changed it since
+#: construction): name -> (test, what is valid). ``lr`` is checked on its own (it may
+#: be a tensor).
+STEP_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "momentum": (lambda x: is_number(x) and 0.0 <= x < 1.0, "a number in [0, 1)"),
+    "weight_decay": (_rate, "a finite number >= 0"),
+    "damping": (_rate, "a finite number >= 0"),
+    "lr_cov": (lambda x: callable(x) or _rate(x), "a finite number >= 0 or a callable"),
+    "T": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1, "an int >= 1"),
+    "max_update_norm": (_positive_or_none, "None or a number > 0"),
+    "kl_clip": (_positive_or_none, "None or a number > 0"),
+    "alpha1": (lambda x: is_number(x) and 0.0 <= x < 1.0, "a number in [0, 1)"),
+}
+
+
 def check_step_hyperparameters(groups: list[dict[str, Any]]) -> None:
-    """The numbers a scheduler or the user may change between steps (``lr``,
-    ``momentum``, ``weight_decay``, ``damping``, a constant ``lr_cov``), checked before a
+    """The values a scheduler or the user may change between steps (``lr``,
+    ``momentum``, ``weight_decay``, ``T``, ...: :data:`STEP_CHECKS`), checked before a
     step writes anything (a NaN learning rate from a schedule would make every weight
-    NaN). Raises a ``ValueError`` naming the group, the value and the valid range."""
+    NaN). Raises a ``ValueError`` naming the group, the value and the valid range; a
+    callable ``lr_cov``'s values are checked where it is called."""
     for i, group in enumerate(groups):
         lr = lr_value(group["lr"])
         problem = None
         if lr is None or not 0.0 <= lr <= LR_MAX:
             problem = ("lr", f"a finite number in [0, {LR_MAX:.4g}]")
-        elif not is_number(group["momentum"]) or not 0.0 <= group["momentum"] < 1.0:
-            problem = ("momentum", "a number in [0, 1)")
         else:
-            for name in ("weight_decay", "damping", "lr_cov"):
-                value = group[name]
-                if name == "lr_cov" and callable(value):
-                    continue  # checked where it is called
-                if not is_number(value) or not 0.0 <= value < math.inf:
-                    problem = (name, "a finite number >= 0")
+            for name, (test, valid) in STEP_CHECKS.items():
+                if name in group and not test(group[name]):
+                    problem = (name, valid)
                     break
         if problem is not None:
             name, valid = problem
@@ -490,6 +512,8 @@ class KroneckerOptimizer(Optimizer):
                 continue  # computed weights (legacy weight_norm): the fallback trains theirs
             if not params or not params[0].requires_grad:
                 continue
+            if params[0].numel() == 0:
+                continue  # an empty weight (nn.Linear(0, n)): the fallback trains the rest
             found.append((name, module, adapter, [id(p) for p in params]))
         uses: dict[int, int] = {}
         for *_, ids in found:
@@ -607,6 +631,7 @@ class KroneckerOptimizer(Optimizer):
             layout=_layout(adapter, module),
             watched=watched,
             watched_flags=tuple(p.requires_grad for p in watched),
+            placement=(watched[0].dtype, watched[0].device),
         )
         for block in adapter.blocks(module):
             block_name = ".".join(part for part in (name, block) if part)
@@ -676,7 +701,11 @@ class KroneckerOptimizer(Optimizer):
     # ------------------------------------------------------------------ hooks
     def _wants(self, entry: ModuleEntry) -> bool:
         """Whether a forward pass of ``entry``'s module now has its backward observed."""
-        return self.steps % self.param_groups[entry.group_index]["T"] == 0
+        try:
+            return self.steps % self.param_groups[entry.group_index]["T"] == 0
+        except (ZeroDivisionError, TypeError):  # T changed since construction
+            check_step_hyperparameters(self.param_groups)  # raises, naming it
+            raise
 
     def _on_forward(self, entry: ModuleEntry, block: str, x: Tensor, output: Tensor) -> None:
         """Called (through the observer) in every forward pass of a block."""
@@ -686,6 +715,8 @@ class KroneckerOptimizer(Optimizer):
             return
         if not self._wants(entry) or not self._active(entry):
             return
+        if entry.watched[0].device != entry.placement[1]:
+            self._check_placement()  # raises: the factors are on another device
         layer = entry.blocks[block]
         output.register_hook(partial(self._capture, entry, layer, x.detach(), self.steps))
 
@@ -863,10 +894,11 @@ class KroneckerOptimizer(Optimizer):
         new_factors, nats = {}, {}
         if not self._active(entry):
             return None
+        grads = self._grad_matrices(entry)
+        if grads is None:
+            return None
         for block, layer in entry.blocks.items():
-            G = entry.adapter.grad_matrix(entry.module, block=block)
-            if G is None:
-                return None
+            G = grads[block]
             if grad_scale != 1.0:
                 G = G / grad_scale
             fresh = update_now and layer.has_statistics(self.steps)
@@ -882,6 +914,20 @@ class KroneckerOptimizer(Optimizer):
         directions = entry.adapter.directions(entry.module, nats)
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
+
+    def _grad_matrices(self, entry: ModuleEntry) -> dict[str, Tensor] | None:
+        """Every block's ``grad(W)`` matrix; ``None`` if no block has a gradient. A
+        block outside this backward pass while others are in it (attention whose
+        output is unused, only its weights: the q/k blocks still train) gets zeros."""
+        grads = {b: entry.adapter.grad_matrix(entry.module, block=b) for b in entry.blocks}
+        present = next((G for G in grads.values() if G is not None), None)
+        if present is None:
+            return None
+        for block, G in grads.items():
+            if G is None:
+                d_i, d_o = entry.adapter.dims(entry.module, block=block)
+                grads[block] = present.new_zeros(d_o, d_i)
+        return grads
 
     def _check_shapes(self, entry: ModuleEntry, directions: list[Tensor]) -> None:
         """Raise (before anything is written) if a user adapter's ``directions`` do not
@@ -922,8 +968,53 @@ class KroneckerOptimizer(Optimizer):
                 "unfreezing (if another optimizer trains them, ignore this)."
             )
 
+    def _check_placement(self) -> None:
+        """The model moved or cast after construction: another device is refused
+        (before anything is written); another dtype is warned about once (the factors
+        keep the dtype they were made in) and the per-parameter state (momentum
+        buffers, the fallback's moments) is cast to the parameters' dtype, as
+        ``torch.optim``'s ``load_state_dict`` casts it."""
+        changed = []
+        for entry in self._entries.values():
+            weight = entry.watched[0]  # (the module's first parameter: one is enough)
+            if (weight.dtype, weight.device) != entry.placement:
+                changed.append((entry, weight))
+        if not changed:
+            return
+        moved = [e.name for e, w in changed if w.device != e.placement[1]]
+        if moved:
+            entry, weight = changed[0]
+            raise ValueError(
+                f"The parameters of layers {moved} moved from {entry.placement[1]} to "
+                f"{weight.device} after {type(self).__name__} was constructed; its factors "
+                "are on the former. Move the model before constructing the optimizer (as "
+                "torch.optim's documentation asks), or construct a new one."
+            )
+        entry, weight = changed[0]
+        warn(
+            f"The parameters of layers {[e.name for e, _ in changed]} changed dtype from "
+            f"{entry.placement[0]} to {weight.dtype} after {type(self).__name__} was "
+            "constructed; their Kronecker factors stay in the dtype they were made in "
+            "(the weights' at construction, or preconditioner_dtype). Cast the model "
+            "before constructing the optimizer to have them follow."
+        )
+        for entry, weight in changed:
+            entry.placement = (weight.dtype, weight.device)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                for key, value in (state or {}).items():
+                    if (
+                        isinstance(value, Tensor)
+                        and value.is_floating_point()
+                        and value.dtype != p.dtype
+                        and value.shape == p.shape
+                    ):
+                        state[key] = value.to(p.dtype)
+
     def _step(self) -> None:
         check_step_hyperparameters(self.param_groups)
+        self._check_placement()
         if self._left_out:
             self._warn_left_out()
         grad_scale, g_scale, found_inf = self._read_scales()
@@ -1035,12 +1126,13 @@ class KroneckerOptimizer(Optimizer):
         """Zero directions (and no new factors) for a layer another rank preconditions."""
         if not self._active(entry):
             return None
-        if not all(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
+        if not any(entry.adapter.has_gradient(entry.module, block=b) for b in entry.blocks):
             return None
         if not entry.shapes_checked:  # once: the owner raises on a wrong shape, and so
             # must this rank, or it would wait for the owner in the next collective
-            grads = {b: entry.adapter.grad_matrix(entry.module, block=b) for b in entry.blocks}
-            self._check_shapes(entry, entry.adapter.directions(entry.module, grads))
+            grads = self._grad_matrices(entry)
+            if grads is not None:
+                self._check_shapes(entry, entry.adapter.directions(entry.module, grads))
         params = entry.adapter.params(entry.module)
         inner = None
         if self._kl_clip(self.param_groups[entry.group_index]) is not None:
@@ -1164,13 +1256,29 @@ class KroneckerOptimizer(Optimizer):
                 sgd_step(params, grads, states, lr=lr, momentum=group["momentum"], weight_decay=wd)
 
     # -------------------------------------------------------------- checkpoint
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim's would keep only the groups and the state, which gives a copy
+        # that fails at its first use; the observed model cannot be copied along
+        raise TypeError(
+            f"A {type(self).__name__} cannot be pickled or copied: it observes its model "
+            "through hooks. Save state_dict() instead and load it into an optimizer "
+            "constructed for the model (or for its copy)."
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The ``torch.optim`` state plus every block's factors and the step counter.
 
         Callable hyper-parameters (e.g. a scheduled ``lr_cov``) are not saved (they may
         not pickle); the loading optimizer's own callables are used.
         """
-        sd = super().state_dict()
+        # torch.optim runs the post-hooks on its part of the state: run them below, on
+        # the whole state (the factors included), instead
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         for group in sd["param_groups"]:
             for key, value in group.items():
                 if callable(value):
@@ -1195,6 +1303,10 @@ class KroneckerOptimizer(Optimizer):
                 for name, s in self.layers.items()
             },
         }
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1205,12 +1317,27 @@ class KroneckerOptimizer(Optimizer):
         and leaves this optimizer as it was (hyper-parameters, per-parameter state,
         factors, step counters), as ``torch.optim`` does.
         """
+        # torch.optim's load hooks, run here around the whole load: the pre-hooks see
+        # the whole state (the factors included), the post-hooks run once everything
+        # is loaded, and only if the load succeeded (torch.optim would run them before
+        # the factors are restored, and after a load that then fails)
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         kept = (
             self.state,
             self.param_groups,
             [(layer, dict(vars(layer))) for layer in self.layers.values()],
             (self.steps, self.skipped_steps, self._capture_scale),
         )
+        hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
             self._load_state_dict(state_dict)
         except BaseException:
@@ -1220,6 +1347,11 @@ class KroneckerOptimizer(Optimizer):
                 vars(layer).update(attributes)
             self.steps, self.skipped_steps, self._capture_scale = counters
             raise
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks[0]
+            self._optimizer_load_state_dict_post_hooks = hooks[1]
+        for hook in hooks[1].values():
+            hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)

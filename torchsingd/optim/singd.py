@@ -394,7 +394,7 @@ class SINGD(KroneckerOptimizer):
     def _factors_replaced(self, layer: LayerState) -> None:
         layer.KKt = layer.CCt = None
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state_dict(state_dict)
         for layer in self.layers.values():  # derived from the loaded K, C on next use
             layer.KKt = layer.CCt = None
