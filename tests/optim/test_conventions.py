@@ -757,3 +757,13 @@ def test_model_moved_after_construction_is_refused_before_writing(cls):
     with pytest.raises(ValueError, match=r"moved from cpu to meta.*before constructing"):
         opt.step()
     assert opt.steps == 1
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_parameters_instead_of_the_model_says_what_to_pass(cls):
+    """``SINGD(model.parameters())``, the torch.optim habit: the error says to pass the
+    model itself (and how to pass parameters or groups)."""
+    model = make_mlp(0)
+    for wrong in (model.parameters(), list(model.parameters()), [{"params": model[0].weight}]):
+        with pytest.raises(TypeError, match=rf"not its parameters.*{cls.__name__}\(model\)"):
+            cls(wrong)

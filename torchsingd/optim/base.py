@@ -344,7 +344,13 @@ class KroneckerOptimizer(Optimizer):
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+            name = type(self).__name__
+            raise TypeError(
+                f"model must be an nn.Module, got {type(model).__name__}: {name} takes the "
+                "model itself, not its parameters (it observes the layers' inputs and "
+                f"output gradients): {name}(model), or {name}(model, params=...) to "
+                "train only some parameters or to give parameter groups."
+            )
         model = self._unwrap(model)
         if distributed_strategy not in tdist.STRATEGIES:
             raise ValueError(
