@@ -597,6 +597,7 @@ def test_tensor_lr_and_scheduler_match_float_lr(cls):
         ("kl_clip", -1.0),  # was a math domain error
         ("max_update_norm", 0.0),
         ("alpha1", 1.5),  # was accepted
+        ("lr_cov", 1.5),  # KFAC's running-average weight: made S_K indefinite
     ],
 )
 def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, name, value):
@@ -607,6 +608,8 @@ def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, n
     model = make_mlp(0)
     if cls is KFAC and name in ("alpha1", "kl_clip"):
         pytest.skip(f"KFAC has no {name}")
+    if cls is SINGD and (name, value) == ("lr_cov", 1.5):
+        pytest.skip("a valid SINGD lr_cov")
     opt = cls(model, **_hp(cls))
     train(model, opt, 0, 2)
     x, y = batch(2)
@@ -767,3 +770,26 @@ def test_parameters_instead_of_the_model_says_what_to_pass(cls):
     for wrong in (model.parameters(), list(model.parameters()), [{"params": model[0].weight}]):
         with pytest.raises(TypeError, match=rf"not its parameters.*{cls.__name__}\(model\)"):
             cls(wrong)
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+@pytest.mark.parametrize("x_scale", [1.0, 1e21])
+def test_trust_region_of_a_float64_model_is_float64_exact(cls, x_scale):
+    """With ``lr_cov=0`` the preconditioner stays the identity, so ``G_nat = G`` and the
+    clipped step is ``-lr s G``, ``s = sqrt(kl_clip / (lr^2 <G, G>))``. The inner product
+    was rounded to float32: ``s`` off by ~1e-8 relatively, and for ``<G, G>`` beyond
+    float32's range (inputs ~1e21) inf, so the step was exactly zero."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    x = torch.randn(4, 3, dtype=torch.float64) * x_scale
+    hp = dict(lr=1.0, momentum=0.0, weight_decay=0.0, damping=1e-3, lr_cov=0.0, T=1)
+    if cls is SINGD:
+        hp.update(alpha1=0.0, kl_clip=1e-2, max_factor_step=None)
+    opt = cls(model, kl_clip=1e-2, **{k: v for k, v in hp.items() if k != "kl_clip"})
+    start = model.weight.detach().clone()
+    model(x).square().mean().backward()
+    G = model.weight.grad.detach().clone()
+    opt.step()
+    s = (1e-2 / (G * G).sum()).sqrt()
+    assert s < 1
+    torch.testing.assert_close(model.weight - start, -s * G, rtol=1e-14, atol=0)

@@ -189,7 +189,9 @@ STEP_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_step_hyperparameters(groups: list[dict[str, Any]]) -> None:
+def check_step_hyperparameters(
+    groups: list[dict[str, Any]], lr_cov_upper: float = math.inf
+) -> None:
     """The values a scheduler or the user may change between steps (``lr``,
     ``momentum``, ``weight_decay``, ``T``, ...: :data:`STEP_CHECKS`), checked before a
     step writes anything (a NaN learning rate from a schedule would make every weight
@@ -205,6 +207,9 @@ def check_step_hyperparameters(groups: list[dict[str, Any]]) -> None:
                 if name in group and not test(group[name]):
                     problem = (name, valid)
                     break
+            lr_cov = group["lr_cov"]
+            if problem is None and not callable(lr_cov) and lr_cov > lr_cov_upper:
+                problem = ("lr_cov", f"a number in [0, {lr_cov_upper:g}] (or a callable)")
         if problem is not None:
             name, valid = problem
             raise ValueError(
@@ -710,7 +715,7 @@ class KroneckerOptimizer(Optimizer):
         try:
             return self.steps % self.param_groups[entry.group_index]["T"] == 0
         except (ZeroDivisionError, TypeError):  # T changed since construction
-            check_step_hyperparameters(self.param_groups)  # raises, naming it
+            check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)  # raises
             raise
 
     def _on_forward(self, entry: ModuleEntry, block: str, x: Tensor, output: Tensor) -> None:
@@ -891,8 +896,9 @@ class KroneckerOptimizer(Optimizer):
     def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
         """New factors, parameter directions and ``<G_nat, G>`` of one module.
 
-        Nothing is written. The inner product (a float32 tensor of one element) is
-        only computed for groups with a trust region (``kl_clip``), else ``None``.
+        Nothing is written. The inner product (a 0-d tensor in the gradient's dtype,
+        at least float32: a float64 model's trust region is float64-exact) is only
+        computed for groups with a trust region (``kl_clip``), else ``None``.
         """
         group = self.param_groups[entry.group_index]
         update_now = self.steps % group["T"] == 0
@@ -916,7 +922,7 @@ class KroneckerOptimizer(Optimizer):
             if self._kl_clip(group) is not None:
                 acc = torch.promote_types(G.dtype, torch.float32)
                 dot = torch.dot(nats[block].reshape(-1).to(acc), G.reshape(-1).to(acc))
-                inner = dot.float() if inner is None else (inner + dot).float()
+                inner = dot if inner is None else inner + dot
         directions = entry.adapter.directions(entry.module, nats)
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
@@ -1019,7 +1025,7 @@ class KroneckerOptimizer(Optimizer):
                         state[key] = value.to(p.dtype)
 
     def _step(self) -> None:
-        check_step_hyperparameters(self.param_groups)
+        check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
         self._check_placement()
         if self._left_out:
             self._warn_left_out()
@@ -1093,7 +1099,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _group_inners(self, pending: list) -> dict[int, Any]:
         """Per param group with a trust region: ``sum <G_nat, G>`` over its modules, a
-        0-d float32 tensor (added in the modules' order, as before: the same number)."""
+        0-d tensor of at least float32 (added in the modules' order: the same number)."""
         parts: dict[int, list[Tensor]] = {}
         for entry, _, _, inner in pending:
             if inner is not None:
@@ -1142,7 +1148,8 @@ class KroneckerOptimizer(Optimizer):
         params = entry.adapter.params(entry.module)
         inner = None
         if self._kl_clip(self.param_groups[entry.group_index]) is not None:
-            inner = torch.zeros((), dtype=torch.float32, device=params[0].device)
+            acc = torch.promote_types(params[0].dtype, torch.float32)  # as the owner's
+            inner = torch.zeros((), dtype=acc, device=params[0].device)
         return {}, [torch.zeros_like(p) for p in params], inner
 
     def _share_factors(self, updated: list[tuple[ModuleEntry, BlockState]]) -> None:
