@@ -166,6 +166,12 @@ def lr_value(lr: Any) -> float | None:
     return None
 
 
+def valid_lr(lr: Any) -> bool:
+    """``lr`` is a number (or one-element tensor) in ``[0, LR_MAX]``."""
+    value = lr_value(lr)
+    return value is not None and 0.0 <= value <= LR_MAX
+
+
 def _positive_or_none(x: Any) -> bool:
     return x is None or (is_number(x) and x > 0)
 
@@ -198,9 +204,8 @@ def check_step_hyperparameters(
     NaN). Raises a ``ValueError`` naming the group, the value and the valid range; a
     callable ``lr_cov``'s values are checked where it is called."""
     for i, group in enumerate(groups):
-        lr = lr_value(group["lr"])
         problem = None
-        if lr is None or not 0.0 <= lr <= LR_MAX:
+        if not valid_lr(group["lr"]):
             problem = ("lr", f"a finite number in [0, {LR_MAX:.4g}]")
         else:
             for name, (test, valid) in STEP_CHECKS.items():
@@ -244,27 +249,26 @@ def validate_common(group: dict[str, Any]) -> None:
     def bad(name: str, why: str) -> None:
         raise ValueError(f"Invalid {name}={group[name]!r}: {why}.")
 
-    lr = lr_value(group["lr"])
-    if lr is None or not 0.0 <= lr <= LR_MAX:
+    def passes(name: str) -> bool:  # the test a step repeats (STEP_CHECKS)
+        return STEP_CHECKS[name][0](group[name])
+
+    if not valid_lr(group["lr"]):
         bad("lr", f"must be a finite number in [0, {LR_MAX:.4g}] (or a tensor of one)")
     for name in ("damping", "weight_decay"):
-        if not is_number(group[name]) or not 0.0 <= group[name] < math.inf:
+        if not passes(name):
             bad(name, "must be a finite number >= 0")
     if not is_number(group["fallback_eps"]) or not 0.0 < group["fallback_eps"] < math.inf:
         bad("fallback_eps", "must be a finite number > 0 (AdamW divides by sqrt(v) + eps)")
-    if not is_number(group["momentum"]) or not 0.0 <= group["momentum"] < 1.0:
+    if not passes("momentum"):
         bad("momentum", "must be a number in [0, 1)")
     for name, upper in (("fallback_lr", LR_MAX), ("fallback_weight_decay", math.inf)):
         if group[name] is not None and (
             not is_number(group[name]) or not 0.0 <= group[name] < math.inf or group[name] > upper
         ):
             bad(name, "must be None (use the group's value) or a finite number >= 0")
-    if group["max_update_norm"] is not None and (
-        not is_number(group["max_update_norm"]) or not group["max_update_norm"] > 0
-    ):
+    if not passes("max_update_norm"):
         bad("max_update_norm", "must be None (no clipping) or a number > 0")
-    kl_clip = group.get("kl_clip")
-    if kl_clip is not None and (not is_number(kl_clip) or not kl_clip > 0):
+    if "kl_clip" in group and not passes("kl_clip"):
         bad("kl_clip", "must be None (no trust region) or a number > 0")
     betas = group["fallback_betas"]
     if (
@@ -275,10 +279,9 @@ def validate_common(group: dict[str, Any]) -> None:
         bad("fallback_betas", "must be a pair of numbers in [0, 1)")
     if group["fallback"] not in FALLBACK_RULES:
         bad("fallback", f"must be one of {FALLBACK_RULES}")
-    if not isinstance(group["T"], int) or isinstance(group["T"], bool) or group["T"] < 1:
+    if not passes("T"):
         bad("T", "the preconditioner update interval must be an integer >= 1")
-    lr_cov = group["lr_cov"]
-    if not callable(lr_cov) and (not is_number(lr_cov) or not 0.0 <= lr_cov < math.inf):
+    if not passes("lr_cov"):
         bad("lr_cov", "must be a finite number >= 0 or a callable of the step")
     if group["loss_average"] not in LOSS_AVERAGES:
         bad("loss_average", f"must be one of {LOSS_AVERAGES}")
@@ -1403,6 +1406,7 @@ class KroneckerOptimizer(Optimizer):
             restored = _restore_factors(current, saved, name)
             for key, value in restored.items():
                 setattr(layer, key, value)
+            self._factors_replaced(layer)
             if saved["pending"] is None:
                 layer.pending = None
             else:

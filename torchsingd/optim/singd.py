@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from torchsingd.layers.base import inner_of_rows
 from torchsingd.optim.base import (
+    STEP_CHECKS,
     BlockState,
     KroneckerOptimizer,
     ModuleEntry,
@@ -100,7 +101,7 @@ def parse_structures(value: Any) -> tuple[StructureSpec, StructureSpec]:
 def validate_hyperparameters(group: dict[str, Any]) -> None:
     """Raise a ``ValueError`` naming the first invalid hyper-parameter of ``group``."""
     validate_common(group)
-    if not is_number(group["alpha1"]) or not 0.0 <= group["alpha1"] < 1.0:
+    if not STEP_CHECKS["alpha1"][0](group["alpha1"]):
         raise ValueError(f"Invalid alpha1={group['alpha1']!r}: must be a number in [0, 1).")
     for name in ("kfac_like", "normalize_lr_cov", "safeguards"):
         if not isinstance(group[name], bool):
@@ -393,8 +394,3 @@ class SINGD(KroneckerOptimizer):
 
     def _factors_replaced(self, layer: LayerState) -> None:
         layer.KKt = layer.CCt = None
-
-    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super()._load_state_dict(state_dict)
-        for layer in self.layers.values():  # derived from the loaded K, C on next use
-            layer.KKt = layer.CCt = None
