@@ -6,12 +6,14 @@ Kept apart from the preconditioner math (as Meta's distributed Shampoo keeps its
 Strategies (``distributed_strategy``):
 
 - ``"replicate"``: every rank keeps every factor. Before a factor update the captured
-  statistics are averaged across ranks (summed for ``loss_average=None``); gradients
-  are averaged by ``DistributedDataParallel`` as usual; every rank then computes the
-  same factors and natural gradients. N ranks with batch ``B/N`` end, step for step,
-  where one process with batch ``B`` ends (to rounding), because the statistics are
-  linear in the rows and the update only sees their average.
-- ``"shard"``: statistics are averaged the same way, but each rank updates the factors
+  statistics are combined across ranks: the input side (a mean over the layer's input
+  rows) as the ranks' means weighted by their row counts, the output side averaged
+  (summed for ``loss_average=None``); gradients are averaged by
+  ``DistributedDataParallel`` as usual; every rank then computes the same factors and
+  natural gradients. N ranks with batch ``B/N`` end, step for step, where one process
+  with batch ``B`` ends (to rounding), because the statistics are linear in the rows;
+  so do ranks whose layers see different numbers of rows (an MoE expert's tokens).
+- ``"shard"``: statistics are combined the same way, but each rank updates the factors
   and computes the natural gradients of only its assigned layers (balanced by a cost
   model); the natural gradients are summed across ranks (each entry has exactly one
   non-zero contribution, so the sum is exact) and every rank applies the same
@@ -50,16 +52,27 @@ def world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def all_reduce_tensors(tensors: Sequence[Tensor], average: Sequence[bool], group=None) -> None:
-    """Sum (or average, per tensor) ``tensors`` across ranks in place, in one call.
+def all_reduce_tensors(
+    tensors: Sequence[Tensor],
+    average: Sequence[bool],
+    group=None,
+    scales: Sequence[float] | None = None,
+) -> None:
+    """Sum (or average, per tensor) ``tensors`` across ranks in place, in one call;
+    ``scales``: per tensor, a factor this rank's contribution is multiplied by first
+    (a weighted sum).
 
-    The tensors are packed into one float32 (float64 if any is float64) buffer.
+    The tensors are packed into one float32 (float64 if any is float64) buffer, in
+    which the factors are applied.
     """
     if not tensors:
         return
     _, size = world(group)
     work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    flat = torch.cat([t.reshape(-1).to(work) for t in tensors])
+    parts = [t.reshape(-1).to(work) for t in tensors]
+    if scales is not None:
+        parts = [p if s == 1.0 else p * s for p, s in zip(parts, scales, strict=True)]
+    flat = torch.cat(parts)
     traffic["all_reduce"] += flat.nbytes
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0

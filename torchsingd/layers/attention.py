@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchsingd.layers.base import LayerAdapter, Observer, linear_grad_rows, linear_input_rows
+from torchsingd.layers.base import (
+    LayerAdapter,
+    Observer,
+    linear_grad_rows,
+    linear_input_count,
+    linear_input_rows,
+)
 
 BLOCKS = ("q", "k", "v", "out")
 
@@ -120,6 +126,12 @@ class MultiheadAttentionAdapter(LayerAdapter):
         if x.ndim == 2:  # unbatched [L, E]: one sequence
             x = x.unsqueeze(0)
         return linear_input_rows(x, kfac_approx, self._bias(module, block))
+
+    def input_count(self, module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        return linear_input_count(x.unsqueeze(0) if x.ndim == 2 else x, kfac_approx)
+
+    def loss_terms(self, module, g: Tensor, loss_average, *, block: str = ""):
+        return super().loss_terms(module, g.unsqueeze(0) if g.ndim == 2 else g, loss_average)
 
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         if g.ndim == 2:

@@ -102,6 +102,17 @@ class LayerAdapter(ABC):
     def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         """``a``: ``[N_a, d_i]``, ones column appended for a bias, divided by ``sqrt(N_a)``."""
 
+    def input_count(
+        self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""
+    ) -> int:
+        """``N_a``: the number of rows :meth:`input_rows` gives for ``x`` (a rank's
+        weight when statistics are combined across ranks). Default: from the rows of
+        one sample where :meth:`is_batched`, else from all rows; the built-in adapters
+        count from shapes alone."""
+        if self.is_batched(module, x) and x.shape[0] > 1:
+            return x.shape[0] * self.input_rows(module, x[:1], kfac_approx, block=block).shape[0]
+        return self.input_rows(module, x, kfac_approx, block=block).shape[0]
+
     @abstractmethod
     def grad_rows(
         self,
@@ -113,6 +124,18 @@ class LayerAdapter(ABC):
         block: str = "",
     ) -> Tensor:
         """``g``: ``[N_g, d_o]``, multiplied by ``sqrt(number of loss terms)``."""
+
+    def loss_terms(
+        self, module: nn.Module, g: Tensor, loss_average: str | None, *, block: str = ""
+    ) -> int:
+        """``n``: the number of loss terms whose square root :meth:`grad_rows`
+        multiplies the output gradient ``g`` by (a rank's weight when statistics are
+        combined across ranks). Default: as for ``nn.Linear`` (``g`` is ``[B, ...,
+        d_o]``: ``B`` for ``"batch"``, ``B`` times the shared sizes for
+        ``"batch+sequence"``; ``[d_o]`` is one sample)."""
+        if g.ndim <= 1:
+            return 1
+        return loss_term_count(g.shape[0], prod(g.shape[1:-1]), loss_average)
 
     def capture_input(
         self, module: nn.Module, x: Tensor, output_shape: torch.Size, *, block: str = ""
@@ -332,15 +355,20 @@ def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:
     return rows
 
 
+def loss_term_count(batch_size: int, shared_size: int, loss_average: str | None) -> int:
+    """``n``: the number of terms the loss averages over (1 for a sum loss)."""
+    if loss_average is None:
+        return 1
+    if loss_average == "batch":
+        return batch_size
+    if loss_average == "batch+sequence":
+        return batch_size * shared_size
+    raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}.")
+
+
 def loss_terms_scale(batch_size: int, shared_size: int, loss_average: str | None) -> float:
     """``sqrt(n)`` with ``n`` the number of terms the loss averages over."""
-    if loss_average is None:
-        return 1.0
-    if loss_average == "batch":
-        return sqrt(batch_size)
-    if loss_average == "batch+sequence":
-        return sqrt(batch_size * shared_size)
-    raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}.")
+    return sqrt(loss_term_count(batch_size, shared_size, loss_average))
 
 
 def linear_input_rows(x: Tensor, kfac_approx: str, with_bias: bool) -> Tensor:
@@ -352,6 +380,13 @@ def linear_input_rows(x: Tensor, kfac_approx: str, with_bias: bool) -> Tensor:
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
     return finish_input_rows(a, with_bias)
+
+
+def linear_input_count(x: Tensor, kfac_approx: str) -> int:
+    """The number of rows :func:`linear_input_rows` gives for ``x``."""
+    if x.ndim <= 1:
+        return 1
+    return prod(x.shape[:-1]) if kfac_approx == "expand" else x.shape[0]
 
 
 def linear_grad_rows(g: Tensor, loss_average: str | None, kfac_approx: str) -> Tensor:

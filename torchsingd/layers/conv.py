@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchsingd.layers.base import LayerAdapter, finish_input_rows, loss_terms_scale
+from torchsingd.layers.base import (
+    LayerAdapter,
+    finish_input_rows,
+    loss_term_count,
+    loss_terms_scale,
+)
 from torchsingd.structures import DiagonalMatrix, StructuredMatrix, TrilTopLeftDiagonalMatrix
 
 
@@ -105,6 +110,32 @@ class ConvAdapter(LayerAdapter):
         patches = extract_patches(module, self.prepare(module, x), self.patch_stride(module))
         a = patches if kfac_approx == "expand" else patches.mean(1)
         return finish_input_rows(a, self.has_bias(module))
+
+    def prepared_sizes(self, module: nn.Module, x: Tensor) -> list[int]:
+        """Spatial sizes of :meth:`prepare`'s result, from ``x``'s shape alone."""
+        n = len(module.kernel_size)
+        pads = conv_padding(module)  # last dimension first
+        return [
+            size + pads[2 * (n - 1 - i)] + pads[2 * (n - 1 - i) + 1]
+            for i, size in enumerate(x.shape[-n:])
+        ]
+
+    def input_count(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        n = len(module.kernel_size)
+        B = x.shape[0] if x.ndim == n + 2 else 1
+        if kfac_approx != "expand":
+            return B
+        out = [
+            (size - d * (k - 1) - 1) // s + 1
+            for size, k, s, d in zip(
+                self.prepared_sizes(module, x),
+                module.kernel_size,
+                self.patch_stride(module),
+                module.dilation,
+                strict=True,
+            )
+        ]
+        return B * math.prod(out)
 
     def diagonal_statistic(self, module: nn.Module, x: Tensor, K: DiagonalMatrix) -> DiagonalMatrix:
         """``H_K`` for a diagonal ``K`` and ``"expand"``: ``diag(a^T a)[c, k]`` is the mean
@@ -200,6 +231,11 @@ class ConvAdapter(LayerAdapter):
         summed = prepared.sum(0, keepdim=True)
         patches = extract_patches(module, summed, stride)  # [1, O, C' * prod(k)]
         return patches.sum(1).squeeze(0) / (prepared.shape[0] * patches.shape[1])
+
+    def loss_terms(self, module, g: Tensor, loss_average, *, block: str = ""):
+        n = len(module.kernel_size)
+        B = g.shape[0] if g.ndim == n + 2 else 1
+        return loss_term_count(B, math.prod(g.shape[-n:]), loss_average)
 
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         if g.ndim == len(module.kernel_size) + 1:  # unbatched

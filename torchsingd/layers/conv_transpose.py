@@ -64,6 +64,9 @@ class ConvTransposeAdapter(ConvAdapter):
     def patch_stride(self, module: nn.Module) -> tuple[int, ...]:
         return (1,) * len(module.kernel_size)
 
+    def prepared_sizes(self, module: nn.Module, x: Tensor) -> list[int]:
+        return list(x.shape[-len(module.kernel_size) :])
+
     def input_statistic(
         self,
         module: nn.Module,

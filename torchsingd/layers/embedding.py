@@ -66,6 +66,11 @@ class EmbeddingAdapter(LayerAdapter):
             a = onehot.reshape(x.shape[0], -1, module.num_embeddings).mean(1)
         return finish_input_rows(a, False)
 
+    def input_count(self, module: nn.Embedding, x: Tensor, kfac_approx: str, *, block: str = ""):
+        if x.ndim == 0:
+            return 1
+        return x.numel() if kfac_approx == "expand" else x.shape[0]
+
     def input_statistic(
         self,
         module: nn.Embedding,

@@ -113,6 +113,9 @@ class EmbeddingBagAdapter(EmbeddingAdapter):
         rows = x.to_dense()
         return finish_input_rows(rows if dtype is None else rows.to(dtype), False)
 
+    def input_count(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        return x.shape[0]  # one row per bag
+
     def input_statistic(
         self,
         module: nn.EmbeddingBag,

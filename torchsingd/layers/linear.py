@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from torchsingd.layers.base import LayerAdapter, linear_grad_rows, linear_input_rows
+from torchsingd.layers.base import (
+    LayerAdapter,
+    linear_grad_rows,
+    linear_input_count,
+    linear_input_rows,
+)
 
 
 class LinearAdapter(LayerAdapter):
@@ -23,6 +28,9 @@ class LinearAdapter(LayerAdapter):
 
     def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         return linear_input_rows(x, kfac_approx, self.has_bias(module))
+
+    def input_count(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        return linear_input_count(x, kfac_approx)
 
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         return linear_grad_rows(g, loss_average, kfac_approx)

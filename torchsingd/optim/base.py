@@ -92,12 +92,17 @@ class BlockState:
     pending: list[StructuredMatrix] | None = None
     capture_step: int = -1
     capture_scale: float = 1.0
+    #: input rows ``N_a`` and loss terms ``n`` (ALGORITHM.md section 2) summed over
+    #: the backward passes behind ``pending``: how ranks' statistics are combined
+    rows: float = 0.0
+    terms: float = 0.0
     #: whether ``pending`` was reduced across ranks already (by a step that then raised)
     reduced: bool = False
 
     def clear_captures(self) -> None:
         self.pending = None
         self.capture_step = -1
+        self.rows = self.terms = 0.0
         self.reduced = False
 
     def has_statistics(self, step: int) -> bool:
@@ -772,6 +777,12 @@ class KroneckerOptimizer(Optimizer):
                 g = (g / self._capture_scale).to(dtype)
             x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
             stats = self._statistics(entry, layer, x, g)
+            rows = entry.adapter.input_count(
+                entry.module, x, group["kfac_approx"], block=layer.block
+            )
+            terms = entry.adapter.loss_terms(
+                entry.module, grad_output, group["loss_average"], block=layer.block
+            )
         if layer.has_statistics(self.steps):
             for acc, new in zip(layer.pending, stats, strict=True):
                 acc.add_(new)
@@ -779,6 +790,9 @@ class KroneckerOptimizer(Optimizer):
             layer.pending = list(stats)
             layer.capture_step = self.steps
             layer.capture_scale = self._capture_scale
+            layer.rows = layer.terms = 0.0
+        layer.rows += rows
+        layer.terms += terms
 
     # ------------------------------------------------------------------- step
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -1170,13 +1184,31 @@ class KroneckerOptimizer(Optimizer):
         """Called when a block's factors were overwritten (drop derived caches)."""
 
     def _sync_statistics(self) -> list[tuple[ModuleEntry, BlockState]]:
-        """Average this step's statistics across ranks; for ``loss_average=None`` (a
-        sum loss) the output side's is summed (a sum over the whole batch's output
-        gradients) and the input side's still averaged (a mean over the input rows).
+        """Combine this step's statistics across ranks as one process with all ranks'
+        batches would have them (N ranks; rank ``r`` captured ``N_a^r`` input rows and
+        ``n^r`` loss terms for the block, ALGORITHM.md section 2):
 
-        Every rank takes part for every block due for an update, with zeros where it
-        captured nothing, so that the packed buffers line up. Returns the blocks whose
-        factors are updated this step.
+        - input side, a mean over the block's input rows: ``sum_r N_a^r H_K^r /
+          sum_r N_a^r``. An MoE expert that got tokens on some ranks only, or per-rank
+          batches of different sizes, get the mean over all rows, not the mean of
+          the ranks' means;
+        - output side, ``n^r`` times the squared gradients of the rank's loss (with
+          ``loss_average="batch"``, ``n`` is the rows the layer saw, ``B`` for most
+          layers, an expert's tokens in an MoE): ``sum_r n^r / N^2 * sum_r H_C^r /
+          n^r`` (the mean of the ranks' statistics when every ``n^r`` is equal; the
+          ``1/N^2`` is the averaging of the ranks' gradients); summed for
+          ``loss_average=None`` (a sum loss).
+
+        A rank that captured nothing for the block contributes nothing (zeros with
+        weight 0). With several backward passes per step (each adding its own
+        statistics) the counts are the passes' totals: exact when every rank splits
+        its rows over its passes in the same proportions (e.g. equal micro-batches).
+        A step retried after raising past this reduction (``layer.reduced``) holds
+        the combined statistics already (plus what a backward pass since added): its
+        sides are averaged with equal weights (a sum loss's output side: ``A / N`` summed).
+
+        Every rank takes part for every block due for an update, so that the packed
+        buffers line up. Returns the blocks whose factors are updated this step.
         """
         due = [
             (entry, layer)
@@ -1187,13 +1219,18 @@ class KroneckerOptimizer(Optimizer):
         if not due:
             return []
         device = due[0][0].adapter.params(due[0][0].module)[0].device  # NCCL: not the CPU
-        fresh = torch.tensor(
-            [float(layer.has_statistics(self.steps)) for _, layer in due], device=device
+        mine = [self._counts(layer) for _, layer in due]  # (fresh, rows, terms)
+        totals = torch.tensor(
+            [c for counts in mine for c in counts], dtype=torch.float64, device=device
         )
-        tdist.all_reduce_tensors([fresh], [False], self._group)
-        tensors, average, updated = [], [], []
-        for (entry, layer), count in zip(due, fresh.tolist(), strict=True):
-            if count == 0:
+        tdist.all_reduce_tensors([totals], [False], self._group)
+        totals = totals.view(-1, 3).tolist()
+        size = tdist.world(self._group)[1]
+        tensors, scales, updated = [], [], []
+        for (entry, layer), (fresh, rows, terms), (ranks, all_rows, all_terms) in zip(
+            due, mine, totals, strict=True
+        ):
+            if ranks == 0:
                 continue
             updated.append((entry, layer))
             if not layer.has_statistics(self.steps):
@@ -1201,19 +1238,31 @@ class KroneckerOptimizer(Optimizer):
                 layer.capture_step = self.steps
                 layer.capture_scale = self._capture_scale
             mean = self.param_groups[entry.group_index]["loss_average"] is not None
+            # this rank's factor per side (equal weights where a count is missing:
+            # a retried step, or an adapter that counts none)
+            by_rows = rows / all_rows if all_rows > 0 and not layer.reduced else fresh / ranks
+            if not mean:
+                by_terms = 1.0 / size if layer.reduced else 1.0
+            elif all_terms > 0 and terms > 0 and not layer.reduced:
+                by_terms = all_terms / (size * size * terms)
+            else:
+                by_terms = fresh / size if not layer.reduced else 1.0 / size
             for side, stat in enumerate(layer.pending):  # (input side, output side)
                 for t in stat.tensors():
-                    if layer.reduced and not (mean or side == 0):
-                        # a retried step: this is the sum over the ranks already (plus
-                        # what a backward pass since added), so sum A / N + new
-                        # (averages of an average need nothing: they stay A + mean new)
-                        t.div_(tdist.world(self._group)[1])
                     tensors.append(t)
-                    average.append(mean or side == 0)
-        tdist.all_reduce_tensors(tensors, average, self._group)
+                    scales.append(by_rows if side == 0 else by_terms)
+            layer.rows, layer.terms = all_rows, all_terms
+        tdist.all_reduce_tensors(tensors, [False] * len(tensors), self._group, scales=scales)
         for _, layer in updated:
             layer.reduced = True
         return updated
+
+    def _counts(self, layer: BlockState) -> tuple[float, float, float]:
+        """``(1, N_a, n)`` of this step's statistics of ``layer`` on this rank, or
+        zeros where it has none (see :meth:`_sync_statistics`)."""
+        if not layer.has_statistics(self.steps):
+            return 0.0, 0.0, 0.0
+        return 1.0, layer.rows, layer.terms
 
     def _parameter_updates(self, items: list[tuple[ModuleEntry, list[Tensor]]]) -> None:
         """Step 3 of ALGORITHM.md for the given modules, one call per param group (all
@@ -1315,6 +1364,8 @@ class KroneckerOptimizer(Optimizer):
                     "pending": None if s.pending is None else [tensors(p) for p in s.pending],
                     "capture_step": s.capture_step,
                     "capture_scale": s.capture_scale,
+                    "rows": s.rows,
+                    "terms": s.terms,
                 }
                 for name, s in self.layers.items()
             },
@@ -1416,6 +1467,9 @@ class KroneckerOptimizer(Optimizer):
                 ]
             layer.capture_step = saved["capture_step"]
             layer.capture_scale = saved["capture_scale"]
+            # (saved before the counts were kept: equal weights, as those versions had)
+            layer.rows = float(saved.get("rows", 1.0))
+            layer.terms = float(saved.get("terms", 1.0))
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
