@@ -592,8 +592,21 @@ _INVALID_LATER = [
     ("T", 0),
     ("T", 2.5),
     ("max_update_norm", 0.0),
+    ("kfac_approx", "expnd"),  # these were not checked again: a misspelt approximation
+    ("loss_average", "mean"),  # was taken as "reduce", a misspelt loss average raised
+    ("fallback", "adam"),  # in the backward pass, fallback_eps=0 divided by zero
+    ("fallback_eps", 0.0),
+    ("fallback_betas", (0.9, 1.0)),
+    ("fallback_lr", -1.0),
+    ("fallback_weight_decay", float("nan")),
 ]
-_SINGD_ONLY = [("kl_clip", -1.0), ("alpha1", 1.5)]  # a math domain error; accepted
+_SINGD_ONLY = [
+    ("kl_clip", -1.0),  # a math domain error
+    ("alpha1", 1.5),  # accepted
+    ("max_factor_step", 0.0),
+    ("safeguards", "yes"),
+    ("normalize_lr_cov", 1),
+]
 _KFAC_ONLY = [("lr_cov", 1.5)]  # KFAC's running-average weight: made S_K indefinite
 
 
@@ -615,17 +628,58 @@ def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, n
     opt.zero_grad()
     mse(model(x), y).backward()
     before, steps = _everything(model, opt), opt.steps
+    original = opt.param_groups[0][name]
     opt.param_groups[0][name] = value
     if name == "T" and value == 0:
         with pytest.raises(ValueError, match=r"Invalid T=0 in param group 0"):
             model(x)
     with pytest.raises(ValueError, match=rf"Invalid {name}=.* in param group 0 .*must be"):
         opt.step()
-    opt.param_groups[0][name] = HP1.get(name, {"lr_cov": 0.05, "kl_clip": 1e-2}.get(name))
+    opt.param_groups[0][name] = original
     after = _everything(model, opt)
     assert len(after) > 10 and any(k.startswith("opt.state") for k in after)
     assert_states_equal(before, after)
     assert opt.steps == steps
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "value"),
+    [
+        (SINGD, "structures", "diagonal"),
+        (SINGD, "preconditioner_dtype", torch.float64),
+        (SINGD, "kfac_like", True),
+        (SINGD, "vocab_structure", "dense"),
+        (KFAC, "factor_dtype", torch.float64),
+        (KFAC, "vocab_structure", "dense"),
+    ],
+)
+def test_options_read_at_construction_cannot_change_silently(cls, name, value):
+    """Options read only when the factors are made (their structure, dtype, the
+    method): a change after construction was ignored without a word. A step now
+    refuses it before writing anything; set back, training goes on. A checkpoint's
+    own spelling of them (``"dense"`` for ``("dense", "dense")``) loads and steps."""
+    model = make_mlp(0)
+    opt = cls(model, **_hp(cls))
+    train(model, opt, 0, 2)
+    x, y = batch(2)
+    opt.zero_grad()
+    mse(model(x), y).backward()
+    before, steps = _everything(model, opt), opt.steps
+    original = opt.param_groups[0][name]
+    opt.param_groups[0][name] = value
+    with pytest.raises(ValueError, match=rf"{name} of param group 0 was changed from .* after"):
+        opt.step()
+    opt.param_groups[0][name] = original
+    assert_states_equal(before, _everything(model, opt))
+    assert opt.steps == steps
+    opt.step()
+    assert opt.steps == steps + 1
+    if cls is SINGD:  # a checkpoint spelling the same structures differently
+        other = SINGD(make_mlp(0), **_hp(SINGD), structures="dense")
+        again = SINGD(model, **_hp(SINGD), structures=("dense", "dense"))
+        again.load_state_dict(other.state_dict())
+        assert again.param_groups[0]["structures"] == "dense"
+        train(model, again, 0, 1)
 
 
 @pytest.mark.parametrize("lr", [1e300, float("nan"), torch.tensor([0.1, 0.2]), "0.1"])

@@ -287,3 +287,16 @@ def test_custom_input_statistic_applying_K_works_under_kfac():
         torch.testing.assert_close(stats[1], stats[0], rtol=1e-14, atol=1e-15)
     finally:
         torchsingd.unregister_layer(Lin)
+
+
+@pytest.mark.parametrize("vocab_structure", ["dense", "diagonal"])
+def test_initial_inverse_is_the_identity_for_any_damping(vocab_structure):
+    """``(S + lambda I)^-1`` with ``S = (1 - lambda) I`` is ``I``; computed, it was all inf
+    in float32 for ``lambda >= 2^24`` (``(1 - lambda) + lambda`` rounds to 0), so a step
+    whose layer had no statistics yet was skipped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2))
+    opt = KFAC(model, damping=2.0**25, vocab_structure=vocab_structure)
+    for layer in opt.layers.values():
+        for inv in (layer.inv_K, layer.inv_C):
+            assert torch.equal(inv.to_dense(), torch.eye(inv.dim))

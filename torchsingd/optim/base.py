@@ -25,6 +25,7 @@ later step.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -197,6 +198,26 @@ STEP_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_update_norm": (_positive_or_none, "None or a number > 0"),
     "kl_clip": (_positive_or_none, "None or a number > 0"),
     "alpha1": (lambda x: is_number(x) and 0.0 <= x < 1.0, "a number in [0, 1)"),
+    "max_factor_step": (_positive_or_none, "None or a number > 0"),
+    "normalize_lr_cov": (lambda x: isinstance(x, bool), "True or False"),
+    "safeguards": (lambda x: isinstance(x, bool), "True or False"),
+    "kfac_approx": (lambda x: x in KFAC_APPROXIMATIONS, f"one of {KFAC_APPROXIMATIONS}"),
+    "loss_average": (lambda x: x in LOSS_AVERAGES, f"one of {LOSS_AVERAGES}"),
+    "fallback": (lambda x: x in FALLBACK_RULES, f"one of {FALLBACK_RULES}"),
+    "fallback_lr": (
+        lambda x: x is None or (_rate(x) and x <= LR_MAX),
+        f"None or a finite number in [0, {LR_MAX:.4g}]",
+    ),
+    "fallback_betas": (
+        lambda x: (
+            isinstance(x, (tuple, list))
+            and len(x) == 2
+            and all(is_number(b) and 0.0 <= b < 1.0 for b in x)
+        ),
+        "a pair of numbers in [0, 1)",
+    ),
+    "fallback_eps": (lambda x: is_number(x) and 0.0 < x < math.inf, "a finite number > 0"),
+    "fallback_weight_decay": (lambda x: x is None or _rate(x), "None or a finite number >= 0"),
 }
 
 
@@ -262,35 +283,28 @@ def validate_common(group: dict[str, Any]) -> None:
     for name in ("damping", "weight_decay"):
         if not passes(name):
             bad(name, "must be a finite number >= 0")
-    if not is_number(group["fallback_eps"]) or not 0.0 < group["fallback_eps"] < math.inf:
+    if not passes("fallback_eps"):
         bad("fallback_eps", "must be a finite number > 0 (AdamW divides by sqrt(v) + eps)")
     if not passes("momentum"):
         bad("momentum", "must be a number in [0, 1)")
-    for name, upper in (("fallback_lr", LR_MAX), ("fallback_weight_decay", math.inf)):
-        if group[name] is not None and (
-            not is_number(group[name]) or not 0.0 <= group[name] < math.inf or group[name] > upper
-        ):
+    for name in ("fallback_lr", "fallback_weight_decay"):
+        if not passes(name):
             bad(name, "must be None (use the group's value) or a finite number >= 0")
     if not passes("max_update_norm"):
         bad("max_update_norm", "must be None (no clipping) or a number > 0")
     if "kl_clip" in group and not passes("kl_clip"):
         bad("kl_clip", "must be None (no trust region) or a number > 0")
-    betas = group["fallback_betas"]
-    if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(is_number(b) and 0.0 <= b < 1.0 for b in betas)
-    ):
+    if not passes("fallback_betas"):
         bad("fallback_betas", "must be a pair of numbers in [0, 1)")
-    if group["fallback"] not in FALLBACK_RULES:
+    if not passes("fallback"):
         bad("fallback", f"must be one of {FALLBACK_RULES}")
     if not passes("T"):
         bad("T", "the preconditioner update interval must be an integer >= 1")
     if not passes("lr_cov"):
         bad("lr_cov", "must be a finite number >= 0 or a callable of the step")
-    if group["loss_average"] not in LOSS_AVERAGES:
+    if not passes("loss_average"):
         bad("loss_average", f"must be one of {LOSS_AVERAGES}")
-    if group["kfac_approx"] not in KFAC_APPROXIMATIONS:
+    if not passes("kfac_approx"):
         bad("kfac_approx", f"must be one of {KFAC_APPROXIMATIONS}")
     try:
         get_structure(group["vocab_structure"])
@@ -415,6 +429,7 @@ class KroneckerOptimizer(Optimizer):
         super().__init__(params, defaults)
         self._constructed = True
         self._assign_parameters()
+        self._freeze()
 
     @staticmethod
     def _unwrap(model: nn.Module) -> nn.Module:
@@ -573,6 +588,7 @@ class KroneckerOptimizer(Optimizer):
             self._owners = {}
             self.param_groups.pop()
             raise
+        self._freeze()
 
     def _name(self, p: nn.Parameter) -> str:
         return self._param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
@@ -973,6 +989,30 @@ class KroneckerOptimizer(Optimizer):
     #: The largest valid ``lr_cov`` (KFAC's is a running-average weight: 1).
     LR_COV_UPPER = math.inf
 
+    #: Group options read only when the factors are made: a change after construction
+    #: would be ignored, so a step refuses it (see :meth:`_check_frozen`).
+    FROZEN_OPTIONS: tuple[str, ...] = ("vocab_structure",)
+
+    def _freeze(self) -> None:
+        """Record the groups' :attr:`FROZEN_OPTIONS` as the factors were made with them."""
+        self._frozen = [
+            {k: copy.deepcopy(g[k]) for k in self.FROZEN_OPTIONS if k in g}
+            for g in self.param_groups
+        ]
+
+    def _check_frozen(self) -> None:
+        """Raise a ``ValueError`` if a group's :attr:`FROZEN_OPTIONS` changed since the
+        factors were made (before a step writes anything)."""
+        for i, (group, frozen) in enumerate(zip(self.param_groups, self._frozen, strict=False)):
+            for key, value in frozen.items():
+                if key in group and group[key] != value:
+                    raise ValueError(
+                        f"{key} of param group {i} was changed from {value!r} to "
+                        f"{group[key]!r} after construction; it is read only when the "
+                        "factors are made, so the change would be ignored. Construct a new "
+                        "optimizer with it (or set it back). Nothing was updated."
+                    )
+
     #: How often (in steps) parameters left out as frozen are looked at again: a scan
     #: costs ~0.1 us per parameter (a frozen backbone may have thousands).
     LEFT_OUT_CHECK_EVERY = 16
@@ -1043,6 +1083,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _step(self) -> None:
         check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
+        self._check_frozen()
         self._check_placement()
         if self._left_out:
             self._warn_left_out()
@@ -1417,6 +1458,7 @@ class KroneckerOptimizer(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks[0]
             self._optimizer_load_state_dict_post_hooks = hooks[1]
+        self._freeze()  # the loaded groups' options (their factors were checked)
         for hook in hooks[1].values():
             hook(self)
 

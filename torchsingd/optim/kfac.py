@@ -159,6 +159,7 @@ class KFAC(KroneckerOptimizer):
     """
 
     LR_COV_UPPER = 1.0
+    FROZEN_OPTIONS = ("vocab_structure", "factor_dtype")
 
     def __init__(
         self,
@@ -265,8 +266,10 @@ class KFAC(KroneckerOptimizer):
             block=block,
             S_K=S_K,
             S_C=S_C,
-            inv_K=damped_inverse(S_K, damping),
-            inv_C=damped_inverse(S_C, damping),
+            # (S + lambda I)^-1 = I exactly: not computed, since (1 - lambda) + lambda
+            # rounds to 0 for lambda >= 2^24 in float32 (an all-inf "inverse")
+            inv_K=spec_K.eye(d_i, dtype=dtype_K, device=weight.device),
+            inv_C=spec_C.eye(d_o, dtype=dtype_C, device=weight.device),
         )
 
     def _output_dtype(self, layer: KFACLayerState) -> torch.dtype:

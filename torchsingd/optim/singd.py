@@ -24,7 +24,6 @@ from torchsingd.optim.base import (
     ModuleEntry,
     NonFiniteError,
     common_defaults,
-    is_number,
     parse_dtypes,
     scheduled_lr_cov,
     validate_common,
@@ -107,7 +106,7 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
         if not isinstance(group[name], bool):
             raise ValueError(f"Invalid {name}={group[name]!r}: must be True or False.")
     step = group["max_factor_step"]
-    if step is not None and (not is_number(step) or not step > 0):
+    if not STEP_CHECKS["max_factor_step"][0](step):
         raise ValueError(
             f"Invalid max_factor_step={step!r}: must be None (no bound) or a number > 0 "
             "(values below 1 keep every factor update invertible; 0.5 is the default)."
@@ -194,6 +193,8 @@ class SINGD(KroneckerOptimizer):
             non-finite is undone (previous factor kept, its momentum reset) instead of
             skipping the whole step. ``safeguard_events`` counts what acted.
     """
+
+    FROZEN_OPTIONS = ("vocab_structure", "structures", "preconditioner_dtype", "kfac_like")
 
     def __init__(
         self,
