@@ -702,7 +702,11 @@ def _nan_loss_step(model, opt, t, poison):
 
 @pytest.mark.parametrize("poison", ["nan_loss", "inf_fallback_grad"])
 @pytest.mark.parametrize("T", [1, 2])
-def test_non_finite_step_is_skipped_as_if_it_never_had_gradients(T, poison):
+def test_non_finite_step_is_skipped_as_if_it_never_happened(T, poison):
+    """A skipped step changes nothing and does not count: training on ends where an
+    optimizer that never saw the poisoned batch ends (bit for bit), so a skipped
+    factor-update step is retried by the next step (counting it delayed the next
+    factor update by ``T``)."""
     model, ref = make_ln_mlp(), make_ln_mlp()
     opt, opt_ref = quiet_singd(model, T=T, **HP9), quiet_singd(ref, T=T, **HP9)
     train(model, opt, 0, 4)
@@ -715,11 +719,9 @@ def test_non_finite_step_is_skipped_as_if_it_never_had_gradients(T, poison):
     with pytest.warns(UserWarning, match="skipped"):
         opt.step()
     assert_equal(before, snapshot(model, opt))
-    assert opt.skipped_steps == 1 and opt.steps == 5
+    assert opt.skipped_steps == 1 and opt.steps == 4
     assert all(layer.H_K is None for layer in opt.layers.values())
 
-    opt_ref.zero_grad()  # the oracle: a step in which no parameter has a gradient
-    opt_ref.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, opt, 5, 10)

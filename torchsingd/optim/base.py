@@ -879,21 +879,28 @@ class KroneckerOptimizer(Optimizer):
 
     def _skip(self, why: str, g_scale: float, may_raise: bool = True) -> None:
         """Leave parameters and factors untouched, drop this step's captures; warn or
-        (with ``on_nonfinite="raise"`` and ``may_raise``) raise."""
+        (with ``on_nonfinite="raise"`` and ``may_raise``) raise.
+
+        The step does not count (``steps`` stays, as a ``torch.optim`` optimizer's
+        counters stay when a ``GradScaler`` skips its step): a skipped factor-update
+        step is retried by the next one instead of leaving the factors as they are
+        for another ``T`` steps (an fp16 loss scale that overflows at first would
+        otherwise delay the first factor update by ``T``)."""
         self._notes = []
         self._clear_captures()
         if self.on_nonfinite == "raise" and may_raise:
-            self._end_step(g_scale)
-            raise NonFiniteError(f"{type(self).__name__} step {self.steps - 1}: {why}.")
+            self._end_step(g_scale, count=False)
+            raise NonFiniteError(f"{type(self).__name__} step {self.steps}: {why}.")
         self.skipped_steps += 1
         warn(
             f"{type(self).__name__} skipped a step: {why}; parameters and state are "
             f"unchanged (see {type(self).__name__}.skipped_steps).",
         )
-        self._end_step(g_scale)
+        self._end_step(g_scale, count=False)
 
-    def _end_step(self, g_scale: float) -> None:
-        self.steps += 1
+    def _end_step(self, g_scale: float, count: bool = True) -> None:
+        if count:
+            self.steps += 1
         self._capture_scale = g_scale
         self._explicit_scale = None
 
