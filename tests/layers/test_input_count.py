@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from torchsingd import SINGD
+from torchsingd import distributed as tdist
 from torchsingd.layers import get_adapter
 from torchsingd.layers.base import LayerAdapter
 
@@ -80,8 +81,10 @@ class _Wrap(nn.Module):
 
 
 def _observed_counts(module, x, approx, monkeypatch, **forward_kwargs):
-    """Train one step; return ``(input_count, rows of input_rows)`` per capture and the
-    optimizer's recorded rows per block."""
+    """One forward and backward pass as rank 0 of 2 (the counts are asked only where
+    ranks are combined); return ``(input_count, rows of input_rows)`` per capture and
+    the optimizer's recorded rows per block."""
+    monkeypatch.setattr(tdist, "world", lambda group=None: (0, 2))
     torch.manual_seed(0)
     model = module if forward_kwargs else _Wrap(module)
     opt = SINGD(model, lr=0.0, T=1, kfac_approx=approx, warn_unsupported=False)
@@ -228,3 +231,20 @@ def test_attention_loss_terms(unbatched):
             adapter.grad_rows(mha, g, loss_average, "expand", block="q"),
             adapter.grad_rows(mha, g, None, "expand", block="q") * n**0.5,
         )
+
+
+def test_a_single_process_asks_no_counts(monkeypatch):
+    """The counts weight ranks; a single process does not ask for them (a user
+    adapter's default ``input_count`` may build the rows again)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("counted in a single process")
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = SINGD(model, T=1)
+    for adapter in {id(e.adapter): e.adapter for e in opt._entries.values()}.values():
+        monkeypatch.setattr(adapter, "input_count", refuse)
+        monkeypatch.setattr(adapter, "loss_terms", refuse)
+    model(_x(5, 3)).square().sum().backward()
+    assert all(layer.pending is not None for layer in opt.layers.values())
+    opt.step()

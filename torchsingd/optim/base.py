@@ -95,6 +95,7 @@ class BlockState:
     capture_scale: float = 1.0
     #: input rows ``N_a`` and loss terms ``n`` (ALGORITHM.md section 2) summed over
     #: the backward passes behind ``pending``: how ranks' statistics are combined
+    #: (NaN: not known, in a single process or from an old checkpoint)
     rows: float = 0.0
     terms: float = 0.0
     #: whether ``pending`` was reduced across ranks already (by a step that then raised)
@@ -793,12 +794,14 @@ class KroneckerOptimizer(Optimizer):
                 g = (g / self._capture_scale).to(dtype)
             x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
             stats = self._statistics(entry, layer, x, g)
-            rows = entry.adapter.input_count(
-                entry.module, x, group["kfac_approx"], block=layer.block
-            )
-            terms = entry.adapter.loss_terms(
-                entry.module, grad_output, group["loss_average"], block=layer.block
-            )
+            rows = terms = math.nan  # (counted only where ranks are combined)
+            if tdist.world(self._group)[1] > 1:
+                rows = entry.adapter.input_count(
+                    entry.module, x, group["kfac_approx"], block=layer.block
+                )
+                terms = entry.adapter.loss_terms(
+                    entry.module, grad_output, group["loss_average"], block=layer.block
+                )
         if layer.has_statistics(self.steps):
             for acc, new in zip(layer.pending, stats, strict=True):
                 acc.add_(new)
@@ -1248,9 +1251,14 @@ class KroneckerOptimizer(Optimizer):
           ``loss_average=None`` (a sum loss).
 
         A rank that captured nothing for the block contributes nothing (zeros with
-        weight 0). With several backward passes per step (each adding its own
-        statistics) the counts are the passes' totals: exact when every rank splits
-        its rows over its passes in the same proportions (e.g. equal micro-batches).
+        weight 0). With several captures of a block per step (backward passes of
+        micro-batches, or a layer applied several times in one forward: each adds its
+        own statistics) the counts are the captures' totals: exact when every rank
+        splits its rows over its captures in the same proportions (equal
+        micro-batches); otherwise off (measured: micro-batches of 2+2 rows on one rank
+        and 1+5 on the other, up to 1.3e-2 in the parameters after 4 steps; a layer
+        applied to every sample and again to the flagged ones, all flagged on one
+        rank and none on the other, up to 4.7e-3).
         A step retried after raising past this reduction (``layer.reduced``) holds
         the combined statistics already (plus what a backward pass since added): its
         sides are averaged with equal weights (a sum loss's output side: ``A / N`` summed).
@@ -1286,8 +1294,9 @@ class KroneckerOptimizer(Optimizer):
                 layer.capture_step = self.steps
                 layer.capture_scale = self._capture_scale
             mean = self.param_groups[entry.group_index]["loss_average"] is not None
-            # this rank's factor per side (equal weights where a count is missing:
-            # a retried step, or an adapter that counts none)
+            # this rank's factor per side (equal weights where a count is missing on
+            # some rank: a retried step, a capture made in a single process, an old
+            # checkpoint (NaN: so is the sum), or an adapter that counts none)
             by_rows = rows / all_rows if all_rows > 0 and not layer.reduced else fresh / ranks
             if not mean:
                 by_terms = 1.0 / size if layer.reduced else 1.0
@@ -1516,9 +1525,9 @@ class KroneckerOptimizer(Optimizer):
                 ]
             layer.capture_step = saved["capture_step"]
             layer.capture_scale = saved["capture_scale"]
-            # (saved before the counts were kept: equal weights, as those versions had)
-            layer.rows = float(saved.get("rows", 1.0))
-            layer.terms = float(saved.get("terms", 1.0))
+            # (saved before the counts were kept: not known, so equal weights)
+            layer.rows = float(saved.get("rows", math.nan))
+            layer.terms = float(saved.get("terms", math.nan))
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
