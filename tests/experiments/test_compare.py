@@ -233,6 +233,8 @@ def test_names_given_twice_run_once_and_reused_runs_say_their_threads(tmp_path, 
     out = capsys.readouterr().out
     assert f"{GRID_SIZE + 1} of {GRID_SIZE + 1} runs already done" in out
     assert "timed with [1] torch thread(s) per job (this call: 2)" in out
+    summary = (tmp_path / "summary.md").read_text()  # said "1 job(s) x 2 torch thread(s)."
+    assert "1 job(s) x 2 torch thread(s) in this call; the runs were timed with [1]" in summary
 
 
 def test_parallel_progress_is_one_bar_above_which_the_log_is_written(tmp_path, capsys):
@@ -257,3 +259,19 @@ def test_peak_rss_is_reset_between_runs():
     if runner._reset_peak_rss() != "run":
         pytest.skip("the OS cannot reset the peak RSS")
     assert runner.peak_rss_bytes() < before - (200 << 20)
+
+
+def test_plots_of_an_earlier_call_do_not_stay_beside_a_new_report(quick_run, tmp_path):
+    """A compare into a directory that held another task's run left its
+    curves_<task>.png beside a report that no longer covers that task."""
+    from torchsingd.experiments.plots import write_plots
+
+    out, _ = quick_run
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    finals = [r for r in runs if r["phase"] == "final"]
+    (tmp_path / "curves_autoencoder.png").write_bytes(b"old")
+    (tmp_path / "notes.png").write_bytes(b"the user's")
+    paths = write_plots(finals, tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["curves_digits-mlp.png", "memory.png", "notes.png"]
+    assert sorted(p.name for p in paths) == ["curves_digits-mlp.png", "memory.png"]

@@ -343,3 +343,60 @@ def test_cli_sweep_names_given_twice_count_once():
     config = cli._sweep_config(args, "none")
     assert config.structures == ("diagonal",)
     assert config.tasks == ("digits-cnn",) and config.precisions == ("float32",)
+
+
+def test_table_says_when_no_point_beat_chance():
+    """A --quick autoencoder sweep ended worse than chance everywhere: every cell read
+    the chance value as if it were a result. Such cells are marked, with a note."""
+    records = [
+        record("ae-singd", 1e-3, 0.1, 2.0, task="ae", higher=False, chance=1.0),
+        record("ae-singd", 1e-2, 0.1, 3.0, task="ae", higher=False, chance=1.0),
+        record("ae-ok", 1e-3, 0.1, 0.5, task="ae", higher=False, chance=1.0),
+        record("ae-ok", 1e-2, 0.1, 0.4, task="ae", higher=False, chance=1.0),
+    ]
+    table = sweep_table(summarize(records))
+    assert "| ae-singd | 0/2 | 1.0000 (chance) | lr=0.001, lr_cov=0.1 | 1.0000 (chance) |" in table
+    assert "| ae-ok | 0/2 | 0.4000 | lr=0.01, lr_cov=0.1 | 0.4500 |" in table
+    assert "No grid point of ae-singd did better than chance (1.0000" in table
+
+
+def test_cli_sweep_runs_one_structure_once_whatever_its_spelling(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_set_threads", lambda threads: None)
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, *a, **k: seen.append(config) or [])
+    monkeypatch.setattr(sweep, "write_sweep_report", lambda *a, **k: "")
+    monkeypatch.setattr(sweep, "plot_heatmaps", lambda *a, **k: [])
+    args = [*SWEEP_ARGS, "--tasks", "digits-cnn", "--out", str(tmp_path)]
+    i = args.index("diagonal")
+    args[i : i + 1] = ["hierarchical15_15", "hierarchical:15,15", "diagonal", "Diagonal"]
+    assert cli.main(args) == 0
+    assert seen[0].structures == ("hierarchical15_15", "diagonal")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "--quick", "--tasks", "digits-mlp", "mnist1d-cnn", "--no-progress"],
+        [*SWEEP_ARGS, "--tasks", "mnist1d-sweep"],
+        ["train", "--task", "mnist1d-cnn", "--optimizer", "sgd", "--no-progress"],
+    ],
+    ids=["compare", "sweep", "train"],
+)
+def test_a_task_whose_package_is_missing_is_named_before_any_run(
+    argv, tmp_path, monkeypatch, capsys
+):
+    """Without the mnist1d package, compare ran the other tasks' runs first and then
+    stopped with a traceback; now one line before any work, exit status 2."""
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mnist1d" else find(name)
+    )
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: pytest.fail("ran"))
+    from torchsingd.experiments import compare, runner
+
+    monkeypatch.setattr(compare, "run_compare", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("ran"))
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+    assert "need mnist1d: pip install 'torchsingd[experiments]'" in capsys.readouterr().err

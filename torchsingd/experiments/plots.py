@@ -120,4 +120,9 @@ def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
     ]
     if any(r["status"] != "refused" for r in records):
         paths.append(plot_memory(records, out / "memory.png"))
+    # plots of an earlier call into the same directory (other tasks) would sit beside
+    # a report that does not cover them
+    for stale in [*out.glob("curves_*.png"), out / "memory.png"]:
+        if stale not in paths and stale.exists():
+            stale.unlink()
     return paths

@@ -218,6 +218,10 @@ def summary_markdown(outcome: Outcome, config: CompareConfig, command: str) -> s
     )
     searches = outcome.records("search")
     best = outcome.best_lrs()
+    timed = sorted({r.get("threads") for r in searches + outcome.records("final")} - {None})
+    threads = f"{env['jobs']} job(s) x {env['threads_per_job']} torch thread(s)"
+    if timed and timed != [env["threads_per_job"]]:  # runs reused from an earlier call
+        threads += f" in this call; the runs were timed with {timed} thread(s) per job"
     search_parts = [
         f"### {task}\n\n" + search_table(task, [r for r in searches if r["task"] == task], best)
         for task in dict.fromkeys(r["task"] for r in searches)
@@ -228,8 +232,7 @@ def summary_markdown(outcome: Outcome, config: CompareConfig, command: str) -> s
             "",
             f"Command: `{command}`  ",
             f"Python {env['python']}, torch {env['torch']}, {env['platform']}, "
-            f"{env['cpu_count']} CPUs; {env['jobs']} job(s) x {env['threads_per_job']} "
-            "torch thread(s).",
+            f"{env['cpu_count']} CPUs; {threads}.",
             "",
             f"Seeds per setting: {config.seeds}. Learning-rate grids ({s['grid_size']} values "
             f"each, judged on a validation split of the training set, seed 0): {grids}. "

@@ -383,6 +383,7 @@ class Row:
     best_at: str
     median: float
     metric_name: str
+    chance: float = math.nan
 
 
 def _point(record: dict[str, Any]) -> tuple:
@@ -446,6 +447,7 @@ def summarize(records: list[dict[str, Any]], all_seeds: bool = False) -> list[Ro
                 best_at=at,
                 median=statistics.median(_mean_value(counted[p]) for p in points),
                 metric_name=first["metric_name"],
+                chance=first["chance"],
             )
         )
     return rows
@@ -464,13 +466,22 @@ def sweep_table(rows: list[Row]) -> str:
             "|---|---|---|---|---|",
         ]
         for r in mine:
-            best = f"{r.best:.4f}"
+            best = f"{r.best:.4f}" + (" (chance)" if r.best == r.chance else "")
             if r.best_std is not None:
                 best += f" +- {r.best_std:.4f} ({r.best_seeds} seeds)"
+            median = f"{r.median:.4f}" + (" (chance)" if r.median == r.chance else "")
             lines.append(
-                f"| {r.name} | {r.diverged}/{r.points} | {best} | {r.best_at} | {r.median:.4f} |"
+                f"| {r.name} | {r.diverged}/{r.points} | {best} | {r.best_at} | {median} |"
             )
         lines.append("")
+        at_chance = [r.name for r in mine if r.best == r.chance]
+        if at_chance:
+            lines += [
+                f"No grid point of {', '.join(at_chance)} did better than chance "
+                f"({mine[0].chance:.4f}, what a diverged run counts as): too short a run "
+                "to compare (e.g. --quick) or a grid that misses the working range.",
+                "",
+            ]
     return "\n".join(lines)
 
 
