@@ -95,7 +95,13 @@ def rel(init, ref, other) -> float:
 def main() -> int:
     warnings.filterwarnings("ignore")
     # ``python benchmarks/gpu_check.py cpu``: a dry run of the script without a GPU
-    cuda = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("device", nargs="?", default="cuda", help="the GPU (default: cuda)")
+    cuda = torch.device(parser.parse_args().device)
     if cuda.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 0

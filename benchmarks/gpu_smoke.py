@@ -1,5 +1,7 @@
 """Train a small MLP on CUDA with every structure, float32 and pure bfloat16; print losses."""
 
+import argparse
+import sys
 import warnings
 
 import torch
@@ -7,8 +9,12 @@ from torch import nn
 
 from torchsingd import SINGD
 
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--device", default="cuda", help="the GPU (default: cuda)")
+dev = torch.device(parser.parse_args().device)
+if dev.type == "cuda" and not torch.cuda.is_available():
+    sys.exit("gpu_smoke.py needs a CUDA device (torch.cuda.is_available() is False).")
 warnings.filterwarnings("ignore")
-dev = torch.device("cuda")
 gen = torch.Generator().manual_seed(0)
 X = torch.randn(512, 32, generator=gen).to(dev)
 y = (X[:, :4].sum(1) > 0).long().to(dev)

@@ -143,11 +143,9 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         outcome = run_compare(config, out, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(
-            f"\nInterrupted. Finished runs are in {out / 'runs.jsonl'}; run the same "
-            "command again to resume.",
-            file=sys.stderr,
-        )
+        store = out / "runs.jsonl"
+        where = f"Finished runs are in {store}" if store.exists() else "No run had finished"
+        print(f"\nInterrupted. {where}; run the same command again to resume.", file=sys.stderr)
         return 130
     write_reports(outcome, config, out, command_line(args.argv))
     plots = write_plots(outcome.records("final"), out)
@@ -435,14 +433,18 @@ def positive_float(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own options; see `torchsingd bench --help`
-        return _bench(argparse.Namespace(bench_argv=argv[1:]))
-    helping = "-h" in argv or "--help" in argv
-    if argv[:1] and argv[0] in NEEDS and not helping and not _have_extras(argv[0]):
-        return 2  # (checked before the parser, which imports them)
-    args = parser().parse_args(argv)
-    args.argv = argv
-    return args.run(args)
+    try:
+        if argv[:1] == ["bench"]:  # its own options; see `torchsingd bench --help`
+            return _bench(argparse.Namespace(bench_argv=argv[1:]))
+        helping = "-h" in argv or "--help" in argv
+        if argv[:1] and argv[0] in NEEDS and not helping and not _have_extras(argv[0]):
+            return 2  # (checked before the parser, which imports them)
+        args = parser().parse_args(argv)
+        args.argv = argv
+        return args.run(args)
+    except KeyboardInterrupt:  # (where a command has nothing more to say about it)
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -275,3 +275,19 @@ def test_plots_of_an_earlier_call_do_not_stay_beside_a_new_report(quick_run, tmp
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["curves_digits-mlp.png", "memory.png", "notes.png"]
     assert sorted(p.name for p in paths) == ["curves_digits-mlp.png", "memory.png"]
+
+
+def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from torchsingd.experiments import compare as compare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_set_threads", interrupted)  # e.g. while training one run
+    assert cli.main(["train", "--task", "digits-mlp", "--optimizer", "sgd"]) == 130
+    assert capsys.readouterr().err.strip() == "Interrupted."
+    monkeypatch.undo()
+    monkeypatch.setattr(compare_module, "run_compare", interrupted)
+    args = ["compare", "--quick", "--tasks", "digits-mlp", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(args) == 130
+    assert "No run had finished; run the same command again" in capsys.readouterr().err

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import platform
+import signal
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -265,6 +267,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(threads: int, slots: Any, progress: bool) -> None:
+    # Ctrl-C reaches the workers too: they leave quietly (the parent reports it and
+    # keeps what finished) instead of each printing a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     torch.set_num_threads(threads)
     _WORKER.update(position=slots.get(), progress=progress)
 

@@ -203,8 +203,9 @@ def summary_tables(outcome: Outcome) -> str:
     for task in dict.fromkeys(r.task for r in rows):
         t = TASKS[task]
         epochs = next(r["epochs"] for r in outcome.records("final") if r["task"] == task)
+        span = f"{epochs} epoch" + ("s" if epochs != 1 else "")
         parts.append(
-            f"### {task}: {t.description}, {epochs} epochs, batch {t.batch_size}\n\n"
+            f"### {task}: {t.description}, {span}, batch {t.batch_size}\n\n"
             + task_table(task, [r for r in rows if r.task == task])
         )
     return "\n\n".join(parts)
