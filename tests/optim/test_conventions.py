@@ -642,31 +642,35 @@ def test_hyperparameter_changed_to_an_invalid_value_raises_before_writing(cls, n
     assert opt.steps == steps
 
 
+@pytest.mark.parametrize("via", ["step", "add_param_group"])
 @pytest.mark.parametrize(
     ("cls", "name", "value"),
     [
         (SINGD, "structures", "diagonal"),
         (SINGD, "preconditioner_dtype", torch.float64),
-        (SINGD, "kfac_like", True),
         (SINGD, "vocab_structure", "dense"),
         (KFAC, "factor_dtype", torch.float64),
         (KFAC, "vocab_structure", "dense"),
     ],
 )
-def test_options_read_at_construction_cannot_change_silently(cls, name, value):
-    """Options read only when the factors are made (their structure, dtype, the
-    method): a change after construction was ignored without a word. A step now
-    refuses it before writing anything; set back, training goes on. A checkpoint's
-    own spelling of them (``"dense"`` for ``("dense", "dense")``) loads and steps."""
+def test_options_the_factors_are_made_with_cannot_change_silently(cls, name, value, via):
+    """Options read only when the factors are made (their structure, dtype): a change
+    after construction was ignored without a word. A step now refuses it before
+    writing anything, also after an ``add_param_group`` in between (which recorded the
+    changed value as the new truth); set back, training goes on."""
     model = make_mlp(0)
-    opt = cls(model, **_hp(cls))
+    opt = cls(model, list(model[0].parameters()), **_hp(cls))
+    if via == "step":
+        opt.add_param_group({"params": list(model[2].parameters())})
     train(model, opt, 0, 2)
     x, y = batch(2)
+    original = opt.param_groups[0][name]
+    opt.param_groups[0][name] = value
+    if via == "add_param_group":
+        opt.add_param_group({"params": list(model[2].parameters())})
     opt.zero_grad()
     mse(model(x), y).backward()
     before, steps = _everything(model, opt), opt.steps
-    original = opt.param_groups[0][name]
-    opt.param_groups[0][name] = value
     with pytest.raises(ValueError, match=rf"{name} of param group 0 was changed from .* after"):
         opt.step()
     opt.param_groups[0][name] = original
@@ -674,12 +678,71 @@ def test_options_read_at_construction_cannot_change_silently(cls, name, value):
     assert opt.steps == steps
     opt.step()
     assert opt.steps == steps + 1
-    if cls is SINGD:  # a checkpoint spelling the same structures differently
-        other = SINGD(make_mlp(0), **_hp(SINGD), structures="dense")
-        again = SINGD(model, **_hp(SINGD), structures=("dense", "dense"))
-        again.load_state_dict(other.state_dict())
-        assert again.param_groups[0]["structures"] == "dense"
-        train(model, again, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "given", "respelt"),
+    [
+        ("structures", "hierarchical15_15", ("hierarchical:15,15", "hierarchical:15,15")),
+        ("structures", ("diagonal", "diagonal"), ["diagonal", "diagonal"]),
+        ("vocab_structure", "diagonal", "Diagonal"),
+        ("preconditioner_dtype", torch.float64, (torch.float64, torch.float64)),
+    ],
+)
+def test_another_spelling_of_the_same_option_is_no_change(name, given, respelt):
+    """Frozen options compare by meaning: a step, a checkpoint spelling them otherwise
+    loaded (the group keeps the loading optimizer's value, which its factors follow),
+    and the respelt value set back all train."""
+    model = make_mlp(0)
+    opt = SINGD(model, **_hp(SINGD, **{name: given}))
+    train(model, opt, 0, 1)
+    opt.param_groups[0][name] = respelt
+    train(model, opt, 1, 2)
+    other = SINGD(make_mlp(0), **_hp(SINGD, **{name: respelt}))
+    opt.load_state_dict(other.state_dict())
+    assert opt.param_groups[0][name] == given
+    opt.param_groups[0][name] = respelt
+    train(model, opt, 2, 3)
+
+
+def test_a_checkpoint_keeps_the_options_the_loading_factors_are_made_with():
+    """A checkpoint saved after an (illegal) structures change, or made with another
+    factor dtype, loaded: the group says what the loading optimizer's factors are
+    (it adopted the checkpoint's value: 'diagonal' beside dense factors, float32 beside
+    float64 ones, and setting the true value back was refused)."""
+    model = make_mlp(0)
+    source = SINGD(make_mlp(0), **_hp(SINGD), preconditioner_dtype=torch.float32)
+    source.param_groups[0]["structures"] = "diagonal"  # illegal, then saved
+    opt = SINGD(model, **_hp(SINGD))
+    opt.load_state_dict(source.state_dict())
+    group = opt.param_groups[0]
+    assert group["structures"] == ("dense", "dense")
+    assert group["preconditioner_dtype"] == (None, None)
+    assert all(layer.K.dtype == torch.float64 for layer in opt.layers.values())
+    train(model, opt, 0, 2)
+
+
+def test_kfac_like_switched_on_later_needs_alpha1_zero():
+    model = make_mlp(0)
+    opt = SINGD(model, **_hp(SINGD))
+    train(model, opt, 0, 1)
+    opt.param_groups[0]["kfac_like"] = True  # read at every factor update: allowed
+    with pytest.raises(ValueError, match=r"Invalid alpha1=.* with kfac_like=True"):
+        train(model, opt, 1, 2)
+    opt.param_groups[0]["alpha1"] = 0.0
+    train(model, opt, 1, 2)
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_a_misspelt_kfac_approx_raises_in_the_backward_pass(cls):
+    """It raised only at the step, keeping the statistics captured under it (taken as
+    "reduce"), which a retried step with the value fixed then used."""
+    model = make_mlp(0)
+    opt = cls(model, **_hp(cls))
+    opt.param_groups[0]["kfac_approx"] = "expnad"
+    x, y = batch(0)
+    with pytest.raises(ValueError, match=r"Invalid kfac_approx='expnad' in param group 0"):
+        mse(model(x), y).backward()
 
 
 @pytest.mark.parametrize("lr", [1e300, float("nan"), torch.tensor([0.1, 0.2]), "0.1"])

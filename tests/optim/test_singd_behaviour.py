@@ -803,3 +803,23 @@ def test_toeplitz_operator_holds_only_a_spectrum(d, held):
     X = torch.randn(d, 5, generator=torch.Generator().manual_seed(1))
     Kd = K.to_dense().double()
     torch.testing.assert_close(op.mm(X).double(), Kd @ Kd.T @ X.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_step_zero_scale_advice_is_given_once_while_overflows_repeat_step_zero():
+    """A skipped step does not count, so step 0 repeats while the scaler overflows: its
+    advice to pass init_grad_scale (with a new scale each time) was printed every time."""
+    model = make_mlp(0, torch.float32)
+    opt = SINGD(model, **dict(HP, T=1, lr_cov=0.05))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    x, y = batch(0, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.zero_grad()
+            scaler.scale(1e6 * mse(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+    advice = [w for w in caught if "is used at step 0" in str(w.message)]
+    skipped = [w for w in caught if "skipped a step" in str(w.message)]
+    assert len(skipped) == opt.skipped_steps >= 2 and opt.steps == 4 - opt.skipped_steps
+    assert len(advice) == 1

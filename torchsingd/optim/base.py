@@ -418,6 +418,7 @@ class KroneckerOptimizer(Optimizer):
         self._notes: list[tuple[str, str | None]] = []
         self._capture_scale = float(init_grad_scale)
         self._init_grad_scale = float(init_grad_scale)
+        self._scale_warned = False
         self._explicit_scale: float | None = None
         self._entries: dict[str, ModuleEntry] = {}
         self._owners: dict[str, int] = {}  # layer name -> rank ("shard")
@@ -430,7 +431,7 @@ class KroneckerOptimizer(Optimizer):
         super().__init__(params, defaults)
         self._constructed = True
         self._assign_parameters()
-        self._freeze()
+        self._frozen = [self._frozen_of(g) for g in self.param_groups]
 
     @staticmethod
     def _unwrap(model: nn.Module) -> nn.Module:
@@ -589,7 +590,7 @@ class KroneckerOptimizer(Optimizer):
             self._owners = {}
             self.param_groups.pop()
             raise
-        self._freeze()
+        self._frozen.append(self._frozen_of(self.param_groups[-1]))
 
     def _name(self, p: nn.Parameter) -> str:
         return self._param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
@@ -777,6 +778,9 @@ class KroneckerOptimizer(Optimizer):
         ):
             return
         group = self.param_groups[entry.group_index]
+        if group["kfac_approx"] not in KFAC_APPROXIMATIONS:  # changed since construction:
+            # raise here, not keep statistics captured under an unknown approximation
+            check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             dtype = self._output_dtype(layer)
             scaled = self._capture_scale != 1.0
@@ -861,7 +865,13 @@ class KroneckerOptimizer(Optimizer):
         grad_scale = 1.0 if grad_scale is None else float(grad_scale)
         found_inf = bool(found_inf) if found_inf is not None else False
         g_scale = self._explicit_scale if self._explicit_scale is not None else grad_scale
-        if self.steps == 0 and self._init_grad_scale == 1.0 and g_scale != 1.0:
+        if (
+            self.steps == 0
+            and self._init_grad_scale == 1.0
+            and g_scale != 1.0
+            and not self._scale_warned  # (once: overflowing steps 0 are retried)
+        ):
+            self._scale_warned = True
             warn(
                 f"A gradient scale of {g_scale} is used at step 0; pass "
                 f"init_grad_scale={g_scale} to {type(self).__name__} for better numerics "
@@ -1003,24 +1013,33 @@ class KroneckerOptimizer(Optimizer):
     #: would be ignored, so a step refuses it (see :meth:`_check_frozen`).
     FROZEN_OPTIONS: tuple[str, ...] = ("vocab_structure",)
 
-    def _freeze(self) -> None:
-        """Record the groups' :attr:`FROZEN_OPTIONS` as the factors were made with them."""
-        self._frozen = [
-            {k: copy.deepcopy(g[k]) for k in self.FROZEN_OPTIONS if k in g}
-            for g in self.param_groups
-        ]
+    def _frozen_of(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A group's :attr:`FROZEN_OPTIONS` (copies)."""
+        return {k: copy.deepcopy(group[k]) for k in self.FROZEN_OPTIONS if k in group}
+
+    def _meaning(self, key: str, value: Any) -> Any:
+        """What a frozen option's value means (spellings of one structure or dtype
+        compare equal); the value itself where it cannot be read."""
+        return value
+
+    def _check_step_options(self) -> None:
+        """Checks of the group options beyond :data:`STEP_CHECKS` (each raises a
+        ``ValueError`` before a step writes anything)."""
+        self._check_frozen()
 
     def _check_frozen(self) -> None:
-        """Raise a ``ValueError`` if a group's :attr:`FROZEN_OPTIONS` changed since the
-        factors were made (before a step writes anything)."""
+        """Raise a ``ValueError`` if a group's :attr:`FROZEN_OPTIONS` changed meaning
+        since the factors were made (before a step writes anything)."""
         for i, (group, frozen) in enumerate(zip(self.param_groups, self._frozen, strict=False)):
             for key, value in frozen.items():
-                if key in group and group[key] != value:
+                if key not in group or group[key] == value:
+                    continue
+                if self._meaning(key, group[key]) != self._meaning(key, value):
                     raise ValueError(
                         f"{key} of param group {i} was changed from {value!r} to "
-                        f"{group[key]!r} after construction; it is read only when the "
-                        "factors are made, so the change would be ignored. Construct a new "
-                        "optimizer with it (or set it back). Nothing was updated."
+                        f"{group[key]!r} after construction; the factors were made with "
+                        "the former and cannot follow. Construct a new optimizer with it "
+                        "(or set it back). Nothing was updated."
                     )
 
     #: How often (in steps) parameters left out as frozen are looked at again: a scan
@@ -1093,7 +1112,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _step(self) -> None:
         check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
-        self._check_frozen()
+        self._check_step_options()
         self._check_placement()
         if self._left_out:
             self._warn_left_out()
@@ -1421,8 +1440,9 @@ class KroneckerOptimizer(Optimizer):
                     "pending": None if s.pending is None else [tensors(p) for p in s.pending],
                     "capture_step": s.capture_step,
                     "capture_scale": s.capture_scale,
-                    "rows": s.rows,
-                    "terms": s.terms,
+                    # (None: not counted, as in a single process)
+                    "rows": None if math.isnan(s.rows) else s.rows,
+                    "terms": None if math.isnan(s.terms) else s.terms,
                 }
                 for name, s in self.layers.items()
             },
@@ -1474,7 +1494,11 @@ class KroneckerOptimizer(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks[0]
             self._optimizer_load_state_dict_post_hooks = hooks[1]
-        self._freeze()  # the loaded groups' options (their factors were checked)
+        for group, frozen in zip(self.param_groups, self._frozen, strict=False):
+            # the factors were made (and the loaded ones cast) as this optimizer's
+            # options say: the checkpoint's spelling, or a value changed before it was
+            # saved, does not replace them
+            group.update(copy.deepcopy(frozen))
         for hook in hooks[1].values():
             hook(self)
 
@@ -1526,8 +1550,9 @@ class KroneckerOptimizer(Optimizer):
             layer.capture_step = saved["capture_step"]
             layer.capture_scale = saved["capture_scale"]
             # (saved before the counts were kept: not known, so equal weights)
-            layer.rows = float(saved.get("rows", math.nan))
-            layer.terms = float(saved.get("terms", math.nan))
+            rows, terms = saved.get("rows"), saved.get("terms")
+            layer.rows = math.nan if rows is None else float(rows)
+            layer.terms = math.nan if terms is None else float(terms)
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]

@@ -194,7 +194,29 @@ class SINGD(KroneckerOptimizer):
             skipping the whole step. ``safeguard_events`` counts what acted.
     """
 
-    FROZEN_OPTIONS = ("vocab_structure", "structures", "preconditioner_dtype", "kfac_like")
+    FROZEN_OPTIONS = ("vocab_structure", "structures", "preconditioner_dtype")
+
+    def _meaning(self, key: str, value: Any) -> Any:
+        try:
+            if key == "structures":
+                return tuple(spec.name for spec in parse_structures(value))
+            if key == "vocab_structure":
+                return get_structure(value).name
+            if key == "preconditioner_dtype":
+                return parse_dtypes(value, key)
+        except ValueError:
+            pass
+        return value
+
+    def _check_step_options(self) -> None:
+        super()._check_step_options()
+        for i, group in enumerate(self.param_groups):
+            if group["kfac_like"] and group["alpha1"] != 0.0:
+                raise ValueError(
+                    f"Invalid alpha1={group['alpha1']!r} in param group {i} with "
+                    "kfac_like=True (changed since construction): IKFAC has no Riemannian "
+                    "momentum; set alpha1 to 0 (as construction does). Nothing was updated."
+                )
 
     def __init__(
         self,
