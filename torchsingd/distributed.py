@@ -7,8 +7,11 @@ Strategies (``distributed_strategy``):
 
 - ``"replicate"``: every rank keeps every factor. Before a factor update the captured
   statistics are combined across ranks: the input side (a mean over the layer's input
-  rows) as the ranks' means weighted by their row counts, the output side averaged
-  (summed for ``loss_average=None``); gradients are averaged by
+  rows) as the ranks' means weighted by their row counts, the output side as the
+  total number of loss terms times the averaged gradients' squares (the mean of the
+  ranks' statistics where their loss terms are equal; summed for
+  ``loss_average=None``): see ``KroneckerOptimizer._sync_statistics``; gradients are
+  averaged by
   ``DistributedDataParallel`` as usual; every rank then computes the same factors and
   natural gradients. N ranks with batch ``B/N`` end, step for step, where one process
   with batch ``B`` ends (to rounding), because the statistics are linear in the rows;

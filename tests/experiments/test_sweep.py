@@ -151,9 +151,11 @@ def test_sweep_report_and_heatmaps(swept, tmp_path):
         assert row["diverged"] == sum(r["status"] == "diverged" for r in points)
         assert row["median"] == pytest.approx(statistics.median(sweep._value(r) for r in points))
 
+    (tmp_path / "sweep_autoencoder_float32.png").write_bytes(b"an earlier call's")
     paths = plot_heatmaps(records, tmp_path)
     assert paths == [tmp_path / "sweep_digits-cnn_float32.png"]
     assert paths[0].read_bytes()[:8] == PNG
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["sweep_digits-cnn_float32.png"]
 
 
 # ----------------------------------------------------- summary on synthetic data

@@ -22,9 +22,11 @@ import os
 import platform
 import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -246,7 +248,9 @@ def execute(
     try:
         while ready or running:
             while ready and len(running) < jobs:
-                running.add(pool.submit(_train_in_worker, run, ready.popleft()))
+                with _ctrl_c_ignored():  # a worker started now ignores it until it is
+                    # ready (_init_worker): no traceback from its imports
+                    running.add(pool.submit(_train_in_worker, run, ready.popleft()))
             completed, running = wait(running, return_when=FIRST_COMPLETED)
             for future in completed:
                 record = future.result()
@@ -257,10 +261,27 @@ def execute(
                     finished(record)
                 bar.total = bar.n + 1 + len(ready) + len(running)  # finished may queue more
                 bar.update(1)
+    except KeyboardInterrupt:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()  # (one still starting ignores Ctrl-C)
+        raise
     finally:
         if bar is not None:
             bar.close()
         pool.shutdown(wait=not running, cancel_futures=True)
+
+
+@contextmanager
+def _ctrl_c_ignored():
+    """SIGINT ignored in this process meanwhile (a process spawned inherits that)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _WORKER: dict[str, Any] = {}

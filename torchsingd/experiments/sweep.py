@@ -543,6 +543,9 @@ def plot_heatmaps(records: list[dict[str, Any]], out: Path, all_seeds: bool = Fa
         fig.savefig(path, dpi=80)
         plt.close(fig)
         paths.append(path)
+    for stale in out.glob("sweep_*.png"):  # an earlier call's, not covered by sweep.md
+        if stale not in paths:
+            stale.unlink()
     return paths
 
 

@@ -201,6 +201,7 @@ STEP_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha1": (lambda x: is_number(x) and 0.0 <= x < 1.0, "a number in [0, 1)"),
     "max_factor_step": (_positive_or_none, "None or a number > 0"),
     "normalize_lr_cov": (lambda x: isinstance(x, bool), "True or False"),
+    "kfac_like": (lambda x: isinstance(x, bool), "True or False"),
     "safeguards": (lambda x: isinstance(x, bool), "True or False"),
     "kfac_approx": (lambda x: x in KFAC_APPROXIMATIONS, f"one of {KFAC_APPROXIMATIONS}"),
     "loss_average": (lambda x: x in LOSS_AVERAGES, f"one of {LOSS_AVERAGES}"),
@@ -814,6 +815,7 @@ class KroneckerOptimizer(Optimizer):
             layer.capture_step = self.steps
             layer.capture_scale = self._capture_scale
             layer.rows = layer.terms = 0.0
+            layer.reduced = False  # (a reduction of an earlier step's statistics)
         layer.rows += rows
         layer.terms += terms
 
@@ -1017,10 +1019,17 @@ class KroneckerOptimizer(Optimizer):
         """A group's :attr:`FROZEN_OPTIONS` (copies)."""
         return {k: copy.deepcopy(group[k]) for k in self.FROZEN_OPTIONS if k in group}
 
-    def _meaning(self, key: str, value: Any) -> Any:
-        """What a frozen option's value means (spellings of one structure or dtype
-        compare equal); the value itself where it cannot be read."""
+    def _meaning(self, key: str, value: Any, group: dict[str, Any]) -> Any:
+        """What a frozen option's value means in ``group`` (spellings of one structure
+        or dtype compare equal, ``None`` is the weights' dtype); the value itself
+        where it cannot be read."""
         return value
+
+    @staticmethod
+    def _weight_dtype(group: dict[str, Any]) -> torch.dtype | None:
+        """The dtype a ``None`` dtype option stands for in ``group``."""
+        params = group["params"]
+        return params[0].dtype if params else None
 
     def _check_step_options(self) -> None:
         """Checks of the group options beyond :data:`STEP_CHECKS` (each raises a
@@ -1034,7 +1043,7 @@ class KroneckerOptimizer(Optimizer):
             for key, value in frozen.items():
                 if key not in group or group[key] == value:
                     continue
-                if self._meaning(key, group[key]) != self._meaning(key, value):
+                if self._meaning(key, group[key], group) != self._meaning(key, value, group):
                     raise ValueError(
                         f"{key} of param group {i} was changed from {value!r} to "
                         f"{group[key]!r} after construction; the factors were made with "
@@ -1301,35 +1310,40 @@ class KroneckerOptimizer(Optimizer):
         tdist.all_reduce_tensors([totals], [False], self._group)
         totals = totals.view(-1, 3).tolist()
         size = tdist.world(self._group)[1]
-        tensors, scales, updated = [], [], []
+        tensors, scales, updated, combined = [], [], [], []
         for (entry, layer), (fresh, rows, terms), (ranks, all_rows, all_terms) in zip(
             due, mine, totals, strict=True
         ):
             if ranks == 0:
                 continue
             updated.append((entry, layer))
+            combined.append((layer, all_rows, all_terms))
             if not layer.has_statistics(self.steps):
                 layer.pending = [x.clone().mul_(0.0) for x in layer.pending_like()]
                 layer.capture_step = self.steps
                 layer.capture_scale = self._capture_scale
+                layer.reduced = False
             mean = self.param_groups[entry.group_index]["loss_average"] is not None
             # this rank's factor per side (equal weights where a count is missing on
             # some rank: a retried step, a capture made in a single process, an old
             # checkpoint (NaN: so is the sum), or an adapter that counts none)
-            by_rows = rows / all_rows if all_rows > 0 and not layer.reduced else fresh / ranks
-            if not mean:
-                by_terms = 1.0 / size if layer.reduced else 1.0
-            elif all_terms > 0 and terms > 0 and not layer.reduced:
-                by_terms = all_terms / (size * size * terms)
+            if layer.reduced:  # every rank holds the combined value: average it again
+                by_rows = by_terms = 1.0 / size
             else:
-                by_terms = fresh / size if not layer.reduced else 1.0 / size
+                by_rows = rows / all_rows if all_rows > 0 else fresh / ranks
+                if not mean:
+                    by_terms = 1.0
+                elif all_terms > 0 and terms > 0:
+                    by_terms = all_terms / (size * size * terms)
+                else:
+                    by_terms = fresh / size
             for side, stat in enumerate(layer.pending):  # (input side, output side)
                 for t in stat.tensors():
                     tensors.append(t)
                     scales.append(by_rows if side == 0 else by_terms)
-            layer.rows, layer.terms = all_rows, all_terms
         tdist.all_reduce_tensors(tensors, [False] * len(tensors), self._group, scales=scales)
-        for _, layer in updated:
+        for layer, all_rows, all_terms in combined:  # (only once the reduction succeeded)
+            layer.rows, layer.terms = all_rows, all_terms
             layer.reduced = True
         return updated
 
@@ -1553,6 +1567,7 @@ class KroneckerOptimizer(Optimizer):
             rows, terms = saved.get("rows"), saved.get("terms")
             layer.rows = math.nan if rows is None else float(rows)
             layer.terms = math.nan if terms is None else float(terms)
+            layer.reduced = False  # (not saved: the loaded statistics are this rank's)
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]

@@ -196,14 +196,14 @@ class SINGD(KroneckerOptimizer):
 
     FROZEN_OPTIONS = ("vocab_structure", "structures", "preconditioner_dtype")
 
-    def _meaning(self, key: str, value: Any) -> Any:
+    def _meaning(self, key: str, value: Any, group: dict[str, Any]) -> Any:
         try:
             if key == "structures":
                 return tuple(spec.name for spec in parse_structures(value))
             if key == "vocab_structure":
                 return get_structure(value).name
             if key == "preconditioner_dtype":
-                return parse_dtypes(value, key)
+                return parse_dtypes(value, key, self._weight_dtype(group))
         except ValueError:
             pass
         return value
