@@ -587,16 +587,17 @@ def _routed_worker(rank, port, config, scenario, out_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("scenario", ["moe", "uneven"])
 @pytest.mark.parametrize(
-    "config",
-    [
-        ("singd", "dense", "replicate"),
-        ("singd", "diagonal", "shard"),
-        ("kfac", "dense", "replicate"),
-        ("kfac", "dense", "shard"),
+    ("config", "scenario"),
+    [  # each optimizer and strategy at least once per scenario (all failed before the weighting)
+        (("singd", "dense", "replicate"), "moe"),
+        (("singd", "diagonal", "shard"), "moe"),
+        (("kfac", "dense", "replicate"), "moe"),
+        (("kfac", "dense", "shard"), "moe"),
+        (("singd", "diagonal", "replicate"), "uneven"),
+        (("kfac", "dense", "shard"), "uneven"),
     ],
-    ids=lambda c: "-".join(c),
+    ids=lambda c: c if isinstance(c, str) else "-".join(c),
 )
 def test_ranks_with_different_row_counts_equal_one_process(config, scenario, tmp_path):
     """The input-side statistic is a mean over a layer's rows: combined across ranks
