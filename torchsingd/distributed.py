@@ -56,21 +56,17 @@ def world(group=None) -> tuple[int, int]:
 
 
 def all_reduce_tensors(
-    tensors: Sequence[Tensor],
-    average: Sequence[bool],
-    group=None,
-    scales: Sequence[float] | None = None,
+    tensors: Sequence[Tensor], group=None, scales: Sequence[float] | None = None
 ) -> None:
-    """Sum (or average, per tensor) ``tensors`` across ranks in place, in one call;
-    ``scales``: per tensor, a factor this rank's contribution is multiplied by first
-    (a weighted sum).
+    """Sum ``tensors`` across ranks in place, in one call; ``scales``: per tensor, a
+    factor this rank's contribution is multiplied by first (a weighted sum: ``1 /
+    world size`` everywhere averages).
 
     The tensors are packed into one float32 (float64 if any is float64) buffer, in
     which the factors are applied.
     """
     if not tensors:
         return
-    _, size = world(group)
     work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     parts = [t.reshape(-1).to(work) for t in tensors]
     if scales is not None:
@@ -79,9 +75,8 @@ def all_reduce_tensors(
     traffic["all_reduce"] += flat.nbytes
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
-    for t, avg in zip(tensors, average, strict=True):
-        chunk = flat[offset : offset + t.numel()].view_as(t)
-        t.copy_(chunk / size if avg else chunk)
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 

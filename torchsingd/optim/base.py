@@ -903,15 +903,14 @@ class KroneckerOptimizer(Optimizer):
         otherwise delay the first factor update by ``T``)."""
         self._notes = []
         self._clear_captures()
+        self._end_step(g_scale, count=False)
         if self.on_nonfinite == "raise" and may_raise:
-            self._end_step(g_scale, count=False)
             raise NonFiniteError(f"{type(self).__name__} step {self.steps}: {why}.")
         self.skipped_steps += 1
         warn(
             f"{type(self).__name__} skipped a step: {why}; parameters and state are "
             f"unchanged (see {type(self).__name__}.skipped_steps).",
         )
-        self._end_step(g_scale, count=False)
 
     def _end_step(self, g_scale: float, count: bool = True) -> None:
         if count:
@@ -1022,7 +1021,15 @@ class KroneckerOptimizer(Optimizer):
     def _meaning(self, key: str, value: Any, group: dict[str, Any]) -> Any:
         """What a frozen option's value means in ``group`` (spellings of one structure
         or dtype compare equal, ``None`` is the weights' dtype); the value itself
-        where it cannot be read."""
+        where it cannot be read. Here the options every method has: the embeddings'
+        structure and the factors' dtype (``*_dtype``)."""
+        try:
+            if key == "vocab_structure":
+                return get_structure(value).name
+            if key.endswith("_dtype"):
+                return parse_dtypes(value, key, self._weight_dtype(group))
+        except ValueError:
+            pass
         return value
 
     @staticmethod
@@ -1159,7 +1166,7 @@ class KroneckerOptimizer(Optimizer):
                 device = entry.adapter.params(entry.module)[0].device
                 counts = torch.tensor(mine, dtype=torch.float32, device=device)
                 shared.append(counts)
-            tdist.all_reduce_tensors(shared, [False] * len(shared), self._group)
+            tdist.all_reduce_tensors(shared, self._group)
             if updated:
                 for event, own, total in zip(owned, mine, counts.tolist(), strict=True):
                     self._notes += [(event, None)] * (round(total) - own)  # (warned by owners)
@@ -1307,7 +1314,7 @@ class KroneckerOptimizer(Optimizer):
         totals = torch.tensor(
             [c for counts in mine for c in counts], dtype=torch.float64, device=device
         )
-        tdist.all_reduce_tensors([totals], [False], self._group)
+        tdist.all_reduce_tensors([totals], self._group)
         totals = totals.view(-1, 3).tolist()
         size = tdist.world(self._group)[1]
         tensors, scales, updated, combined = [], [], [], []
@@ -1341,7 +1348,7 @@ class KroneckerOptimizer(Optimizer):
                 for t in stat.tensors():
                     tensors.append(t)
                     scales.append(by_rows if side == 0 else by_terms)
-        tdist.all_reduce_tensors(tensors, [False] * len(tensors), self._group, scales=scales)
+        tdist.all_reduce_tensors(tensors, self._group, scales=scales)
         for layer, all_rows, all_terms in combined:  # (only once the reduction succeeded)
             layer.rows, layer.terms = all_rows, all_terms
             layer.reduced = True

@@ -161,16 +161,6 @@ class KFAC(KroneckerOptimizer):
     LR_COV_UPPER = 1.0
     FROZEN_OPTIONS = ("vocab_structure", "factor_dtype")
 
-    def _meaning(self, key: str, value: Any, group: dict[str, Any]) -> Any:
-        try:
-            if key == "vocab_structure":
-                return get_structure(value).name
-            if key == "factor_dtype":
-                return parse_dtypes(value, key, self._weight_dtype(group))
-        except ValueError:
-            pass
-        return value
-
     def __init__(
         self,
         model: nn.Module,

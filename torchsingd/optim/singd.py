@@ -197,16 +197,12 @@ class SINGD(KroneckerOptimizer):
     FROZEN_OPTIONS = ("vocab_structure", "structures", "preconditioner_dtype")
 
     def _meaning(self, key: str, value: Any, group: dict[str, Any]) -> Any:
+        if key != "structures":
+            return super()._meaning(key, value, group)
         try:
-            if key == "structures":
-                return tuple(spec.name for spec in parse_structures(value))
-            if key == "vocab_structure":
-                return get_structure(value).name
-            if key == "preconditioner_dtype":
-                return parse_dtypes(value, key, self._weight_dtype(group))
+            return tuple(spec.name for spec in parse_structures(value))
         except ValueError:
-            pass
-        return value
+            return value
 
     def _check_step_options(self) -> None:
         super()._check_step_options()
