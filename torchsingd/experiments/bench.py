@@ -45,6 +45,7 @@ from torch import nn
 
 from torchsingd import SINGD
 from torchsingd.cli import positive_int
+from torchsingd.experiments.store import json_safe
 from torchsingd.layers import get_adapter
 from torchsingd.structures import get_structure
 from torchsingd.structures.toeplitz import FFT_MIN_DIM, fft_size
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         summarize(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(json_safe(rows), f, indent=1)
     return rows
 
 

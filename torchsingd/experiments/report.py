@@ -21,6 +21,7 @@ from typing import Any
 from torchsingd.experiments.compare import CompareConfig, Outcome, config_dict, environment
 from torchsingd.experiments.compare import settings as compare_settings
 from torchsingd.experiments.optimizers import OPTIMIZERS
+from torchsingd.experiments.store import json_safe
 from torchsingd.experiments.tasks import TASKS
 
 CSV_FIELDS = (
@@ -261,17 +262,6 @@ def summary_markdown(outcome: Outcome, config: CompareConfig, command: str) -> s
     )
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN and infinities become ``null`` (strict JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def write_reports(outcome: Outcome, config: CompareConfig, out: Path, command: str) -> str:
     """Write ``results.json``, ``results.csv`` and ``summary.md``; return the summary."""
     out = Path(out)
@@ -301,12 +291,12 @@ def write_reports(outcome: Outcome, config: CompareConfig, out: Path, command: s
         "lr_search": lr_search,
         "runs": records,
     }
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(json_safe(results), indent=1) + "\n")
     with (out / "results.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            writer.writerow(_json_safe(r))
+            writer.writerow(json_safe(r))
     summary = summary_markdown(outcome, config, command)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     return summary

@@ -2,17 +2,55 @@
 
 Each finished run is one JSON line of ``<out>/runs.jsonl``, written and flushed to
 disk as soon as the run ends; a run is identified by its spec's ``key``. A line cut
-short by a crash is ignored (that run is simply redone).
+short by a crash is ignored (that run is simply redone). The file is strict JSON: a
+non-finite number (a diverged run's loss) is written as the string ``"NaN"``,
+``"Infinity"`` or ``"-Infinity"`` and read back as the float (lines of earlier
+versions, with bare ``NaN``, are read too).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 RUNS_FILE = "runs.jsonl"
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN and infinities replaced by ``None`` (strict JSON, lossy)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def _encode(x: Any) -> Any:
+    """Non-finite floats as the strings of ``_NON_FINITE`` (strict JSON, lossless)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, dict):
+        return {k: _encode(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_encode(v) for v in x]
+    return x
+
+
+def _decode(x: Any) -> Any:
+    if isinstance(x, str):
+        return _NON_FINITE.get(x, x)
+    if isinstance(x, dict):
+        return {k: _decode(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    return x
 
 
 class RunStore:
@@ -29,7 +67,7 @@ class RunStore:
                     f.write("\n")
             for line in text.splitlines():
                 try:
-                    record = json.loads(line)
+                    record = _decode(json.loads(line))
                 except json.JSONDecodeError:
                     continue
                 self.records[record["key"]] = record
@@ -44,6 +82,6 @@ class RunStore:
         """Keep ``record`` and append it to the log (flushed and synced)."""
         self.records[record["key"]] = record
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_encode(record), allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -49,7 +49,7 @@ from torchsingd.experiments import data
 from torchsingd.experiments.bench import reference_cls
 from torchsingd.experiments.compare import execute
 from torchsingd.experiments.runner import _progress_bar, _train_loop
-from torchsingd.experiments.store import RunStore
+from torchsingd.experiments.store import RunStore, json_safe
 from torchsingd.experiments.tasks import TASKS, Task, accuracy
 from torchsingd.optim import NonFiniteError
 from torchsingd.structures import get_structure
@@ -583,7 +583,9 @@ def write_sweep_report(
     (out / "sweep.md").write_text(text, encoding="utf-8")
     (out / "sweep.json").write_text(
         json.dumps(
-            {"config": asdict(config), "command": command, "rows": [asdict(r) for r in rows]},
+            json_safe(
+                {"config": asdict(config), "command": command, "rows": [asdict(r) for r in rows]}
+            ),
             indent=1,
         ),
         encoding="utf-8",
