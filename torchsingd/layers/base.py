@@ -183,6 +183,16 @@ class LayerAdapter(ABC):
         a = self.input_rows(module, x, kfac_approx, block=block)
         return inner_of_rows(K, a)
 
+    def input_support(self, module: nn.Module, x: Tensor, *, block: str = "") -> Tensor | None:
+        """A bool mask over the ``d_i`` columns of ``grad(W)`` that the captured input
+        ``x`` can make nonzero, or ``None`` (default) when it can reach every column.
+
+        Embeddings answer with the tokens looked up: where the weight's gradient has
+        a nonzero row for a token the step did not look up, the weight is used outside
+        the module (a tied output projection written as ``h @ emb.weight.T``), and the
+        optimizer warns once (its statistics come from the lookups only)."""
+        return None
+
     def is_batched(self, module: nn.Module, x: Tensor) -> bool:
         """Whether :meth:`input_statistic` may split ``x`` along dimension 0: it indexes
         samples that each give the same number of rows of ``a`` (default: no)."""

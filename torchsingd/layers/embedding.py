@@ -71,6 +71,11 @@ class EmbeddingAdapter(LayerAdapter):
             return 1
         return x.numel() if kfac_approx == "expand" else x.shape[0]
 
+    def input_support(self, module: nn.Embedding, x: Tensor, *, block: str = "") -> Tensor:
+        seen = torch.zeros(module.num_embeddings, dtype=torch.bool, device=x.device)
+        seen[x.reshape(-1).long()] = True
+        return seen
+
     def input_statistic(
         self,
         module: nn.Embedding,

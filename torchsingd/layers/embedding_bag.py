@@ -116,6 +116,11 @@ class EmbeddingBagAdapter(EmbeddingAdapter):
     def input_count(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         return x.shape[0]  # one row per bag
 
+    def input_support(self, module: nn.EmbeddingBag, x: Tensor, *, block: str = "") -> Tensor:
+        seen = torch.zeros(module.num_embeddings, dtype=torch.bool, device=x.device)
+        seen[x.indices()[1]] = True
+        return seen
+
     def input_statistic(
         self,
         module: nn.EmbeddingBag,

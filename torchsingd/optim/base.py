@@ -100,12 +100,18 @@ class BlockState:
     terms: float = 0.0
     #: whether ``pending`` was reduced across ranks already (by a step that then raised)
     reduced: bool = False
+    #: the columns of ``grad(W)`` the inputs behind ``pending`` can reach (the union of
+    #: :meth:`LayerAdapter.input_support`; kept only until the first factor update
+    #: checks ``grad(W)`` against it, see :meth:`KroneckerOptimizer._check_support`)
+    support: Tensor | None = None
+    support_checked: bool = False
 
     def clear_captures(self) -> None:
         self.pending = None
         self.capture_step = -1
         self.rows = self.terms = 0.0
         self.reduced = False
+        self.support = None
 
     def has_statistics(self, step: int) -> bool:
         """Whether statistics captured in ``step`` are pending."""
@@ -799,6 +805,9 @@ class KroneckerOptimizer(Optimizer):
                 g = (g / self._capture_scale).to(dtype)
             x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
             stats = self._statistics(entry, layer, x, g)
+            support = None
+            if not layer.support_checked and tdist.world(self._group)[1] == 1:
+                support = entry.adapter.input_support(entry.module, x, block=layer.block)
             rows = terms = math.nan  # (counted only where ranks are combined)
             if tdist.world(self._group)[1] > 1:
                 rows = entry.adapter.input_count(
@@ -810,12 +819,15 @@ class KroneckerOptimizer(Optimizer):
         if layer.has_statistics(self.steps):
             for acc, new in zip(layer.pending, stats, strict=True):
                 acc.add_(new)
+            if support is not None and layer.support is not None:
+                support = support | layer.support
         else:
             layer.pending = list(stats)
             layer.capture_step = self.steps
             layer.capture_scale = self._capture_scale
             layer.rows = layer.terms = 0.0
             layer.reduced = False  # (a reduction of an earlier step's statistics)
+        layer.support = support
         layer.rows += rows
         layer.terms += terms
 
@@ -968,6 +980,8 @@ class KroneckerOptimizer(Optimizer):
             if grad_scale != 1.0:
                 G = G / grad_scale
             fresh = update_now and layer.has_statistics(self.steps)
+            if fresh and layer.support is not None and not layer.support_checked:
+                self._check_support(entry, layer, G)
             stats = layer.pending if fresh else None
             output_scale = (layer.capture_scale / g_scale) ** 2
             new_factors[block], nats[block] = self._update_block(
@@ -980,6 +994,36 @@ class KroneckerOptimizer(Optimizer):
         directions = entry.adapter.directions(entry.module, nats)
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
+
+    def _check_support(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> None:
+        """Warn (once per block, at its first factor update in a single process) if
+        ``grad(W)`` has nonzero columns its captured inputs cannot reach.
+
+        Why: the statistics come from the module's own forward passes. An embedding
+        whose weight also serves as the output projection through a plain tensor
+        product (``logits = h @ emb.weight.T``, GPT-style tying without a module)
+        gets the projection's gradient in every row, yet ``K`` is built from the
+        looked-up tokens only: the weight is preconditioned with statistics of part
+        of its uses, silently. Under several ranks the gradient is averaged over
+        all ranks' tokens, so the check runs only in a single process."""
+        support, layer.support, layer.support_checked = layer.support, None, True
+        if support.shape != G.shape[1:]:
+            return
+        outside = (G[:, ~support] != 0).any(0).sum()
+        if not bool(outside):
+            return
+        name = entry.name or "<model>"
+        warn(
+            f"Layer {name!r} ({type(entry.module).__name__}): grad(weight) is nonzero in "
+            f"{int(outside)} of the {G.shape[1] - int(support.sum())} rows (tokens) this "
+            "step's inputs did not look up, so the weight is used outside the module as "
+            f"well (an output projection tied as `h @ {name}.weight.T`, or a penalty on "
+            f"the weight). {type(self).__name__} preconditions it with statistics of the "
+            "lookups only. To tie an output projection, make it a module sharing the "
+            f"parameter (`head = nn.Linear(d, vocab, bias=False); head.weight = "
+            f"{name}.weight`): a shared weight is trained by the fallback rule. (Checked "
+            "once per layer, at its first factor update.)"
+        )
 
     def _grad_matrices(self, entry: ModuleEntry) -> dict[str, Tensor] | None:
         """Every block's ``grad(W)`` matrix; ``None`` if no block has a gradient. A

@@ -1,0 +1,160 @@
+"""An embedding whose weight is also used outside the module (GPT-style tying written
+as ``h @ emb.weight.T``) is preconditioned from its lookups only: the optimizer says so
+once, at the first factor update, and stays silent where the weight is used only by
+the module (untied heads, a tie through a shared module parameter, micro-batches whose
+lookups together cover the gradient, ``padding_idx``, bags)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchsingd
+from torchsingd.layers.embedding import EmbeddingAdapter
+
+V, D = 40, 6
+
+
+class TinyLM(nn.Module):
+    def __init__(self, tie: str, padding_idx=None) -> None:
+        super().__init__()
+        self.tie = tie
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.mix = nn.Linear(D, D)
+        if tie == "module":
+            self.head = nn.Linear(D, V, bias=False)
+            self.head.weight = self.emb.weight
+        elif tie == "untied":
+            self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.mix(self.emb(x)))
+        return h @ self.emb.weight.T if self.tie == "functional" else self.head(h)
+
+
+def _train(model, opt, batches):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for micro in batches:
+            opt.zero_grad()
+            for x, y in micro:
+                logits = model(x)
+                nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y).backward()
+            opt.step()
+    return [str(w.message) for w in caught if "outside the module" in str(w.message)]
+
+
+def _batches(steps, gen, low=0, high=12, micro=1):
+    return [
+        [
+            (
+                torch.randint(low, high, (3, 5), generator=gen),
+                torch.randint(0, V, (15,), generator=gen),
+            )
+            for _ in range(micro)
+        ]
+        for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("cls", [torchsingd.SINGD, torchsingd.KFAC])
+def test_functional_tie_warns_once_with_the_count_of_unlooked_rows(cls):
+    torch.manual_seed(0)
+    model = TinyLM("functional")
+    opt = cls(model, T=2, warn_unsupported=False)
+    gen = torch.Generator().manual_seed(1)
+    batches = _batches(5, gen)
+    # the first factor update is step 0: its rows outside the lookups all get the
+    # projection's gradient (dense h, random weights)
+    seen = batches[0][0][0].unique().numel()
+    messages = _train(model, opt, batches)
+    assert len(messages) == 1
+    assert f"nonzero in {V - seen} of the {V - seen} rows" in messages[0]
+    assert "'emb'" in messages[0] and "h @ emb.weight.T" in messages[0]
+    assert type(opt).__name__ in messages[0]
+
+
+@pytest.mark.parametrize("tie", ["untied", "module"])
+@pytest.mark.parametrize("cls", [torchsingd.SINGD, torchsingd.KFAC])
+def test_weights_used_by_the_module_only_give_no_warning(cls, tie):
+    torch.manual_seed(0)
+    model = TinyLM(tie)
+    opt = cls(model, T=1, warn_unsupported=False)
+    assert _train(model, opt, _batches(3, torch.Generator().manual_seed(2))) == []
+
+
+def test_micro_batches_count_the_union_of_their_lookups():
+    """Two micro-batches with disjoint tokens: each alone leaves rows of the
+    accumulated gradient unexplained, together they explain all of it."""
+    torch.manual_seed(0)
+    model = TinyLM("untied")
+    opt = torchsingd.SINGD(model, T=1, warn_unsupported=False)
+    gen = torch.Generator().manual_seed(3)
+    first = _batches(1, gen, 0, 20)[0] + _batches(1, gen, 20, 40)[0]
+    assert _train(model, opt, [first]) == []
+
+
+def test_padding_rows_and_a_penalty_on_the_weight():
+    torch.manual_seed(0)
+    model = TinyLM("untied", padding_idx=0)
+    opt = torchsingd.SINGD(model, T=1, warn_unsupported=False)
+    gen = torch.Generator().manual_seed(4)
+    batches = _batches(2, gen)
+    for micro in batches:  # padding tokens are looked up; their row stays zero
+        micro[0][0][:, 0] = 0
+    assert _train(model, opt, batches) == []
+    # a penalty on the weight reaches every row: said as well (checked again after a
+    # fresh optimizer, since the check runs once per layer)
+    opt = torchsingd.SINGD(model, T=1, warn_unsupported=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, y = _batches(1, gen)[0][0]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, V), y)
+        (loss + 1e-3 * model.emb.weight.square().sum()).backward()
+        opt.step()
+    assert sum("outside the module" in str(w.message) for w in caught) == 1
+
+
+def test_checked_once_then_no_cost(monkeypatch):
+    calls = []
+    original = EmbeddingAdapter.input_support
+
+    def counting(self, module, x, *, block=""):
+        calls.append(x.shape)
+        return original(self, module, x, block=block)
+
+    monkeypatch.setattr(EmbeddingAdapter, "input_support", counting)
+    torch.manual_seed(0)
+    model = TinyLM("untied")
+    opt = torchsingd.SINGD(model, T=1, warn_unsupported=False)
+    _train(model, opt, _batches(4, torch.Generator().manual_seed(5), micro=2))
+    assert len(calls) == 2  # the two micro-batches of the first factor update
+    (state,) = opt._entries["emb"].blocks.values()
+    assert state.support is None and state.support_checked
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag(mode, tie):
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(V, D, mode=mode)
+    head = nn.Linear(D, 3)
+    model = nn.ModuleDict({"bag": bag, "head": head})
+    opt = torchsingd.SINGD(model, T=1, warn_unsupported=False)
+    gen = torch.Generator().manual_seed(6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            tokens = torch.randint(0, 15, (9,), generator=gen)
+            offsets = torch.tensor([0, 4])
+            opt.zero_grad()
+            h = bag(tokens, offsets)
+            out = head(h)
+            if tie:  # the bag's weight scores the vocabulary as well
+                out = torch.cat([out, h @ bag.weight.T], 1)
+            out.square().mean().backward()
+            opt.step()
+    messages = [str(w.message) for w in caught if "outside the module" in str(w.message)]
+    assert len(messages) == (1 if tie else 0)
