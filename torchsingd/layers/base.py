@@ -183,14 +183,18 @@ class LayerAdapter(ABC):
         a = self.input_rows(module, x, kfac_approx, block=block)
         return inner_of_rows(K, a)
 
-    def input_support(self, module: nn.Module, x: Tensor, *, block: str = "") -> Tensor | None:
-        """A bool mask over the ``d_i`` columns of ``grad(W)`` that the captured input
-        ``x`` can make nonzero, or ``None`` (default) when it can reach every column.
+    def own_gradient(
+        self, module: nn.Module, x: Tensor, grad_output: Tensor, *, block: str = ""
+    ) -> Tensor | None:
+        """``grad(W)`` as ``[d_o, d_i]`` that one forward pass contributes, from its
+        captured input ``x`` and output gradient ``grad_output`` (at least float32), or
+        ``None`` (default: not computed).
 
-        Embeddings answer with the tokens looked up: where the weight's gradient has
-        a nonzero row for a token the step did not look up, the weight is used outside
-        the module (a tied output projection written as ``h @ emb.weight.T``), and the
-        optimizer warns once (its statistics come from the lookups only)."""
+        Embeddings answer (an index-add of the output gradient): where the weight's
+        gradient at the first factor update is not (a multiple of) the sum of these,
+        the weight is used outside the module as well (a tied output projection
+        written as ``h @ emb.weight.T``) and the optimizer warns once, since its
+        statistics come from the module's own passes only."""
         return None
 
     def is_batched(self, module: nn.Module, x: Tensor) -> bool:

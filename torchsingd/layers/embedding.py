@@ -71,10 +71,16 @@ class EmbeddingAdapter(LayerAdapter):
             return 1
         return x.numel() if kfac_approx == "expand" else x.shape[0]
 
-    def input_support(self, module: nn.Embedding, x: Tensor, *, block: str = "") -> Tensor:
-        seen = torch.zeros(module.num_embeddings, dtype=torch.bool, device=x.device)
-        seen[x.reshape(-1).long()] = True
-        return seen
+    def own_gradient(self, module: nn.Embedding, x: Tensor, grad_output: Tensor, *, block=""):
+        work = torch.promote_types(grad_output.dtype, torch.float32)
+        idx = x.reshape(-1).long()
+        g = grad_output.reshape(-1, module.embedding_dim).to(work)
+        if module.scale_grad_by_freq:  # PyTorch divides by the token's count in the call
+            g = g / torch.bincount(idx, minlength=module.num_embeddings)[idx, None]
+        own = g.new_zeros(module.num_embeddings, module.embedding_dim).index_add_(0, idx, g)
+        if module.padding_idx is not None:
+            own[module.padding_idx] = 0.0
+        return own.T
 
     def input_statistic(
         self,

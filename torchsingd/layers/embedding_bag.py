@@ -116,10 +116,12 @@ class EmbeddingBagAdapter(EmbeddingAdapter):
     def input_count(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         return x.shape[0]  # one row per bag
 
-    def input_support(self, module: nn.EmbeddingBag, x: Tensor, *, block: str = "") -> Tensor:
-        seen = torch.zeros(module.num_embeddings, dtype=torch.bool, device=x.device)
-        seen[x.indices()[1]] = True
-        return seen
+    def own_gradient(self, module: nn.EmbeddingBag, x: Tensor, grad_output: Tensor, *, block=""):
+        if module.scale_grad_by_freq:
+            return None  # (the tokens' frequencies are not in the recorded counts)
+        g = grad_output.reshape(-1, module.embedding_dim)
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        return torch.sparse.mm(x.t().to(g.dtype), g).T  # (c^T g)^T: [D, V]
 
     def input_statistic(
         self,

@@ -100,18 +100,18 @@ class BlockState:
     terms: float = 0.0
     #: whether ``pending`` was reduced across ranks already (by a step that then raised)
     reduced: bool = False
-    #: the columns of ``grad(W)`` the inputs behind ``pending`` can reach (the union of
-    #: :meth:`LayerAdapter.input_support`; kept only until the first factor update
-    #: checks ``grad(W)`` against it, see :meth:`KroneckerOptimizer._check_support`)
-    support: Tensor | None = None
-    support_checked: bool = False
+    #: the sum of :meth:`LayerAdapter.own_gradient` over the passes behind ``pending``
+    #: (kept only until the first factor update checks ``grad(W)`` against it, see
+    #: :meth:`KroneckerOptimizer._check_own_gradient`)
+    own: Tensor | None = None
+    own_checked: bool = False
 
     def clear_captures(self) -> None:
         self.pending = None
         self.capture_step = -1
         self.rows = self.terms = 0.0
         self.reduced = False
-        self.support = None
+        self.own = None
 
     def has_statistics(self, step: int) -> bool:
         """Whether statistics captured in ``step`` are pending."""
@@ -805,9 +805,11 @@ class KroneckerOptimizer(Optimizer):
                 g = (g / self._capture_scale).to(dtype)
             x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
             stats = self._statistics(entry, layer, x, g)
-            support = None
-            if not layer.support_checked and tdist.world(self._group)[1] == 1:
-                support = entry.adapter.input_support(entry.module, x, block=layer.block)
+            own = None
+            if not layer.own_checked and tdist.world(self._group)[1] == 1:
+                own = entry.adapter.own_gradient(
+                    entry.module, x, grad_output.detach(), block=layer.block
+                )
             rows = terms = math.nan  # (counted only where ranks are combined)
             if tdist.world(self._group)[1] > 1:
                 rows = entry.adapter.input_count(
@@ -819,15 +821,15 @@ class KroneckerOptimizer(Optimizer):
         if layer.has_statistics(self.steps):
             for acc, new in zip(layer.pending, stats, strict=True):
                 acc.add_(new)
-            if support is not None and layer.support is not None:
-                support = support | layer.support
+            if own is not None and layer.own is not None:
+                own = own.add_(layer.own)
         else:
             layer.pending = list(stats)
             layer.capture_step = self.steps
             layer.capture_scale = self._capture_scale
             layer.rows = layer.terms = 0.0
             layer.reduced = False  # (a reduction of an earlier step's statistics)
-        layer.support = support
+        layer.own = own
         layer.rows += rows
         layer.terms += terms
 
@@ -980,8 +982,8 @@ class KroneckerOptimizer(Optimizer):
             if grad_scale != 1.0:
                 G = G / grad_scale
             fresh = update_now and layer.has_statistics(self.steps)
-            if fresh and layer.support is not None and not layer.support_checked:
-                self._check_support(entry, layer, G)
+            if fresh and layer.own is not None and not layer.own_checked:
+                self._check_own_gradient(entry, layer, G)
             stats = layer.pending if fresh else None
             output_scale = (layer.capture_scale / g_scale) ** 2
             new_factors[block], nats[block] = self._update_block(
@@ -995,30 +997,42 @@ class KroneckerOptimizer(Optimizer):
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
 
-    def _check_support(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> None:
-        """Warn (once per block, at its first factor update in a single process) if
-        ``grad(W)`` has nonzero columns its captured inputs cannot reach.
+    def _check_own_gradient(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> None:
+        """Warn (once per block, at its first factor update, in a single process) if
+        ``grad(W)`` is not a multiple of what the module's own passes contribute.
 
         Why: the statistics come from the module's own forward passes. An embedding
         whose weight also serves as the output projection through a plain tensor
         product (``logits = h @ emb.weight.T``, GPT-style tying without a module)
-        gets the projection's gradient in every row, yet ``K`` is built from the
-        looked-up tokens only: the weight is preconditioned with statistics of part
-        of its uses, silently. Under several ranks the gradient is averaged over
-        all ranks' tokens, so the check runs only in a single process."""
-        support, layer.support, layer.support_checked = layer.support, None, True
-        if support.shape != G.shape[1:]:
+        gets the projection's gradient too, yet ``K`` is built from the looked-up
+        tokens only: the weight is preconditioned with statistics of part of its
+        uses, silently. The comparison is up to a factor (clipping, or a gradient
+        unscaled after the backward pass, scales ``grad(W)`` as a whole): the part
+        of ``grad(W)`` orthogonal to the own contribution, relative to ``grad(W)``,
+        above 1e-3 (3e-2 for 16-bit weights, whose gradients are rounded sums).
+        Under several ranks the gradient is averaged over all ranks' passes, so the
+        check runs only in a single process."""
+        own, layer.own, layer.own_checked = layer.own, None, True
+        if own.shape != G.shape:
             return
-        outside = (G[:, ~support] != 0).any(0).sum()
-        if not bool(outside):
+        G = G.to(own.dtype)
+        norm = torch.linalg.vector_norm(G)
+        if not bool(norm > 0) or not bool(torch.isfinite(norm)):
             return
+        mass = (own * own).sum()
+        factor = (G * own).sum() / mass if bool(mass > 0) else mass
+        outside = float(torch.linalg.vector_norm(G - factor * own) / norm)
+        tolerance = 3e-2 if G.element_size() < 4 or entry.watched[0].element_size() < 4 else 1e-3
+        if outside <= tolerance:
+            return
+        unseen = int(((own == 0).all(0) & (G != 0).any(0)).sum())
         name = entry.name or "<model>"
         warn(
-            f"Layer {name!r} ({type(entry.module).__name__}): grad(weight) is nonzero in "
-            f"{int(outside)} of the {G.shape[1] - int(support.sum())} rows (tokens) this "
-            "step's inputs did not look up, so the weight is used outside the module as "
-            f"well (an output projection tied as `h @ {name}.weight.T`, or a penalty on "
-            f"the weight). {type(self).__name__} preconditions it with statistics of the "
+            f"Layer {name!r} ({type(entry.module).__name__}): {outside:.0%} of grad(weight) "
+            f"does not come from the layer's own lookups ({unseen} rows it did not look "
+            "up have gradient), so the weight is used outside the module as well (an "
+            f"output projection tied as `h @ {name}.weight.T`, or a penalty on the "
+            f"weight). {type(self).__name__} preconditions it with statistics of the "
             "lookups only. To tie an output projection, make it a module sharing the "
             f"parameter (`head = nn.Linear(d, vocab, bias=False); head.weight = "
             f"{name}.weight`): a shared weight is trained by the fallback rule. (Checked "
