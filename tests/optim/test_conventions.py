@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import io
+import re
 import warnings
 import weakref
 
@@ -934,3 +935,38 @@ def test_a_reduction_mark_of_an_earlier_step_does_not_reach_new_statistics():
     mse(model(x), y).backward()
     assert all(layer.pending is not None for layer in opt.layers.values())
     assert not any(layer.reduced for layer in opt.layers.values())
+
+
+def test_nanogpt_decay_split_names_every_split_layer_and_the_recipe_works():
+    """Decaying 2-D parameters only splits every layer with a bias: all of them are
+    named (not only the first) and the grouping the message suggests is accepted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    with pytest.raises(ValueError, match=r"2 layer\(s\) are split, '1' \(groups \[0, 1\]\), '3'"):
+        SINGD(model, params=groups, weight_decay=0.1)
+    message = ""
+    try:
+        SINGD(model, params=groups, weight_decay=0.1)
+    except ValueError as err:
+        message = str(err)
+    recipe = re.findall(r"`([^`]*)`", message)
+    namespace = {"model": model, "nn": nn}
+    exec(f"{recipe[0]}\n{recipe[1]}\nparams = {recipe[2].removeprefix('params=')}", namespace)
+    opt = SINGD(model, params=namespace["params"], weight_decay=0.1, warn_unsupported=False)
+    assert set(opt.layers) == {"0", "1", "3"}
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in model[2].parameters()}
+
+
+def test_construction_warning_counts_layers_and_blocks():
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    with pytest.warns(
+        UserWarning, match=r"preconditions 4 layer\(s\) \(7 Kronecker-factored blocks\)"
+    ):
+        opt = SINGD(model)
+    assert len(opt.layers) == 7
+    with pytest.warns(UserWarning, match=r"preconditions 1 layer\(s\); these"):
+        SINGD(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))

@@ -155,6 +155,14 @@ class ModuleEntry:
     placement: tuple[torch.dtype, torch.device] | None = None
 
 
+def _layer_count(entries: dict[str, ModuleEntry]) -> str:
+    """``"8 layer(s) (14 Kronecker-factored blocks)"``; the blocks only where they differ
+    (attention has four, ``opt.layers`` lists blocks)."""
+    blocks = sum(len(e.blocks) for e in entries.values())
+    text = f"{len(entries)} layer(s)"
+    return text if blocks == len(entries) else f"{text} ({blocks} Kronecker-factored blocks)"
+
+
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -610,7 +618,7 @@ class KroneckerOptimizer(Optimizer):
         }
         known = {id(p) for _, p in self._fallback_params}
         # Check everything before changing anything (a failed add_param_group is undone).
-        new_layers = []
+        new_layers, split = [], []
         for name, module, adapter in self._candidates:
             if name in self._entries:
                 continue
@@ -621,15 +629,26 @@ class KroneckerOptimizer(Optimizer):
             if any(id(p) in known for p in params):
                 continue  # already trained by the fallback rule (its state lives there)
             if len(groups) != 1 or None in groups:
-                raise ValueError(
-                    f"The parameters of layer {name!r} must all be in one parameter group "
-                    f"(found groups {sorted(g for g in groups if g is not None)}"
-                    f"{' and some not in the optimizer' if None in groups else ''}): "
-                    "its weight and bias share its Kronecker factors. To decay biases "
-                    "differently, put whole layers in groups with their own weight_decay."
-                )
+                where = [f"groups {sorted(g for g in groups if g is not None)}"]
+                if None in groups:
+                    where.append("not in the optimizer")
+                split.append(f"{name!r} ({' and '.join(where)})")
+                continue
             adapter.check(module, name)
             new_layers.append((name, module, adapter, groups.pop()))
+        if split:
+            shown = ", ".join(split[:5]) + (f" and {len(split) - 5} more" if len(split) > 5 else "")
+            raise ValueError(
+                f"The parameters of a layer must all be in one parameter group: "
+                f"{len(split)} layer(s) are split, {shown}. A layer's weight and bias "
+                "share its Kronecker factors and its step. To decay biases differently "
+                "(nanoGPT's 2-D/1-D split), group whole layers, e.g. `layers = [p for m "
+                "in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) for p in "
+                "m.parameters(recurse=False)]`, `rest = [p for p in model.parameters() if "
+                "all(p is not q for q in layers)]`, then `params=[{'params': layers}, "
+                "{'params': rest, 'weight_decay': 0.0}]` (layers' biases are decayed "
+                "with their weights)."
+            )
         for name, module, adapter, index in new_layers:
             self._entries[name] = self._new_entry(name, module, adapter, index)
             claimed.update(id(p) for p in adapter.params(module))
@@ -653,7 +672,7 @@ class KroneckerOptimizer(Optimizer):
                     f"unfrozen: {frozen}."
                 )
             warn(
-                f"{type(self).__name__} preconditions {len(self._entries)} layer(s); these "
+                f"{type(self).__name__} preconditions {_layer_count(self._entries)}; these "
                 f"parameters are trained by the fallback rule instead — {rules}.{tied} "
                 "Pass warn_unsupported=False to silence this.",
             )
