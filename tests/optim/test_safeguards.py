@@ -399,6 +399,55 @@ def test_kl_clip_scales_the_reference_step():
         )
 
 
+def _clip_run(kappa: float, steps: int, lr: float = 0.1, groups: bool = False):
+    """A run whose trust region acts in every step where ``kappa`` is tiny; returns the
+    optimizer and the messages about it."""
+    model = _linear()
+    params = None
+    if groups:  # weight layer in group 0 (clipped), an extra free parameter in group 1
+        extra = nn.Parameter(torch.zeros(3, dtype=F64))
+        model.register_parameter("extra", extra)
+        params = [{"params": list(model[0].parameters())}, {"params": [extra]}]
+    opt = SINGD(model, params=params, lr=lr, T=1, kl_clip=kappa, warn_unsupported=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            _mse_step(model, opt, step)
+    return opt, [str(w.message) for w in caught if "trust region" in str(w.message)]
+
+
+def test_a_trust_region_that_sets_the_step_length_is_said_once_per_group():
+    """While kl_clip scales (almost) every step, lr and an LR schedule do nothing: said
+    once, after the first window of KL_WINDOW steps with at least 90% scaled."""
+    window = SINGD.KL_WINDOW
+    opt, messages = _clip_run(1e-12, window - 1)
+    assert messages == [] and opt.safeguard_events["kl_clipped"] == window - 1
+    opt, messages = _clip_run(1e-12, 3 * window, groups=True)
+    assert opt.safeguard_events["kl_clipped"] == 3 * window  # counted as before
+    assert messages == [
+        f"The trust region (kl_clip=1e-12) scaled {window} of the last {window} steps of "
+        "param group 0: while it acts, the step's length is set by kl_clip, not lr, and "
+        "an LR schedule has no effect. Lower lr if that is not intended (or raise kl_clip; "
+        "None turns it off). Said once per group; safeguard_events['kl_clipped'] counts."
+    ]
+    # a trust region that never acts says nothing
+    opt, messages = _clip_run(1e12, 2 * window)
+    assert messages == [] and opt.safeguard_events["kl_clipped"] == 0
+
+
+def test_trust_region_advice_counts_windows():
+    opt = SINGD(_linear(), warn_unsupported=False)
+    window, share = opt.KL_WINDOW, opt.KL_WARN_SHARE
+    below = math.ceil(share * window) - 1  # one scaled step short of the share
+    pattern = [True] * below + [False] * (window - below)
+    assert [opt._trust_region_advice(0, 1e-2, c) for c in pattern] == [None] * window
+    pattern = [False] * (window - below - 1) + [True] * (below + 1)  # the share exactly
+    advice = [opt._trust_region_advice(0, 1e-2, c) for c in pattern]
+    assert advice[:-1] == [None] * (window - 1) and f"scaled {below + 1} of the last" in advice[-1]
+    assert all(opt._trust_region_advice(0, 1e-2, True) is None for _ in range(2 * window))
+    assert opt._trust_region_advice(1, 1e-2, True) is None  # group 1 has its own window
+
+
 def test_kfac_kl_clip_scales_its_step():
     """KFAC's optional trust region: the step is KFAC's own, scaled by
     ``sqrt(kl_clip / (lr^2 <G_nat, G>))``; off by default."""
