@@ -11,9 +11,9 @@ bit.
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
-import re
 import warnings
 import weakref
 
@@ -80,7 +80,7 @@ def test_failed_add_param_group_leaves_the_optimizer_unchanged():
         opt.add_param_group({"params": list(model[2].parameters()), "lr": -1.0})
     assert len(opt.param_groups) == 1
     assert list(opt.layers) == ["0"] and opt.fallback_parameters == {}
-    with pytest.raises(ValueError, match="one parameter group"):  # a layer split in two
+    with pytest.raises(ValueError, match="not in the optimizer"):  # a layer split in two
         opt.add_param_group({"params": [model[2].weight]})
     assert len(opt.param_groups) == 1 and list(opt.layers) == ["0"]
 
@@ -527,8 +527,11 @@ def test_messages_say_why():
     """The split-layer error says why a layer needs one group; the fallback warning
     names parameters passed in while frozen (never preconditioned later)."""
     model = make_mlp(0)
-    with pytest.raises(ValueError, match="share its Kronecker factors"):
-        SINGD(model, params=[{"params": [model[0].weight]}, {"params": [model[0].bias]}])
+    with pytest.raises(ValueError, match="share the layer's Kronecker factors"):
+        SINGD(
+            model,
+            params=[{"params": [model[0].weight]}, {"params": [model[0].bias], "T": 3}],
+        )
     model[0].requires_grad_(False)
     with pytest.warns(UserWarning, match=r"not preconditioned even once unfrozen: \['0.weight'"):
         SINGD(model, params=list(model.parameters()))
@@ -937,28 +940,108 @@ def test_a_reduction_mark_of_an_earlier_step_does_not_reach_new_statistics():
     assert not any(layer.reduced for layer in opt.layers.values())
 
 
-def test_nanogpt_decay_split_names_every_split_layer_and_the_recipe_works():
-    """Decaying 2-D parameters only splits every layer with a bias: all of them are
-    named (not only the first) and the grouping the message suggests is accepted."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+def _nanogpt_groups(model, **bias_options):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    with pytest.raises(ValueError, match=r"2 layer\(s\) are split, '1' \(groups \[0, 1\]\), '3'"):
-        SINGD(model, params=groups, weight_decay=0.1)
-    message = ""
-    try:
-        SINGD(model, params=groups, weight_decay=0.1)
-    except ValueError as err:
-        message = str(err)
-    recipe = re.findall(r"`([^`]*)`", message)
-    namespace = {"model": model, "nn": nn}
-    exec(f"{recipe[0]}\n{recipe[1]}\nparams = {recipe[2].removeprefix('params=')}", namespace)
-    opt = SINGD(model, params=namespace["params"], weight_decay=0.1, warn_unsupported=False)
-    assert set(opt.layers) == {"0", "1", "3"}
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in model[2].parameters()}
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, **bias_options}]
+
+
+def _decay_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Embedding(20, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)
+    ).double()
+
+
+def _decay_step(model, opt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 20, (6,), generator=g), torch.randn(6, 4, generator=g).double()
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_nanogpt_decay_split_steps_each_parameter_with_its_groups_options(cls):
+    """nanoGPT's groups (decay 2-D parameters, not 1-D ones) split every layer with a
+    bias: accepted, the factors are the layer's, and each parameter takes lr,
+    momentum and weight decay from its own group. One step from the same start: the
+    directions are those of an optimizer without decay, so the weights equal one
+    decaying everything and the biases one decaying nothing."""
+    lr, wd = 0.1, 0.05
+    models = [_decay_model() for _ in range(3)]
+    split = cls(
+        models[0], params=_nanogpt_groups(models[0]), lr=lr, weight_decay=wd, warn_unsupported=False
+    )
+    assert set(split.layers) == {"0", "1", "3"}
+    everything = cls(models[1], lr=lr, weight_decay=wd, warn_unsupported=False)
+    nothing = cls(models[2], lr=lr, weight_decay=0.0, warn_unsupported=False)
+    for model, opt in zip(models, (split, everything, nothing), strict=True):
+        _decay_step(model, opt)
+    for name in ("0.weight", "1.weight", "3.weight"):
+        torch.testing.assert_close(
+            models[0].get_parameter(name), models[1].get_parameter(name), rtol=0, atol=1e-15
+        )
+    for name in ("1.bias", "3.bias"):
+        torch.testing.assert_close(
+            models[0].get_parameter(name), models[2].get_parameter(name), rtol=0, atol=1e-15
+        )
+    assert not torch.equal(models[1].get_parameter("1.bias"), models[2].get_parameter("1.bias"))
+
+
+def test_split_layer_follows_its_groups_lr_schedule_and_checkpoint():
+    """The bias group's LR schedule holds its biases (lr 0 after the first step) while
+    the weights train; a checkpoint resumes the split optimizer bit for bit."""
+    model = _decay_model()
+    opt = SINGD(
+        model, params=_nanogpt_groups(model), lr=0.1, weight_decay=0.01, T=2, warn_unsupported=False
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 1.0, lambda t: float(t == 0)])
+    _decay_step(model, opt, 0)
+    sched.step()
+    biases = [model[1].bias.detach().clone(), model[3].bias.detach().clone()]
+    weight = model[1].weight.detach().clone()
+    for step in (1, 2):
+        _decay_step(model, opt, step)
+        sched.step()
+    assert torch.equal(model[1].bias, biases[0]) and torch.equal(model[3].bias, biases[1])
+    assert not torch.equal(model[1].weight, weight)
+
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    clone = _decay_model()
+    clone.load_state_dict(saved_model)
+    resumed = SINGD(
+        clone, params=_nanogpt_groups(clone), lr=0.1, weight_decay=0.01, T=2, warn_unsupported=False
+    )
+    resumed.load_state_dict(saved_opt)
+    for step in (3, 4, 5):
+        _decay_step(model, opt, step)
+        _decay_step(clone, resumed, step)
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_split_groups_must_agree_on_the_factors_options():
+    model = _decay_model()
+    with pytest.raises(
+        ValueError, match=r"2 layer\(s\) are split .*'1' \(groups \[0, 1\]: damping differ\), '3'"
+    ):
+        SINGD(model, params=_nanogpt_groups(model, damping=0.5))
+    with pytest.raises(ValueError, match=r"'1' \(groups \[0\] and not in the optimizer\)"):
+        SINGD(model, params=[model[1].weight])
+    opt = SINGD(model, params=_nanogpt_groups(model), warn_unsupported=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[1]["T"] = 3
+    with pytest.raises(
+        ValueError,
+        match=r"Layer '1' has parameters in param groups \[0, 1\], which now differ in T",
+    ):
+        _decay_step(model, opt)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    opt.param_groups[1]["T"] = opt.param_groups[0]["T"]
+    opt.param_groups[1]["lr"] = 0.5  # lr, momentum, weight_decay may differ
+    opt.param_groups[1]["momentum"] = 0.0
+    _decay_step(model, opt)
 
 
 def test_construction_warning_counts_layers_and_blocks():

@@ -679,14 +679,14 @@ def test_float16_fallback_never_divides_zero_by_zero():
         SINGD(model, fallback_eps=0.0)
 
 
-def test_weight_and_bias_in_different_groups_raise():
+def test_weight_and_bias_in_groups_with_different_factor_options_raise():
     model = make_mlp(0)
-    with pytest.raises(ValueError, match="'0'"):
+    with pytest.raises(ValueError, match="'0' \\(groups \\[0, 1\\]: lr_cov differ\\)"):
         SINGD(
             model,
             params=[
                 {"params": [model[0].weight, *model[2].parameters()]},
-                {"params": [model[0].bias]},
+                {"params": [model[0].bias], "lr_cov": 0.5},
             ],
         )
     with pytest.raises(ValueError, match="'0'"):  # a bias without its weight

@@ -140,6 +140,10 @@ class ModuleEntry:
     adapter: LayerAdapter
     group_index: int
     blocks: dict[str, BlockState] = field(default_factory=dict)
+    #: the group of each of the adapter's parameters where they are in several groups
+    #: (``group_index`` is the weight's: the factors' options; each parameter's own
+    #: group gives its lr, momentum and weight decay); ``()`` where all are in one
+    param_groups: tuple[int, ...] = ()
     #: ``(id, requires_grad)`` of the adapter's parameters at construction: the
     #: factors are sized for them, so a later change is refused with a clear error.
     layout: tuple[tuple[int, bool], ...] = ()
@@ -153,6 +157,23 @@ class ModuleEntry:
     shapes_checked: bool = False
     #: ``watched[0]``'s dtype and device at construction (the factors were made for them)
     placement: tuple[torch.dtype, torch.device] | None = None
+
+
+#: The options a parameter of a layer split across param groups takes from its own
+#: group (the layer's factors and trust region take the rest from its weight's group).
+PARAMETER_OPTIONS = ("lr", "momentum", "weight_decay")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two option values are equal (identical objects, or equal of one type)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # e.g. tensors of several entries
+        return False
 
 
 def _layer_count(entries: dict[str, ModuleEntry]) -> str:
@@ -626,34 +647,41 @@ class KroneckerOptimizer(Optimizer):
             if name in self._entries:
                 continue
             params = adapter.params(module)
-            groups = {group_of.get(id(p)) for p in params}
+            indices = tuple(group_of.get(id(p)) for p in params)
+            groups = set(indices)
             if groups == {None}:
                 continue  # not ours to train: not checked either (e.g. a sparse embedding)
             if any(id(p) in known for p in params):
                 continue  # already trained by the fallback rule (its state lives there)
-            if len(groups) != 1 or None in groups:
-                where = [f"groups {sorted(g for g in groups if g is not None)}"]
-                if None in groups:
-                    where.append("not in the optimizer")
-                split.append(f"{name!r} ({' and '.join(where)})")
-                continue
+            if len(groups) != 1:
+                differ = [] if None in groups else self._layer_options_differ(indices)
+                if None in groups or differ:
+                    where = [f"groups {sorted(g for g in groups if g is not None)}"]
+                    where.append("not in the optimizer" if None in groups else "")
+                    differ_text = f": {', '.join(differ)} differ" if differ else ""
+                    split.append(f"{name!r} ({' and '.join(w for w in where if w)}{differ_text})")
+                    continue
             adapter.check(module, name)
-            new_layers.append((name, module, adapter, groups.pop()))
+            new_layers.append((name, module, adapter, indices))
         if split:
             shown = ", ".join(split[:5]) + (f" and {len(split) - 5} more" if len(split) > 5 else "")
             raise ValueError(
-                f"The parameters of a layer must all be in one parameter group: "
-                f"{len(split)} layer(s) are split, {shown}. A layer's weight and bias "
-                "share its Kronecker factors and its step. To decay biases differently "
-                "(nanoGPT's 2-D/1-D split), group whole layers, e.g. `layers = [p for m "
+                f"{len(split)} layer(s) are split across parameter groups that differ in "
+                f"options of their factors, or partly left out: {shown}. A layer's "
+                "parameters may be in several groups only where those agree on every "
+                f"option but {', '.join(PARAMETER_OPTIONS)} (nanoGPT's split of 2-D and "
+                "1-D parameters by weight_decay works): the weight and bias share the "
+                "layer's Kronecker factors. Or group whole layers, e.g. `layers = [p for m "
                 "in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) for p in "
                 "m.parameters(recurse=False)]`, `rest = [p for p in model.parameters() if "
                 "all(p is not q for q in layers)]`, then `params=[{'params': layers}, "
                 "{'params': rest, 'weight_decay': 0.0}]` (layers' biases are decayed "
                 "with their weights)."
             )
-        for name, module, adapter, index in new_layers:
-            self._entries[name] = self._new_entry(name, module, adapter, index)
+        for name, module, adapter, indices in new_layers:
+            self._entries[name] = self._new_entry(name, module, adapter, indices[0])
+            if len(set(indices)) > 1:
+                self._entries[name].param_groups = indices
             claimed.update(id(p) for p in adapter.params(module))
         new_fallback = []
         for i, g in enumerate(self.param_groups):
@@ -1153,6 +1181,30 @@ class KroneckerOptimizer(Optimizer):
         """Checks of the group options beyond :data:`STEP_CHECKS` (each raises a
         ``ValueError`` before a step writes anything)."""
         self._check_frozen()
+        for entry in self._entries.values():
+            if entry.param_groups:
+                differ = self._layer_options_differ(entry.param_groups)
+                if differ:
+                    raise ValueError(
+                        f"Layer {entry.name!r} has parameters in param groups "
+                        f"{sorted(set(entry.param_groups))}, which now differ in "
+                        f"{', '.join(differ)}: they must agree on every option but "
+                        f"{', '.join(PARAMETER_OPTIONS)} (the layer's factors use one "
+                        "value). Nothing was updated."
+                    )
+
+    def _layer_options_differ(self, indices: tuple[int, ...]) -> list[str]:
+        """The options (of :attr:`defaults`, but :data:`PARAMETER_OPTIONS` and the
+        fallback rule's) in which the groups ``indices`` of one layer differ."""
+        groups = [self.param_groups[i] for i in dict.fromkeys(indices)]
+        first, rest = groups[0], groups[1:]
+        return [
+            key
+            for key in self.defaults
+            if key not in PARAMETER_OPTIONS
+            and not key.startswith("fallback")
+            and any(not _same(first.get(key), g.get(key)) for g in rest)
+        ]
 
     def _check_frozen(self) -> None:
         """Raise a ``ValueError`` if a group's :attr:`FROZEN_OPTIONS` changed meaning
@@ -1476,21 +1528,23 @@ class KroneckerOptimizer(Optimizer):
 
     def _parameter_updates(self, items: list[tuple[ModuleEntry, list[Tensor]]]) -> None:
         """Step 3 of ALGORITHM.md for the given modules, one call per param group (all
-        of a group's tensors at once); protected entries stay as they were."""
-        by_group: dict[int, list[tuple[ModuleEntry, list[Tensor]]]] = {}
+        of a group's tensors at once; a parameter of a layer split across groups is
+        stepped with its own group's lr, momentum and weight decay); protected entries
+        stay as they were."""
+        by_group: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        saved = []
         for entry, directions in items:
-            by_group.setdefault(entry.group_index, []).append((entry, directions))
-        for index, members in by_group.items():
+            params = entry.adapter.params(entry.module)
+            indices = entry.param_groups or (entry.group_index,) * len(params)
+            for p, d, index in zip(params, directions, indices, strict=True):
+                by_group.setdefault(index, []).append((p, d))
+            saved += [(p, idx, p[idx].clone()) for p, idx in entry.adapter.protected(entry.module)]
+        for index, pairs in by_group.items():
             group = self.param_groups[index]
-            saved = [
-                (p, idx, p[idx].clone())
-                for entry, _ in members
-                for p, idx in entry.adapter.protected(entry.module)
-            ]
-            params = [p for entry, _ in members for p in entry.adapter.params(entry.module)]
+            params = [p for p, _ in pairs]
             buffers = parameter_step(
                 params,
-                [d for _, directions in members for d in directions],
+                [d for _, d in pairs],
                 [self.state[p].get("momentum_buffer") for p in params],
                 lr=lr_value(group["lr"]),
                 momentum=group["momentum"],
@@ -1499,11 +1553,11 @@ class KroneckerOptimizer(Optimizer):
             for p, buf in zip(params, buffers, strict=True):
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf
-            for p, idx, value in saved:
-                p[idx] = value
-                buf = self.state[p].get("momentum_buffer")
-                if buf is not None:
-                    buf[idx] = 0
+        for p, idx, value in saved:
+            p[idx] = value
+            buf = self.state[p].get("momentum_buffer")
+            if buf is not None:
+                buf[idx] = 0
 
     def _fallback_step(self, items: list[tuple[int, nn.Parameter, Tensor]], grad_scale: float):
         by_group: dict[int, list[tuple[nn.Parameter, Tensor]]] = {}
