@@ -989,30 +989,26 @@ def test_nanogpt_decay_split_steps_each_parameter_with_its_groups_options(cls):
     assert not torch.equal(models[1].get_parameter("1.bias"), models[2].get_parameter("1.bias"))
 
 
-def test_split_layer_follows_its_groups_lr_schedule_and_checkpoint():
-    """The bias group's LR schedule holds its biases (lr 0 after the first step) while
-    the weights train; a checkpoint resumes the split optimizer bit for bit."""
+def test_split_layer_momentum_per_group_schedule_and_checkpoint():
+    """A bias group without momentum keeps no buffer for the biases while the weights'
+    buffers run; one LR schedule over both groups works; a checkpoint resumes the
+    split optimizer bit for bit."""
     model = _decay_model()
-    opt = SINGD(
-        model, params=_nanogpt_groups(model), lr=0.1, weight_decay=0.01, T=2, warn_unsupported=False
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 1.0, lambda t: float(t == 0)])
-    _decay_step(model, opt, 0)
-    sched.step()
-    biases = [model[1].bias.detach().clone(), model[3].bias.detach().clone()]
-    weight = model[1].weight.detach().clone()
-    for step in (1, 2):
+    groups = _nanogpt_groups(model, momentum=0.0)
+    opt = SINGD(model, params=groups, lr=0.1, weight_decay=0.01, T=2, warn_unsupported=False)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for step in range(3):
         _decay_step(model, opt, step)
         sched.step()
-    assert torch.equal(model[1].bias, biases[0]) and torch.equal(model[3].bias, biases[1])
-    assert not torch.equal(model[1].weight, weight)
+    assert "momentum_buffer" in opt.state[model[1].weight]
+    assert "momentum_buffer" not in opt.state[model[1].bias]
+    assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] < 0.1
 
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     clone = _decay_model()
     clone.load_state_dict(saved_model)
-    resumed = SINGD(
-        clone, params=_nanogpt_groups(clone), lr=0.1, weight_decay=0.01, T=2, warn_unsupported=False
-    )
+    groups = _nanogpt_groups(clone, momentum=0.0)
+    resumed = SINGD(clone, params=groups, lr=0.1, weight_decay=0.01, T=2, warn_unsupported=False)
     resumed.load_state_dict(saved_opt)
     for step in (3, 4, 5):
         _decay_step(model, opt, step)
@@ -1039,8 +1035,16 @@ def test_split_groups_must_agree_on_the_factors_options():
         _decay_step(model, opt)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     opt.param_groups[1]["T"] = opt.param_groups[0]["T"]
-    opt.param_groups[1]["lr"] = 0.5  # lr, momentum, weight_decay may differ
-    opt.param_groups[1]["momentum"] = 0.0
+    # lr too must agree: the layer's trust region bounds its step for one lr (a
+    # schedule with another factor per group raises at the step where they part)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 1.0, lambda t: 0.5**t])
+    _decay_step(model, opt)
+    sched.step()
+    with pytest.raises(ValueError, match=r"which now differ in lr: .* but momentum, weight_decay"):
+        _decay_step(model, opt)
+    opt.param_groups[1]["lr"] = opt.param_groups[0]["lr"]
+    opt.param_groups[1]["momentum"] = 0.0  # momentum and weight_decay may differ
+    opt.param_groups[1]["weight_decay"] = 0.3
     _decay_step(model, opt)
 
 
