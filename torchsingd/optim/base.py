@@ -857,6 +857,7 @@ class KroneckerOptimizer(Optimizer):
                 own = entry.adapter.own_gradient(
                     entry.module, x, grad_output.detach(), block=layer.block
                 )
+                layer.own_checked = own is None  # (an adapter without the answer)
             rows = terms = math.nan  # (counted only where ranks are combined)
             if tdist.world(self._group)[1] > 1:
                 rows = entry.adapter.input_count(
