@@ -430,6 +430,15 @@ def test_a_trust_region_that_sets_the_step_length_is_said_once_per_group():
         "an LR schedule has no effect. Lower lr if that is not intended (or raise kl_clip; "
         "None turns it off). Said once per group; safeguard_events['kl_clipped'] counts."
     ]
+    # a group with fallback parameters is told that those step with the full lr
+    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4)).to(F64)
+    opt = SINGD(model, lr=0.1, T=1, kl_clip=1e-12, warn_unsupported=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(window):
+            _mse_step(model, opt, step)
+    (message,) = [str(w.message) for w in caught if "trust region" in str(w.message)]
+    assert "the fallback rule steps them with the full lr" in message
     # a trust region that never acts says nothing
     opt, messages = _clip_run(1e12, 2 * window)
     assert messages == [] and opt.safeguard_events["kl_clipped"] == 0

@@ -964,12 +964,19 @@ class KroneckerOptimizer(Optimizer):
         if hits < self.KL_WARN_SHARE * seen:
             return None
         self._kl_warned.add(index)
+        fallback = any(i == index for i, _ in self._fallback_params)
         return (
             f"The trust region (kl_clip={kl_clip}) scaled {hits} of the last {seen} steps "
             f"of param group {index}: while it acts, the step's length is set by kl_clip, "
             "not lr, and an LR schedule has no effect. Lower lr if that is not intended "
-            "(or raise kl_clip; None turns it off). Said once per group; "
-            "safeguard_events['kl_clipped'] counts."
+            "(or raise kl_clip; None turns it off)."
+            + (
+                " The group's parameters outside preconditioned layers are not in the "
+                "trust region: the fallback rule steps them with the full lr."
+                if fallback
+                else ""
+            )
+            + " Said once per group; safeguard_events['kl_clipped'] counts."
         )
 
     def _note(self, event: str | None, message: str | None = None) -> None:
