@@ -84,11 +84,20 @@ def train(model, opt, data, rank=0, world=1, accumulate=False):
         opt.step()
 
 
-def factory(kind: str, structure: str, approx: str, T: int, strategy: str):
+def factory(kind: str, structure: str, approx: str, T: int, strategy: str, split: bool = False):
+    """``split``: nanoGPT's groups (weight decay on parameters of 2 or more dimensions
+    only), which split every layer with a bias across two groups."""
+
     def build(model):
         common = dict(
             lr=0.05, T=T, kfac_approx=approx, warn_unsupported=False, distributed_strategy=strategy
         )
+        if split:
+            inner = model.module if isinstance(model, DDP) else model
+            common["params"] = [
+                {"params": [p for p in inner.parameters() if p.dim() >= 2], "weight_decay": 0.05},
+                {"params": [p for p in inner.parameters() if p.dim() < 2], "momentum": 0.5},
+            ]
         if kind == "kfac":
             return KFAC(model, lr_cov=0.1, damping=0.1, **common)
         return SINGD(model, lr_cov=0.1, structures=structure, **common)
@@ -134,18 +143,18 @@ def _worker(rank, port, config, out_path, accumulate, wrap_first, steps=(0, 5), 
 CONFIGS = [
     ("singd", "dense", "expand", 1, "replicate"),
     ("singd", "blockdiagonal:4", "reduce", 2, "replicate"),
-    ("singd", "hierarchical:3,2", "expand", 2, "shard"),
+    ("singd", "hierarchical:3,2", "expand", 2, "shard", True),
     ("singd", "triltoeplitz", "reduce", 1, "shard"),
     ("singd", "diagonal", "reduce", 3, "replicate"),
     ("singd", "triubottomrightdiag:2", "expand", 2, "shard"),
-    ("kfac", "dense", "expand", 2, "shard"),
+    ("kfac", "dense", "expand", 2, "shard", True),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_two_ranks_equal_one_process(config, tmp_path):
     out = tmp_path / "rank0.pt"
-    accumulate = config[-1] == "replicate" and config[3] == 1
+    accumulate = config[4] == "replicate" and config[3] == 1
     spawn(_worker, config, str(out), accumulate, config[0] == "singd")
     torch.set_num_threads(1)
     model = make_model()
