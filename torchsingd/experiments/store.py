@@ -21,26 +21,28 @@ RUNS_FILE = "runs.jsonl"
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
+def _replace_non_finite(x: Any, replace) -> Any:
+    """``x`` (nested dicts, lists and tuples) with each non-finite float ``v`` replaced
+    by ``replace(v)``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return replace(x)
+    if isinstance(x, dict):
+        return {k: _replace_non_finite(v, replace) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_replace_non_finite(v, replace) for v in x]
+    return x
+
+
 def json_safe(x: Any) -> Any:
     """``x`` with NaN and infinities replaced by ``None`` (strict JSON, lossy)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [json_safe(v) for v in x]
-    return x
+    return _replace_non_finite(x, lambda _: None)
 
 
 def _encode(x: Any) -> Any:
     """Non-finite floats as the strings of ``_NON_FINITE`` (strict JSON, lossless)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-    if isinstance(x, dict):
-        return {k: _encode(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_encode(v) for v in x]
-    return x
+    return _replace_non_finite(
+        x, lambda v: "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    )
 
 
 def _decode(x: Any) -> Any:

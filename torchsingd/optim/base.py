@@ -142,7 +142,7 @@ class ModuleEntry:
     blocks: dict[str, BlockState] = field(default_factory=dict)
     #: the group of each of the adapter's parameters where they are in several groups
     #: (``group_index`` is the weight's: the factors' options; each parameter's own
-    #: group gives its lr, momentum and weight decay); ``()`` where all are in one
+    #: group gives its momentum and weight decay); ``()`` where all are in one
     param_groups: tuple[int, ...] = ()
     #: ``(id, requires_grad)`` of the adapter's parameters at construction: the
     #: factors are sized for them, so a later change is refused with a clear error.
@@ -853,13 +853,14 @@ class KroneckerOptimizer(Optimizer):
             x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
             stats = self._statistics(entry, layer, x, g)
             own = None
-            if not layer.own_checked and tdist.world(self._group)[1] == 1:
+            several = tdist.world(self._group)[1] > 1
+            if not layer.own_checked and not several:
                 own = entry.adapter.own_gradient(
                     entry.module, x, grad_output.detach(), block=layer.block
                 )
                 layer.own_checked = own is None  # (an adapter without the answer)
             rows = terms = math.nan  # (counted only where ranks are combined)
-            if tdist.world(self._group)[1] > 1:
+            if several:
                 rows = entry.adapter.input_count(
                     entry.module, x, group["kfac_approx"], block=layer.block
                 )
@@ -1542,8 +1543,8 @@ class KroneckerOptimizer(Optimizer):
     def _parameter_updates(self, items: list[tuple[ModuleEntry, list[Tensor]]]) -> None:
         """Step 3 of ALGORITHM.md for the given modules, one call per param group (all
         of a group's tensors at once; a parameter of a layer split across groups is
-        stepped with its own group's lr, momentum and weight decay); protected entries
-        stay as they were."""
+        stepped with its own group's momentum and weight decay, and the lr they share);
+        protected entries stay as they were."""
         by_group: dict[int, list[tuple[Tensor, Tensor]]] = {}
         saved = []
         for entry, directions in items:
