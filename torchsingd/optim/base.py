@@ -105,10 +105,13 @@ class BlockState:
     #: :meth:`KroneckerOptimizer._check_own_gradient`)
     own: Tensor | None = None
     own_checked: bool = False
+    #: the step of the last forward pass whose output gradient this block waits for
+    hooked_step: int = -1
 
     def clear_captures(self) -> None:
         self.pending = None
         self.capture_step = -1
+        self.hooked_step = -1
         self.rows = self.terms = 0.0
         self.reduced = False
         self.own = None
@@ -456,6 +459,7 @@ class KroneckerOptimizer(Optimizer):
         #: per group: (steps with a trust region, of them scaled) in the current window
         self._kl_window: dict[int, tuple[int, int]] = {}
         self._kl_warned: set[int] = set()
+        self._lost: set[str] = set()  # blocks warned of a lost output gradient
         self._capture_scale = float(init_grad_scale)
         self._init_grad_scale = float(init_grad_scale)
         self._scale_warned = False
@@ -809,7 +813,19 @@ class KroneckerOptimizer(Optimizer):
         if entry.watched[0].device != entry.placement[1]:
             self._check_placement()  # raises: the factors are on another device
         layer = entry.blocks[block]
-        output.register_hook(partial(self._capture, entry, layer, x.detach(), self.steps))
+        hook = partial(self._capture, entry, layer, x.detach(), self.steps)
+        base = output._base
+        if base is not None and _whole_view(output, base):
+            # ``Linear`` with a bias on a 3-D input returns ``addmm(...).view(...)``.
+            # An in-place operation on such a view (``ReLU(inplace=True)``,
+            # ``Dropout(inplace=True)``, ``y += r``) rebases its history, and a hook on
+            # the view itself would never fire: the layer would silently keep its
+            # factors. The base's node still receives the output's gradient.
+            shape = output.shape
+            base.register_hook(lambda grad: hook(grad.reshape(shape)))
+        else:
+            output.register_hook(hook)
+        layer.hooked_step = self.steps
 
     def _capture(
         self,
@@ -1069,6 +1085,8 @@ class KroneckerOptimizer(Optimizer):
             if grad_scale != 1.0:
                 G = G / grad_scale
             fresh = update_now and layer.has_statistics(self.steps)
+            if update_now and not fresh and layer.hooked_step == self.steps:
+                self._lost_gradient(layer)
             if fresh and layer.own is not None and not layer.own_checked:
                 self._check_own_gradient(entry, layer, G)
             stats = layer.pending if fresh else None
@@ -1083,6 +1101,20 @@ class KroneckerOptimizer(Optimizer):
         directions = entry.adapter.directions(entry.module, nats)
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
+
+    def _lost_gradient(self, layer: BlockState) -> None:
+        """Warn (once per block) that a forward pass of this factor-update step waited
+        for its output's gradient and none arrived, while the weight has a gradient."""
+        if layer.name in self._lost:
+            return
+        self._lost.add(layer.name)
+        warn(
+            f"{type(self).__name__}: layer {layer.name!r} ran forward with gradients in "
+            f"step {self.steps} and its weight has a gradient, but the gradient of its "
+            "output never reached the optimizer (e.g. its output is a view that an "
+            "in-place operation rebased): its factors keep their values in this step. "
+            "Apply the in-place operation to a copy, or make the output contiguous."
+        )
 
     def _check_own_gradient(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> None:
         """Warn (once per block, at its first factor update, in a single process) if
@@ -1759,6 +1791,18 @@ class KroneckerOptimizer(Optimizer):
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
+
+
+def _whole_view(view: Tensor, base: Tensor) -> bool:
+    """Whether ``view`` is ``base`` reshaped (both contiguous, the same numbers), so
+    that the gradient of ``base`` reshaped is the gradient of ``view``."""
+    return (
+        base.requires_grad
+        and view.numel() == base.numel()
+        and view.storage_offset() == base.storage_offset()
+        and view.is_contiguous()
+        and base.is_contiguous()
+    )
 
 
 def _accumulates_into(weight: Tensor) -> bool:

@@ -1,0 +1,137 @@
+"""In-place operations on an observed layer's output.
+
+``nn.Linear`` with a bias on a 3-D input returns a *view* (``addmm(...).view(...)``);
+an in-place operation on it (``ReLU(inplace=True)``, ``Dropout(inplace=True)``,
+``y += r``) rebases the view's autograd history, so a gradient hook on the view never
+fires. Such a layer must still be preconditioned, with the numbers of the same model
+written out of place: the reference package (an independent implementation, which
+raises on the in-place model) is the oracle for the out-of-place one. A view the
+optimizer cannot follow is reported, not silently left with its initial factors.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchsingd.optim.base as base
+from torchsingd import KFAC, SINGD
+
+RefSINGD = pytest.importorskip("singd.optim.optimizer").SINGD
+
+HYPER = dict(lr=0.02, lr_cov=0.05, momentum=0.9, damping=1e-3, alpha1=0.5, weight_decay=1e-3)
+
+
+class Net(nn.Module):
+    """``Linear -> op -> Linear`` on ``[batch, sequence, features]`` inputs."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.op = nn.Linear(4, 6), nn.Linear(6, 3), op
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.op == "relu_":
+            h = torch.relu_(h)
+        elif self.op == "relu":
+            h = torch.relu(h)
+        elif self.op == "add_":
+            h += 0.5  # in place on fc1's output
+        elif self.op == "add":
+            h = h + 0.5
+        elif self.op == "dropout_":  # in place (the same global RNG draws as "dropout")
+            h = nn.functional.dropout(h, 0.25, training=True, inplace=True)
+        elif self.op == "dropout":
+            h = nn.functional.dropout(h, 0.25, training=True)
+        return self.fc2(h)
+
+
+OUT_OF_PLACE = {"relu_": "relu", "add_": "add", "dropout_": "dropout"}
+
+
+def train(impl, op: str, steps: int = 4, **kwargs) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    model = Net(op).double()
+    opt = impl(model, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(5, 7, 4, generator=gen, dtype=torch.float64)
+        y = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return max((p - q).abs().max().item() for p, q in pairs)
+
+
+@pytest.mark.parametrize("op", list(OUT_OF_PLACE))
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+@pytest.mark.parametrize("T", [1, 2])
+def test_inplace_after_a_linear_view_is_preconditioned(op: str, structure: str, T: int) -> None:
+    """Ours with the in-place op equals the reference with the out-of-place op."""
+    kw = dict(HYPER, T=T, structures=(structure, structure))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, _ = train(RefSINGD, OUT_OF_PLACE[op], **kw)
+        ours, opt = train(SINGD, op, safeguards=False, **kw)
+        initial, _ = train(SINGD, op, steps=0, **kw)
+    assert max_diff(ours, ref) < 1e-12
+    # the layer was preconditioned: its factors moved away from the identity
+    K = opt.layers["fc1"].K.to_dense()
+    assert (K - torch.eye(K.shape[0], dtype=K.dtype)).abs().max() > 1e-3
+    assert max_diff(ours, initial) > 1e-3
+
+
+@pytest.mark.parametrize("op", ["relu_", "add_"])
+def test_kfac_inplace_after_a_linear_view(op: str) -> None:
+    """KFAC: the in-place model's steps equal the out-of-place model's."""
+    kw = dict(lr=0.02, damping=1e-2, T=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, _ = train(KFAC, op, **kw)
+        b, _ = train(KFAC, OUT_OF_PLACE[op], **kw)
+    assert max_diff(a, b) < 1e-13
+
+
+def test_a_view_that_cannot_be_followed_is_reported(monkeypatch) -> None:
+    """Where the optimizer cannot hook the view's base, an in-place op loses the
+    output gradient: one warning names the layer; the factors stay as they were."""
+    monkeypatch.setattr(base, "_whole_view", lambda view, root: False)
+    kw = dict(HYPER, T=1, structures=("dense", "dense"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, opt = train(SINGD, "relu_", **kw)
+    lost = [str(w.message) for w in caught if "never reached" in str(w.message)]
+    assert len(lost) == 1 and "'fc1'" in lost[0], lost
+    K = opt.layers["fc1"].K.to_dense()
+    assert torch.equal(K, torch.eye(K.shape[0], dtype=K.dtype))
+    assert not torch.equal(opt.layers["fc2"].K.to_dense(), torch.eye(3, dtype=K.dtype))
+    # out of place nothing is lost, nothing reported
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(SINGD, "relu", **kw)
+    assert not [w for w in caught if "never reached" in str(w.message)]
+
+
+def test_no_report_when_gradients_are_zeroed_without_a_backward() -> None:
+    """``zero_grad(set_to_none=False)`` after a forward without its backward leaves
+    zero gradients and no statistics: nothing was lost, nothing is reported."""
+    torch.manual_seed(0)
+    model = Net("relu").double()
+    opt = SINGD(model, lr=0.01, T=1)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x).sum().backward()
+        opt.step()
+        model(x)  # a forward with gradients on, never backpropagated
+        opt.zero_grad(set_to_none=False)
+        opt.step()
+    assert not [w for w in caught if "never reached" in str(w.message)]
