@@ -15,7 +15,9 @@ from torchsingd.layers.base import (
     LOSS_AVERAGES,
     LayerAdapter,
     Observer,
+    find_adapter,
     get_adapter,
+    overrides_forward,
     register_layer,
     unregister_layer,
 )
@@ -46,7 +48,9 @@ __all__ = [
     "LinearAdapter",
     "MultiheadAttentionAdapter",
     "Observer",
+    "find_adapter",
     "get_adapter",
+    "overrides_forward",
     "register_layer",
     "unregister_layer",
 ]

@@ -422,7 +422,8 @@ def _qualified(cls: type) -> str:
 
 
 def register_layer(module_type: type[nn.Module] | str, adapter: LayerAdapter) -> None:
-    """Precondition modules of ``module_type`` (and its subclasses) with ``adapter``.
+    """Precondition modules of ``module_type`` (and its subclasses that keep its
+    ``forward``: see :func:`overrides_forward`) with ``adapter``.
 
     ``module_type`` may also be a fully qualified class name (``"pkg.mod.Class"``), so
     that a third-party layer is supported without importing its package. The latest
@@ -471,12 +472,29 @@ def unregister_layer(module_type: type[nn.Module] | str) -> LayerAdapter | None:
     return _ADAPTERS.pop(module_type, by_name)
 
 
-def get_adapter(module: nn.Module) -> LayerAdapter | None:
-    """The adapter for ``module`` (most specific registered base class), or ``None``."""
+def find_adapter(module: nn.Module) -> tuple[LayerAdapter | None, type | None]:
+    """The adapter for ``module`` (most specific registered base class) and the class
+    it is registered for, or ``(None, None)``."""
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
-            return _ADAPTERS[cls]
+            return _ADAPTERS[cls], cls
         qualified = f"{cls.__module__}.{cls.__qualname__}"
         if qualified in _ADAPTERS_BY_NAME:
-            return _ADAPTERS_BY_NAME[qualified]
-    return None
+            return _ADAPTERS_BY_NAME[qualified], cls
+    return None, None
+
+
+def get_adapter(module: nn.Module) -> LayerAdapter | None:
+    """The adapter for ``module`` (most specific registered base class), or ``None``."""
+    return find_adapter(module)[0]
+
+
+def overrides_forward(module: nn.Module, registered: type) -> bool:
+    """Whether ``module``'s class derives from ``registered`` and defines another
+    ``forward``: what it computes is not known to ``registered``'s adapter (timm's
+    ``Conv2dSame`` pads in its forward, ``StdConv2d`` standardises the weight first,
+    quantisation-aware layers fake-quantise it)."""
+    cls = type(module)
+    return cls is not registered and getattr(cls, "forward", None) is not getattr(
+        registered, "forward", None
+    )

@@ -43,7 +43,13 @@ from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from torchsingd import distributed as tdist
-from torchsingd.layers import KFAC_APPROXIMATIONS, LOSS_AVERAGES, LayerAdapter, get_adapter
+from torchsingd.layers import (
+    KFAC_APPROXIMATIONS,
+    LOSS_AVERAGES,
+    LayerAdapter,
+    find_adapter,
+    overrides_forward,
+)
 from torchsingd.optim.update import (
     adamw_step,
     clip_by_global_norm,
@@ -107,6 +113,8 @@ class BlockState:
     own_checked: bool = False
     #: the step of the last forward pass whose output gradient this block waits for
     hooked_step: int = -1
+    #: whether a forward pass with gradients ran since construction (any step)
+    seen: bool = False
 
     def clear_captures(self) -> None:
         self.pending = None
@@ -441,7 +449,7 @@ class KroneckerOptimizer(Optimizer):
         self._warn_unsupported = warn_unsupported
         self.on_nonfinite = on_nonfinite
         self._param_names = {id(p): n for n, p in model.named_parameters()}
-        self._candidates, self._tied = self._find_layers(model)
+        self._candidates, self._tied, self._overridden = self._find_layers(model)
         #: parameters left out as frozen (``params=None``): a step that finds one with a
         #: gradient (unfrozen since) says once that it is not trained
         self._left_out: list[Tensor] = []
@@ -572,17 +580,26 @@ class KroneckerOptimizer(Optimizer):
     @staticmethod
     def _find_layers(
         model: nn.Module,
-    ) -> tuple[list[tuple[str, nn.Module, LayerAdapter]], list[str]]:
-        """Supported modules with trainable parameters, and names of tied ones left out."""
-        found = []
+    ) -> tuple[list[tuple[str, nn.Module, LayerAdapter]], list[str], list[str]]:
+        """Supported modules with trainable parameters, names of tied ones left out,
+        and descriptions of those left out because their class overrides the forward
+        of the supported class it derives from."""
+        found, overridden = [], []
         covered: set[int] = set()
         for name, module in model.named_modules():
             if id(module) in covered:
                 continue
-            adapter = get_adapter(module)
+            adapter, registered = find_adapter(module)
             if adapter is None:
                 continue
             covered.update(id(m) for m in adapter.submodules(module))
+            if overrides_forward(module, registered):
+                if any(p.requires_grad for p in module.parameters()):
+                    overridden.append(
+                        f"{name!r} ({type(module).__name__} overrides "
+                        f"{registered.__name__}.forward)"
+                    )
+                continue
             if not adapter.supports(module):
                 continue  # e.g. EmbeddingBag(mode="max"): not a linear map of its weight
             if parametrize.is_parametrized(module):
@@ -600,7 +617,7 @@ class KroneckerOptimizer(Optimizer):
             for i in ids:
                 uses[i] = uses.get(i, 0) + 1
         tied = [n for n, _, _, ids in found if any(uses[i] > 1 for i in ids)]
-        return [(n, m, a) for n, m, a, _ in found if n not in tied], tied
+        return [(n, m, a) for n, m, a, _ in found if n not in tied], tied, overridden
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated; on an error nothing is added).
@@ -618,15 +635,17 @@ class KroneckerOptimizer(Optimizer):
             len(self._fallback_params),
             self._candidates,
             self._tied,
+            self._overridden,
             self._param_names,
         )
         try:
             self._validate(self.param_groups[-1])
             self._param_names = {id(p): n for n, p in self._model.named_parameters()}
-            self._candidates, self._tied = self._find_layers(self._model)
+            self._candidates, self._tied, self._overridden = self._find_layers(self._model)
             self._assign_parameters()
         except BaseException:
-            entries, n_handles, n_fallback, self._candidates, self._tied, self._param_names = saved
+            entries, n_handles, n_fallback, *lists, self._param_names = saved
+            self._candidates, self._tied, self._overridden = lists
             self._entries = entries
             _remove_handles(self._handles[n_handles:])
             del self._handles[n_handles:]
@@ -697,6 +716,13 @@ class KroneckerOptimizer(Optimizer):
                 by_rule.setdefault(self.param_groups[i]["fallback"], []).append(self._name(p))
             rules = "; ".join(f"{rule}: {names}" for rule, names in by_rule.items())
             tied = f" Tied (shared) layers left to it: {self._tied}." if self._tied else ""
+            if self._overridden:
+                tied += (
+                    " Layers whose class overrides the forward of the supported class "
+                    "it derives from (what they compute is not known) left to it: "
+                    f"{', '.join(self._overridden)}; register_layer(that class, an "
+                    "adapter) preconditions them."
+                )
             frozen = [self._name(p) for _, p in new_fallback if not p.requires_grad]
             if frozen:  # a supported layer frozen now is not preconditioned later either
                 tied += (
@@ -808,6 +834,7 @@ class KroneckerOptimizer(Optimizer):
             return
         if output.numel() == 0 or not output.requires_grad:  # empty: an MoE expert without tokens
             return
+        entry.blocks[block].seen = True
         if not self._wants(entry) or not self._active(entry):
             return
         if entry.watched[0].device != entry.placement[1]:
@@ -1085,8 +1112,8 @@ class KroneckerOptimizer(Optimizer):
             if grad_scale != 1.0:
                 G = G / grad_scale
             fresh = update_now and layer.has_statistics(self.steps)
-            if update_now and not fresh and layer.hooked_step == self.steps:
-                self._lost_gradient(layer)
+            if update_now and not fresh and layer.name not in self._lost:
+                self._missing_statistics(layer, G)
             if fresh and layer.own is not None and not layer.own_checked:
                 self._check_own_gradient(entry, layer, G)
             stats = layer.pending if fresh else None
@@ -1102,18 +1129,41 @@ class KroneckerOptimizer(Optimizer):
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
 
-    def _lost_gradient(self, layer: BlockState) -> None:
-        """Warn (once per block) that a forward pass of this factor-update step waited
-        for its output's gradient and none arrived, while the weight has a gradient."""
-        if layer.name in self._lost:
+    def _missing_statistics(self, layer: BlockState, G: Tensor) -> None:
+        """Warn (once per block) that a factor-update step has no statistics of a block
+        whose weight has a nonzero gradient: its forward ran in this step and the
+        gradient of its output never arrived, or its forward never ran with gradients
+        (its weight is used outside it). A weight whose gradient came from an earlier
+        step's forward (``step()`` twice, a late backward) is not reported."""
+        hooked = layer.hooked_step == self.steps
+        if not hooked and layer.seen:
+            return  # its gradient came from an earlier step's forward, or from none
+        if not bool(G.any()):  # zeroed gradients, no backward through it: nothing lost
             return
         self._lost.add(layer.name)
+        head = (
+            f"{type(self).__name__}: the weight of layer {layer.name!r} has a gradient in "
+            f"step {self.steps}, but "
+        )
+        if hooked:
+            why = (
+                "the gradient of its output never reached the optimizer (e.g. its "
+                "output is a view that an in-place operation rebased)"
+            )
+            fix = "Apply the in-place operation to a copy, or make the output contiguous."
+        else:
+            why = (
+                "its forward has not run with gradients on since the optimizer was "
+                "constructed: the weight is used outside it (e.g. F.linear(x, m.weight, "
+                "m.bias), as torchvision's Swin attention does)"
+            )
+            fix = (
+                "Call the module itself, or leave its parameters out of this optimizer "
+                "and train them with another."
+            )
         warn(
-            f"{type(self).__name__}: layer {layer.name!r} ran forward with gradients in "
-            f"step {self.steps} and its weight has a gradient, but the gradient of its "
-            "output never reached the optimizer (e.g. its output is a view that an "
-            "in-place operation rebased): its factors keep their values in this step. "
-            "Apply the in-place operation to a copy, or make the output contiguous."
+            f"{head}{why}. Its factors keep their values, its step is preconditioned by "
+            f"them as they are. {fix}"
         )
 
     def _check_own_gradient(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> None:

@@ -1,4 +1,7 @@
-"""In-place operations on an observed layer's output.
+"""What the forward hooks cannot see: in-place operations on a layer's output view,
+a weight used outside its module's forward, a subclass with its own forward.
+
+In-place operations on an observed layer's output:
 
 ``nn.Linear`` with a bias on a 3-D input returns a *view* (``addmm(...).view(...)``);
 an in-place operation on it (``ReLU(inplace=True)``, ``Dropout(inplace=True)``,
@@ -7,6 +10,12 @@ fires. Such a layer must still be preconditioned, with the numbers of the same m
 written out of place: the reference package (an independent implementation, which
 raises on the in-place model) is the oracle for the out-of-place one. A view the
 optimizer cannot follow is reported, not silently left with its initial factors.
+
+A layer whose weight is used without calling the module (torchvision's Swin attention
+calls ``F.linear(x, qkv.weight, qkv.bias)``) has a gradient and no statistics: reported.
+A subclass of a supported layer that overrides ``forward`` (timm's ``Conv2dSame`` pads
+in it, ``StdConv2d`` standardises its weight) computes something its adapter does not
+know: its parameters go to the fallback rule, and the construction warning says so.
 """
 
 from __future__ import annotations
@@ -135,3 +144,93 @@ def test_no_report_when_gradients_are_zeroed_without_a_backward() -> None:
         opt.zero_grad(set_to_none=False)
         opt.step()
     assert not [w for w in caught if "never reached" in str(w.message)]
+
+
+class Functional(nn.Module):
+    """``proj``'s weight applied with ``F.linear`` (its forward never runs)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.proj, self.head, self.functional = nn.Linear(4, 6), nn.Linear(6, 3), functional
+
+    def forward(self, x):
+        if self.functional:
+            h = nn.functional.linear(x, self.proj.weight, self.proj.bias)
+        else:
+            h = self.proj(x)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("impl", [SINGD, KFAC])
+@pytest.mark.parametrize("T", [1, 3])
+def test_a_weight_used_outside_its_forward_is_reported(impl, T: int) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    for functional in (True, False):
+        model = Functional(functional)
+        opt = impl(model, lr=0.01, T=T)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2 * T + 1):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        found = [str(w.message) for w in caught if "has not run" in str(w.message)]
+        if functional:  # once, at the first factor-update step, naming the layer
+            assert len(found) == 1 and "'proj'" in found[0] and "step 0" in found[0], found
+        else:
+            assert found == []
+
+
+class Padded(nn.Conv2d):
+    """Pads in its own forward, as timm's ``Conv2dSame`` does (module padding 0)."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+class Tagged(nn.Linear):
+    """A subclass that keeps ``nn.Linear.forward``."""
+
+
+def test_a_subclass_that_overrides_forward_goes_to_the_fallback() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Padded(2, 3, 3), nn.Flatten(), Tagged(3 * 4 * 4, 5), nn.Linear(5, 2))
+    with pytest.warns(UserWarning, match=r"'0' \(Padded overrides Conv2d.forward\)"):
+        opt = SINGD(model, lr=0.01, T=1)
+    assert set(opt.layers) == {"2", "3"}
+    assert set(opt.fallback_parameters) == {"0.weight", "0.bias"}
+    x = torch.randn(4, 2, 4, 4)
+    before = model[0].weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    assert not torch.equal(before, model[0].weight)  # trained by the fallback rule
+    # registered for the subclass itself, it is preconditioned (the user vouches for it)
+    from torchsingd import register_layer, unregister_layer
+    from torchsingd.layers import ConvAdapter
+
+    register_layer(Padded, ConvAdapter())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing left to the fallback, nothing said
+            opt = SINGD(model, lr=0.01, T=1)
+        assert set(opt.layers) == {"0", "2", "3"}
+    finally:
+        unregister_layer(Padded)
+
+
+def test_stale_gradients_are_not_reported() -> None:
+    """``step()`` again on the same gradients (no forward in that step): the module's
+    forward ran before, so its weight is not used outside it; nothing is reported."""
+    torch.manual_seed(0)
+    model = Functional(False)
+    opt = SINGD(model, lr=0.01, T=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 3)).backward()
+        opt.step()
+        opt.step()
+    assert opt.steps == 2
+    assert not [w for w in caught if "has not run" in str(w.message)]
