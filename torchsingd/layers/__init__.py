@@ -2,8 +2,9 @@
 
 Supported: ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d``,
 ``nn.ConvTranspose1d``/``2d``/``3d``, ``nn.Embedding``, ``nn.EmbeddingBag`` (sum, mean),
-``nn.MultiheadAttention`` (hence every ``nn.Transformer*`` layer), and
-torch_geometric's ``Linear`` (inside ``GCNConv`` and most graph layers). Parameters
+``nn.MultiheadAttention`` (hence every ``nn.Transformer*`` layer),
+torch_geometric's ``Linear`` (inside ``GCNConv`` and most graph layers) and Hugging
+Face's ``Conv1D`` (GPT-2's projections, weight stored ``[d_in, d_out]``). Parameters
 of other modules are trained by SINGD's fallback rule.
 """
 
@@ -25,10 +26,11 @@ from torchsingd.layers.conv import ConvAdapter
 from torchsingd.layers.conv_transpose import ConvTransposeAdapter
 from torchsingd.layers.embedding import EmbeddingAdapter
 from torchsingd.layers.embedding_bag import EmbeddingBagAdapter
-from torchsingd.layers.linear import LinearAdapter
+from torchsingd.layers.linear import LinearAdapter, TransposedLinearAdapter
 
 register_layer(nn.Linear, LinearAdapter())
 register_layer("torch_geometric.nn.dense.linear.Linear", LinearAdapter())
+register_layer("transformers.pytorch_utils.Conv1D", TransposedLinearAdapter())
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, ConvAdapter())
 for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
@@ -47,6 +49,7 @@ __all__ = [
     "LayerAdapter",
     "LinearAdapter",
     "MultiheadAttentionAdapter",
+    "TransposedLinearAdapter",
     "Observer",
     "find_adapter",
     "get_adapter",

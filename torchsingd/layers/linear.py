@@ -34,3 +34,23 @@ class LinearAdapter(LayerAdapter):
 
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         return linear_grad_rows(g, loss_average, kfac_approx)
+
+
+class TransposedLinearAdapter(LinearAdapter):
+    """A linear map whose weight is stored ``[d_in, d_out]``: ``y = x @ W + b``.
+
+    Hugging Face's GPT-2 family (``transformers.pytorch_utils.Conv1D``, in GPT-2,
+    GPT-Neo's predecessors, OpenAI-GPT, CTRL...) stores its projections so; registered
+    by name, so transformers is never imported. The Kronecker factors are those of the
+    ``nn.Linear`` with weight ``W^T``.
+    """
+
+    def dims(self, module: nn.Module, *, block: str = "") -> tuple[int, int]:
+        d_i, d_o = module.weight.shape
+        return d_i + int(self.has_bias(module)), d_o
+
+    def weight_matrix(self, module: nn.Module, w: Tensor) -> Tensor:
+        return w.t()
+
+    def matrix_weight(self, module: nn.Module, mat: Tensor) -> Tensor:
+        return mat.t().contiguous()
