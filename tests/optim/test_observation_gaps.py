@@ -207,6 +207,10 @@ def test_a_subclass_that_overrides_forward_goes_to_the_fallback() -> None:
         model(x).square().sum().backward()
         opt.step()
     assert not torch.equal(before, model[0].weight)  # trained by the fallback rule
+    # a subclass with its base's name is told apart by module
+    Same = type("Linear", (nn.Linear,), {"forward": lambda self, x: nn.Linear.forward(self, x)})
+    with pytest.warns(UserWarning, match=r"'0' \(.*test_observation_gaps\.Linear overrides "):
+        SINGD(nn.Sequential(Same(2, 2)), lr=0.01)
     # registered for the subclass itself, it is preconditioned (the user vouches for it)
     from torchsingd import register_layer, unregister_layer
     from torchsingd.layers import ConvAdapter

@@ -595,10 +595,11 @@ class KroneckerOptimizer(Optimizer):
             covered.update(id(m) for m in adapter.submodules(module))
             if overrides_forward(module, registered):
                 if any(p.requires_grad for p in module.parameters()):
-                    overridden.append(
-                        f"{name!r} ({type(module).__name__} overrides "
-                        f"{registered.__name__}.forward)"
-                    )
+                    sub, base = type(module).__qualname__, registered.__qualname__
+                    if sub == base:  # (timm's Linear derives from nn.Linear)
+                        sub = f"{type(module).__module__}.{sub}"
+                        base = f"{registered.__module__}.{base}"
+                    overridden.append(f"{name!r} ({sub} overrides {base}.forward)")
                 continue
             if not adapter.supports(module):
                 continue  # e.g. EmbeddingBag(mode="max"): not a linear map of its weight
