@@ -20,6 +20,7 @@ know: its parameters go to the fallback rule, and the construction warning says 
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -163,23 +164,73 @@ class Functional(nn.Module):
 
 @pytest.mark.parametrize("impl", [SINGD, KFAC])
 @pytest.mark.parametrize("T", [1, 3])
-def test_a_weight_used_outside_its_forward_is_reported(impl, T: int) -> None:
+def test_a_weight_used_outside_its_forward_is_reported_and_handed_to_the_fallback(
+    impl, T: int
+) -> None:
+    """Reported once, at the first factor-update step; from that step on its
+    parameters take exactly torch.optim.AdamW's steps (the fallback rule)."""
     torch.manual_seed(0)
-    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(7)]
     for functional in (True, False):
-        model = Functional(functional)
+        torch.manual_seed(0)
+        model = Functional(functional).double()
         opt = impl(model, lr=0.01, T=T)
+        shadow = [p.detach().clone().requires_grad_() for p in model.proj.parameters()]
+        adamw = torch.optim.AdamW(shadow, lr=0.01, weight_decay=0.0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for _ in range(2 * T + 1):
+            for x, y in data:
                 opt.zero_grad()
-                nn.functional.mse_loss(model(x), y).backward()
+                nn.functional.mse_loss(model(x.double()), y.double()).backward()
+                for s, p in zip(shadow, model.proj.parameters(), strict=True):
+                    s.grad = p.grad.clone()
                 opt.step()
+                adamw.step()
         found = [str(w.message) for w in caught if "has not run" in str(w.message)]
         if functional:  # once, at the first factor-update step, naming the layer
-            assert len(found) == 1 and "'proj'" in found[0] and "step 0" in found[0], found
+            assert len(found) == 1 and "['proj']" in found[0] and "step 0" in found[0], found
+            assert "fallback rule (adamw)" in found[0]
+            assert "proj" not in opt.layers and "head" in opt.layers
+            assert set(opt.fallback_parameters) == {"proj.weight", "proj.bias"}
+            for s, p in zip(shadow, model.proj.parameters(), strict=True):
+                torch.testing.assert_close(p, s, rtol=1e-12, atol=1e-14)
         else:
-            assert found == []
+            assert found == [] and "proj" in opt.layers
+
+
+def test_a_handed_over_layer_stays_with_the_fallback_after_a_checkpoint() -> None:
+    """Resume after the hand-over: a fresh optimizer takes the fallback's state for
+    those parameters and goes on bit for bit as the uninterrupted one."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(6)]
+
+    def run(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = Functional(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = SINGD(model, lr=0.01, T=2)
+        run(model, opt, data[:3])
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        run(model, opt, data[3:])
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=False)
+        resumed = Functional(True)
+        resumed.load_state_dict(saved["model"])
+        opt2 = SINGD(resumed, lr=0.01, T=2)
+        assert "proj" in opt2.layers
+        opt2.load_state_dict(saved["opt"])
+        assert "proj" not in opt2.layers and "proj.weight" in opt2.fallback_parameters
+        run(resumed, opt2, data[3:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 class Padded(nn.Conv2d):
@@ -238,3 +289,20 @@ def test_stale_gradients_are_not_reported() -> None:
         opt.step()
     assert opt.steps == 2
     assert not [w for w in caught if "has not run" in str(w.message)]
+
+
+def test_a_failed_load_leaves_the_layers_as_they_were() -> None:
+    torch.manual_seed(0)
+    model = Functional(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = SINGD(model, lr=0.01, T=1)
+        nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 3)).backward()
+        opt.step()
+        state = opt.state_dict()
+        other = Functional(True)
+        other.head = nn.Linear(6, 5)  # another model: the head's factors do not fit
+        opt2 = SINGD(other, lr=0.01, T=1)
+    with pytest.raises(ValueError):
+        opt2.load_state_dict(state)
+    assert set(opt2.layers) == {"proj", "head"} and not opt2.fallback_parameters

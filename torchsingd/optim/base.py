@@ -468,6 +468,9 @@ class KroneckerOptimizer(Optimizer):
         self._kl_window: dict[int, tuple[int, int]] = {}
         self._kl_warned: set[int] = set()
         self._lost: set[str] = set()  # blocks warned of a lost output gradient
+        #: layers whose weight is used outside their forward: trained by the fallback
+        self._demoted: set[str] = set()
+        self._handed_over: list[ModuleEntry] = []  # (in this step, to be told)
         self._capture_scale = float(init_grad_scale)
         self._init_grad_scale = float(init_grad_scale)
         self._scale_warned = False
@@ -1113,8 +1116,9 @@ class KroneckerOptimizer(Optimizer):
             if grad_scale != 1.0:
                 G = G / grad_scale
             fresh = update_now and layer.has_statistics(self.steps)
-            if update_now and not fresh and layer.name not in self._lost:
-                self._missing_statistics(layer, G)
+            missing = update_now and not fresh and layer.name not in self._lost
+            if missing and self._missing_statistics(entry, layer, G):
+                return None  # trained by the fallback rule from this step on
             if fresh and layer.own is not None and not layer.own_checked:
                 self._check_own_gradient(entry, layer, G)
             stats = layer.pending if fresh else None
@@ -1130,42 +1134,88 @@ class KroneckerOptimizer(Optimizer):
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
 
-    def _missing_statistics(self, layer: BlockState, G: Tensor) -> None:
+    def _missing_statistics(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> bool:
         """Warn (once per block) that a factor-update step has no statistics of a block
         whose weight has a nonzero gradient: its forward ran in this step and the
         gradient of its output never arrived, or its forward never ran with gradients
         (its weight is used outside it). A weight whose gradient came from an earlier
-        step's forward (``step()`` twice, a late backward) is not reported."""
+        step's forward (``step()`` twice, a late backward) is not reported.
+
+        A layer whose forward never ran is, in a single process, handed to the fallback
+        rule from this step on (returns ``True``): with factors that never see a
+        statistic its step would be plain momentum SGD at the preconditioned ``lr``.
+        """
         hooked = layer.hooked_step == self.steps
         if not hooked and layer.seen:
-            return  # its gradient came from an earlier step's forward, or from none
+            return False  # its gradient came from an earlier step's forward, or from none
         if not bool(G.any()):  # zeroed gradients, no backward through it: nothing lost
-            return
+            return False
         self._lost.add(layer.name)
         head = (
             f"{type(self).__name__}: the weight of layer {layer.name!r} has a gradient in "
             f"step {self.steps}, but "
         )
         if hooked:
-            why = (
-                "the gradient of its output never reached the optimizer (e.g. its "
-                "output is a view that an in-place operation rebased)"
+            warn(
+                f"{head}the gradient of its output never reached the optimizer (e.g. "
+                "its output is a view that an in-place operation rebased). Its factors "
+                "keep their values in this step, its step is preconditioned by them as "
+                "they are. Apply the in-place operation to a copy, or make the output "
+                "contiguous."
             )
-            fix = "Apply the in-place operation to a copy, or make the output contiguous."
-        else:
-            why = (
-                "its forward has not run with gradients on since the optimizer was "
-                "constructed: the weight is used outside it (e.g. F.linear(x, m.weight, "
-                "m.bias), as torchvision's Swin attention does)"
+            return False
+        if tdist.world(self._group)[1] > 1:  # (ranks must agree on who trains what)
+            warn(
+                f"{head}its forward has not run with gradients on since the optimizer "
+                f"was constructed: {_OUTSIDE} Its factors keep their values; call the "
+                "module itself."
             )
-            fix = (
-                "Call the module itself, or leave its parameters out of this optimizer "
-                "and train them with another."
-            )
-        warn(
-            f"{head}{why}. Its factors keep their values, its step is preconditioned by "
-            f"them as they are. {fix}"
+            return False
+        self._demote(entry)
+        self._handed_over.append(entry)
+        return True
+
+    def _tell_handed_over(self) -> None:
+        """One warning for the layers :meth:`_missing_statistics` handed over in this step."""
+        if not self._handed_over:
+            return
+        names = [e.name for e in self._handed_over]
+        params = [self._name(p) for e in self._handed_over for p in e.adapter.params(e.module)]
+        rules = sorted(
+            {
+                self.param_groups[i]["fallback"]
+                for e in self._handed_over
+                for i in self._groups_of(e)
+            }
         )
+        self._handed_over = []
+        warn(
+            f"{type(self).__name__}: the weights of {len(names)} layer(s) {names} have "
+            f"gradients in step {self.steps}, but their forward has not run with "
+            f"gradients on since the optimizer was constructed: {_OUTSIDE} Their "
+            f"parameters are trained by the fallback rule ({', '.join(rules)}) from this "
+            f"step on, as those of unsupported layers: {params} (see "
+            "fallback_parameters; a checkpoint keeps this)."
+        )
+
+    def _groups_of(self, entry: ModuleEntry) -> tuple[int, ...]:
+        """The param group of each of the adapter's parameters."""
+        n = len(entry.adapter.params(entry.module))
+        return entry.param_groups or (entry.group_index,) * n
+
+    def _demote(self, entry: ModuleEntry, fresh_state: bool = True) -> None:
+        """Stop preconditioning ``entry``: its parameters join the fallback rule (with
+        fresh state, unless a checkpoint's state is loaded next) and its blocks leave
+        :attr:`layers` and checkpoints."""
+        del self._entries[entry.name]
+        self._demoted.add(entry.name)
+        known = {id(p) for _, p in self._fallback_params}
+        params = entry.adapter.params(entry.module)
+        for i, p in zip(self._groups_of(entry), params, strict=True):
+            if id(p) not in known:
+                if fresh_state:
+                    self.state.pop(p, None)
+                self._fallback_params.append((i, p))
 
     def _check_own_gradient(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> None:
         """Warn (once per block, at its first factor update, in a single process) if
@@ -1406,13 +1456,14 @@ class KroneckerOptimizer(Optimizer):
                     scheduled_lr_cov(group, self.steps, upper=self.LR_COV_UPPER)
         updated = self._sync_statistics() if size > 1 else []
         pending = []
-        for entry in self._entries.values():
+        for entry in list(self._entries.values()):  # (_precondition may demote one)
             if self._owner(entry) == rank:
                 result = self._precondition(entry, g_scale, grad_scale)
             else:  # another rank computes it; contribute zeros to the sum below
                 result = self._zero_directions(entry)
             if result is not None:
                 pending.append((entry, *result))
+        self._tell_handed_over()
         if size > 1 and self.distributed_strategy == "shard":
             shared = [d for _, _, dirs, _ in pending for d in dirs]
             # a trust-region scalar exists for the same entries on every rank
@@ -1718,6 +1769,7 @@ class KroneckerOptimizer(Optimizer):
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "capture_scale": self._capture_scale,
+            "demoted": sorted(self._demoted),
             "layers": {
                 name: {
                     "structures": {k: _family(v) for k, v in s.factors().items()},
@@ -1760,6 +1812,7 @@ class KroneckerOptimizer(Optimizer):
             self.param_groups,
             [(layer, dict(vars(layer))) for layer in self.layers.values()],
             (self.steps, self.skipped_steps, self._capture_scale),
+            (dict(self._entries), list(self._fallback_params), set(self._demoted)),
         )
         hooks = (
             self._optimizer_load_state_dict_pre_hooks,
@@ -1770,7 +1823,8 @@ class KroneckerOptimizer(Optimizer):
         try:
             self._load_state_dict(state_dict)
         except BaseException:
-            self.state, self.param_groups, layers, counters = kept
+            self.state, self.param_groups, layers, counters, routing = kept
+            self._entries, self._fallback_params, self._demoted = routing
             for layer, attributes in layers:
                 vars(layer).clear()
                 vars(layer).update(attributes)
@@ -1796,6 +1850,9 @@ class KroneckerOptimizer(Optimizer):
             )
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         current_groups = [dict(g) for g in self.param_groups]
+        for name in extra.get("demoted", []):  # (before the state is mapped onto them)
+            if name in self._entries:
+                self._demote(self._entries[name], fresh_state=False)
         super().load_state_dict(state_dict)
         for group, current in zip(self.param_groups, current_groups, strict=True):
             for key, value in current.items():  # states saved before an option existed
@@ -1842,6 +1899,12 @@ class KroneckerOptimizer(Optimizer):
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
+
+
+_OUTSIDE = (
+    "the weight is used outside it (e.g. F.linear(x, m.weight, m.bias), as "
+    "torchvision's Swin attention does), where no statistic can be seen."
+)
 
 
 def _whole_view(view: Tensor, base: Tensor) -> bool:
