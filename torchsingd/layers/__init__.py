@@ -22,7 +22,7 @@ from torchsingd.layers.base import (
     register_layer,
     unregister_layer,
 )
-from torchsingd.layers.conv import ConvAdapter
+from torchsingd.layers.conv import ConvAdapter, TFSameConvAdapter
 from torchsingd.layers.conv_transpose import ConvTransposeAdapter
 from torchsingd.layers.embedding import EmbeddingAdapter
 from torchsingd.layers.embedding_bag import EmbeddingBagAdapter
@@ -31,6 +31,11 @@ from torchsingd.layers.linear import LinearAdapter, TransposedLinearAdapter
 register_layer(nn.Linear, LinearAdapter())
 register_layer("torch_geometric.nn.dense.linear.Linear", LinearAdapter())
 register_layer("transformers.pytorch_utils.Conv1D", TransposedLinearAdapter())
+# timm's subclasses that override forward (so the nn.Linear / nn.Conv2d adapters are
+# not used for them): its Linear is F.linear outside TorchScript; Conv2dSame pads first
+for _timm in ("timm.layers", "timm.models.layers"):
+    register_layer(f"{_timm}.linear.Linear", LinearAdapter())
+    register_layer(f"{_timm}.conv2d_same.Conv2dSame", TFSameConvAdapter())
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, ConvAdapter())
 for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
@@ -49,6 +54,7 @@ __all__ = [
     "LayerAdapter",
     "LinearAdapter",
     "MultiheadAttentionAdapter",
+    "TFSameConvAdapter",
     "TransposedLinearAdapter",
     "Observer",
     "find_adapter",

@@ -249,3 +249,40 @@ class ConvAdapter(LayerAdapter):
         rows = g.new_empty(B * g3.shape[2], C)
         torch.mul(g3.transpose(1, 2), scale, out=rows.view(B, g3.shape[2], C))
         return rows
+
+
+def tf_same_pads(x: Tensor, module: nn.modules.conv._ConvNd) -> list[int]:
+    """``F.pad`` amounts (last dimension first) of TensorFlow's "SAME" padding for the
+    spatial size of ``x``: ``max((ceil(n / s) - 1) s + (k - 1) d + 1 - n, 0)`` in all,
+    the smaller half before."""
+    pads: list[int] = []
+    spatial = x.shape[x.ndim - len(module.kernel_size) :]
+    for n, k, s, d in zip(
+        reversed(spatial),
+        reversed(module.kernel_size),
+        reversed(module.stride),
+        reversed(module.dilation),
+        strict=True,
+    ):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class TFSameConvAdapter(ConvAdapter):
+    """A convolution that pads its input as TensorFlow's "SAME" in its own forward,
+    for the input's size (timm's ``Conv2dSame``, in its ``tf_`` EfficientNets and
+    MixNets), then convolves without padding: its patches are those of the padded
+    input. Registered by name (timm is never imported)."""
+
+    def supports(self, module: nn.Module) -> bool:
+        """Only without padding of its own (as timm builds it)."""
+        padding = module.padding
+        unpadded = padding == "valid" or (not isinstance(padding, str) and not any(padding))
+        return unpadded and super().supports(module)
+
+    def capture_input(
+        self, module: nn.Module, x: Tensor, output_shape: torch.Size, *, block: str = ""
+    ) -> Tensor:
+        pads = tf_same_pads(x, module)
+        return F.pad(x, pads) if any(pads) else x
