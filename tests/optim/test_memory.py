@@ -6,6 +6,8 @@ step with capture (forward, backward hooks, ``step``) of a layer of width 4096.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -66,3 +68,25 @@ def test_dense_structure_is_detected_by_the_probe():
         model(x).square().sum().backward()
         opt.step()
     assert mode.largest >= 513 * 513
+
+
+def test_dense_factors_far_beyond_adamw_state_are_advised_against(monkeypatch) -> None:
+    """Above the size and ratio thresholds, dense factors get one warning with the
+    state's size and its ratio to the parameters' bytes; structured ones none."""
+    import torchsingd.optim.singd as singd_module
+
+    monkeypatch.setattr(singd_module, "DENSE_ADVICE_BYTES", 2**20)  # 1 MiB for the test
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 20), torch.nn.Linear(20, 10))
+    params = sum(p.numel() * 4 for p in model.parameters())
+    dense_floats = 1001**2 + 20**2 + 21**2 + 10**2  # K and C of each layer, float32
+    with pytest.warns(UserWarning, match="structured family") as caught:
+        opt = SINGD(model)
+    advice = [str(w.message) for w in caught if "structured family" in str(w.message)]
+    assert len(advice) == 1
+    assert opt.state_bytes() >= dense_floats * 4
+    assert f"{opt.state_bytes() / params:.1f}x the parameters' bytes" in advice[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SINGD(model, structures="diagonal")  # far below: nothing said
+        monkeypatch.setattr(singd_module, "DENSE_ADVICE_BYTES", 2**30)
+        SINGD(model)  # dense, but below the size threshold
