@@ -115,11 +115,13 @@ class BlockState:
     hooked_step: int = -1
     #: whether a forward pass with gradients ran since construction (any step)
     seen: bool = False
+    #: factor-update steps with a gradient, other layers' statistics and no forward
+    #: of this one ever (see ``KroneckerOptimizer._missing_statistics``)
+    unseen_updates: int = 0
 
     def clear_captures(self) -> None:
         self.pending = None
         self.capture_step = -1
-        self.hooked_step = -1
         self.rows = self.terms = 0.0
         self.reduced = False
         self.own = None
@@ -469,7 +471,8 @@ class KroneckerOptimizer(Optimizer):
         self._kl_warned: set[int] = set()
         self._lost: set[str] = set()  # blocks warned of a lost output gradient
         #: layers whose weight is used outside their forward: trained by the fallback
-        self._demoted: set[str] = set()
+        self._demoted: dict[str, ModuleEntry] = {}
+        self._observed_now = False  # whether some block has statistics in this step
         self._handed_over: list[ModuleEntry] = []  # (in this step, to be told)
         self._capture_scale = float(init_grad_scale)
         self._init_grad_scale = float(init_grad_scale)
@@ -1141,15 +1144,23 @@ class KroneckerOptimizer(Optimizer):
         (its weight is used outside it). A weight whose gradient came from an earlier
         step's forward (``step()`` twice, a late backward) is not reported.
 
-        A layer whose forward never ran is, in a single process, handed to the fallback
-        rule from this step on (returns ``True``): with factors that never see a
-        statistic its step would be plain momentum SGD at the preconditioned ``lr``.
+        A layer whose forward never ran while other layers' did, at ``HAND_OVER_AFTER``
+        factor-update steps where its weight had a gradient, is, in a single process,
+        handed to the fallback rule from that step on (returns ``True``): with factors
+        that never see a statistic its step would be plain momentum SGD at the
+        preconditioned ``lr``.
         """
         hooked = layer.hooked_step == self.steps
-        if not hooked and layer.seen:
-            return False  # its gradient came from an earlier step's forward, or from none
+        if not hooked and (layer.seen or not self._observed_now):
+            # its gradient came from an earlier step's forward, or from none; or no
+            # layer's forward was observed (an optimizer constructed after a backward)
+            return False
         if not bool(G.any()):  # zeroed gradients, no backward through it: nothing lost
             return False
+        if not hooked:
+            layer.unseen_updates += 1
+            if layer.unseen_updates < HAND_OVER_AFTER:
+                return False  # (a head used in turns, an expert without tokens so far)
         self._lost.add(layer.name)
         head = (
             f"{type(self).__name__}: the weight of layer {layer.name!r} has a gradient in "
@@ -1167,7 +1178,8 @@ class KroneckerOptimizer(Optimizer):
         if tdist.world(self._group)[1] > 1:  # (ranks must agree on who trains what)
             warn(
                 f"{head}its forward has not run with gradients on since the optimizer "
-                f"was constructed: {_OUTSIDE} Its factors keep their values; call the "
+                f"was constructed (in {HAND_OVER_AFTER} factor-update steps where other "
+                f"layers' did): {_OUTSIDE} Its factors keep their values; call the "
                 "module itself."
             )
             return False
@@ -1192,7 +1204,8 @@ class KroneckerOptimizer(Optimizer):
         warn(
             f"{type(self).__name__}: the weights of {len(names)} layer(s) {names} have "
             f"gradients in step {self.steps}, but their forward has not run with "
-            f"gradients on since the optimizer was constructed: {_OUTSIDE} Their "
+            f"gradients on since the optimizer was constructed (in {HAND_OVER_AFTER} "
+            f"factor-update steps where other layers' did): {_OUTSIDE} Their "
             f"parameters are trained by the fallback rule ({', '.join(rules)}) from this "
             f"step on, as those of unsupported layers: {params} (see "
             "fallback_parameters; a checkpoint keeps this)."
@@ -1208,7 +1221,7 @@ class KroneckerOptimizer(Optimizer):
         fresh state, unless a checkpoint's state is loaded next) and its blocks leave
         :attr:`layers` and checkpoints."""
         del self._entries[entry.name]
-        self._demoted.add(entry.name)
+        self._demoted[entry.name] = entry
         known = {id(p) for _, p in self._fallback_params}
         params = entry.adapter.params(entry.module)
         for i, p in zip(self._groups_of(entry), params, strict=True):
@@ -1216,6 +1229,20 @@ class KroneckerOptimizer(Optimizer):
                 if fresh_state:
                     self.state.pop(p, None)
                 self._fallback_params.append((i, p))
+
+    def _undemote(self, name: str) -> None:
+        """Precondition a demoted layer again (a checkpoint from before its hand-over is
+        loaded): back in :attr:`layers`, in the model's order, as if never observed."""
+        entry = self._demoted.pop(name)
+        params = {id(p) for p in entry.adapter.params(entry.module)}
+        self._fallback_params = [(i, p) for i, p in self._fallback_params if id(p) not in params]
+        merged = {**self._entries, name: entry}
+        order = [n for n, _, _ in self._candidates]
+        self._entries = {n: merged[n] for n in order if n in merged}
+        self._entries.update({n: e for n, e in merged.items() if n not in self._entries})
+        for layer in entry.blocks.values():
+            layer.seen, layer.unseen_updates, layer.hooked_step = False, 0, -1
+            self._lost.discard(layer.name)
 
     def _check_own_gradient(self, entry: ModuleEntry, layer: BlockState, G: Tensor) -> None:
         """Warn (once per block, at its first factor update, in a single process) if
@@ -1455,6 +1482,11 @@ class KroneckerOptimizer(Optimizer):
                 if callable(group["lr_cov"]) and self.steps % group["T"] == 0:
                     scheduled_lr_cov(group, self.steps, upper=self.LR_COV_UPPER)
         updated = self._sync_statistics() if size > 1 else []
+        self._observed_now = any(
+            layer.has_statistics(self.steps)
+            for e in self._entries.values()
+            for layer in e.blocks.values()
+        )
         pending = []
         for entry in list(self._entries.values()):  # (_precondition may demote one)
             if self._owner(entry) == rank:
@@ -1812,7 +1844,7 @@ class KroneckerOptimizer(Optimizer):
             self.param_groups,
             [(layer, dict(vars(layer))) for layer in self.layers.values()],
             (self.steps, self.skipped_steps, self._capture_scale),
-            (dict(self._entries), list(self._fallback_params), set(self._demoted)),
+            (dict(self._entries), list(self._fallback_params), dict(self._demoted)),
         )
         hooks = (
             self._optimizer_load_state_dict_pre_hooks,
@@ -1850,7 +1882,13 @@ class KroneckerOptimizer(Optimizer):
             )
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         current_groups = [dict(g) for g in self.param_groups]
-        for name in extra.get("demoted", []):  # (before the state is mapped onto them)
+        # the checkpoint's hand-overs (before the state is mapped onto the parameters)
+        demoted = set(extra.get("demoted", []))
+        saved = {k.replace("_orig_mod.", "") for k in extra["layers"]} | set(extra["layers"])
+        for name in list(self._demoted):  # preconditioned again where the checkpoint is
+            if name not in demoted and any(k == name or k.startswith(f"{name}.") for k in saved):
+                self._undemote(name)
+        for name in demoted:
             if name in self._entries:
                 self._demote(self._entries[name], fresh_state=False)
         super().load_state_dict(state_dict)
@@ -1900,6 +1938,10 @@ class KroneckerOptimizer(Optimizer):
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
 
+
+#: factor-update steps at which a layer's weight has a gradient while its forward has
+#: never run (and other layers' have) before its parameters go to the fallback rule
+HAND_OVER_AFTER = 5
 
 _OUTSIDE = (
     "the weight is used outside it (e.g. F.linear(x, m.weight, m.bias), as "
