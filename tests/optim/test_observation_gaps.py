@@ -414,3 +414,12 @@ def test_a_lost_output_gradient_is_reported_when_zero_grad_comes_after_the_forwa
             opt.step()
     lost = [str(w.message) for w in caught if "never reached" in str(w.message)]
     assert len(lost) == 1 and "'fc1'" in lost[0], lost
+
+
+def test_the_fallback_warning_counts_the_modules_by_type() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2), nn.LayerNorm(2))
+    model.extra = nn.Parameter(torch.zeros(2))
+    with pytest.warns(
+        UserWarning, match=r"by type \(parameters\): Sequential \(1\), LayerNorm \(4\);"
+    ):
+        SINGD(model)

@@ -736,10 +736,21 @@ class KroneckerOptimizer(Optimizer):
                     f" Frozen now (requires_grad=False), so not preconditioned even once "
                     f"unfrozen: {frozen}."
                 )
+            owners: dict[int, str] = {}
+            for module in self._model.modules():
+                for q in module.parameters(recurse=False):
+                    owners.setdefault(id(q), type(module).__name__)
+            counts: dict[str, int] = {}
+            for _, p in new_fallback:
+                kind = owners.get(id(p), "outside the model")
+                counts[kind] = counts.get(kind, 0) + 1
+            kinds = ", ".join(f"{kind} ({n})" for kind, n in counts.items())
             warn(
                 f"{type(self).__name__} preconditions {_layer_count(self._entries)}; these "
                 f"parameters are trained by the fallback rule instead — {rules}.{tied} "
-                "Pass warn_unsupported=False to silence this.",
+                f"Their modules, by type (parameters): {kinds}; register_layer(type, "
+                "adapter) preconditions another layer type. Pass warn_unsupported=False "
+                "to silence this.",
             )
 
     def _new_entry(
