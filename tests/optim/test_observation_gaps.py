@@ -423,3 +423,30 @@ def test_the_fallback_warning_counts_the_modules_by_type() -> None:
         UserWarning, match=r"by type \(parameters\): Sequential \(1\), LayerNorm \(4\);"
     ):
         SINGD(model)
+
+
+def test_a_checkpoint_inside_the_hand_over_window_resumes_bit_for_bit() -> None:
+    """Saved after some of the HAND_OVER_AFTER steps were counted: the resumed run
+    hands the layer over at the same step as the uninterrupted one."""
+    data = batches(base.HAND_OVER_AFTER + 4)
+    cut = base.HAND_OVER_AFTER - 2  # counted so far: HAND_OVER_AFTER - 2 (T=1)
+    torch.manual_seed(0)
+    model = Functional(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = SINGD(model, lr=0.01, T=1)
+        run(model, opt, data[:cut])
+        assert "proj" in opt.layers
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        run(model, opt, data[cut:])
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=False)
+        resumed = Functional(True)
+        resumed.load_state_dict(saved["model"])
+        opt2 = SINGD(resumed, lr=0.01, T=1)
+        opt2.load_state_dict(saved["opt"])
+        run(resumed, opt2, data[cut:])
+    assert "proj" not in opt.layers and "proj" not in opt2.layers
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)

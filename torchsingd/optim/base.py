@@ -1823,6 +1823,9 @@ class KroneckerOptimizer(Optimizer):
                     # (None: not counted, as in a single process)
                     "rows": None if math.isnan(s.rows) else s.rows,
                     "terms": None if math.isnan(s.terms) else s.terms,
+                    # (the hand-over of a weight used outside its forward is counted)
+                    "seen": s.seen,
+                    "unseen_updates": s.unseen_updates,
                 }
                 for name, s in self.layers.items()
             },
@@ -1945,6 +1948,8 @@ class KroneckerOptimizer(Optimizer):
             layer.rows = math.nan if rows is None else float(rows)
             layer.terms = math.nan if terms is None else float(terms)
             layer.reduced = False  # (not saved: the loaded statistics are this rank's)
+            layer.seen = bool(saved.get("seen", False))  # (older states: not counted)
+            layer.unseen_updates = int(saved.get("unseen_updates", 0))
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
