@@ -171,6 +171,10 @@ class ModuleEntry:
     #: ``watched[0]``'s dtype and device at construction (the factors were made for them)
     placement: tuple[torch.dtype, torch.device] | None = None
 
+    def groups(self, count: int) -> tuple[int, ...]:
+        """The param group of each of the adapter's ``count`` parameters."""
+        return self.param_groups or (self.group_index,) * count
+
 
 #: The options a parameter of a layer split across param groups takes from its own
 #: group (the rest, lr included, must agree: the layer's trust region bounds its step
@@ -472,7 +476,6 @@ class KroneckerOptimizer(Optimizer):
         self._lost: set[str] = set()  # blocks warned of a lost output gradient
         #: layers whose weight is used outside their forward: trained by the fallback
         self._demoted: dict[str, ModuleEntry] = {}
-        self._observed_now = False  # whether some block has statistics in this step
         self._handed_over: list[ModuleEntry] = []  # (in this step, to be told)
         self._capture_scale = float(init_grad_scale)
         self._init_grad_scale = float(init_grad_scale)
@@ -1162,7 +1165,7 @@ class KroneckerOptimizer(Optimizer):
         preconditioned ``lr``.
         """
         hooked = layer.hooked_step == self.steps
-        if not hooked and (layer.seen or not self._observed_now):
+        if not hooked and (layer.seen or not self._observed_now()):
             # its gradient came from an earlier step's forward, or from none; or no
             # layer's forward was observed (an optimizer constructed after a backward)
             return False
@@ -1198,6 +1201,10 @@ class KroneckerOptimizer(Optimizer):
         self._handed_over.append(entry)
         return True
 
+    def _observed_now(self) -> bool:
+        """Whether some block has statistics captured in this step."""
+        return any(layer.has_statistics(self.steps) for layer in self.layers.values())
+
     def _tell_handed_over(self) -> None:
         """One warning for the layers :meth:`_missing_statistics` handed over in this step."""
         if not self._handed_over:
@@ -1208,7 +1215,7 @@ class KroneckerOptimizer(Optimizer):
             {
                 self.param_groups[i]["fallback"]
                 for e in self._handed_over
-                for i in self._groups_of(e)
+                for i in e.groups(len(e.adapter.params(e.module)))
             }
         )
         self._handed_over = []
@@ -1222,11 +1229,6 @@ class KroneckerOptimizer(Optimizer):
             "fallback_parameters; a checkpoint keeps this)."
         )
 
-    def _groups_of(self, entry: ModuleEntry) -> tuple[int, ...]:
-        """The param group of each of the adapter's parameters."""
-        n = len(entry.adapter.params(entry.module))
-        return entry.param_groups or (entry.group_index,) * n
-
     def _demote(self, entry: ModuleEntry, fresh_state: bool = True) -> None:
         """Stop preconditioning ``entry``: its parameters join the fallback rule (with
         fresh state, unless a checkpoint's state is loaded next) and its blocks leave
@@ -1235,7 +1237,7 @@ class KroneckerOptimizer(Optimizer):
         self._demoted[entry.name] = entry
         known = {id(p) for _, p in self._fallback_params}
         params = entry.adapter.params(entry.module)
-        for i, p in zip(self._groups_of(entry), params, strict=True):
+        for i, p in zip(entry.groups(len(params)), params, strict=True):
             if id(p) not in known:
                 if fresh_state:
                     self.state.pop(p, None)
@@ -1493,11 +1495,6 @@ class KroneckerOptimizer(Optimizer):
                 if callable(group["lr_cov"]) and self.steps % group["T"] == 0:
                     scheduled_lr_cov(group, self.steps, upper=self.LR_COV_UPPER)
         updated = self._sync_statistics() if size > 1 else []
-        self._observed_now = any(
-            layer.has_statistics(self.steps)
-            for e in self._entries.values()
-            for layer in e.blocks.values()
-        )
         pending = []
         for entry in list(self._entries.values()):  # (_precondition may demote one)
             if self._owner(entry) == rank:
@@ -1726,7 +1723,7 @@ class KroneckerOptimizer(Optimizer):
         saved = []
         for entry, directions in items:
             params = entry.adapter.params(entry.module)
-            indices = entry.param_groups or (entry.group_index,) * len(params)
+            indices = entry.groups(len(params))
             for p, d, index in zip(params, directions, indices, strict=True):
                 by_group.setdefault(index, []).append((p, d))
             saved += [(p, idx, p[idx].clone()) for p, idx in entry.adapter.protected(entry.module)]
