@@ -177,6 +177,22 @@ def run(model, opt, data, penalty: float = 0.0) -> None:
         opt.step()
 
 
+def snapshot(model: nn.Module, opt) -> bytes:
+    """Model and optimizer state through ``torch.save`` (a copy, as on disk)."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+def restore(saved: bytes, T: int) -> tuple[nn.Module, SINGD, dict]:
+    """A new ``Functional(True)`` with the saved weights, a new SINGD for it (not yet
+    loaded) and the saved optimizer state."""
+    state = torch.load(io.BytesIO(saved), weights_only=False)
+    model = Functional(True)
+    model.load_state_dict(state["model"])
+    return model, SINGD(model, lr=0.01, T=T), state["opt"]
+
+
 @pytest.mark.parametrize("impl", [SINGD, KFAC])
 @pytest.mark.parametrize("T", [1, 3])
 def test_a_weight_used_outside_its_forward_is_handed_to_the_fallback(impl, T: int) -> None:
@@ -273,16 +289,11 @@ def test_a_handed_over_layer_stays_with_the_fallback_after_a_checkpoint() -> Non
         opt = SINGD(model, lr=0.01, T=2)
         run(model, opt, data[:cut])
         assert "proj" not in opt.layers
-        buffer = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        saved = snapshot(model, opt)
         run(model, opt, data[cut:])
-        buffer.seek(0)
-        saved = torch.load(buffer, weights_only=False)
-        resumed = Functional(True)
-        resumed.load_state_dict(saved["model"])
-        opt2 = SINGD(resumed, lr=0.01, T=2)
+        resumed, opt2, state = restore(saved, T=2)
         assert "proj" in opt2.layers
-        opt2.load_state_dict(saved["opt"])
+        opt2.load_state_dict(state)
         assert "proj" not in opt2.layers and "proj.weight" in opt2.fallback_parameters
         run(resumed, opt2, data[cut:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
@@ -299,20 +310,16 @@ def test_a_checkpoint_from_before_the_hand_over_loads_into_the_same_optimizer() 
         warnings.simplefilter("ignore")
         opt = SINGD(model, lr=0.01, T=1)
         run(model, opt, data[:1])
-        buffer = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        saved = snapshot(model, opt)
         run(model, opt, data[1 : base.HAND_OVER_AFTER + 1])
         assert "proj" not in opt.layers
-        snapshot = buffer.getvalue()  # loaded twice: a loaded state is used in place
-        saved = torch.load(io.BytesIO(snapshot), weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
+        # loaded twice: a loaded state is used in place
+        state = torch.load(io.BytesIO(saved), weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
         assert list(opt.layers) == ["proj", "head"] and not opt.fallback_parameters
-        saved = torch.load(io.BytesIO(snapshot), weights_only=False)
-        fresh = Functional(True)
-        fresh.load_state_dict(saved["model"])
-        opt2 = SINGD(fresh, lr=0.01, T=1)
-        opt2.load_state_dict(saved["opt"])
+        fresh, opt2, state = restore(saved, T=1)
+        opt2.load_state_dict(state)
         run(model, opt, data[1:])
         run(fresh, opt2, data[1:])
     assert "proj" not in opt.layers and "proj" not in opt2.layers  # handed over again
@@ -437,15 +444,10 @@ def test_a_checkpoint_inside_the_hand_over_window_resumes_bit_for_bit() -> None:
         opt = SINGD(model, lr=0.01, T=1)
         run(model, opt, data[:cut])
         assert "proj" in opt.layers
-        buffer = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        saved = snapshot(model, opt)
         run(model, opt, data[cut:])
-        buffer.seek(0)
-        saved = torch.load(buffer, weights_only=False)
-        resumed = Functional(True)
-        resumed.load_state_dict(saved["model"])
-        opt2 = SINGD(resumed, lr=0.01, T=1)
-        opt2.load_state_dict(saved["opt"])
+        resumed, opt2, state = restore(saved, T=1)
+        opt2.load_state_dict(state)
         run(resumed, opt2, data[cut:])
     assert "proj" not in opt.layers and "proj" not in opt2.layers
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
