@@ -2,7 +2,8 @@
 
 Supported: ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d``,
 ``nn.ConvTranspose1d``/``2d``/``3d``, ``nn.Embedding``, ``nn.EmbeddingBag`` (sum, mean),
-``nn.MultiheadAttention`` (hence every ``nn.Transformer*`` layer),
+``nn.MultiheadAttention`` (hence every ``nn.Transformer*`` layer), ``nn.RNN``,
+``nn.LSTM``, ``nn.GRU`` and their cells,
 torch_geometric's ``Linear`` (inside ``GCNConv`` and most graph layers) and Hugging
 Face's ``Conv1D`` (GPT-2's projections, weight stored ``[d_in, d_out]``). Parameters
 of other modules are trained by SINGD's fallback rule.
@@ -27,6 +28,7 @@ from torchsingd.layers.conv_transpose import ConvTransposeAdapter
 from torchsingd.layers.embedding import EmbeddingAdapter
 from torchsingd.layers.embedding_bag import EmbeddingBagAdapter
 from torchsingd.layers.linear import LinearAdapter, TransposedLinearAdapter
+from torchsingd.layers.rnn import RNNAdapter, RNNCellAdapter
 
 register_layer(nn.Linear, LinearAdapter())
 register_layer("torch_geometric.nn.dense.linear.Linear", LinearAdapter())
@@ -43,6 +45,10 @@ for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
 register_layer(nn.Embedding, EmbeddingAdapter())
 register_layer(nn.EmbeddingBag, EmbeddingBagAdapter())
 register_layer(nn.MultiheadAttention, MultiheadAttentionAdapter())
+for _rnn in (nn.RNN, nn.LSTM, nn.GRU):
+    register_layer(_rnn, RNNAdapter())
+for _cell in (nn.RNNCell, nn.LSTMCell, nn.GRUCell):
+    register_layer(_cell, RNNCellAdapter())
 
 __all__ = [
     "KFAC_APPROXIMATIONS",
@@ -54,6 +60,8 @@ __all__ = [
     "LayerAdapter",
     "LinearAdapter",
     "MultiheadAttentionAdapter",
+    "RNNAdapter",
+    "RNNCellAdapter",
     "TFSameConvAdapter",
     "TransposedLinearAdapter",
     "Observer",

@@ -1,0 +1,449 @@
+"""``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and their cells through ``SINGD`` / ``KFAC``.
+
+Two oracles, both independent of torchsingd:
+
+1. PyTorch's own module: while an optimizer is attached, a forward pass whose
+   backward is observed runs the recurrence step by step; a plain module with the same
+   weights must give the same outputs and gradients (float64).
+2. ``rnn_oracle.reference_forward``: the documented equations in float64 with a Python
+   loop, exposing every block's input rows and (through autograd) its output
+   gradients, hence the expected ``H_K``, ``H_C`` and SINGD step.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from tests.layers.rnn_oracle import reference_forward
+from torchsingd import KFAC, SINGD
+from torchsingd.layers import RNNAdapter, RNNCellAdapter, get_adapter
+from torchsingd.structures import DenseMatrix
+
+DTYPE = torch.float64
+I_SIZE, HIDDEN, N, L = 3, 4, 3, 5
+LENGTHS = [5, 2, 4]  # packed inputs (unsorted)
+MODELS = {
+    "rnn_tanh": (nn.RNN, {}),
+    "rnn_relu": (nn.RNN, dict(nonlinearity="relu")),
+    "lstm": (nn.LSTM, {}),
+    "lstm_proj": (nn.LSTM, dict(proj_size=2)),
+    "gru": (nn.GRU, {}),
+}
+
+
+class Holder(nn.Module):
+    """Gives the recurrent module the name ``"rnn"`` (layer names ``"rnn.ih_l0"`` ...)."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+
+def make(model: str, seed: int = 0, **kwargs) -> nn.Module:
+    cls, extra = MODELS[model]
+    torch.manual_seed(seed)
+    rnn = cls(I_SIZE, HIDDEN, dtype=DTYPE, **extra, **kwargs)
+    with torch.no_grad():  # gates away from their linear range, non-zero biases
+        for p in rnn.parameters():
+            p.uniform_(-0.7, 0.7)
+    return rnn
+
+
+def attached(rnn: nn.Module, cls=SINGD, **kwargs):
+    holder = Holder(rnn)
+    if cls is SINGD:
+        kwargs.setdefault("safeguards", False)
+    kwargs.setdefault("T", 1)
+    return holder, cls(holder, warn_unsupported=False, **kwargs)
+
+
+def labelled(label: str):
+    return lambda message: f"{label}: {message}"
+
+
+def inputs(rnn: nn.Module, kind: str, hx: bool, seed: int = 1):
+    """``(input, hx)``: ``kind`` is ``"batched"``, ``"unbatched"`` or ``"packed"``."""
+    gen = torch.Generator().manual_seed(seed)
+    D = 2 if rnn.bidirectional else 1
+    H_out = getattr(rnn, "proj_size", 0) or HIDDEN
+    x = torch.randn(N, L, I_SIZE, generator=gen, dtype=DTYPE)
+    h = torch.randn(rnn.num_layers * D, N, H_out, generator=gen, dtype=DTYPE)
+    c = torch.randn(rnn.num_layers * D, N, HIDDEN, generator=gen, dtype=DTYPE)
+    if kind == "unbatched":
+        x, h, c = x[0], h[:, 0], c[:, 0]
+    elif not rnn.batch_first:
+        x = x.transpose(0, 1)
+    if kind == "packed":
+        x = pack_padded_sequence(
+            x, torch.tensor(LENGTHS), batch_first=rnn.batch_first, enforce_sorted=False
+        )
+    if not hx:
+        return x, None
+    return x, ((h, c) if isinstance(rnn, nn.LSTM) else h)
+
+
+def tensors(out) -> list[torch.Tensor]:
+    """The tensors of an RNN's return value (a PackedSequence's data)."""
+    if isinstance(out, PackedSequence):
+        return [out.data]
+    if isinstance(out, tuple):
+        return [t for o in out for t in tensors(o)]
+    return [out]
+
+
+def loss_of(out, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return sum((torch.randn(t.shape, generator=gen, dtype=DTYPE) * t).sum() for t in tensors(out))
+
+
+CONFIGS = [
+    dict(model=m, num_layers=k, bidirectional=b, batch_first=bf, bias=bias)
+    for m, k, b, bf, bias in itertools.product(
+        MODELS, [1, 2], [False, True], [False, True], [True, False]
+    )
+]
+
+
+def config_id(c: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in c.items())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("kind", ["batched", "unbatched", "packed"])
+def test_observed_forward_equals_pytorch(config, kind):
+    """Outputs, final states and every gradient (parameters, input, ``hx``) equal the
+    plain module's on a preconditioner-update step (the observed, step-by-step pass)."""
+    config = dict(config)
+    model = config.pop("model")
+    rnn, plain = make(model, **config), make(model, **config)
+    holder, opt = attached(rnn)
+    for hx in (False, True):
+        x, h = inputs(rnn, kind, hx)
+        got, exp = rnn(x, h), plain(x, h)
+        assert rnn.forward.__func__ is not type(rnn).forward  # the optimizer's forward
+        assert opt.layers["rnn.ih_l0"].hooked_step == 0  # observed
+        if kind == "packed":
+            for a, b in zip(got[0][1:], exp[0][1:], strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+        for a, b in zip(tensors(got), tensors(exp), strict=True):
+            assert a.shape == b.shape
+            assert a.is_contiguous() or not b.is_contiguous()  # a .view() that works works
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        rnn.zero_grad(), plain.zero_grad()
+        loss_of(got).backward()
+        loss_of(exp).backward()
+        for (name, a), b in zip(rnn.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=labelled(name))
+
+
+def random_factor(d: int, seed: int) -> DenseMatrix:
+    gen = torch.Generator().manual_seed(seed)
+    return DenseMatrix(
+        torch.eye(d, dtype=DTYPE) + 0.2 * torch.randn(d, d, generator=gen, dtype=DTYPE)
+    )
+
+
+def expected_rows(x, g, bias: bool, approx: str, loss_average):
+    """``a``, ``g`` of ALGORITHM.md section 2 for batch-first ``[B, S, d]`` tensors."""
+    B, S = x.shape[:2]
+    if approx == "expand":
+        a, gr = x.reshape(B * S, -1), g.reshape(B * S, -1)
+    else:
+        a, gr = x.mean(1), g.sum(1)
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+    a = a / math.sqrt(a.shape[0])
+    n = {None: 1, "batch": B, "batch+sequence": B * S}[loss_average]
+    return a, gr * math.sqrt(n)
+
+
+def capture(model: str, kind: str, approx="expand", loss_average="batch", **config):
+    """Attach SINGD (lr 1, no momentum, factors frozen), set random dense ``K``, ``C``
+    per block, run one observed forward and backward. Returns the module, optimizer,
+    factors, the oracle's pieces with their output gradients, and the parameters'
+    gradients through the oracle."""
+    rnn = make(model, **config)
+    holder, opt = attached(
+        rnn,
+        structures="dense",
+        kfac_approx=approx,
+        loss_average=loss_average,
+        lr=1.0,
+        momentum=0.0,
+        lr_cov=0.0,
+        alpha1=0.0,
+        kl_clip=None,
+    )
+    factors = {}
+    for i, (name, layer) in enumerate(opt.layers.items()):
+        layer.K = random_factor(layer.K.dim, seed=100 + i)
+        layer.C = random_factor(layer.C.dim, seed=200 + i)
+        factors[name.removeprefix("rnn.")] = (layer.K.mat.clone(), layer.C.mat.clone())
+    x, h = inputs(rnn, kind, hx=True)
+    loss_of(rnn(x, h)).backward()
+    ref_out, ref_hidden, pieces = reference_forward(rnn, x, h)
+    pieces.pop("lengths")
+    ref_loss = loss_of((ref_out, ref_hidden))
+    params = dict(rnn.named_parameters())
+    blocks = list(pieces)
+    grads = torch.autograd.grad(ref_loss, [pieces[b].wrt for b in blocks] + list(params.values()))
+    dvalues = dict(zip(blocks, grads[: len(blocks)], strict=True))
+    leaf_grads = dict(zip(params, grads[len(blocks) :], strict=True))
+    for name, p in params.items():  # the oracle agrees with the module
+        torch.testing.assert_close(p.grad, leaf_grads[name], rtol=1e-10, atol=1e-12)
+    return rnn, opt, factors, pieces, dvalues, leaf_grads
+
+
+CAPTURE_CASES = {
+    "lstm_2layers_bidirectional": dict(model="lstm", num_layers=2, bidirectional=True),
+    "lstm_proj_seqfirst": dict(model="lstm_proj", batch_first=False),
+    "gru_nobias": dict(model="gru", bias=False, batch_first=True),
+    "rnn_relu_bidirectional": dict(model="rnn_relu", bidirectional=True, batch_first=True),
+    "gru_2layers_bidirectional": dict(model="gru", num_layers=2, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CAPTURE_CASES))
+@pytest.mark.parametrize("kind", ["batched", "unbatched", "packed"])
+@pytest.mark.parametrize(
+    "approx, loss_average",
+    [("expand", "batch"), ("expand", "batch+sequence"), ("expand", None), ("reduce", "batch")],
+    ids=str,
+)
+def test_captured_statistics_equal_the_oracles(case, kind, approx, loss_average):
+    rnn, opt, factors, pieces, dvalues, _ = capture(
+        kind=kind, approx=approx, loss_average=loss_average, **CAPTURE_CASES[case]
+    )
+    adapter = get_adapter(rnn)
+    assert isinstance(adapter, RNNAdapter)
+    assert set(adapter.blocks(rnn)) == set(pieces)
+    for block, piece in pieces.items():
+        layer = opt.layers[f"rnn.{block}"]
+        K, C = factors[block]
+        bias = rnn.bias and not block.startswith("hr")
+        a, g = expected_rows(piece.rows, dvalues[block], bias, approx, loss_average)
+        assert adapter.dims(rnn, block=block) == (a.shape[1], g.shape[1])
+        tol = dict(rtol=1e-10, atol=1e-12, msg=labelled(block))
+        torch.testing.assert_close(layer.H_K.to_dense(), K.T @ a.T @ a @ K, **tol)
+        torch.testing.assert_close(layer.H_C.to_dense(), C.T @ g.T @ g @ C, **tol)
+
+
+@pytest.mark.parametrize("case", list(CAPTURE_CASES))
+def test_singd_step_writes_each_blocks_natural_gradient(case):
+    """A step (lr 1, no momentum, lr_cov 0) moves each parameter by its block's
+    ``C C^T G K K^T`` (``G`` with the bias column), from the oracle's gradients."""
+    rnn, opt, factors, pieces, _, leaf_grads = capture(kind="batched", **CAPTURE_CASES[case])
+    adapter = get_adapter(rnn)
+    before = {n: p.detach().clone() for n, p in rnn.named_parameters()}
+    expected = {}
+    for block in pieces:
+        G = leaf_grads[f"weight_{block}"]
+        if rnn.bias and not block.startswith("hr"):
+            G = torch.cat([G, leaf_grads[f"bias_{block}"][:, None]], dim=1)
+        torch.testing.assert_close(adapter.grad_matrix(rnn, block=block), G, rtol=1e-10, atol=1e-12)
+        K, C = factors[block]
+        update = C @ C.T @ G @ K @ K.T
+        if rnn.bias and not block.startswith("hr"):
+            expected[f"weight_{block}"], expected[f"bias_{block}"] = update[:, :-1], update[:, -1]
+        else:
+            expected[f"weight_{block}"] = update
+    opt.step()
+    assert expected.keys() == before.keys()
+    for name, p in rnn.named_parameters():
+        torch.testing.assert_close(
+            before[name] - p.detach(), expected[name], rtol=1e-10, atol=1e-12, msg=labelled(name)
+        )
+
+
+CELLS = {
+    "lstm": (nn.LSTMCell, nn.LSTM, {}),
+    "gru": (nn.GRUCell, nn.GRU, {}),
+    "rnn_relu": (nn.RNNCell, nn.RNN, dict(nonlinearity="relu")),
+}
+
+
+def cell_and_module(name: str, bias: bool) -> tuple[nn.Module, nn.Module]:
+    """A cell and the one-layer module with the same weights."""
+    cell_cls, cls, extra = CELLS[name]
+    torch.manual_seed(0)
+    cell = cell_cls(I_SIZE, HIDDEN, bias=bias, dtype=DTYPE, **extra)
+    rnn = cls(I_SIZE, HIDDEN, bias=bias, batch_first=True, dtype=DTYPE, **extra)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-0.7, 0.7)
+        for name_, p in cell.named_parameters():
+            getattr(rnn, f"{name_}_l0").copy_(p)
+    return cell, rnn
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_a_cell_in_a_loop_adds_each_steps_statistics(name, bias, unbatched):
+    """A cell applied at every step of a sequence: its forward equals PyTorch's cell,
+    and its ``H_K``, ``H_C`` are the sums over the steps of the statistics of the
+    oracle's rows of that step (each step one application, ``N`` rows)."""
+    cell, rnn = cell_and_module(name, bias)
+    plain = copy.deepcopy(cell)
+    holder, opt = attached(cell, structures="dense", kl_clip=None)
+    factors = {}
+    for i, block in enumerate(("ih", "hh")):
+        layer = opt.layers[f"rnn.{block}"]
+        layer.K = random_factor(layer.K.dim, seed=10 + i)
+        layer.C = random_factor(layer.C.dim, seed=20 + i)
+        factors[block] = (layer.K.mat.clone(), layer.C.mat.clone())
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N, L, I_SIZE, generator=gen, dtype=DTYPE)
+    if unbatched:
+        x = x[:1]
+
+    def run(module):
+        state, outs = None, []
+        for t in range(L):
+            xt = x[0, t] if unbatched else x[:, t]
+            state = module(xt, state)
+            h = state[0] if isinstance(state, tuple) else state
+            outs.append(h if not unbatched else h[None])
+        return torch.stack(outs, dim=1)
+
+    out = run(cell)
+    torch.testing.assert_close(out, run(plain), rtol=1e-10, atol=1e-12)
+    loss_of(out).backward()
+    ref_output, _, pieces = reference_forward(rnn, x)
+    torch.testing.assert_close(ref_output, out.detach(), rtol=1e-10, atol=1e-12)
+    dvalues = torch.autograd.grad(loss_of(ref_output), [pieces["ih_l0"].wrt, pieces["hh_l0"].wrt])
+    for block, dv in zip(("ih", "hh"), dvalues, strict=True):
+        K, C = factors[block]
+        rows = pieces[f"{block}_l0"].rows
+        steps = [
+            expected_rows(rows[:, t : t + 1], dv[:, t : t + 1], bias, "expand", "batch")
+            for t in range(L)
+        ]
+        layer = opt.layers[f"rnn.{block}"]
+        tol = dict(rtol=1e-10, atol=1e-12, msg=labelled(block))
+        H_K = sum(K.T @ a.T @ a @ K for a, _ in steps)
+        H_C = sum(C.T @ g.T @ g @ C for _, g in steps)
+        torch.testing.assert_close(layer.H_K.to_dense(), H_K, **tol)
+        torch.testing.assert_close(layer.H_C.to_dense(), H_C, **tol)
+    assert isinstance(get_adapter(cell), RNNCellAdapter)
+
+
+def test_only_update_steps_run_the_step_by_step_pass(monkeypatch):
+    """With ``T = 3`` the recurrence runs step by step in the forward passes of steps 0
+    and 3 only (grad enabled); others, ``no_grad`` passes and passes after
+    ``remove_hooks`` run PyTorch's kernels."""
+    import torchsingd.layers.rnn as rnn_module
+
+    calls = []
+    original = rnn_module._observed_forward
+    monkeypatch.setattr(rnn_module, "_observed_forward", lambda *a: calls.append(1) or original(*a))
+    rnn = make("lstm", batch_first=True)
+    holder, opt = attached(rnn, T=3, structures="diagonal")
+    x, _ = inputs(rnn, "batched", hx=False)
+    per_step = []
+    for _ in range(5):
+        opt.zero_grad()
+        with torch.no_grad():
+            rnn(x)
+        before = len(calls)
+        loss_of(rnn(x)).backward()
+        opt.step()
+        per_step.append(len(calls) - before)
+    assert per_step == [1, 0, 0, 1, 0]
+    opt.remove_hooks()
+    assert "forward" not in rnn.__dict__
+    loss_of(rnn(x)).backward()
+    assert len(calls) == 2
+
+
+def _train(model, opt, steps, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(N, L, I_SIZE, generator=gen, dtype=DTYPE)
+        opt.zero_grad()
+        loss_of(model.rnn(x)).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_checkpoint_resumes_bit_for_bit(cls, tmp_path):
+    def fresh():
+        rnn = make("gru", num_layers=2, bidirectional=True, batch_first=True)
+        return attached(rnn, cls=cls, T=2, lr=0.05)
+
+    model, opt = fresh()
+    _train(model, opt, 3, seed=5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
+    _train(model, opt, 3, seed=6)
+    ckpt = torch.load(tmp_path / "c.pt")
+    model2, opt2 = fresh()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    _train(model2, opt2, 3, seed=6)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_construction_lists_the_blocks_and_refuses_partial_freezing():
+    rnn = make("lstm_proj", num_layers=2, bidirectional=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing for the fallback rule to train
+        opt = SINGD(Holder(rnn))
+    assert not opt.fallback_parameters
+    assert list(opt.layers) == [
+        f"rnn.{kind}_l{k}{sfx}"
+        for k in range(2)
+        for sfx in ("", "_reverse")
+        for kind in ("ih", "hh", "hr")
+    ]
+    rnn.bias_hh_l1.requires_grad_(False)
+    with pytest.raises(ValueError, match="partly left out"):
+        SINGD(Holder(rnn))
+    for p in rnn.parameters():
+        p.requires_grad_(False)
+    holder = Holder(rnn)
+    holder.head = nn.Linear(2, 2)
+    assert list(SINGD(holder).layers) == ["head"]  # a frozen layer is skipped
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_bfloat16_autocast_and_float32_training_stay_finite(cls):
+    """A character-level model in float32 and under bfloat16 autocast (a GRU: PyTorch's
+    CPU LSTM kernel fails under autocast here), observed and fused passes in both:
+    finite loss and weights, the loss lower after 30 steps, and every pass returns the
+    dtype PyTorch's kernel does (so a state fed back as ``hx`` keeps working)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(12, 8),
+            "rnn": nn.GRU(8, 16, batch_first=True),
+            "head": nn.Linear(16, 12),
+        }
+    )
+    opt = cls(model, lr=0.1, T=2, warn_unsupported=False, loss_average="batch+sequence")
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 12, (16, 9), generator=gen)
+    x, y = seq[:, :-1], seq[:, 1:]
+    losses = []
+    for step in range(30):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(step // 2) % 2 == 1):
+            h, h_n = model["rnn"](model["emb"](x))
+            assert h.dtype == h_n.dtype == torch.float32
+            model["rnn"](model["emb"](x), h_n)  # the state fed back
+            out = model["head"](h)
+            loss = nn.functional.cross_entropy(out.float().flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < 0.92 * losses[0], losses

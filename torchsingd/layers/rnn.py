@@ -1,0 +1,383 @@
+"""``nn.RNN`` (tanh, relu), ``nn.LSTM`` (also with ``proj_size``) and ``nn.GRU``.
+
+Each layer ``k`` and direction (suffix ``""`` or ``"_reverse"``) has two blocks, each
+preconditioned like an ``nn.Linear`` applied at every time step (its weight shared
+over time, as a transformer's projections are shared over positions):
+
+- ``"ih_l{k}{sfx}"``: ``weight_ih`` (+ ``bias_ih`` as the bias column), input rows the
+  layer's input ``x_t``, output gradients those of ``gi_t = W_ih x_t + b_ih``;
+- ``"hh_l{k}{sfx}"``: ``weight_hh`` (+ ``bias_hh``), input rows the previous hidden state
+  ``h_{t-1}`` (``h_0`` at the first step), output gradients those of
+  ``gh_t = W_hh h_{t-1} + b_hh`` (for the GRU, whose ``n`` gate multiplies ``W_hn h +
+  b_hn`` by ``r``, these differ from ``gi_t``'s);
+- with ``proj_size > 0`` also ``"hr_l{k}{sfx}"``: ``weight_hr`` (no bias), input rows the
+  unprojected ``o_t * tanh(c_t)``, outputs the projected hidden state ``h_t``.
+
+The time steps of a sequence are positions of a shared dimension: ``kfac_approx=
+"expand"`` makes every ``(sample, step)`` a row, ``"reduce"`` averages the inputs and
+sums the output gradients over the steps, and ``loss_average="batch+sequence"`` counts
+``batch x steps`` loss terms, as for an ``nn.Linear`` on ``[batch, steps, features]``.
+
+PyTorch's RNN kernels apply the gates internally, where no hook can see them, so
+while the optimizer is attached a forward pass whose backward is observed (grad
+enabled, a preconditioner-update step) runs the recurrence step by step here (the same
+equations, in ``float64`` equal to PyTorch's to rounding); every other forward pass
+runs PyTorch's own (fused) implementation. Dropout between layers draws its own masks
+on observed passes. A ``PackedSequence`` is run as its padded batch (padded positions
+neither update the state nor give output, and count as zero rows of the statistics,
+as a padded batch's positions do for an ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from torchsingd.layers.attention import _RestoreForward
+from torchsingd.layers.base import (
+    LayerAdapter,
+    Observer,
+    linear_grad_rows,
+    linear_input_count,
+    linear_input_rows,
+)
+
+#: number of gates (rows of ``weight_ih`` per hidden unit) per mode
+GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+
+
+def _suffixes(module: nn.RNNBase) -> tuple[str, ...]:
+    return ("", "_reverse") if module.bidirectional else ("",)
+
+
+def _layer_blocks(module: nn.RNNBase, k: int, sfx: str) -> tuple[str, ...]:
+    names = (f"ih_l{k}{sfx}", f"hh_l{k}{sfx}")
+    return names + ((f"hr_l{k}{sfx}",) if module.proj_size > 0 else ())
+
+
+def _weight(module: nn.RNNBase, block: str) -> Tensor:
+    return getattr(module, f"weight_{block}")
+
+
+def _bias(module: nn.RNNBase, block: str) -> Tensor | None:
+    """The block's bias (``None`` for ``hr`` blocks and ``bias=False``)."""
+    return getattr(module, f"bias_{block}", None) if module.bias else None
+
+
+class RNNAdapter(LayerAdapter):
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.RNNBase) and module.mode in GATES
+
+    def blocks(self, module: nn.RNNBase) -> tuple[str, ...]:
+        return tuple(
+            b
+            for k in range(module.num_layers)
+            for sfx in _suffixes(module)
+            for b in _layer_blocks(module, k, sfx)
+        )
+
+    def params(self, module: nn.RNNBase) -> list[nn.Parameter]:
+        out = []
+        for k in range(module.num_layers):
+            for sfx in _suffixes(module):
+                out += [_weight(module, f"ih_l{k}{sfx}"), _weight(module, f"hh_l{k}{sfx}")]
+                if module.bias:
+                    out += [_bias(module, f"ih_l{k}{sfx}"), _bias(module, f"hh_l{k}{sfx}")]
+                if module.proj_size > 0:
+                    out.append(_weight(module, f"hr_l{k}{sfx}"))
+        return out
+
+    def check(self, module: nn.RNNBase, name: str) -> None:
+        super().check(module, name)
+        if any(not p.requires_grad for p in self.params(module)):
+            raise ValueError(
+                f"{type(module).__name__} {name!r} has frozen parameters; freeze all of "
+                "them or none (a partially frozen recurrent layer is not supported)."
+            )
+
+    def _has_bias(self, module: nn.RNNBase, block: str) -> bool:
+        return _bias(module, block) is not None
+
+    def dims(self, module: nn.RNNBase, *, block: str = "") -> tuple[int, int]:
+        d_o, d_i = _weight(module, block).shape
+        return d_i + int(self._has_bias(module, block)), d_o
+
+    def has_gradient(self, module: nn.RNNBase, *, block: str = "") -> bool:
+        return _weight(module, block).grad is not None
+
+    def grad_matrix(self, module: nn.RNNBase, *, block: str = "") -> Tensor | None:
+        grad = _weight(module, block).grad
+        bias = _bias(module, block)
+        if grad is None or bias is None:
+            return grad
+        bias_grad = torch.zeros_like(bias) if bias.grad is None else bias.grad
+        return torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
+
+    def directions(self, module: nn.RNNBase, mats: dict[str, Tensor]) -> list[Tensor]:
+        out = []
+        for k in range(module.num_layers):
+            for sfx in _suffixes(module):
+                ih, hh = f"ih_l{k}{sfx}", f"hh_l{k}{sfx}"
+                if module.bias:
+                    out += [mats[ih][:, :-1], mats[hh][:, :-1], mats[ih][:, -1], mats[hh][:, -1]]
+                else:
+                    out += [mats[ih], mats[hh]]
+                if module.proj_size > 0:
+                    out.append(mats[f"hr_l{k}{sfx}"])
+        return out
+
+    def is_batched(self, module: nn.Module, x: Tensor) -> bool:
+        return True  # the observed pass reports [N, L, features]
+
+    def input_rows(self, module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        return linear_input_rows(x, kfac_approx, self._has_bias(module, block))
+
+    def input_count(self, module, x: Tensor, kfac_approx: str, *, block: str = ""):
+        return linear_input_count(x, kfac_approx)
+
+    def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
+        return linear_grad_rows(g, loss_average, kfac_approx)
+
+    def install(self, module: nn.RNNBase, observer: Observer) -> list[Any]:
+        def forward(mod, input, hx=None):
+            if not (torch.is_grad_enabled() and observer.wants(mod)):
+                return type(mod).forward(mod, input, hx)
+            return _observed_forward(mod, observer, input, hx)
+
+        # as for nn.MultiheadAttention: a bound method that a deep copy rebinds, kept
+        # eager (dynamo would reuse one compiled frame for every such module)
+        forward = torch.compiler.disable(forward, recursive=False)
+        module.forward = types.MethodType(forward, module)
+        return [_RestoreForward(module)]
+
+
+def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx):
+    """The module's forward, step by step, reporting every block to ``observer``."""
+    packed = isinstance(input, PackedSequence)
+    lengths = None
+    if packed:
+        x, lengths = pad_packed_sequence(input, batch_first=True)  # original order
+        batched = True
+    else:
+        batched = input.dim() == 3
+        if not batched:
+            x = input.unsqueeze(0)
+        elif not module.batch_first:
+            x = input.transpose(0, 1)
+        else:
+            x = input
+    N, L = x.shape[:2]
+    lstm = module.mode == "LSTM"
+    dirs = _suffixes(module)
+    H = module.hidden_size
+    H_out = module.proj_size if module.proj_size > 0 else H
+    if hx is not None:
+        if lstm:
+            h0, c0 = hx
+        else:
+            h0, c0 = hx, None
+        if not batched:
+            h0 = h0.unsqueeze(1)
+            c0 = None if c0 is None else c0.unsqueeze(1)
+    else:
+        h0 = x.new_zeros(module.num_layers * len(dirs), N, H_out)
+        c0 = x.new_zeros(module.num_layers * len(dirs), N, H) if lstm else None
+    active = None  # [N, L] positions inside each sequence (packed input only)
+    if lengths is not None:
+        steps = torch.arange(L, device=lengths.device)
+        active = (steps[None, :] < lengths[:, None]).to(x.device)
+
+    h_n, c_n = [], []
+    for k in range(module.num_layers):
+        if k > 0 and module.dropout > 0 and module.training:
+            x = F.dropout(x, module.dropout, training=True)
+        outs = []
+        for d, sfx in enumerate(dirs):
+            i = k * len(dirs) + d
+            out, h, c = _direction(
+                module, observer, k, sfx, x, h0[i], None if c0 is None else c0[i], active
+            )
+            outs.append(out)
+            h_n.append(h)
+            if c is not None:
+                c_n.append(c)
+        x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    h_n = torch.stack(h_n)
+    hidden: Any = (h_n, torch.stack(c_n)) if lstm else h_n
+    if packed:
+        out = x
+        if input.sorted_indices is not None:
+            out = out.index_select(0, input.sorted_indices)
+            lengths = lengths.index_select(0, input.sorted_indices.to(lengths.device))
+        # packed data order: time major, the sequences still running at each step
+        keep = torch.arange(L)[:, None] < lengths[None, :]
+        data = out.transpose(0, 1)[keep.to(out.device)]
+        output = PackedSequence(
+            data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+        )
+        return output, hidden
+    if not batched:
+        output = x[0]
+        hidden = tuple(t[:, 0] for t in hidden) if lstm else hidden[:, 0]
+    elif not module.batch_first:
+        output = x.transpose(0, 1).contiguous()
+    else:
+        output = x
+    return output, hidden
+
+
+def _cell(
+    mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """One step of the recurrence from the two products ``gi = W_ih x + b_ih`` and
+    ``gh = W_hh h + b_hh`` (PyTorch's equations and gate order); returns the new ``h``
+    (unprojected) and ``c`` (``None`` but for the LSTM)."""
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        r_i, z_i, n_i = gi.chunk(3, dim=-1)
+        r_h, z_h, n_h = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(r_i + r_h)
+        z = torch.sigmoid(z_i + z_h)
+        n = torch.tanh(n_i + r * n_h)
+        return (1 - z) * n + z * h, None
+    pre = gi + gh
+    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+
+
+def _direction(
+    module: nn.RNNBase,
+    observer: Observer,
+    k: int,
+    sfx: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    active: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer's one direction over the batch-first ``x: [N, L, features]``; returns
+    its output ``[N, L, H_out]`` (zero at padded positions) and final ``h`` (and ``c``).
+
+    The recurrent blocks' output gradients are collected through zero "sinks" added
+    to each step's product: the gradient of a sink ``[N, L, F]`` is the stack of the
+    steps' output gradients, one capture of ``N x L`` rows as for ``gi``."""
+    ih, hh, hr = f"ih_l{k}{sfx}", f"hh_l{k}{sfx}", f"hr_l{k}{sfx}"
+    mode = module.mode
+    N, L = x.shape[:2]
+    gi = F.linear(x, _weight(module, ih), _bias(module, ih))
+    observer(module, ih, x, gi)
+    # the recurrence in x's dtype, products as autocast makes them (as PyTorch's
+    # kernels, which autocast does not lower, keep the state in the input's dtype)
+    dtype = x.dtype
+    gi = gi.to(dtype)
+    w_hh, b_hh = _weight(module, hh), _bias(module, hh)
+    sink_hh = torch.zeros(N, L, w_hh.shape[0], dtype=dtype, device=x.device)
+    sink_hh.requires_grad_()
+    projected = module.proj_size > 0
+    if projected:
+        w_hr = _weight(module, hr)
+        sink_hr = torch.zeros(N, L, w_hr.shape[0], dtype=dtype, device=x.device)
+        sink_hr.requires_grad_()
+    prev, full = [None] * L, [None] * L
+    outputs: list[Tensor | None] = [None] * L
+    order = range(L - 1, -1, -1) if sfx else range(L)
+    for t in order:
+        prev[t] = h.detach()
+        gh = F.linear(h, w_hh, b_hh).to(dtype) + sink_hh[:, t]
+        h_new, c_new = _cell(mode, gi[:, t], gh, h, c)
+        if projected:
+            full[t] = h_new.detach()
+            h_new = F.linear(h_new, w_hr).to(dtype) + sink_hr[:, t]
+        if active is not None:
+            on = active[:, t, None]
+            h_new = torch.where(on, h_new, h)
+            if c_new is not None:
+                c_new = torch.where(on, c_new, c)
+            outputs[t] = h_new * on
+        else:
+            outputs[t] = h_new
+        h, c = h_new, c_new
+    out = torch.stack(outputs, dim=1)
+    rows = torch.stack(prev, dim=1)
+    if active is not None:
+        rows = rows * active[..., None]
+    observer(module, hh, rows, sink_hh)
+    if projected:
+        rows = torch.stack(full, dim=1)
+        if active is not None:
+            rows = rows * active[..., None]
+        observer(module, hr, rows, sink_hr)
+    return out, h, c
+
+
+def _cell_mode(module: nn.RNNCellBase) -> str:
+    if isinstance(module, nn.LSTMCell):
+        return "LSTM"
+    if isinstance(module, nn.GRUCell):
+        return "GRU"
+    return "RNN_RELU" if getattr(module, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
+
+
+class RNNCellAdapter(RNNAdapter):
+    """``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell``: blocks ``"ih"`` and ``"hh"``.
+
+    A cell is one time step; applied in a loop it is a layer applied several times per
+    forward, whose statistics add (each application normalised by its own rows), as
+    for an ``nn.Linear`` applied several times."""
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, (nn.RNNCell, nn.LSTMCell, nn.GRUCell))
+
+    def blocks(self, module: nn.RNNCellBase) -> tuple[str, ...]:
+        return ("ih", "hh")
+
+    def params(self, module: nn.RNNCellBase) -> list[nn.Parameter]:
+        out = [module.weight_ih, module.weight_hh]
+        return out + ([module.bias_ih, module.bias_hh] if module.bias else [])
+
+    def directions(self, module: nn.RNNCellBase, mats: dict[str, Tensor]) -> list[Tensor]:
+        if module.bias:
+            return [mats["ih"][:, :-1], mats["hh"][:, :-1], mats["ih"][:, -1], mats["hh"][:, -1]]
+        return [mats["ih"], mats["hh"]]
+
+    def is_batched(self, module: nn.Module, x: Tensor) -> bool:
+        return x.ndim == 2
+
+    def install(self, module: nn.RNNCellBase, observer: Observer) -> list[Any]:
+        def forward(mod, input, hx=None):
+            if not (torch.is_grad_enabled() and observer.wants(mod)):
+                return type(mod).forward(mod, input, hx)
+            return _observed_cell(mod, observer, input, hx)
+
+        forward = torch.compiler.disable(forward, recursive=False)
+        module.forward = types.MethodType(forward, module)
+        return [_RestoreForward(module)]
+
+
+def _observed_cell(module: nn.RNNCellBase, observer: Observer, input: Tensor, hx):
+    """The cell's forward from its two observed products."""
+    mode = _cell_mode(module)
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    if hx is None:
+        h = x.new_zeros(x.shape[0], module.hidden_size)
+        c = h if mode == "LSTM" else None
+    else:
+        h, c = hx if mode == "LSTM" else (hx, None)
+        if not batched:
+            h, c = h.unsqueeze(0), None if c is None else c.unsqueeze(0)
+    gi = F.linear(x, module.weight_ih, _bias(module, "ih"))
+    observer(module, "ih", x, gi)
+    gh = F.linear(h, module.weight_hh, _bias(module, "hh"))
+    observer(module, "hh", h, gh)
+    h, c = _cell(mode, gi.to(x.dtype), gh.to(x.dtype), h, c)
+    if not batched:
+        h, c = h[0], None if c is None else c[0]
+    return (h, c) if mode == "LSTM" else h
