@@ -108,3 +108,20 @@ def test_bad_bench_options_fail_before_measuring(argv, message, capsys, monkeypa
         cli_main(["bench", *argv])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_recurrent_model_rows_and_flops():
+    """The LSTM model's captured rows are its (sample, step) pairs, and its FLOP model
+    counts both blocks (``ih``: 29 -> 512, ``hh``: 129 -> 512)."""
+    model = bench.RowLSTM()
+    x, _ = bench.data(4, torch.device("cpu"), torch.float32)
+    assert bench.captured_rows(model, x) == {"rnn": 4 * 28, "head": 4}
+    got = bench.preconditioner_flops(model, "diagonal", 1, {"rnn": 112})
+    per_block = [  # natural gradient (one product per side) and one factor update
+        bench.structure_mm_flops("diagonal", d_i, 512)
+        + bench.structure_mm_flops("diagonal", 512, d_i)
+        + bench.factor_update_flops("diagonal", d_i, 112)
+        + bench.factor_update_flops("diagonal", 512, 112)
+        for d_i in (29, 129)
+    ]
+    assert got == pytest.approx(sum(per_block))
