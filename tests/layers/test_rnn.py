@@ -447,3 +447,37 @@ def test_bfloat16_autocast_and_float32_training_stay_finite(cls):
     assert all(math.isfinite(v) for v in losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < 0.92 * losses[0], losses
+
+
+def test_a_recurrent_layer_frozen_after_construction_runs_pytorchs_kernel(monkeypatch):
+    """Frozen whole after construction: its forward passes are PyTorch's (no slow
+    pass, no output requiring grad through the statistics' sinks), nothing changes;
+    unfrozen: observed and trained again."""
+    import torchsingd.layers.rnn as rnn_module
+
+    calls = []
+    original = rnn_module._observed_forward
+    monkeypatch.setattr(rnn_module, "_observed_forward", lambda *a: calls.append(1) or original(*a))
+    rnn = make("gru", batch_first=True)
+    holder, opt = attached(rnn, T=1, structures="diagonal")
+    holder.head = nn.Linear(HIDDEN, 2, dtype=DTYPE)
+    x, _ = inputs(rnn, "batched", hx=False)
+
+    def step():
+        opt.zero_grad()
+        out = rnn(x)[0]
+        holder.head(out).square().sum().backward()
+        opt.step()
+        return out
+
+    step()
+    rnn.requires_grad_(False)
+    frozen = [p.clone() for p in rnn.parameters()]
+    K = opt.layers["rnn.hh_l0"].K.tensors()[0].clone()
+    assert not step().requires_grad and len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(frozen, rnn.parameters(), strict=True))
+    assert torch.equal(K, opt.layers["rnn.hh_l0"].K.tensors()[0])
+    rnn.requires_grad_(True)
+    step()
+    assert len(calls) == 2
+    assert not torch.equal(K, opt.layers["rnn.hh_l0"].K.tensors()[0])

@@ -2016,7 +2016,8 @@ class _Observer:
 
     def wants(self, module: nn.Module) -> bool:
         found = self._entry(module)
-        return found is not None and found[0]._wants(found[1])
+        # (a layer frozen whole since construction trains nothing: nothing to observe)
+        return found is not None and found[0]._wants(found[1]) and found[0]._active(found[1])
 
 
 def _remove_handles(handles: list[Any]) -> None:
