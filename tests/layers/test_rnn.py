@@ -481,3 +481,150 @@ def test_a_recurrent_layer_frozen_after_construction_runs_pytorchs_kernel(monkey
     step()
     assert len(calls) == 2
     assert not torch.equal(K, opt.layers["rnn.hh_l0"].K.tensors()[0])
+
+
+def _statistics(opt) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (s.H_K.to_dense(), s.H_C.to_dense()) for n, s in opt.layers.items()}
+
+
+@pytest.mark.parametrize("how", ["inputs", "autograd_grad"])
+@pytest.mark.parametrize("model", ["lstm_proj", "gru", "cell"])
+def test_backward_restricted_to_the_parameters_captures_every_block(model, how):
+    """``loss.backward(inputs=params)`` and ``autograd.grad(loss, params)`` compute only
+    what leads to the parameters: every block's statistics are still captured, equal
+    to a plain ``backward()``'s (the recurrent blocks were missed with a statistics
+    sink outside that path)."""
+
+    def run(variant: str):
+        if model == "cell":
+            rnn = cell_and_module("lstm", bias=True)[0]
+        else:
+            rnn = make(model, num_layers=2, bidirectional=True, batch_first=True)
+        holder, opt = attached(rnn, structures="dense")
+        if model == "cell":
+            out = rnn(torch.randn(N, I_SIZE, dtype=DTYPE, generator=torch.manual_seed(1)))
+        else:
+            out = rnn(inputs(rnn, "batched", hx=False)[0])
+        loss = loss_of(out)
+        params = list(rnn.parameters())
+        if variant == "inputs":
+            loss.backward(inputs=params)
+        elif variant == "autograd_grad":
+            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                p.grad = g
+        else:
+            loss.backward()
+        return _statistics(opt)
+
+    got, expected = run(how), run("plain")
+    assert got.keys() == expected.keys() and len(got) >= 2
+    for name in expected:
+        for a, b in zip(got[name], expected[name], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=labelled(name))
+
+
+@pytest.mark.parametrize("module", ["lstm", "attention"])
+def test_an_optimizer_built_again_on_the_model_keeps_observing_it(module):
+    """``opt = SINGD(model)`` run twice (a re-run notebook cell): collecting the first
+    optimizer must not remove the forward the second one installed."""
+    import gc
+
+    if module == "lstm":
+        layer = make("lstm", batch_first=True)
+        x, _ = inputs(layer, "batched", hx=False)
+
+        def forward():
+            return layer(x)[0]
+
+        name = "rnn.hh_l0"
+    else:
+        layer = nn.MultiheadAttention(4, 2, batch_first=True, dtype=DTYPE)
+        q = torch.randn(2, 3, 4, dtype=DTYPE)
+
+        def forward():
+            return layer(q, q, q)[0]
+
+        name = "rnn.q"
+    holder = Holder(layer)
+    opt = SINGD(holder, T=1)
+    opt = SINGD(holder, T=1)
+    gc.collect()
+    assert "forward" in layer.__dict__
+    loss_of(forward()).backward()
+    assert opt.layers[name].H_C is not None
+    opt.remove_hooks()
+    assert "forward" not in layer.__dict__
+
+
+DROPOUT_CASES = {
+    "batch_first": dict(batch_first=True, bidirectional=False, kind="batched"),
+    "seq_first_bidirectional": dict(batch_first=False, bidirectional=True, kind="batched"),
+    "packed_bidirectional": dict(batch_first=True, bidirectional=True, kind="packed"),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+@pytest.mark.parametrize("model", ["lstm", "gru"])
+def test_dropout_between_layers_draws_pytorchs_masks(model, case):
+    """In training with ``dropout > 0`` the observed pass equals PyTorch's kernel for
+    the same random state (outputs, states, gradients), and so does a reentrant
+    ``checkpoint``, whose first pass (no grad) runs PyTorch's kernel and whose
+    recomputation (grad enabled, observed) must draw the same masks."""
+    from torch.utils.checkpoint import checkpoint
+
+    config = dict(DROPOUT_CASES[case])
+    kind = config.pop("kind")
+    rnn = make(model, num_layers=3, dropout=0.4, **config)
+    plain = copy.deepcopy(rnn)
+    holder, opt = attached(rnn, structures="diagonal")
+    x, h = inputs(rnn, kind, hx=True)
+    packed = isinstance(x, PackedSequence)
+
+    def call(module, data):  # the outputs as a tuple of tensors (checkpoint's rule)
+        return tuple(tensors(module(PackedSequence(data, *x[1:]) if packed else data, h)))
+
+    data = (x.data if packed else x).detach().requires_grad_()
+    for reentrant in (False, True):
+        results = []
+        for module in (rnn, plain):
+            module.zero_grad()
+            torch.manual_seed(11)
+            if reentrant:
+                out = checkpoint(call, module, data, use_reentrant=True)
+            else:
+                out = call(module, data)
+            loss_of(out).backward()
+            results.append(list(out) + [p.grad.clone() for p in module.parameters()])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert opt.layers["rnn.ih_l2"].H_K is not None  # observed
+
+
+@pytest.mark.parametrize(
+    "model, call",
+    [
+        ("gru", lambda m, x: m(x, torch.zeros(3, N, HIDDEN, dtype=DTYPE))),  # 3 layers of hx
+        ("lstm", lambda m, x: m(x, (torch.zeros(1, 1, HIDDEN, dtype=DTYPE),) * 2)),  # batch 1
+        ("lstm", lambda m, x: m(x[..., :2])),  # input size
+        ("rnn_tanh", lambda m, x: m(x[:, :0])),  # no time steps
+        ("gru", lambda m, x: m(x[None])),  # 4-D input
+        ("lstm_cell", lambda m, x: m(x[:, 0], (torch.zeros(1, HIDDEN, dtype=DTYPE),) * 2)),
+        ("gru_cell", lambda m, x: m(x[:, 0], torch.zeros(N, HIDDEN + 1, dtype=DTYPE))),
+        ("gru_cell", lambda m, x: m(x)),  # 3-D input
+    ],
+)
+def test_invalid_calls_raise_as_pytorchs_module_does(model, call):
+    """The step-by-step pass refuses what PyTorch's forward refuses (its checks run
+    first; without them a state of batch 1 broadcast silently), with the same type."""
+    if model.endswith("_cell"):
+        module = cell_and_module(model.removesuffix("_cell"), bias=True)[0]
+    else:
+        module = make(model, batch_first=True)
+    plain = copy.deepcopy(module)
+    holder, opt = attached(module)
+    x = torch.randn(N, L, I_SIZE, dtype=DTYPE)
+    with pytest.raises(Exception) as expected:
+        call(plain, x)
+    with pytest.raises(expected.type):
+        call(module, x)
+    assert "forward" in module.__dict__ and opt.steps == 0  # (it was the observed pass)

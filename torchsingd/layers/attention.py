@@ -184,13 +184,17 @@ class MultiheadAttentionAdapter(LayerAdapter):
 
 
 class _RestoreForward:
-    """A handle whose ``remove()`` gives the module its class's forward back."""
+    """A handle whose ``remove()`` gives the module its class's forward back, unless
+    another forward replaced the one installed since (a second optimizer built on the
+    same model: the first one's removal must not take the second one's forward)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        self.installed = module.__dict__.get("forward")
 
     def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
+        if self.module.__dict__.get("forward") is self.installed:
+            self.module.__dict__.pop("forward", None)
 
 
 def _observed_forward(

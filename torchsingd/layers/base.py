@@ -258,6 +258,51 @@ class LayerAdapter(ABC):
 _FIRST_ARGUMENT: dict[type, str | None] = {}
 
 
+class StepGradients:
+    """The output gradients of a block applied once per time step of a recurrence,
+    delivered as one ``[N, L, F]`` gradient (step ``t`` at ``[:, t]``): what an adapter
+    passes to its :class:`Observer` as the block's output when the steps' outputs are
+    separate tensors.
+
+    :meth:`tap` hooks each step's output on the tensor itself, which lies on the
+    backward's path to the weights (so ``backward(inputs=params)`` and
+    ``autograd.grad(loss, params)`` reach it). The step computed first is the one
+    whose gradient a backward pass completes last (every later step depends on it):
+    its arrival delivers the stack, with zeros for steps the loss does not depend on.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self._grads: list[Tensor | None] = [None] * steps
+        self._hooks: list[Callable[[Tensor], Any]] = []
+        self._numel = 0
+        self.requires_grad = False
+
+    def tap(self, t: int, y: Tensor, *, first: bool) -> Tensor:
+        """Hook step ``t``'s output ``y`` (``first``: the step computed first); returns
+        ``y``."""
+        if y.requires_grad:
+            self.requires_grad = True
+            self._numel += y.numel()
+            y.register_hook(lambda grad: self._arrive(t, first, grad))
+        return y
+
+    def _arrive(self, t: int, first: bool, grad: Tensor) -> None:
+        self._grads[t] = grad
+        if first:
+            grads, self._grads = self._grads, [None] * len(self._grads)
+            zero = torch.zeros_like(grad)
+            stacked = torch.stack([zero if g is None else g for g in grads], dim=1)
+            for hook in self._hooks:
+                hook(stacked)
+
+    def register_hook(self, hook: Callable[[Tensor], Any]) -> None:
+        """``hook(stacked_gradient)`` at each backward pass that reaches the steps."""
+        self._hooks.append(hook)
+
+    def numel(self) -> int:
+        return self._numel
+
+
 def first_argument(module: nn.Module) -> str | None:
     """The name of the first argument of ``module``'s forward (``input`` for torch's
     layers), by which a call may pass the input as a keyword (cached per class)."""

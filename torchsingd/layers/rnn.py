@@ -42,6 +42,7 @@ from torchsingd.layers.attention import _RestoreForward
 from torchsingd.layers.base import (
     LayerAdapter,
     Observer,
+    StepGradients,
     linear_grad_rows,
     linear_input_count,
     linear_input_rows,
@@ -159,10 +160,16 @@ class RNNAdapter(LayerAdapter):
 def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx):
     """The module's forward, step by step, reporting every block to ``observer``."""
     packed = isinstance(input, PackedSequence)
-    lengths = None
+    lengths = keep = None
     if packed:
-        x, lengths = pad_packed_sequence(input, batch_first=True)  # original order
         batched = True
+        x, lengths = pad_packed_sequence(input, batch_first=True)  # original order
+        sorted_lengths = lengths
+        if input.sorted_indices is not None:
+            sorted_lengths = lengths.index_select(0, input.sorted_indices.to(lengths.device))
+        # [L, N] positions of the packed data in the padded sorted batch, time major
+        keep = torch.arange(x.shape[1])[:, None] < sorted_lengths[None, :]
+        keep = keep.to(x.device)
     else:
         batched = input.dim() == 3
         if not batched:
@@ -171,31 +178,27 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx):
             x = input.transpose(0, 1)
         else:
             x = input
-    N, L = x.shape[:2]
     lstm = module.mode == "LSTM"
+    if hx is not None and not batched:  # PyTorch's checks take batched states
+        hx = tuple(t.unsqueeze(1) for t in hx) if lstm else hx.unsqueeze(1)
+    _check_arguments(module, input, x, hx, batched)
+    N, L = x.shape[:2]
     dirs = _suffixes(module)
     H = module.hidden_size
     H_out = module.proj_size if module.proj_size > 0 else H
-    if hx is not None:
-        if lstm:
-            h0, c0 = hx
-        else:
-            h0, c0 = hx, None
-        if not batched:
-            h0 = h0.unsqueeze(1)
-            c0 = None if c0 is None else c0.unsqueeze(1)
-    else:
+    if hx is None:
         h0 = x.new_zeros(module.num_layers * len(dirs), N, H_out)
         c0 = x.new_zeros(module.num_layers * len(dirs), N, H) if lstm else None
+    else:
+        h0, c0 = hx if lstm else (hx, None)
     active = None  # [N, L] positions inside each sequence (packed input only)
     if lengths is not None:
-        steps = torch.arange(L, device=lengths.device)
-        active = (steps[None, :] < lengths[:, None]).to(x.device)
+        active = (torch.arange(L)[None, :] < lengths[:, None]).to(x.device)
 
     h_n, c_n = [], []
     for k in range(module.num_layers):
         if k > 0 and module.dropout > 0 and module.training:
-            x = F.dropout(x, module.dropout, training=True)
+            x = _dropout(x, module.dropout, input if packed else None, keep)
         outs = []
         for d, sfx in enumerate(dirs):
             i = k * len(dirs) + d
@@ -210,13 +213,7 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx):
     h_n = torch.stack(h_n)
     hidden: Any = (h_n, torch.stack(c_n)) if lstm else h_n
     if packed:
-        out = x
-        if input.sorted_indices is not None:
-            out = out.index_select(0, input.sorted_indices)
-            lengths = lengths.index_select(0, input.sorted_indices.to(lengths.device))
-        # packed data order: time major, the sequences still running at each step
-        keep = torch.arange(L)[:, None] < lengths[None, :]
-        data = out.transpose(0, 1)[keep.to(out.device)]
+        data = _sorted_time_major(x, input).contiguous()[keep]
         output = PackedSequence(
             data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
         )
@@ -231,16 +228,56 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx):
     return output, hidden
 
 
+def _check_arguments(module: nn.RNNBase, input, x: Tensor, hx, batched: bool) -> None:
+    """PyTorch's own checks of the input and states (sizes, dtypes), which its forward
+    makes before its kernels: the step-by-step pass must refuse what they refuse."""
+    if x.dim() != 3:
+        raise ValueError(
+            f"{type(module).__name__}: Expected input to be 2D or 3D, got {input.dim()}D "
+            "tensor instead"
+        )
+    if x.shape[1] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if isinstance(input, PackedSequence):
+        layout, batch_sizes = input.data, input.batch_sizes
+    else:
+        layout, batch_sizes = (x if module.batch_first else x.transpose(0, 1)), None
+    if hx is None:
+        module.check_input(layout, batch_sizes)
+    else:
+        module.check_forward_args(layout, hx, batch_sizes)
+
+
+def _sorted_time_major(x: Tensor, packed: PackedSequence) -> Tensor:
+    """``x: [N, L, F]`` in the original batch order as ``[L, N, F]`` in the packed
+    (sorted) order."""
+    if packed.sorted_indices is not None:
+        x = x.index_select(0, packed.sorted_indices)
+    return x.transpose(0, 1)
+
+
+def _dropout(x: Tensor, p: float, packed: PackedSequence | None, keep: Tensor | None) -> Tensor:
+    """Dropout between layers drawing the masks PyTorch's CPU kernel draws from the same
+    random state (tested): on the time-major layer output, or on the packed data. So
+    an observed pass equals PyTorch's for the same seed, and a reentrant checkpoint's
+    recomputation (grad enabled: observed) keeps the first pass's masks."""
+    if packed is None:
+        return F.dropout(x.transpose(0, 1).contiguous(), p, training=True).transpose(0, 1)
+    seq = _sorted_time_major(x, packed)
+    data = F.dropout(seq.contiguous()[keep], p, training=True)
+    out = seq.new_zeros(seq.shape).index_put((keep,), data)
+    out = out.transpose(0, 1)
+    if packed.unsorted_indices is not None:
+        out = out.index_select(0, packed.unsorted_indices)
+    return out
+
+
 def _cell(
     mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """One step of the recurrence from the two products ``gi = W_ih x + b_ih`` and
     ``gh = W_hh h + b_hh`` (PyTorch's equations and gate order); returns the new ``h``
     (unprojected) and ``c`` (``None`` but for the LSTM)."""
-    if mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
     if mode == "GRU":
         r_i, z_i, n_i = gi.chunk(3, dim=-1)
         r_h, z_h, n_h = gh.chunk(3, dim=-1)
@@ -248,7 +285,17 @@ def _cell(
         z = torch.sigmoid(z_i + z_h)
         n = torch.tanh(n_i + r * n_h)
         return (1 - z) * n + z * h, None
-    pre = gi + gh
+    return _gated(mode, gi + gh, c)
+
+
+def _gated(mode: str, pre: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The LSTM's and the plain RNN's step from ``pre = gi + gh`` (which is all they
+    use of the two products: its gradient is each product's)."""
+    if mode == "LSTM":
+        size = pre.shape[-1] // 4
+        i, f, _, o = torch.sigmoid(pre).chunk(4, dim=-1)  # (one pass for the three gates)
+        c = torch.addcmul(f * c, i, torch.tanh(pre[..., 2 * size : 3 * size]))
+        return o * torch.tanh(c), c
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
@@ -265,12 +312,12 @@ def _direction(
     """One layer's one direction over the batch-first ``x: [N, L, features]``; returns
     its output ``[N, L, H_out]`` (zero at padded positions) and final ``h`` (and ``c``).
 
-    The recurrent blocks' output gradients are collected through zero "sinks" added
-    to each step's product: the gradient of a sink ``[N, L, F]`` is the stack of the
-    steps' output gradients, one capture of ``N x L`` rows as for ``gi``."""
+    The recurrent products of the steps are separate tensors; :class:`StepGradients`
+    stacks their output gradients into one ``[N, L, F]`` gradient, one capture of
+    ``N x L`` rows as for ``gi``."""
     ih, hh, hr = f"ih_l{k}{sfx}", f"hh_l{k}{sfx}", f"hr_l{k}{sfx}"
     mode = module.mode
-    N, L = x.shape[:2]
+    L = x.shape[1]
     gi = F.linear(x, _weight(module, ih), _bias(module, ih))
     observer(module, ih, x, gi)
     # the recurrence in x's dtype, products as autocast makes them (as PyTorch's
@@ -278,23 +325,33 @@ def _direction(
     dtype = x.dtype
     gi = gi.to(dtype)
     w_hh, b_hh = _weight(module, hh), _bias(module, hh)
-    sink_hh = torch.zeros(N, L, w_hh.shape[0], dtype=dtype, device=x.device)
-    sink_hh.requires_grad_()
     projected = module.proj_size > 0
-    if projected:
-        w_hr = _weight(module, hr)
-        sink_hr = torch.zeros(N, L, w_hr.shape[0], dtype=dtype, device=x.device)
-        sink_hr.requires_grad_()
+    w_hr = _weight(module, hr) if projected else None
+    taps_hh, taps_hr = StepGradients(L), StepGradients(L)
     prev, full = [None] * L, [None] * L
     outputs: list[Tensor | None] = [None] * L
     order = range(L - 1, -1, -1) if sfx else range(L)
+    # LSTM and RNN use gi + gh only: one product per step adds it (its gradient is
+    # gh's), except under autocast, where the sum stays in x's dtype
+    summed = mode != "GRU" and not torch.is_autocast_enabled(x.device.type)
+    if summed:
+        w_hh_t = w_hh.t()
+        gi = gi if b_hh is None else gi + b_hh
+    # one view per step, with one backward node for all (indexing gi[:, t] would add
+    # a full-size zero gradient per step: quadratic in the length)
+    steps = gi.unbind(1)
     for t in order:
         prev[t] = h.detach()
-        gh = F.linear(h, w_hh, b_hh).to(dtype) + sink_hh[:, t]
-        h_new, c_new = _cell(mode, gi[:, t], gh, h, c)
+        first = t == order[0]
+        if summed:
+            pre = taps_hh.tap(t, torch.addmm(steps[t], h, w_hh_t), first=first)
+            h_new, c_new = _gated(mode, pre, c)
+        else:
+            gh = taps_hh.tap(t, F.linear(h, w_hh, b_hh).to(dtype), first=first)
+            h_new, c_new = _cell(mode, steps[t], gh, h, c)
         if projected:
             full[t] = h_new.detach()
-            h_new = F.linear(h_new, w_hr).to(dtype) + sink_hr[:, t]
+            h_new = taps_hr.tap(t, F.linear(h_new, w_hr).to(dtype), first=first)
         if active is not None:
             on = active[:, t, None]
             h_new = torch.where(on, h_new, h)
@@ -308,12 +365,12 @@ def _direction(
     rows = torch.stack(prev, dim=1)
     if active is not None:
         rows = rows * active[..., None]
-    observer(module, hh, rows, sink_hh)
+    observer(module, hh, rows, taps_hh)
     if projected:
         rows = torch.stack(full, dim=1)
         if active is not None:
             rows = rows * active[..., None]
-        observer(module, hr, rows, sink_hr)
+        observer(module, hr, rows, taps_hr)
     return out, h, c
 
 
@@ -364,6 +421,9 @@ class RNNCellAdapter(RNNAdapter):
 def _observed_cell(module: nn.RNNCellBase, observer: Observer, input: Tensor, hx):
     """The cell's forward from its two observed products."""
     mode = _cell_mode(module)
+    name = type(module).__name__
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     batched = input.dim() == 2
     x = input if batched else input.unsqueeze(0)
     if hx is None:
@@ -373,6 +433,20 @@ def _observed_cell(module: nn.RNNCellBase, observer: Observer, input: Tensor, hx
         h, c = hx if mode == "LSTM" else (hx, None)
         if not batched:
             h, c = h.unsqueeze(0), None if c is None else c.unsqueeze(0)
+        # PyTorch's kernel checks (the products below would broadcast a batch of 1)
+        for i, state in enumerate((h, c) if mode == "LSTM" else (h,)):
+            if state.dim() != 2:
+                raise ValueError(f"{name}: Expected hx[{i}] to be 1D or 2D, got {state.dim()}D")
+            if state.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size "
+                    f"{state.shape[0]}"
+                )
+            if state.shape[1] != module.hidden_size:
+                raise RuntimeError(
+                    f"hidden{i} has inconsistent hidden_size: got {state.shape[1]}, expected "
+                    f"{module.hidden_size}"
+                )
     gi = F.linear(x, module.weight_ih, _bias(module, "ih"))
     observer(module, "ih", x, gi)
     gh = F.linear(h, module.weight_hh, _bias(module, "hh"))

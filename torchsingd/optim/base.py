@@ -47,6 +47,7 @@ from torchsingd.layers import (
     KFAC_APPROXIMATIONS,
     LOSS_AVERAGES,
     LayerAdapter,
+    StepGradients,
     find_adapter,
     overrides_forward,
 )
@@ -851,7 +852,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _on_forward(self, entry: ModuleEntry, block: str, x: Tensor, output: Tensor) -> None:
         """Called (through the observer) in every forward pass of a block."""
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+        if not torch.is_grad_enabled() or not isinstance(output, (Tensor, StepGradients)):
             return
         if output.numel() == 0 or not output.requires_grad:  # empty: an MoE expert without tokens
             return
@@ -862,7 +863,7 @@ class KroneckerOptimizer(Optimizer):
             self._check_placement()  # raises: the factors are on another device
         layer = entry.blocks[block]
         hook = partial(self._capture, entry, layer, x.detach(), self.steps)
-        base = output._base
+        base = output._base if isinstance(output, Tensor) else None
         if base is not None and _whole_view(output, base):
             # ``Linear`` with a bias on a 3-D input returns ``addmm(...).view(...)``.
             # An in-place operation on such a view (``ReLU(inplace=True)``,
