@@ -95,3 +95,18 @@ class CharTransformer(nn.Module):
         h = self.embed(tokens) + self.position[:L]
         h = self.encoder(h, mask=mask, is_causal=True)
         return self.head(self.norm(h))
+
+
+class CharLSTM(nn.Module):
+    """Recurrent language model over characters: ``[B, L]`` int64 characters ->
+    next-character logits ``[B, L, vocab]`` through an ``nn.Embedding``, a 2-layer
+    ``nn.LSTM`` and a linear head (every parameter preconditioned by SINGD)."""
+
+    def __init__(self, vocab: int, d_embed: int = 32, hidden: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_embed)
+        self.rnn = nn.LSTM(d_embed, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0])

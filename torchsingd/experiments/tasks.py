@@ -6,6 +6,7 @@
 | ``digits-cnn`` | 8x8 digits, 1437 / 360 | 2 Conv2d + Linear | accuracy |
 | ``mnist1d-cnn`` | MNIST-1D, 4000 / 1000 | 3 Conv1d + Linear | accuracy |
 | ``charlm`` | stdlib source, 1637 / 181 windows of 32 chars | causal transformer | bits/char |
+| ``charlm-lstm`` | the same | 2-layer LSTM | bits/char |
 | ``autoencoder`` | 8x8 digits, 1437 / 360 | MLP 64-128-64-32-8-...-64 | reconstruction MSE |
 """
 
@@ -88,6 +89,10 @@ def charlm_model() -> nn.Module:
     return models.CharTransformer(data.VOCAB_SIZE, CHARLM_CONTEXT)
 
 
+def charlm_lstm_model() -> nn.Module:
+    return models.CharLSTM(data.VOCAB_SIZE)
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -138,6 +143,20 @@ TASKS: dict[str, Task] = {
             "2-layer causal transformer (d=32) on Python stdlib source characters",
             charlm_data,
             charlm_model,
+            sequence_loss,
+            bits_per_character,
+            "bits/char",
+            False,
+            epochs=3,
+            batch_size=32,
+            quick_epochs=1,
+            quick_train=512,
+        ),
+        Task(
+            "charlm-lstm",
+            "2-layer LSTM (width 64) on Python stdlib source characters",
+            charlm_data,
+            charlm_lstm_model,
             sequence_loss,
             bits_per_character,
             "bits/char",
