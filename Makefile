@@ -1,5 +1,5 @@
 # Two entry points that do all set-up on a fresh machine:
-#   make demo   - compare SINGD, KFAC, AdamW, SGD on five embedded tasks (report in demo_out/)
+#   make demo   - compare SINGD, KFAC, AdamW, SGD on six embedded tasks (report in demo_out/)
 #   make test   - lint and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
