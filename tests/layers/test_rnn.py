@@ -450,9 +450,8 @@ def test_bfloat16_autocast_and_float32_training_stay_finite(cls):
 
 
 def test_a_recurrent_layer_frozen_after_construction_runs_pytorchs_kernel(monkeypatch):
-    """Frozen whole after construction: its forward passes are PyTorch's (no slow
-    pass, no output requiring grad through the statistics' sinks), nothing changes;
-    unfrozen: observed and trained again."""
+    """Frozen whole after construction: its forward passes are PyTorch's (not the
+    slow step-by-step pass), nothing changes; unfrozen: observed and trained again."""
     import torchsingd.layers.rnn as rnn_module
 
     calls = []
@@ -474,7 +473,8 @@ def test_a_recurrent_layer_frozen_after_construction_runs_pytorchs_kernel(monkey
     rnn.requires_grad_(False)
     frozen = [p.clone() for p in rnn.parameters()]
     K = opt.layers["rnn.hh_l0"].K.tensors()[0].clone()
-    assert not step().requires_grad and len(calls) == 1
+    step()
+    assert len(calls) == 1
     assert all(torch.equal(a, b) for a, b in zip(frozen, rnn.parameters(), strict=True))
     assert torch.equal(K, opt.layers["rnn.hh_l0"].K.tensors()[0])
     rnn.requires_grad_(True)
@@ -613,9 +613,17 @@ def test_dropout_between_layers_draws_pytorchs_masks(model, case):
         ("gru_cell", lambda m, x: m(x)),  # 3-D input
     ],
 )
-def test_invalid_calls_raise_as_pytorchs_module_does(model, call):
+def test_invalid_calls_raise_as_pytorchs_module_does(model, call, monkeypatch):
     """The step-by-step pass refuses what PyTorch's forward refuses (its checks run
     first; without them a state of batch 1 broadcast silently), with the same type."""
+    import torchsingd.layers.rnn as rnn_module
+
+    calls = []
+    for name in ("_observed_forward", "_observed_cell"):
+        original = getattr(rnn_module, name)
+        monkeypatch.setattr(
+            rnn_module, name, lambda *a, f=original, **k: calls.append(1) or f(*a, **k)
+        )
     if model.endswith("_cell"):
         module = cell_and_module(model.removesuffix("_cell"), bias=True)[0]
     else:
@@ -627,4 +635,43 @@ def test_invalid_calls_raise_as_pytorchs_module_does(model, call):
         call(plain, x)
     with pytest.raises(expected.type):
         call(module, x)
-    assert "forward" in module.__dict__ and opt.steps == 0  # (it was the observed pass)
+    assert calls == [1]  # the refusal came from the step-by-step pass
+
+
+@pytest.mark.parametrize("model", ["gru", "lstm", "lstm_autocast"])
+def test_a_backward_that_does_not_reach_a_block_adds_nothing_to_it(model):
+    """``autograd.grad(loss, x)`` (an adversarial example's gradient) adds no
+    statistics, and a restricted ``backward(inputs=...)`` adds them to exactly the
+    blocks whose weight it accumulates; a full backward afterwards captures what it
+    would alone (nothing left over from the restricted passes). The GRU's first
+    recurrent product (of ``h_0``) is not on the path to ``x``: the steps' hook must
+    not wait for it."""
+    name = model.removesuffix("_autocast")
+
+    def forward(rnn, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.endswith("autocast")):
+            return rnn(x)[0].float()
+
+    def fresh():
+        rnn = make(name, num_layers=2, batch_first=True).float()
+        holder, opt = attached(rnn, structures="diagonal")
+        return rnn, opt
+
+    x = torch.randn(N, L, I_SIZE, generator=torch.manual_seed(4)).requires_grad_()
+    rnn, opt = fresh()
+    torch.autograd.grad(loss_of(forward(rnn, x)).float(), x)
+    assert all(layer.pending is None for layer in opt.layers.values())
+    loss_of(forward(rnn, x)).backward(inputs=[rnn.weight_ih_l0, rnn.bias_ih_l0])
+    captured = {n for n, layer in opt.layers.items() if layer.pending is not None}
+    assert captured == {"rnn.ih_l0"}
+    params_l1 = [p for n, p in rnn.named_parameters() if n.endswith("_l1")]
+    loss_of(forward(rnn, x)).backward(inputs=params_l1)
+    captured = {n for n, layer in opt.layers.items() if layer.pending is not None}
+    assert captured == {"rnn.ih_l0", "rnn.ih_l1", "rnn.hh_l1"}
+    opt.zero_grad()  # drops the statistics of the discarded passes
+    loss_of(forward(rnn, x)).backward()
+    alone, opt_alone = fresh()
+    loss_of(forward(alone, x)).backward()
+    for n, layer in opt.layers.items():
+        for a, b in zip(layer.pending, opt_alone.layers[n].pending, strict=True):
+            torch.testing.assert_close(a.tensors()[0], b.tensors()[0], rtol=0, atol=0)

@@ -20,7 +20,6 @@ trained by the fallback rule. Unbatched ``[L, E]`` inputs count as one sequence.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from torchsingd.layers.base import (
     LayerAdapter,
     Observer,
+    install_forward,
     linear_grad_rows,
     linear_input_count,
     linear_input_rows,
@@ -138,63 +138,15 @@ class MultiheadAttentionAdapter(LayerAdapter):
             g = g.unsqueeze(0)
         return linear_grad_rows(g, loss_average, kfac_approx)
 
+    def block_parameter(self, module: nn.MultiheadAttention, *, block: str = "") -> nn.Parameter:
+        if block == "out":
+            return module.out_proj.weight
+        if module._qkv_same_embed_dim:
+            return module.in_proj_weight
+        return getattr(module, f"{block}_proj_weight")
+
     def install(self, module: nn.MultiheadAttention, observer: Observer) -> list[Any]:
-        def forward(
-            mod,
-            query,
-            key,
-            value,
-            key_padding_mask=None,
-            need_weights=True,
-            attn_mask=None,
-            average_attn_weights=True,
-            is_causal=False,
-        ):
-            if not (torch.is_grad_enabled() and observer.wants(mod)):
-                return type(mod).forward(
-                    mod,
-                    query,
-                    key,
-                    value,
-                    key_padding_mask=key_padding_mask,
-                    need_weights=need_weights,
-                    attn_mask=attn_mask,
-                    average_attn_weights=average_attn_weights,
-                    is_causal=is_causal,
-                )
-            return _observed_forward(
-                mod,
-                observer,
-                query,
-                key,
-                value,
-                key_padding_mask,
-                need_weights,
-                attn_mask,
-                average_attn_weights,
-                is_causal,
-            )
-
-        # A bound method (not a closure over ``module``): a deep copy rebinds it. Dynamo
-        # would reuse one compiled frame of it for every attention module (wrong
-        # weights), so this frame stays eager; what it calls is still compiled.
-        forward = torch.compiler.disable(forward, recursive=False)
-        module.forward = types.MethodType(forward, module)
-        return [_RestoreForward(module)]
-
-
-class _RestoreForward:
-    """A handle whose ``remove()`` gives the module its class's forward back, unless
-    another forward replaced the one installed since (a second optimizer built on the
-    same model: the first one's removal must not take the second one's forward)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.installed = module.__dict__.get("forward")
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.installed:
-            self.module.__dict__.pop("forward", None)
+        return install_forward(module, observer, _observed_forward)
 
 
 def _observed_forward(
@@ -203,11 +155,11 @@ def _observed_forward(
     query,
     key,
     value,
-    key_padding_mask,
-    need_weights,
-    attn_mask,
-    average_attn_weights,
-    is_causal,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    average_attn_weights=True,
+    is_causal=False,
 ):
     batched = query.dim() == 3
     if batched and not module.batch_first:  # projections are captured batch first

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import types
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -88,6 +89,13 @@ class LayerAdapter(ABC):
                     f"Layer {name!r} has uninitialized (lazy) parameters; run one forward "
                     "pass before constructing the optimizer."
                 )
+
+    def block_parameter(self, module: nn.Module, *, block: str = "") -> nn.Parameter:
+        """The leaf parameter whose gradient a block's statistics belong to (its
+        weight): a backward pass that does not accumulate into it (``autograd.grad``
+        with respect to other tensors, ``backward(inputs=...)`` without it) adds no
+        statistics to the block. Default: the first of :meth:`params`."""
+        return self.params(module)[0]
 
     def has_bias(self, module: nn.Module) -> bool:
         """Whether the bias is trained as the extra last column of ``W``."""
@@ -264,43 +272,85 @@ class StepGradients:
     passes to its :class:`Observer` as the block's output when the steps' outputs are
     separate tensors.
 
-    :meth:`tap` hooks each step's output on the tensor itself, which lies on the
-    backward's path to the weights (so ``backward(inputs=params)`` and
-    ``autograd.grad(loss, params)`` reach it). The step computed first is the one
-    whose gradient a backward pass completes last (every later step depends on it):
-    its arrival delivers the stack, with zeros for steps the loss does not depend on.
+    :meth:`tap` collects each step's output; the hook the observer registers is one
+    ``torch.autograd.graph.register_multi_grad_hook`` on them, called once per
+    backward pass that reaches any of them, when all those it reaches have their
+    gradients (zeros stand for the steps it does not reach). The outputs lie on the
+    backward's path to the weights, so ``backward(inputs=params)`` and
+    ``autograd.grad(loss, params)`` reach them.
     """
 
     def __init__(self, steps: int) -> None:
-        self._grads: list[Tensor | None] = [None] * steps
-        self._hooks: list[Callable[[Tensor], Any]] = []
+        self._outputs: list[Tensor | None] = [None] * steps
         self._numel = 0
         self.requires_grad = False
 
-    def tap(self, t: int, y: Tensor, *, first: bool) -> Tensor:
-        """Hook step ``t``'s output ``y`` (``first``: the step computed first); returns
-        ``y``."""
+    def tap(self, t: int, y: Tensor) -> Tensor:
+        """Collect step ``t``'s output ``y``; returns ``y``."""
         if y.requires_grad:
             self.requires_grad = True
             self._numel += y.numel()
-            y.register_hook(lambda grad: self._arrive(t, first, grad))
+            self._outputs[t] = y
         return y
 
-    def _arrive(self, t: int, first: bool, grad: Tensor) -> None:
-        self._grads[t] = grad
-        if first:
-            grads, self._grads = self._grads, [None] * len(self._grads)
-            zero = torch.zeros_like(grad)
-            stacked = torch.stack([zero if g is None else g for g in grads], dim=1)
-            for hook in self._hooks:
-                hook(stacked)
-
     def register_hook(self, hook: Callable[[Tensor], Any]) -> None:
-        """``hook(stacked_gradient)`` at each backward pass that reaches the steps."""
-        self._hooks.append(hook)
+        """``hook(stacked_gradient)`` once per backward pass that reaches the steps."""
+        steps = [t for t, y in enumerate(self._outputs) if y is not None]
+        outputs = [self._outputs[t] for t in steps]
+        length = len(self._outputs)
+
+        def deliver(grads) -> None:
+            arrived = [g for g in grads if g is not None]
+            if not arrived:
+                return
+            full = [torch.zeros_like(arrived[0])] * length
+            for t, g in zip(steps, grads, strict=True):
+                if g is not None:
+                    full[t] = g
+            hook(torch.stack(full, dim=1))
+
+        torch.autograd.graph.register_multi_grad_hook(outputs, deliver)
 
     def numel(self) -> int:
         return self._numel
+
+
+class RestoreForward:
+    """A handle whose ``remove()`` gives the module its class's forward back, unless
+    another forward replaced the one installed since (a second optimizer built on the
+    same model: the first one's removal must not take the second one's forward)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.installed = module.__dict__.get("forward")
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.installed:
+            self.module.__dict__.pop("forward", None)
+
+
+def install_forward(
+    module: nn.Module, observer: Observer, observed: Callable[..., Any]
+) -> list[Any]:
+    """Replace ``module``'s forward (on the instance) by one that calls
+    ``observed(module, observer, *args, **kwargs)`` in forward passes whose backward
+    is observed (grad enabled, ``observer.wants(module)``) and the class's forward in
+    every other; returns the handle that restores it. For layers that apply their
+    weights inside one kernel, where no hook can see the blocks' inputs and outputs.
+
+    A bound method (not a closure over ``module``), so a deep copy rebinds it to the
+    copy (which the observer ignores). Dynamo would reuse one compiled frame of it for
+    every such module (wrong weights), so this frame stays eager; what it calls is
+    still compiled."""
+
+    def forward(mod, *args, **kwargs):
+        if not (torch.is_grad_enabled() and observer.wants(mod)):
+            return type(mod).forward(mod, *args, **kwargs)
+        return observed(mod, observer, *args, **kwargs)
+
+    forward = torch.compiler.disable(forward, recursive=False)
+    module.forward = types.MethodType(forward, module)
+    return [RestoreForward(module)]
 
 
 def first_argument(module: nn.Module) -> str | None:

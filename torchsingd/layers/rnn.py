@@ -22,15 +22,15 @@ PyTorch's RNN kernels apply the gates internally, where no hook can see them, so
 while the optimizer is attached a forward pass whose backward is observed (grad
 enabled, a preconditioner-update step) runs the recurrence step by step here (the same
 equations, in ``float64`` equal to PyTorch's to rounding); every other forward pass
-runs PyTorch's own (fused) implementation. Dropout between layers draws its own masks
-on observed passes. A ``PackedSequence`` is run as its padded batch (padded positions
-neither update the state nor give output, and count as zero rows of the statistics,
-as a padded batch's positions do for an ``nn.Linear``).
+runs PyTorch's own (fused) implementation. Dropout between layers draws the masks
+PyTorch's CPU kernel draws from the same random state. A ``PackedSequence`` is run as
+its padded batch: padded positions neither update the state nor give output, and
+their rows of the statistics hold zeros (and the bias column's one), as a padded
+batch's positions do for an ``nn.Linear``.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from torchsingd.layers.attention import _RestoreForward
 from torchsingd.layers.base import (
     LayerAdapter,
     Observer,
     StepGradients,
+    install_forward,
     linear_grad_rows,
     linear_input_count,
     linear_input_rows,
@@ -144,20 +144,14 @@ class RNNAdapter(LayerAdapter):
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         return linear_grad_rows(g, loss_average, kfac_approx)
 
+    def block_parameter(self, module: nn.RNNBase, *, block: str = "") -> nn.Parameter:
+        return _weight(module, block)
+
     def install(self, module: nn.RNNBase, observer: Observer) -> list[Any]:
-        def forward(mod, input, hx=None):
-            if not (torch.is_grad_enabled() and observer.wants(mod)):
-                return type(mod).forward(mod, input, hx)
-            return _observed_forward(mod, observer, input, hx)
-
-        # as for nn.MultiheadAttention: a bound method that a deep copy rebinds, kept
-        # eager (dynamo would reuse one compiled frame for every such module)
-        forward = torch.compiler.disable(forward, recursive=False)
-        module.forward = types.MethodType(forward, module)
-        return [_RestoreForward(module)]
+        return install_forward(module, observer, lambda *a, **k: _observed_forward(*a, **k))
 
 
-def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx):
+def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx=None):
     """The module's forward, step by step, reporting every block to ``observer``."""
     packed = isinstance(input, PackedSequence)
     lengths = keep = None
@@ -342,16 +336,15 @@ def _direction(
     steps = gi.unbind(1)
     for t in order:
         prev[t] = h.detach()
-        first = t == order[0]
         if summed:
-            pre = taps_hh.tap(t, torch.addmm(steps[t], h, w_hh_t), first=first)
+            pre = taps_hh.tap(t, torch.addmm(steps[t], h, w_hh_t))
             h_new, c_new = _gated(mode, pre, c)
         else:
-            gh = taps_hh.tap(t, F.linear(h, w_hh, b_hh).to(dtype), first=first)
+            gh = taps_hh.tap(t, F.linear(h, w_hh, b_hh).to(dtype))
             h_new, c_new = _cell(mode, steps[t], gh, h, c)
         if projected:
             full[t] = h_new.detach()
-            h_new = taps_hr.tap(t, F.linear(h_new, w_hr).to(dtype), first=first)
+            h_new = taps_hr.tap(t, F.linear(h_new, w_hr).to(dtype))
         if active is not None:
             on = active[:, t, None]
             h_new = torch.where(on, h_new, h)
@@ -408,17 +401,10 @@ class RNNCellAdapter(RNNAdapter):
         return x.ndim == 2
 
     def install(self, module: nn.RNNCellBase, observer: Observer) -> list[Any]:
-        def forward(mod, input, hx=None):
-            if not (torch.is_grad_enabled() and observer.wants(mod)):
-                return type(mod).forward(mod, input, hx)
-            return _observed_cell(mod, observer, input, hx)
-
-        forward = torch.compiler.disable(forward, recursive=False)
-        module.forward = types.MethodType(forward, module)
-        return [_RestoreForward(module)]
+        return install_forward(module, observer, lambda *a, **k: _observed_cell(*a, **k))
 
 
-def _observed_cell(module: nn.RNNCellBase, observer: Observer, input: Tensor, hx):
+def _observed_cell(module: nn.RNNCellBase, observer: Observer, input: Tensor, hx=None):
     """The cell's forward from its two observed products."""
     mode = _cell_mode(module)
     name = type(module).__name__

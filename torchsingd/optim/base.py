@@ -893,7 +893,7 @@ class KroneckerOptimizer(Optimizer):
         ``backward(inputs=...)`` without the weight): the statistics belong to ``.grad``.
         """
         if forward_step != self.steps or not _accumulates_into(
-            entry.adapter.params(entry.module)[0]
+            entry.adapter.block_parameter(entry.module, block=layer.block)
         ):
             return
         group = self.param_groups[entry.group_index]
