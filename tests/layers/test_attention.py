@@ -688,3 +688,21 @@ def test_attention_used_only_for_its_weights_trains_q_and_k(cls_name):
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in params[0]:
         assert torch.equal(params[0][name], params[1][name]), name
+
+
+def test_a_backward_restricted_to_some_projections_captures_exactly_those():
+    """Each block's statistics belong to its own weight: ``backward(inputs=...)`` with
+    the output projection only captures ``out`` (it captured nothing: every block was
+    judged by ``in_proj_weight``), with the separate query weight only ``q``."""
+    for kwargs, inputs, expected in (
+        ({}, lambda a: [a.out_proj.weight, a.out_proj.bias], {"attn.out"}),
+        (dict(kdim=3, vdim=5), lambda a: [a.q_proj_weight], {"attn.q"}),
+    ):
+        attn = make_attn(batch_first=True, **kwargs)
+        holder, opt = attached(attn)
+        query = randn(2, 4, E, seed=1)
+        key = randn(2, 3, kwargs.get("kdim", E), seed=2)
+        value = randn(2, 3, kwargs.get("vdim", E), seed=3)
+        attn(query, key, value)[0].square().sum().backward(inputs=inputs(attn))
+        captured = {n for n, layer in opt.layers.items() if layer.pending is not None}
+        assert captured == expected
