@@ -675,3 +675,26 @@ def test_a_backward_that_does_not_reach_a_block_adds_nothing_to_it(model):
     for n, layer in opt.layers.items():
         for a, b in zip(layer.pending, opt_alone.layers[n].pending, strict=True):
             torch.testing.assert_close(a.tensors()[0], b.tensors()[0], rtol=0, atol=0)
+
+
+def test_observed_graphs_are_freed_after_their_backward():
+    """Nothing of an observed pass outlives its graph: the steps' gradient hooks (and
+    what they hold) are gone once the backward pass ran and the output is dropped.
+    (``register_multi_grad_hook``'s hooks held the graph's nodes they hang on: a cycle
+    through C++ that kept every observed graph alive, ~2 MB per step of an LSTM.)"""
+    import gc
+
+    rnn = make("lstm", num_layers=2, bidirectional=True, batch_first=True)
+    holder, opt = attached(rnn, structures="diagonal")
+    x, _ = inputs(rnn, "batched", hx=False)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(rnn(x)).backward()
+        opt.step()
+    gc.collect()
+    alive = [
+        f
+        for f in gc.get_objects()
+        if callable(f) and "StepGradients.register_hook.<locals>" in getattr(f, "__qualname__", "")
+    ]
+    assert alive == []
