@@ -291,3 +291,33 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(tmp_path, monkeypatch
     args = ["compare", "--quick", "--tasks", "digits-mlp", "--no-progress", "--out", str(tmp_path)]
     assert cli.main(args) == 130
     assert "No run had finished; run the same command again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("task", "optimizer", "expected"),
+    [
+        ("charlm", "singd-diagonal", "batch+sequence"),
+        ("charlm-lstm", "kfac", "batch+sequence"),
+        ("digits-mlp", "singd-diagonal", "batch"),
+    ],
+)
+def test_each_task_counts_its_loss_terms_for_the_preconditioners(
+    task, optimizer, expected, monkeypatch
+):
+    """The language tasks average their loss over every token: a run gives SINGD and
+    KFAC ``loss_average="batch+sequence"`` there (``"batch"`` counted 32x fewer terms)."""
+    import dataclasses
+
+    from torchsingd.experiments import runner
+
+    built = []
+    spec = OPTIMIZERS[optimizer]
+
+    def make(model, lr, **kwargs):
+        built.append(spec.make(model, lr, **kwargs))
+        return built[-1]
+
+    monkeypatch.setitem(runner.OPTIMIZERS, optimizer, dataclasses.replace(spec, make=make))
+    run = runner.RunSpec(task, optimizer, "float32", 1e-3, 0, 1, max_train=8)
+    assert runner.train(run, progress=False)["status"] == "ok"
+    assert built[0].param_groups[0]["loss_average"] == expected

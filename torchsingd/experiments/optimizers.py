@@ -59,25 +59,27 @@ STRUCTURES = {
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """How to build one compared optimizer: ``make(model, lr)`` and its lr grid."""
+    """How to build one compared optimizer: ``make(model, lr, loss_average=...)`` and
+    its lr grid (``loss_average``: the task's count of loss terms, for SINGD, IKFAC and
+    KFAC; the others ignore it)."""
 
     name: str
     label: str
-    make: Callable[[nn.Module, float], torch.optim.Optimizer]
+    make: Callable[..., torch.optim.Optimizer]
     grid: tuple[float, ...]
     structure: str | None = None  # SINGD structure, for the memory plot
 
 
-def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, lr: float, loss_average: str = "batch") -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, foreach=True)
 
 
-def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, lr: float, loss_average: str = "batch") -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
-def _singd(structure: str, kfac_like: bool = False) -> Callable[[nn.Module, float], SINGD]:
-    def make(model: nn.Module, lr: float) -> SINGD:
+def _singd(structure: str, kfac_like: bool = False) -> Callable[..., SINGD]:
+    def make(model: nn.Module, lr: float, loss_average: str = "batch") -> SINGD:
         settings = dict(SINGD_SETTINGS, alpha1=0.0) if kfac_like else SINGD_SETTINGS
         return SINGD(
             model,
@@ -85,15 +87,16 @@ def _singd(structure: str, kfac_like: bool = False) -> Callable[[nn.Module, floa
             structures=structure,
             kfac_like=kfac_like,
             warn_unsupported=False,
+            loss_average=loss_average,
             **settings,
         )
 
     return make
 
 
-def _kfac(model: nn.Module, lr: float) -> KFAC:
+def _kfac(model: nn.Module, lr: float, loss_average: str = "batch") -> KFAC:
     settings = {k: v for k, v in SINGD_SETTINGS.items() if k != "alpha1"}
-    return KFAC(model, lr=lr, warn_unsupported=False, **settings)
+    return KFAC(model, lr=lr, warn_unsupported=False, loss_average=loss_average, **settings)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {

@@ -168,7 +168,7 @@ def train(spec: RunSpec, progress: bool = True, position: int | None = None) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            opt = OPTIMIZERS[spec.optimizer].make(model, spec.lr)
+            opt = OPTIMIZERS[spec.optimizer].make(model, spec.lr, loss_average=task.loss_average)
     except ValueError as err:
         return {**record, "status": "refused", "message": str(err), "history": []}
     with warnings.catch_warnings():

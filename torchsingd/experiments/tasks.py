@@ -48,6 +48,9 @@ class Task:
     batch_size: int
     quick_epochs: int
     quick_train: int  # training examples used by --quick
+    #: loss terms the mean loss averages, for SINGD/KFAC's statistics: ``"batch"``, or
+    #: ``"batch+sequence"`` where it averages over every token of every sequence
+    loss_average: str = "batch"
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -151,6 +154,7 @@ TASKS: dict[str, Task] = {
             batch_size=32,
             quick_epochs=1,
             quick_train=512,
+            loss_average="batch+sequence",
         ),
         Task(
             "charlm-lstm",
@@ -165,6 +169,7 @@ TASKS: dict[str, Task] = {
             batch_size=32,
             quick_epochs=1,
             quick_train=512,
+            loss_average="batch+sequence",
         ),
         Task(
             "autoencoder",
