@@ -698,3 +698,71 @@ def test_observed_graphs_are_freed_after_their_backward():
         if callable(f) and "StepGradients.register_hook.<locals>" in getattr(f, "__qualname__", "")
     ]
     assert alive == []
+
+
+def _hh_statistics(run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The statistics after ``run(rnn, x)`` (a fresh LSTM with SINGD, dense factors)."""
+    rnn = make("lstm", batch_first=True)
+    holder, opt = attached(rnn, structures="dense")
+    x = inputs(rnn, "batched", hx=False)[0].clone().requires_grad_()
+    run(rnn, opt, x)
+    return _statistics(opt)
+
+
+def _assert_same_statistics(got, expected) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        for a, b in zip(got[name], expected[name], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=labelled(name))
+
+
+def test_a_backward_after_one_that_failed_captures_the_steps_again():
+    """A backward pass that raises (another hook) ends without its end-of-pass
+    callbacks; a retry of the same graph must still deliver the steps' gradients (the
+    first version kept the failed pass's list and never queued its delivery again)."""
+
+    def failed_then_retried(rnn, opt, x):
+        loss = loss_of(rnn(x))
+        failing = [True]
+
+        def hook(grad):
+            if failing[0]:
+                raise RuntimeError("boom")
+
+        x.register_hook(hook)
+        with pytest.raises(RuntimeError, match="boom"):
+            loss.backward(retain_graph=True)
+        opt.zero_grad()  # drops what the failed pass captured
+        failing[0] = False
+        loss.backward()
+
+    _assert_same_statistics(
+        _hh_statistics(failed_then_retried),
+        _hh_statistics(lambda rnn, opt, x: loss_of(rnn(x)).backward()),
+    )
+
+
+def test_a_backward_nested_in_another_ones_hook_delivers_its_own_steps():
+    """A backward of the same graph started from a hook of a running one (after the
+    steps' gradients arrived) is a pass of its own: both add their statistics."""
+
+    def nested(rnn, opt, x):
+        out = rnn(x)
+        inner = loss_of(out, seed=3)
+        done = []
+
+        def hook(grad):
+            if not done:
+                done.append(1)
+                inner.backward(retain_graph=True)
+
+        x.register_hook(hook)
+        loss_of(out, seed=2).backward(retain_graph=True)
+        assert done
+
+    def one_after_the_other(rnn, opt, x):
+        out = rnn(x)
+        loss_of(out, seed=2).backward(retain_graph=True)
+        loss_of(out, seed=3).backward()
+
+    _assert_same_statistics(_hh_statistics(nested), _hh_statistics(one_after_the_other))

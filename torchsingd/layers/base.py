@@ -275,7 +275,8 @@ class StepGradients:
     :meth:`tap` collects each step's output; the hook the observer registers gets, once
     per backward pass that reaches any of them, the stack of their gradients (zeros
     for the steps it does not reach), at the end of that pass: the first step's
-    gradient to arrive queues the delivery on the autograd engine. The outputs lie on
+    gradient to arrive in a pass (a graph task) queues the delivery on the autograd
+    engine. The outputs lie on
     the backward's path to the weights, so ``backward(inputs=params)`` and
     ``autograd.grad(loss, params)`` reach them. (``torch.autograd.graph.
     register_multi_grad_hook`` would do the same, but its hooks hold the graph's nodes
@@ -299,19 +300,23 @@ class StepGradients:
     def register_hook(self, hook: Callable[[Tensor], Any]) -> None:
         """``hook(stacked_gradient)`` once per backward pass that reaches the steps."""
         length = len(self._outputs)
-        pending: list[list[Tensor | None]] = []  # this backward pass's gradients
+        # the gradients of each running backward pass (by its graph task: a backward
+        # nested in another one's hook, or one after a pass that failed before its
+        # end, is a pass of its own)
+        pending: dict[int, list[Tensor | None]] = {}
 
-        def finish() -> None:
-            grads = pending.pop()
+        def finish(task: int) -> None:
+            grads = pending.pop(task)
             arrived = next(g for g in grads if g is not None)
             zero = torch.zeros_like(arrived)
             hook(torch.stack([zero if g is None else g for g in grads], dim=1))
 
         def arrive(t: int, grad: Tensor) -> None:
-            if not pending:
-                pending.append([None] * length)
-                torch.autograd.Variable._execution_engine.queue_callback(finish)
-            pending[-1][t] = grad
+            task = torch._C._current_graph_task_id()
+            if task not in pending:
+                pending[task] = [None] * length
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: finish(task))
+            pending[task][t] = grad
 
         for t, y in enumerate(self._outputs):
             if y is not None:
