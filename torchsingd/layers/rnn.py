@@ -70,6 +70,19 @@ def _bias(module: nn.RNNBase, block: str) -> Tensor | None:
     return getattr(module, f"bias_{block}", None) if module.bias else None
 
 
+def _pair_params(module: nn.Module, ih: str, hh: str) -> list[nn.Parameter]:
+    """The parameters of an ``ih``/``hh`` pair in PyTorch's order: weights, then biases."""
+    out = [_weight(module, ih), _weight(module, hh)]
+    return out + ([_bias(module, ih), _bias(module, hh)] if module.bias else [])
+
+
+def _pair_directions(module: nn.Module, mats: dict[str, Tensor], ih: str, hh: str) -> list[Tensor]:
+    """The pair's blocks' updates aligned with :func:`_pair_params`."""
+    if module.bias:
+        return [mats[ih][:, :-1], mats[hh][:, :-1], mats[ih][:, -1], mats[hh][:, -1]]
+    return [mats[ih], mats[hh]]
+
+
 class RNNAdapter(LayerAdapter):
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, nn.RNNBase) and module.mode in GATES
@@ -86,9 +99,7 @@ class RNNAdapter(LayerAdapter):
         out = []
         for k in range(module.num_layers):
             for sfx in _suffixes(module):
-                out += [_weight(module, f"ih_l{k}{sfx}"), _weight(module, f"hh_l{k}{sfx}")]
-                if module.bias:
-                    out += [_bias(module, f"ih_l{k}{sfx}"), _bias(module, f"hh_l{k}{sfx}")]
+                out += _pair_params(module, f"ih_l{k}{sfx}", f"hh_l{k}{sfx}")
                 if module.proj_size > 0:
                     out.append(_weight(module, f"hr_l{k}{sfx}"))
         return out
@@ -123,11 +134,7 @@ class RNNAdapter(LayerAdapter):
         out = []
         for k in range(module.num_layers):
             for sfx in _suffixes(module):
-                ih, hh = f"ih_l{k}{sfx}", f"hh_l{k}{sfx}"
-                if module.bias:
-                    out += [mats[ih][:, :-1], mats[hh][:, :-1], mats[ih][:, -1], mats[hh][:, -1]]
-                else:
-                    out += [mats[ih], mats[hh]]
+                out += _pair_directions(module, mats, f"ih_l{k}{sfx}", f"hh_l{k}{sfx}")
                 if module.proj_size > 0:
                     out.append(mats[f"hr_l{k}{sfx}"])
         return out
@@ -154,16 +161,14 @@ class RNNAdapter(LayerAdapter):
 def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx=None):
     """The module's forward, step by step, reporting every block to ``observer``."""
     packed = isinstance(input, PackedSequence)
-    lengths = keep = None
+    active = keep = None  # (packed input only)
     if packed:
         batched = True
         x, lengths = pad_packed_sequence(input, batch_first=True)  # original order
-        sorted_lengths = lengths
-        if input.sorted_indices is not None:
-            sorted_lengths = lengths.index_select(0, input.sorted_indices.to(lengths.device))
-        # [L, N] positions of the packed data in the padded sorted batch, time major
-        keep = torch.arange(x.shape[1])[:, None] < sorted_lengths[None, :]
-        keep = keep.to(x.device)
+        # [N, L] positions inside each sequence; as [L, N] in the packed order, the
+        # positions of the packed data
+        active = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).to(x.device)
+        keep = _sorted_time_major(active, input)
     else:
         batched = input.dim() == 3
         if not batched:
@@ -185,9 +190,6 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx=None):
         c0 = x.new_zeros(module.num_layers * len(dirs), N, H) if lstm else None
     else:
         h0, c0 = hx if lstm else (hx, None)
-    active = None  # [N, L] positions inside each sequence (packed input only)
-    if lengths is not None:
-        active = (torch.arange(L)[None, :] < lengths[:, None]).to(x.device)
 
     h_n, c_n = [], []
     for k in range(module.num_layers):
@@ -243,7 +245,7 @@ def _check_arguments(module: nn.RNNBase, input, x: Tensor, hx, batched: bool) ->
 
 
 def _sorted_time_major(x: Tensor, packed: PackedSequence) -> Tensor:
-    """``x: [N, L, F]`` in the original batch order as ``[L, N, F]`` in the packed
+    """``x: [N, L, ...]`` in the original batch order as ``[L, N, ...]`` in the packed
     (sorted) order."""
     if packed.sorted_indices is not None:
         x = x.index_select(0, packed.sorted_indices)
@@ -389,13 +391,10 @@ class RNNCellAdapter(RNNAdapter):
         return ("ih", "hh")
 
     def params(self, module: nn.RNNCellBase) -> list[nn.Parameter]:
-        out = [module.weight_ih, module.weight_hh]
-        return out + ([module.bias_ih, module.bias_hh] if module.bias else [])
+        return _pair_params(module, "ih", "hh")
 
     def directions(self, module: nn.RNNCellBase, mats: dict[str, Tensor]) -> list[Tensor]:
-        if module.bias:
-            return [mats["ih"][:, :-1], mats["hh"][:, :-1], mats["ih"][:, -1], mats["hh"][:, -1]]
-        return [mats["ih"], mats["hh"]]
+        return _pair_directions(module, mats, "ih", "hh")
 
     def is_batched(self, module: nn.Module, x: Tensor) -> bool:
         return x.ndim == 2
