@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +97,23 @@ def charlm_lstm_model() -> nn.Module:
     return models.CharLSTM(data.VOCAB_SIZE)
 
 
+#: the character language model; ``charlm-lstm`` is the same task with an LSTM
+CHARLM = Task(
+    "charlm",
+    "2-layer causal transformer (d=32) on Python stdlib source characters",
+    charlm_data,
+    charlm_model,
+    sequence_loss,
+    bits_per_character,
+    "bits/char",
+    False,
+    epochs=3,
+    batch_size=32,
+    quick_epochs=1,
+    quick_train=512,
+    loss_average="batch+sequence",
+)
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -141,35 +159,12 @@ TASKS: dict[str, Task] = {
             quick_epochs=2,
             quick_train=1024,
         ),
-        Task(
-            "charlm",
-            "2-layer causal transformer (d=32) on Python stdlib source characters",
-            charlm_data,
-            charlm_model,
-            sequence_loss,
-            bits_per_character,
-            "bits/char",
-            False,
-            epochs=3,
-            batch_size=32,
-            quick_epochs=1,
-            quick_train=512,
-            loss_average="batch+sequence",
-        ),
-        Task(
-            "charlm-lstm",
-            "2-layer LSTM (width 64) on Python stdlib source characters",
-            charlm_data,
-            charlm_lstm_model,
-            sequence_loss,
-            bits_per_character,
-            "bits/char",
-            False,
-            epochs=3,
-            batch_size=32,
-            quick_epochs=1,
-            quick_train=512,
-            loss_average="batch+sequence",
+        CHARLM,
+        dataclasses.replace(
+            CHARLM,
+            name="charlm-lstm",
+            description="2-layer LSTM (width 64) on Python stdlib source characters",
+            model=charlm_lstm_model,
         ),
         Task(
             "autoencoder",
