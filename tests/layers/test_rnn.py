@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from tests.layers.rnn_oracle import reference_forward
+from tests.layers.test_attention import expected_rows
 from torchsingd import KFAC, SINGD
 from torchsingd.layers import RNNAdapter, RNNCellAdapter, get_adapter
 from torchsingd.structures import DenseMatrix
@@ -149,20 +150,6 @@ def random_factor(d: int, seed: int) -> DenseMatrix:
     return DenseMatrix(
         torch.eye(d, dtype=DTYPE) + 0.2 * torch.randn(d, d, generator=gen, dtype=DTYPE)
     )
-
-
-def expected_rows(x, g, bias: bool, approx: str, loss_average):
-    """``a``, ``g`` of ALGORITHM.md section 2 for batch-first ``[B, S, d]`` tensors."""
-    B, S = x.shape[:2]
-    if approx == "expand":
-        a, gr = x.reshape(B * S, -1), g.reshape(B * S, -1)
-    else:
-        a, gr = x.mean(1), g.sum(1)
-    if bias:
-        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-    a = a / math.sqrt(a.shape[0])
-    n = {None: 1, "batch": B, "batch+sequence": B * S}[loss_average]
-    return a, gr * math.sqrt(n)
 
 
 def capture(model: str, kind: str, approx="expand", loss_average="batch", **config):
