@@ -7,43 +7,17 @@ batch ``B`` ends (to float64 rounding), for both distributed strategies.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
 
+from tests.distributed.spawning import WORLD, free_port, spawn
 from torchsingd import KFAC, SINGD
 
 pytestmark = pytest.mark.distributed
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(worker, *args, nprocs: int = WORLD) -> None:
-    """``mp.spawn`` on a free port. One retry for two rare failures of the harness, not
-    of the code under test: a port taken in between, and a worker killed by SIGABRT
-    (gloo aborting a process whose peer tore its sockets down first; seen once in
-    ~40 runs of this file even with the barrier before teardown). A configuration
-    that really crashes crashes twice; wrong numbers still fail the comparisons."""
-    for attempt in range(2):
-        try:
-            mp.spawn(worker, args=(_free_port(), *args), nprocs=nprocs, join=True)
-            return
-        except Exception as err:  # noqa: BLE001 - only the two cases above are retried
-            text = str(err).lower()
-            clash = "address already in use" in text or "eaddrinuse" in text
-            aborted = getattr(err, "signal_name", None) == "SIGABRT"
-            if attempt or not (clash or aborted):
-                raise
 
 
 def make_model() -> nn.Module:
@@ -152,10 +126,10 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
-def test_two_ranks_equal_one_process(config, tmp_path):
-    out = tmp_path / "rank0.pt"
-    accumulate = config[4] == "replicate" and config[3] == 1
-    spawn(_worker, config, str(out), accumulate, config[0] == "singd")
+def test_two_ranks_equal_one_process(config, jobs):
+    key = _key("two-ranks", config)
+    jobs.ensure(key)
+    out = jobs.path(key)
     torch.set_num_threads(1)
     model = make_model()
     opt = factory(*config)(model)
@@ -216,14 +190,20 @@ def test_shard_strategy_in_a_process_group_that_is_not_the_world(tmp_path):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("strategy", ["replicate", "shard"])
-def test_distributed_checkpoint_resume(strategy, tmp_path):
+RESUME_STRATEGIES = ["replicate", "shard"]
+
+
+def _resume_config(strategy):
+    return ("singd", "blockdiagonal:4", "expand", 2, strategy)
+
+
+@pytest.mark.parametrize("strategy", RESUME_STRATEGIES)
+def test_distributed_checkpoint_resume(strategy, jobs):
     """3 steps on 2 ranks, rank 0 saves; a new 2-rank job resumes for 2 more steps:
     equal to 5 uninterrupted steps of one process."""
-    config = ("singd", "blockdiagonal:4", "expand", 2, strategy)
-    first, final = tmp_path / "ckpt.pt", tmp_path / "final.pt"
-    spawn(_worker, config, str(first), False, False, (0, 3))
-    spawn(_worker, config, str(final), False, False, (3, 5), str(first))
+    config = _resume_config(strategy)
+    jobs.ensure(_key("resume-first", strategy), _key("resume-final", strategy))
+    final = jobs.path(_key("resume-final", strategy))
     torch.set_num_threads(1)
     model = make_model()
     opt = factory(*config)(model)
@@ -238,7 +218,7 @@ def test_fsdp2_is_refused_with_an_explanation():
     from torch.distributed.tensor import distribute_tensor
 
     model = make_model()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
@@ -270,7 +250,7 @@ def test_example_runs_under_torchrun_and_resumes(tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(root / "examples" / "ddp_train.py"),
         "--checkpoint",
         str(tmp_path / "ckpt.pt"),
@@ -347,20 +327,25 @@ def _sum_factory(config, init_grad_scale=1.0):
     return build
 
 
-@pytest.mark.parametrize("mode", ["summed", "ddp", "retry"])
-@pytest.mark.parametrize(
-    "config",
-    [("singd", "dense", "replicate"), ("singd", "diagonal", "shard"), ("kfac", "dense", "shard")],
-    ids=lambda c: "-".join(c),
-)
-def test_sum_loss_two_ranks_equal_one_process(config, mode, tmp_path):
+SUM_MODES = ["summed", "ddp", "retry"]
+SUM_CONFIGS = [
+    ("singd", "dense", "replicate"),
+    ("singd", "diagonal", "shard"),
+    ("kfac", "dense", "shard"),
+]
+
+
+@pytest.mark.parametrize("mode", SUM_MODES)
+@pytest.mark.parametrize("config", SUM_CONFIGS, ids=lambda c: "-".join(c))
+def test_sum_loss_two_ranks_equal_one_process(config, mode, jobs):
     """loss_average=None: H_K is a mean over the input rows (averaged across ranks),
     H_C a sum over the output gradients (summed); it summed both (H_K N times too
     large: parameters off by ~0.5 after 5 steps). "retry": a step raises after the
     reduction and is retried with the same statistics (the sum was summed again:
     H_C N times too large)."""
-    out = tmp_path / "rank0.pt"
-    spawn(_sum_loss_worker, config, str(out), mode)
+    key = _key("sum-loss", config, mode)
+    jobs.ensure(key)
+    out = jobs.path(key)
     torch.set_num_threads(1)
     model = make_model()
     opt = _sum_factory(config)(model)
@@ -395,11 +380,11 @@ def _events_optimizer(model, strategy):
     )
 
 
-def test_shard_counts_every_ranks_safeguard_events(tmp_path):
+def test_shard_counts_every_ranks_safeguard_events(jobs):
     """Under "shard" each factor is updated by its owner only; every rank's
     safeguard_events still counts all of them (as one process does)."""
-    out = tmp_path / "events"
-    spawn(_events_worker, str(out))
+    jobs.ensure("events")
+    out = jobs.path("events")
     torch.set_num_threads(1)
     model = make_model()
     opt = _events_optimizer(model, "replicate")
@@ -439,12 +424,12 @@ def _bad_lr_cov_worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def test_shard_bad_scheduled_lr_cov_raises_on_every_rank(tmp_path):
+def test_shard_bad_scheduled_lr_cov_raises_on_every_rank(jobs):
     """Under "shard" only a layer's owner reads lr_cov; a bad scheduled value raised on
     the owners alone and the other ranks hung in the next collective. Now every rank
     checks it first and raises."""
-    out = tmp_path / "outcome"
-    spawn(_bad_lr_cov_worker, str(out))
+    jobs.ensure("bad-lr-cov")
+    out = jobs.path("bad-lr-cov")
     for rank in range(WORLD):
         assert "lr_cov(1) returned -1.0" in torch.load(f"{out}.{rank}"), rank
 
@@ -480,12 +465,12 @@ def _bad_adapter_worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def test_shard_bad_adapter_raises_on_every_rank(tmp_path):
+def test_shard_bad_adapter_raises_on_every_rank(jobs):
     """A user adapter whose directions have the wrong shapes raised on the layer's
     owner only; the other rank waited in the next collective until its timeout. Every
     rank now checks the shapes once and raises the same error."""
-    out = tmp_path / "outcome"
-    spawn(_bad_adapter_worker, str(out))
+    jobs.ensure("bad-adapter")
+    out = jobs.path("bad-adapter")
     for rank in range(WORLD):
         outcome = torch.load(f"{out}.{rank}")
         assert outcome.startswith("ValueError: Layer 'dense': ForgetfulAdapter"), (rank, outcome)
@@ -596,25 +581,28 @@ def _routed_worker(rank, port, config, scenario, out_path):
         dist.destroy_process_group()
 
 
+# each optimizer and strategy at least once per scenario (all failed before the weighting)
+ROUTED = [
+    (("singd", "dense", "replicate"), "moe"),
+    (("singd", "diagonal", "shard"), "moe"),
+    (("kfac", "dense", "replicate"), "moe"),
+    (("kfac", "dense", "shard"), "moe"),
+    (("singd", "diagonal", "replicate"), "uneven"),
+    (("kfac", "dense", "shard"), "uneven"),
+]
+
+
 @pytest.mark.parametrize(
-    ("config", "scenario"),
-    [  # each optimizer and strategy at least once per scenario (all failed before the weighting)
-        (("singd", "dense", "replicate"), "moe"),
-        (("singd", "diagonal", "shard"), "moe"),
-        (("kfac", "dense", "replicate"), "moe"),
-        (("kfac", "dense", "shard"), "moe"),
-        (("singd", "diagonal", "replicate"), "uneven"),
-        (("kfac", "dense", "shard"), "uneven"),
-    ],
-    ids=lambda c: c if isinstance(c, str) else "-".join(c),
+    ("config", "scenario"), ROUTED, ids=lambda c: c if isinstance(c, str) else "-".join(c)
 )
-def test_ranks_with_different_row_counts_equal_one_process(config, scenario, tmp_path):
+def test_ranks_with_different_row_counts_equal_one_process(config, scenario, jobs):
     """The input-side statistic is a mean over a layer's rows: combined across ranks
     weighted by each rank's rows. With equal weights (before), KFAC's ``S_K`` of an
     expert used on one of 2 ranks was half the one-process value, and unequal counts
     left SINGD ~1e-2 off after 3 steps."""
-    out = tmp_path / "rank0.pt"
-    spawn(_routed_worker, config, scenario, str(out))
+    key = _key("routed", config, scenario)
+    jobs.ensure(key)
+    out = jobs.path(key)
     torch.set_num_threads(1)
     model = _Experts()
     opt = _routed_factory(config, scenario)(model)
@@ -625,3 +613,33 @@ def test_ranks_with_different_row_counts_equal_one_process(config, scenario, tmp
         opt.step()
     for p, q in zip(model.parameters(), torch.load(out), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+
+
+def _key(*parts) -> str:
+    """A job's name: its test and parameters (tuples flattened), joined by '-'."""
+    flat = [x for part in parts for x in (part if isinstance(part, tuple) else (part,))]
+    return "-".join(map(str, flat))
+
+
+def add_jobs(batch) -> None:
+    """Every 2-rank job of this module, run together (``tests/distributed/spawning.py``)."""
+    for config in CONFIGS:
+        key = _key("two-ranks", config)
+        accumulate = config[4] == "replicate" and config[3] == 1
+        batch.add(key, _worker, config, batch.path(key), accumulate, config[0] == "singd")
+    for strategy in RESUME_STRATEGIES:
+        config = _resume_config(strategy)
+        first, final = _key("resume-first", strategy), _key("resume-final", strategy)
+        batch.add(first, _worker, config, batch.path(first), False, False, (0, 3))
+        resume = (3, 5), batch.path(first)
+        batch.add(final, _worker, config, batch.path(final), False, False, *resume)
+    for config in SUM_CONFIGS:
+        for mode in SUM_MODES:
+            key = _key("sum-loss", config, mode)
+            batch.add(key, _sum_loss_worker, config, batch.path(key), mode)
+    batch.add("events", _events_worker, batch.path("events"))
+    batch.add("bad-lr-cov", _bad_lr_cov_worker, batch.path("bad-lr-cov"))
+    batch.add("bad-adapter", _bad_adapter_worker, batch.path("bad-adapter"))
+    for config, scenario in ROUTED:
+        key = _key("routed", config, scenario)
+        batch.add(key, _routed_worker, config, scenario, batch.path(key))

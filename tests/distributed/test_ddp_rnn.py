@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
 
-from tests.distributed.test_ddp import WORLD, spawn
+from tests.distributed.spawning import WORLD
 from torchsingd import KFAC, SINGD
 
 pytestmark = pytest.mark.distributed
@@ -88,9 +88,10 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
-def test_recurrent_layers_on_two_ranks_equal_one_process(config, tmp_path):
-    out = tmp_path / "rank0.pt"
-    spawn(_worker, config, str(out))
+def test_recurrent_layers_on_two_ranks_equal_one_process(config, jobs):
+    key = _key(config)
+    jobs.ensure(key)
+    out = jobs.path(key)
     torch.set_num_threads(1)
     model = Tagger(config[1])
     opt = build(model, config)
@@ -98,3 +99,13 @@ def test_recurrent_layers_on_two_ranks_equal_one_process(config, tmp_path):
     train(model, opt)
     for p, q in zip(model.parameters(), torch.load(out), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+
+
+def _key(config) -> str:
+    return "rnn-" + "-".join(map(str, config))
+
+
+def add_jobs(batch) -> None:
+    """This module's 2-rank jobs, run with the others (``tests/distributed/spawning.py``)."""
+    for config in CONFIGS:
+        batch.add(_key(config), _worker, config, batch.path(_key(config)))

@@ -1,0 +1,102 @@
+"""Starting the multi-process tests' workers: one job alone, or many jobs in one start.
+
+Starting 2 Python processes that import torch costs ~6 s on the 2-core machine, the
+jobs themselves well under 1 s each; so the tests' jobs run together in one
+``mp.spawn`` (:class:`JobBatch`), each job initialising and destroying its own process
+group on its own port, in the order they were added. If that start fails, every test
+then runs its own jobs alone (:func:`spawn`), so a failure is reported by the test whose
+job fails, with that job's error.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now (all bound at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port() -> int:
+    return _free_ports(1)[0]
+
+
+def spawn(worker: Callable[..., None], *args: Any, nprocs: int = WORLD) -> None:
+    """``worker(rank, port, *args)`` on ``nprocs`` processes and a free port. One retry
+    for two rare failures of the harness, not of the code under test: a port taken in
+    between, and a worker killed by SIGABRT (gloo aborting a process whose peer tore its
+    sockets down first; seen once in ~40 runs even with the barrier before teardown).
+    A configuration that really crashes crashes twice; wrong numbers still fail the
+    comparisons."""
+    for attempt in range(2):
+        try:
+            mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs, join=True)
+            return
+        except Exception as err:  # noqa: BLE001 - only the two cases above are retried
+            text = str(err).lower()
+            clash = "address already in use" in text or "eaddrinuse" in text
+            aborted = getattr(err, "signal_name", None) == "SIGABRT"
+            if attempt or not (clash or aborted):
+                raise
+
+
+def _run_jobs(rank: int, jobs: list[tuple[Callable[..., None], int, tuple]]) -> None:
+    for worker, port, args in jobs:
+        worker(rank, port, *args)
+
+
+class JobBatch:
+    """Jobs ``worker(rank, port, *args)`` of ``WORLD`` processes, run together on the
+    first :meth:`ensure`. Each job writes what its test checks under :meth:`path`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.jobs: dict[str, tuple[Callable[..., None], tuple]] = {}
+        self.started = False
+        self.failed: str | None = None  # why the joint start failed
+        self.done_alone: set[str] = set()
+
+    def path(self, key: str) -> str:
+        """Where job ``key`` writes (a file name, or a prefix for several files)."""
+        return str(self.directory / key)
+
+    def add(self, key: str, worker: Callable[..., None], *args: Any) -> None:
+        if key in self.jobs:
+            raise ValueError(f"job {key!r} added twice")
+        self.jobs[key] = (worker, args)
+
+    def ensure(self, *keys: str) -> None:
+        """Jobs ``keys`` have run (in this order when they run alone)."""
+        unknown = [k for k in keys if k not in self.jobs]
+        if unknown:
+            raise KeyError(f"jobs {unknown} were never added")
+        if not self.started:
+            self.started = True
+            ports = _free_ports(len(self.jobs))
+            jobs = [(w, p, a) for (w, a), p in zip(self.jobs.values(), ports, strict=True)]
+            try:
+                mp.spawn(_run_jobs, args=(jobs,), nprocs=WORLD, join=True)
+            except Exception as err:  # noqa: BLE001 - each job is retried alone below
+                self.failed = f"{type(err).__name__}: {err}"
+        if self.failed is None:
+            return
+        for key in keys:
+            if key not in self.done_alone:
+                worker, args = self.jobs[key]
+                spawn(worker, *args)
+                self.done_alone.add(key)
