@@ -12,9 +12,10 @@ from pathlib import Path
 
 COMPARE_HELP = """\
 Compare optimizers on tasks with embedded data (no download): an equal learning-rate
-search per optimizer (3 values each, judged on a validation split of the training set),
-then the best lr re-run over --seeds seeds; writes results.json, results.csv (one row per
-run), summary.md and PNG plots into --out, and prints the summary tables.
+search per optimizer (3 values each, judged on a validation split of the training set,
+extended past a winner at the grid's edge: --extend-grid), then the best lr re-run over
+--seeds seeds; writes results.json, results.csv (one row per run), summary.md and PNG
+plots into --out, and prints the summary tables.
 
 Default plan (what `make demo` runs, about 6 minutes on 2 cores): every optimizer in
 float32 on every task; bf16-mixed (autocast) and pure bf16 for adamw, singd-dense,
@@ -34,6 +35,13 @@ def _sweep(args: argparse.Namespace) -> int:
         print(
             "compare --sweep: --optimizers does not apply (the sweep runs SINGD, the "
             "--baseline and AdamW); use --structures and --baseline.",
+            file=sys.stderr,
+        )
+        return 2
+    if args.extend_grid is not None:
+        print(
+            "compare --sweep: --extend-grid does not apply (the sweep runs its fixed "
+            "lr x lr_cov grid).",
             file=sys.stderr,
         )
         return 2
@@ -125,6 +133,7 @@ def _compare(args: argparse.Namespace) -> int:
     from torchsingd.experiments.optimizers import OPTIMIZERS
     from torchsingd.experiments.plots import write_plots
     from torchsingd.experiments.report import summary_tables, write_reports
+    from torchsingd.experiments.search import EXTEND
 
     config = CompareConfig(
         tasks=_unique(args.tasks),
@@ -135,6 +144,7 @@ def _compare(args: argparse.Namespace) -> int:
         quick=args.quick,
         jobs=args.jobs,
         threads=args.threads,
+        extend_grid=EXTEND if args.extend_grid is None else args.extend_grid,
     )
     out = Path(args.out if args.out is not None else "demo_out")
     if not _usable_out(out, "compare"):
@@ -329,6 +339,13 @@ def parser() -> argparse.ArgumentParser:
         "of each best point, or of every point with --all-seeds)",
     )
     c.add_argument("--epochs", type=positive_int, help="epochs of every run (default: per task)")
+    c.add_argument(
+        "--extend-grid",
+        type=non_negative_int,
+        metavar="N",
+        help="when the best lr is at an edge of those tried, try the next one past it "
+        "(factor ~3), at most N beyond each grid (default 2; 0: the fixed grids)",
+    )
     c.add_argument("--quick", action="store_true", help="tiny version (under 3 minutes)")
     c.add_argument("--out", help="output directory (default: demo_out, with --sweep: sweep_out)")
     c.add_argument(
@@ -409,6 +426,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

@@ -18,6 +18,7 @@ OPTS = ["adamw", "singd-dense", "singd-diagonal", "kfac"]
 PRECISIONS = ["float32", "bf16"]
 ARGS = ["compare", "--quick", "--tasks", "digits-mlp", "--optimizers", *OPTS]
 ARGS += ["--precision", *PRECISIONS, "--seeds", "2", "--jobs", "1", "--no-progress"]
+ARGS += ["--extend-grid", "0"]  # the fixed grids: a known number of runs
 RUNS = len(OPTS) * len(PRECISIONS) * (GRID_SIZE + 2)
 
 
@@ -124,6 +125,77 @@ def test_resume_skips_finished_runs_and_redoes_only_missing_ones(quick_run, monk
     assert len({r["key"] for r in records}) == RUNS
 
 
+def test_the_search_extends_past_a_winner_at_the_grid_edge(tmp_path, monkeypatch, capsys):
+    """Validation metrics made up per lr (peaked at ``best``; the training is real):
+    SGD's peak lies above its grid (0.03, 0.1, 0.3): the search tries 1 and 3, then
+    stops (2 beyond the grid) and picks 3, marked '(+) (max)'; AdamW's lies below
+    (grid 0.003, 0.01, 0.03): 0.001, then 0.0003 does worse, so 0.001 wins, '(+)'.
+    A second call runs nothing."""
+    best = {"sgd": 10.0, "adamw": 1e-3}
+    original, calls = compare.train, []
+
+    def train(spec, *args, **kwargs):
+        calls.append((spec.optimizer, spec.phase, spec.lr))
+        record = original(spec, *args, **kwargs)
+        if spec.phase == "search":  # accuracy falls with the distance to ``best``
+            distance = abs(math.log10(spec.lr / best[spec.optimizer]))
+            record.update(status="ok", test_metric=0.9 - distance / 10)
+        return record
+
+    monkeypatch.setattr(compare, "train", train)
+    args = ["compare", "--quick", "--tasks", "digits-mlp", "--optimizers", "sgd", "adamw"]
+    args += ["--precision", "float32", "--seeds", "1", "--epochs", "1", "--jobs", "1"]
+    args += ["--no-progress", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    searched = {o: [lr for o2, phase, lr in calls if o2 == o and phase == "search"] for o in best}
+    finals = {o: [lr for o2, phase, lr in calls if o2 == o and phase == "final"] for o in best}
+    assert searched == {"sgd": [0.03, 0.1, 0.3, 1.0, 3.0], "adamw": [3e-3, 1e-2, 3e-2, 1e-3, 3e-4]}
+    assert finals == {"sgd": [3.0], "adamw": [1e-3]}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| SGD (momentum 0.9) | float32 | 3 (+) (max) |" in summary
+    assert "| AdamW | float32 | 0.001 (+) |" in summary
+    assert "up to 2 beyond the grid" in summary
+    entries = json.loads((tmp_path / "results.json").read_text())["lr_search"]
+    tried = {e["optimizer"]: (e["tried"], e["best_lr"]) for e in entries}
+    assert tried == {
+        "sgd": ([0.03, 0.1, 0.3, 1.0, 3.0], 3.0),
+        "adamw": ([3e-4, 1e-3, 3e-3, 1e-2, 3e-2], 1e-3),
+    }
+    capsys.readouterr()
+    calls.clear()
+    assert cli.main(args) == 0
+    assert calls == [] and "12 of 12 runs already done" in capsys.readouterr().out
+
+
+def test_extension_rules():
+    """Up past a top winner, down past a bottom winner only when strictly better than
+    the next lr, nothing once ``extend`` lrs were added or when nothing trained."""
+    from torchsingd.experiments.search import extension, next_lr
+
+    assert [next_lr(x, True) for x in (1e-3, 3e-3, 0.3, 5e-3)] == [3e-3, 1e-2, 1.0, 0.015]
+    assert [next_lr(x, False) for x in (1e-3, 3e-3, 1.0)] == [3e-4, 1e-3, 0.3]
+
+    def records(*metrics, lrs=(1e-3, 3e-3, 1e-2), status="ok"):
+        return [
+            {"task": "digits-mlp", "lr": lr, "status": status, "test_metric": m}
+            for lr, m in zip(lrs, metrics, strict=True)
+        ]
+
+    assert extension(records(0.5, 0.6, 0.7), 0) == 0.03
+    assert extension(records(0.5, 0.6, 0.7), 1) == 0.03
+    assert extension(records(0.5, 0.6, 0.7), 2) is None  # the default limit
+    assert extension(records(0.5, 0.6, 0.7), 0, extend=0) is None
+    assert extension(records(0.7, 0.6, 0.5), 0) == 3e-4
+    assert extension(records(0.7, 0.7, 0.5), 0) is None  # a tie at the bottom
+    assert extension(records(0.6, 0.7, 0.5), 0) is None  # inside
+    assert extension(records(0.5, 0.6, 0.7, status="diverged"), 0) is None
+    mse = [{**r, "task": "autoencoder"} for r in records(0.05, 0.04, 0.03)]
+    assert extension(mse, 0) == 0.03  # lower is better: the top lr wins
+    diverged_top = records(0.5, 0.6, 0.7)
+    diverged_top[2]["status"] = "diverged"
+    assert extension(diverged_top, 0) is None  # the winner 3e-3 is inside
+
+
 def test_best_lr_ranks_by_the_metric_direction_and_diverged_last():
     def rec(task, lr, metric, status="ok"):
         return {"task": task, "lr": lr, "test_metric": metric, "status": status}
@@ -142,6 +214,7 @@ def test_parallel_jobs_give_the_same_records(tmp_path, quick_run):
     out, _ = quick_run
     args = ["compare", "--quick", "--tasks", "digits-mlp", "--optimizers", "singd-diagonal"]
     args += ["--precision", "float32", "--seeds", "1", "--jobs", "2", "--no-progress"]
+    args += ["--extend-grid", "0"]
     assert cli.main([*args, "--out", str(tmp_path)]) == 0
     parallel, serial = RunStore(tmp_path).records, RunStore(out).records
     assert len(parallel) == GRID_SIZE + 1
@@ -177,6 +250,7 @@ def test_bad_command_lines_fail_before_any_run(tmp_path, capsys, monkeypatch):
         ([*base, "--baseline", "none", "--all-seeds"], "--all-seeds, --baseline only apply"),
         ([*base, "--out", str(a_file)], "exists and is not a directory"),
         (["compare", "--sweep", "--optimizers", "sgd"], "--optimizers does not apply"),
+        (["compare", "--sweep", "--extend-grid", "1"], "--extend-grid does not apply"),
         (["compare", "--tasks", "mnist1d-sweep"], "choose from ['digits-mlp'"),
         (["train", "--task", "digits-mlp", "--optimizer", "sgd", "--out", str(a_file)], "not a"),
         ([*base, "--out", "/proc/torchsingd-out"], "cannot write to --out /proc/torchsingd-out"),
@@ -225,7 +299,7 @@ def test_python_dash_m_torchsingd():
 def test_names_given_twice_run_once_and_reused_runs_say_their_threads(tmp_path, capsys):
     args = ["compare", "--quick", "--tasks", "digits-mlp", "digits-mlp", "--optimizers"]
     args += ["sgd", "sgd", "--precision", "float32", "float32", "--seeds", "1", "--epochs", "1"]
-    args += ["--jobs", "1", "--no-progress", "--out", str(tmp_path)]
+    args += ["--jobs", "1", "--no-progress", "--extend-grid", "0", "--out", str(tmp_path)]
     assert cli.main([*args, "--threads", "1"]) == 0
     assert len(lines(tmp_path / "runs.jsonl")) == GRID_SIZE + 1
     capsys.readouterr()
@@ -241,7 +315,7 @@ def test_parallel_progress_is_one_bar_above_which_the_log_is_written(tmp_path, c
     """With --jobs 2 the workers draw no bars; the log lines stay whole."""
     args = ["compare", "--quick", "--tasks", "digits-mlp", "--optimizers", "sgd"]
     args += ["--precision", "float32", "--seeds", "1", "--epochs", "1", "--jobs", "2"]
-    assert cli.main([*args, "--out", str(tmp_path)]) == 0
+    assert cli.main([*args, "--extend-grid", "0", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     logged = [x for x in captured.out.splitlines() if x.startswith("[")]
     assert [x.split("]")[0] for x in logged] == [f"[{i}/{GRID_SIZE + 1}" for i in range(1, 5)]

@@ -1,7 +1,8 @@
 """``torchsingd compare``: every optimizer on every task, searched, re-run, reported.
 
 The plan: for each (task, optimizer, precision) the learning-rate search of
-:mod:`~torchsingd.experiments.search`, then the winner over ``seeds`` seeds. By
+:mod:`~torchsingd.experiments.search` (the grid, extended past an edge winner up to
+``extend_grid`` times), then the winner over ``seeds`` seeds. By
 default (no ``--precision``) every optimizer runs in float32 on every task, and the
 bfloat16 modes (``bf16-mixed``, ``bf16``) run for :data:`BF16_OPTIMIZERS` on
 :data:`BF16_TASKS` (bfloat16 convolutions and attention are several times slower than
@@ -27,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ import torch
 
 from torchsingd.experiments.optimizers import GRID_SIZE, OPTIMIZERS, SINGD_SETTINGS
 from torchsingd.experiments.runner import PRECISIONS, RunSpec, train
-from torchsingd.experiments.search import best_lr, final_specs, search_specs
+from torchsingd.experiments.search import EXTEND, best_lr, extension, final_specs, search_specs
 from torchsingd.experiments.store import RunStore
 from torchsingd.experiments.tasks import TASKS
 
@@ -49,7 +50,8 @@ Group = tuple[str, str, str]  # (task, optimizer, precision)
 class CompareConfig:
     """What ``compare`` runs. ``precisions=None`` is the default plan (module docstring);
     ``epochs=None`` each task's default (its quick default with ``quick``), and ``quick``
-    also trains on the first ``Task.quick_train`` examples only."""
+    also trains on the first ``Task.quick_train`` examples only. ``extend_grid``: lrs
+    tried at most beyond an edge of each grid (0: the fixed grid)."""
 
     tasks: tuple[str, ...] = tuple(TASKS)
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
@@ -59,6 +61,7 @@ class CompareConfig:
     quick: bool = False
     jobs: int = 1
     threads: int = 1
+    extend_grid: int = EXTEND
 
     def __post_init__(self) -> None:
         for name, values, valid in (
@@ -73,6 +76,8 @@ class CompareConfig:
             raise ValueError("seeds, jobs and threads must be >= 1.")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
+        if self.extend_grid < 0:
+            raise ValueError(f"extend_grid must be >= 0, got {self.extend_grid}.")
 
     def groups(self) -> list[Group]:
         """Every (task, optimizer, precision) of the plan, in report order."""
@@ -121,7 +126,8 @@ def settings() -> dict[str, Any]:
 
 @dataclass
 class Outcome:
-    """The runs of one ``compare`` call: search and final specs of each group."""
+    """The runs of one ``compare`` call: search and final specs of each group (a
+    group's searches: its grid, then the lrs tried beyond it, in that order)."""
 
     searches: dict[Group, list[RunSpec]]
     finals: dict[Group, list[RunSpec]]
@@ -135,6 +141,10 @@ class Outcome:
 
     def best_lrs(self) -> dict[Group, float]:
         return {group: specs[0].lr for group, specs in self.finals.items()}
+
+    def tried_lrs(self) -> dict[Group, list[float]]:
+        """Every lr searched per group, ascending (the grid and its extensions)."""
+        return {group: sorted(s.lr for s in specs) for group, specs in self.searches.items()}
 
 
 def run_compare(
@@ -154,13 +164,26 @@ def run_compare(
     }
     outcome = Outcome(searches, {}, store)
     ready: deque[RunSpec] = deque()
-    total = len(searches) * (GRID_SIZE + config.seeds)
+    total = [len(searches) * (GRID_SIZE + config.seeds)]
     done = [0]
 
     def queue_finals(group: Group) -> None:
-        records = [store.get(s.key()) for s in searches[group]]
-        if group in outcome.finals or not all(records):
-            return
+        """Once a group's searches are in: one more lr past an edge winner (while
+        allowed), else its final runs."""
+        while True:
+            records = [store.get(s.key()) for s in searches[group]]
+            if group in outcome.finals or not all(records):
+                return
+            lr = extension(records, len(records) - GRID_SIZE, config.extend_grid)
+            if lr is None:
+                break
+            spec = replace(searches[group][0], lr=lr)
+            searches[group].append(spec)
+            total[0] += 1
+            if spec.key() not in store:
+                ready.appendleft(spec)
+                return
+            done[0] += 1  # found in the store (a resumed call): judge again
         outcome.finals[group] = final_specs(searches[group], best_lr(records), config.seeds)
         missing = [s for s in outcome.finals[group] if s.key() not in store]
         done[0] += len(outcome.finals[group]) - len(missing)
@@ -174,7 +197,7 @@ def run_compare(
                 ready.append(spec)
         queue_finals(group)
     if done[0]:
-        log(f"resuming from {store.path}: {done[0]} of {total} runs already done")
+        log(f"resuming from {store.path}: {done[0]} of {total[0]} runs already done")
         timed = {r.get("threads") for r in store.records.values()} - {None}
         if timed - {config.threads}:
             log(
@@ -186,7 +209,7 @@ def run_compare(
     def finished(record: dict[str, Any]) -> None:
         store.add(record)
         done[0] += 1
-        log(f"[{done[0]}/{total}] {describe(record)}")
+        log(f"[{done[0]}/{total[0]}] {describe(record)}")
         queue_finals((record["task"], record["optimizer"], record["precision"]))
 
     execute(ready, finished, config.jobs, config.threads, progress)

@@ -131,14 +131,19 @@ def format_metric(name: str, mean: float, std: float) -> str:
     return f"{mean:.4g}" + (f" ± {std:.2g}" if finite(std) else "")
 
 
-def _lr_cell(row: Row) -> str:
+def _lr_cell(row: Row, tried: list[float] | None = None) -> str:
+    """The lr, marked ``(min)``/``(max)`` at an edge of the lrs tried (the grid and its
+    extensions) and ``(+)`` when it lies outside the optimizer's grid."""
     grid = OPTIMIZERS[row.optimizer].grid
-    edge = " (min)" if row.lr == min(grid) else " (max)" if row.lr == max(grid) else ""
-    return f"{row.lr:g}{edge}"
+    tried = tried or list(grid)
+    edge = " (min)" if row.lr == min(tried) else " (max)" if row.lr == max(tried) else ""
+    beyond = "" if any(math.isclose(row.lr, g) for g in grid) else " (+)"
+    return f"{row.lr:g}{beyond}{edge}"
 
 
-def task_table(task: str, rows: list[Row]) -> str:
-    """The markdown table of one task's final runs."""
+def task_table(task: str, rows: list[Row], tried: dict[tuple, list[float]] | None = None) -> str:
+    """The markdown table of one task's final runs (``tried``: the lrs searched per
+    (task, optimizer, precision), for the edge marks; default the grids)."""
     metric = TASKS[task].metric_name
     better = "higher" if TASKS[task].higher_is_better else "lower"
     adamw = {r.precision: r for r in rows if r.optimizer == "adamw" and not r.refused}
@@ -163,7 +168,9 @@ def task_table(task: str, rows: list[Row]) -> str:
         time_ratio = _ratio(row.sec_per_iter, ref and ref.sec_per_iter)
         state_ratio = _ratio(row.state_bytes, ref and ref.state_bytes)
         lines.append(
-            f"| {label} | {row.precision} | {_lr_cell(row)} | {cell} | "
+            f"| {label} | {row.precision} | "
+            f"{_lr_cell(row, (tried or {}).get((row.task, row.optimizer, row.precision)))} | "
+            f"{cell} | "
             f"{1e3 * row.sec_per_iter:.2f} ms | {time_ratio} | {row.state_bytes / 1024:.0f} KiB | "
             f"{state_ratio} | {_ratio(row.state_bytes, row.param_bytes)} | "
             f"{row.peak_rss_bytes / 2**20:.0f} MB | {row.diverged}/{row.runs}{skipped} |"
@@ -207,7 +214,7 @@ def summary_tables(outcome: Outcome) -> str:
         span = f"{epochs} epoch" + ("s" if epochs != 1 else "")
         parts.append(
             f"### {task}: {t.description}, {span}, batch {t.batch_size}\n\n"
-            + task_table(task, [r for r in rows if r.task == task])
+            + task_table(task, [r for r in rows if r.task == task], outcome.tried_lrs())
         )
     return "\n\n".join(parts)
 
@@ -238,7 +245,13 @@ def summary_markdown(outcome: Outcome, config: CompareConfig, command: str) -> s
             "",
             f"Seeds per setting: {config.seeds}. Learning-rate grids ({s['grid_size']} values "
             f"each, judged on a validation split of the training set, seed 0): {grids}. "
-            f"SINGD, IKFAC and KFAC: {s['singd_settings']} (IKFAC: alpha1 0; KFAC has none).",
+            + (
+                f"A winner at an edge of the lrs tried got the next lr past it (factor ~3), "
+                f"up to {config.extend_grid} beyond the grid. "
+                if config.extend_grid
+                else "No lr beyond the grids (--extend-grid 0). "
+            )
+            + f"SINGD, IKFAC and KFAC: {s['singd_settings']} (IKFAC: alpha1 0; KFAC has none).",
             "",
             "Test metric: mean ± sample std over the seeds that did not diverge. time/iter: "
             "mean training iteration (zero_grad, forward, backward, step) after 5 warm-up "
@@ -247,8 +260,8 @@ def summary_markdown(outcome: Outcome, config: CompareConfig, command: str) -> s
             "same precision. peak RSS: the run's peak resident memory (process scope if the "
             "OS cannot reset it; it includes torch and the data set). diverged: seeds whose "
             "loss became inf/NaN (or whose steps SINGD/KFAC mostly skipped), with the share "
-            "of steps skipped because of inf/NaN. lr '(min)'/'(max)': the winner is at the "
-            "edge of its grid.",
+            "of steps skipped because of inf/NaN. lr '(min)'/'(max)': the winner is at an "
+            "edge of the lrs tried; '(+)': beyond the optimizer's grid.",
             "",
             "## Results (test set)",
             "",
@@ -273,6 +286,7 @@ def write_reports(outcome: Outcome, config: CompareConfig, out: Path, command: s
             "optimizer": g[1],
             "precision": g[2],
             "grid": list(OPTIMIZERS[g[1]].grid),
+            "tried": sorted(s.lr for s in specs),
             "search": [
                 {k: r.get(k) for k in ("lr", "status", "test_metric")}
                 for r in (outcome.store.get(s.key()) for s in specs)
