@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: test demo lint clean
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+	  echo 'torchsingd needs python3 >= 3.10 (found: '"$$(python3 --version 2>&1)"')'; exit 1; }
+	python3 -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo 'python3 -m venv failed: install the venv module (Debian/Ubuntu: apt install python3-venv)'; exit 1; }
 	# Pinned first: an unpinned torch would pull a multi-GB CUDA build. The CPU build's
 	# wheel is looked for in /opt/wheels where that exists (PIP_FIND_LINKS not needed).
 	$(PY) -m pip install --quiet torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
