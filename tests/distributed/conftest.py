@@ -9,7 +9,7 @@ def jobs(request, tmp_path_factory):
     ``add_jobs(batch)`` (those whose tests were selected: a single test still runs its
     module's jobs, ~1 s each, in the one start)."""
     batch = JobBatch(tmp_path_factory.mktemp("spawned"))
-    modules = dict.fromkeys(item.module for item in request.session.items)
+    modules = dict.fromkeys(getattr(item, "module", None) for item in request.session.items)
     for module in modules:
         add = getattr(module, "add_jobs", None)
         if add is not None:

@@ -11,6 +11,7 @@ job fails, with that job's error.
 from __future__ import annotations
 
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,15 @@ def spawn(worker: Callable[..., None], *args: Any, nprocs: int = WORLD) -> None:
             mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs, join=True)
             return
         except Exception as err:  # noqa: BLE001 - only the two cases above are retried
-            text = str(err).lower()
-            clash = "address already in use" in text or "eaddrinuse" in text
-            aborted = getattr(err, "signal_name", None) == "SIGABRT"
-            if attempt or not (clash or aborted):
+            if attempt or not _harness_failure(err):
                 raise
+
+
+def _harness_failure(err: Exception) -> bool:
+    """A port taken in between, or a worker aborted by gloo (see :func:`spawn`)."""
+    text = str(err).lower()
+    clash = "address already in use" in text or "eaddrinuse" in text
+    return clash or getattr(err, "signal_name", None) == "SIGABRT"
 
 
 def _run_jobs(rank: int, jobs: list[tuple[Callable[..., None], int, tuple]]) -> None:
@@ -80,6 +85,26 @@ class JobBatch:
             raise ValueError(f"job {key!r} added twice")
         self.jobs[key] = (worker, args)
 
+    def _start_together(self) -> None:
+        """All jobs in one start; a second start (new ports) after a failure of the
+        harness (:func:`spawn`); else ``failed`` says why, in a warning too."""
+        for attempt in range(2):
+            ports = _free_ports(len(self.jobs))  # bound long before the last job runs
+            jobs = [(w, p, a) for (w, a), p in zip(self.jobs.values(), ports, strict=True)]
+            try:
+                mp.spawn(_run_jobs, args=(jobs,), nprocs=WORLD, join=True)
+                self.failed = None
+                return
+            except Exception as err:  # noqa: BLE001 - each job is retried alone below
+                self.failed = f"{type(err).__name__}: {err}"
+                if attempt or not _harness_failure(err):
+                    break
+        warnings.warn(
+            f"the {len(self.jobs)} multi-process jobs failed together ({self.failed}); "
+            "each test now runs its own jobs alone",
+            stacklevel=3,
+        )
+
     def ensure(self, *keys: str) -> None:
         """Jobs ``keys`` have run (in this order when they run alone)."""
         unknown = [k for k in keys if k not in self.jobs]
@@ -87,12 +112,7 @@ class JobBatch:
             raise KeyError(f"jobs {unknown} were never added")
         if not self.started:
             self.started = True
-            ports = _free_ports(len(self.jobs))
-            jobs = [(w, p, a) for (w, a), p in zip(self.jobs.values(), ports, strict=True)]
-            try:
-                mp.spawn(_run_jobs, args=(jobs,), nprocs=WORLD, join=True)
-            except Exception as err:  # noqa: BLE001 - each job is retried alone below
-                self.failed = f"{type(err).__name__}: {err}"
+            self._start_together()
         if self.failed is None:
             return
         for key in keys:

@@ -155,6 +155,7 @@ def test_the_search_extends_past_a_winner_at_the_grid_edge(tmp_path, monkeypatch
     assert "| SGD (momentum 0.9) | float32 | 3 (+) (max) |" in summary
     assert "| AdamW | float32 | 0.001 (+) |" in summary
     assert "up to 2 beyond the grid" in summary
+    assert "| 0.0003 (+): 84.8%, 0.001 (+): 90.0%, 0.003: 85.2%," in summary  # the search
     entries = json.loads((tmp_path / "results.json").read_text())["lr_search"]
     tried = {e["optimizer"]: (e["tried"], e["best_lr"]) for e in entries}
     assert tried == {

@@ -4,7 +4,7 @@
 the chosen lr, the test metric's mean +- sample standard deviation over the seeds that
 did not diverge, time per iteration and optimizer-state bytes (absolute and as a ratio
 to AdamW in the same precision), peak RSS and how many seeds diverged; then the
-learning-rate search (the validation metric of every grid value).
+learning-rate search (the validation metric of every lr tried: the grid and its extensions).
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ def task_table(task: str, rows: list[Row], tried: dict[tuple, list[float]] | Non
 
 
 def search_table(task: str, records: list[dict[str, Any]], best: dict[tuple, float]) -> str:
-    """The markdown table of one task's lr search (validation metric per grid value)."""
+    """The markdown table of one task's lr search (validation metric per lr tried;
+    '(+)' marks an lr beyond the optimizer's grid)."""
     metric = TASKS[task].metric_name
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
@@ -195,7 +196,9 @@ def search_table(task: str, records: list[dict[str, Any]], best: dict[tuple, flo
                 value = format_metric(metric, r["test_metric"], math.nan)
             else:
                 value = r["status"]
-            cells.append(f"{r['lr']:g}: {value}")
+            grid = OPTIMIZERS[group[1]].grid
+            beyond = "" if any(math.isclose(r["lr"], g) for g in grid) else " (+)"
+            cells.append(f"{r['lr']:g}{beyond}: {value}")
         chosen = best.get(group)
         lines.append(
             f"| {OPTIMIZERS[group[1]].label} | {group[2]} | {', '.join(cells)} | "
