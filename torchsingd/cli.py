@@ -17,7 +17,7 @@ extended past a winner at the grid's edge: --extend-grid), then the best lr re-r
 --seeds seeds; writes results.json, results.csv (one row per run), summary.md and PNG
 plots into --out, and prints the summary tables.
 
-Default plan (what `make demo` runs, about 6 minutes on 2 cores): every optimizer in
+Default plan (what `make demo` runs, about 13 minutes on 2 cores): every optimizer in
 float32 on every task; bf16-mixed (autocast) and pure bf16 for adamw, singd-dense,
 singd-diagonal, singd-hierarchical and kfac on digits-mlp and autoencoder (bfloat16
 convolutions and attention are slow on CPUs without bfloat16 units). --precision runs
