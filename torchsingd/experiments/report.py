@@ -173,7 +173,7 @@ def task_table(task: str, rows: list[Row], tried: dict[tuple, list[float]] | Non
             f"{cell} | "
             f"{1e3 * row.sec_per_iter:.2f} ms | {time_ratio} | {row.state_bytes / 1024:.0f} KiB | "
             f"{state_ratio} | {_ratio(row.state_bytes, row.param_bytes)} | "
-            f"{row.peak_rss_bytes / 2**20:.0f} MB | {row.diverged}/{row.runs}{skipped} |"
+            f"{row.peak_rss_bytes / 2**20:.0f} MiB | {row.diverged}/{row.runs}{skipped} |"
         )
     return "\n".join(lines)
 
