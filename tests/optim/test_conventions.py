@@ -566,6 +566,31 @@ def _hp(cls, **changes):
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_numpy_scalar_hyperparameters_train_as_their_python_values(cls):
+    """NumPy scalars (what ``np.logspace``/``np.arange`` sweeps give; ``torch.optim``
+    takes them) were refused as "must be a finite number" (``np.float32``, ``np.int64``
+    T). Now accepted at construction and between steps, stored as Python numbers, and
+    the training equals the one with their ``float()``/``int()`` values bit for bit."""
+    np = pytest.importorskip("numpy")
+    given = dict(lr=np.float32(0.05), damping=np.float32(1e-3), T=np.int64(2))
+    given.update(lr_cov=np.float32(0.05), momentum=np.float32(0.9))
+    given.update(weight_decay=np.float32(1e-3))
+    plain = {k: int(v) if k == "T" else float(v) for k, v in given.items()}
+    states = []
+    for values in (given, plain):
+        model = make_mlp(0)
+        opt = cls(model, **_hp(cls, **values))
+        train(model, opt, 0, 3)
+        opt.param_groups[0]["lr"] = np.float32(0.02) if values is given else float(np.float32(0.02))
+        opt.param_groups[0]["T"] = np.int64(1) if values is given else 1
+        train(model, opt, 3, 5)
+        group = opt.param_groups[0]
+        assert all(type(group[k]) in (int, float) for k in [*given, "lr"]), group
+        states.append(_everything(model, opt))
+    assert_states_equal(*states)
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_tensor_lr_and_scheduler_match_float_lr(cls):
     """``lr`` as a one-element tensor (``torch.optim`` allows it; schedulers then fill
     it in place) trains bit for bit like the same float schedule."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -204,7 +205,27 @@ def _layer_count(entries: dict[str, ModuleEntry]) -> str:
 
 
 def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real number: Python's, or NumPy's (``np.float32(0.1)``, as ``np.logspace``
+    gives), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def plain_numbers(group: dict[str, Any]) -> None:
+    """Replace NumPy scalars among ``group``'s options by Python numbers (in place), so
+    that the arithmetic of a step is Python's (float64), whatever the caller passed."""
+    for key, value in group.items():
+        if is_number(value) and not isinstance(value, (int, float)):
+            group[key] = int(value) if _is_int(value) else float(value)
+        elif isinstance(value, tuple) and any(
+            is_number(v) and not isinstance(v, (int, float)) for v in value
+        ):
+            group[key] = tuple(
+                float(v) if is_number(v) and not isinstance(v, (int, float)) else v for v in value
+            )
 
 
 #: The largest learning rate: the parameter updates pass ``-lr`` to float32 arithmetic
@@ -249,7 +270,7 @@ STEP_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": (_rate, "a finite number >= 0"),
     "damping": (_rate, "a finite number >= 0"),
     "lr_cov": (lambda x: callable(x) or _rate(x), "a finite number >= 0 or a callable"),
-    "T": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1, "an int >= 1"),
+    "T": (lambda x: _is_int(x) and x >= 1, "an int >= 1"),
     "max_update_norm": (_positive_or_none, "None or a number > 0"),
     "kl_clip": (_positive_or_none, "None or a number > 0"),
     "alpha1": (lambda x: is_number(x) and 0.0 <= x < 1.0, "a number in [0, 1)"),
@@ -303,6 +324,7 @@ def check_step_hyperparameters(
                 f"Invalid {name}={group[name]!r} in param group {i} (changed since "
                 f"construction, e.g. by a scheduler): must be {valid}. Nothing was updated."
             )
+        plain_numbers(group)
 
 
 def parse_dtypes(
@@ -366,6 +388,7 @@ def validate_common(group: dict[str, Any]) -> None:
         get_structure(group["vocab_structure"])
     except ValueError as err:
         bad("vocab_structure", str(err).rstrip("."))
+    plain_numbers(group)
 
 
 def scheduled_lr_cov(group: dict[str, Any], step: int, upper: float = math.inf) -> float:
