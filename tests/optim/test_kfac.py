@@ -290,13 +290,58 @@ def test_custom_input_statistic_applying_K_works_under_kfac():
 
 
 @pytest.mark.parametrize("vocab_structure", ["dense", "diagonal"])
-def test_initial_inverse_is_the_identity_for_any_damping(vocab_structure):
-    """``(S + lambda I)^-1`` with ``S = (1 - lambda) I`` is ``I``; computed, it was all inf
-    in float32 for ``lambda >= 2^24`` (``(1 - lambda) + lambda`` rounds to 0), so a step
-    whose layer had no statistics yet was skipped."""
+@pytest.mark.parametrize("damping", [1e-3, 0.3, 1.0])
+def test_initial_inverse_is_the_identity_for_damping_up_to_one(vocab_structure, damping):
+    """``(S + lambda I)^-1`` with ``S = (1 - lambda) I`` is ``I`` exactly (not computed:
+    ``(1 - lambda) + lambda`` need not round to 1)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2))
-    opt = KFAC(model, damping=2.0**25, vocab_structure=vocab_structure)
+    opt = KFAC(model, damping=damping, vocab_structure=vocab_structure)
     for layer in opt.layers.values():
+        assert torch.equal(layer.S_K.to_dense(), (1 - damping) * torch.eye(layer.S_K.dim))
         for inv in (layer.inv_K, layer.inv_C):
             assert torch.equal(inv.to_dense(), torch.eye(inv.dim))
+
+
+@pytest.mark.parametrize("vocab_structure", ["dense", "diagonal"])
+def test_a_damping_above_one_starts_the_factors_at_zero(vocab_structure):
+    """``S = (1 - lambda) I`` is negative definite for ``lambda > 1``: once a schedule
+    lowered the damping, ``S + lambda I`` was indefinite for dozens of updates and
+    steps went uphill. Above 1 the factors start at 0, the inverse at ``I / lambda``
+    (exactly, also for ``lambda = 2^25``, where a computed ``(1 - lambda) + lambda``
+    rounded to 0: an all-inf inverse)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2))
+    for damping in (150.0, 2.0**25):
+        opt = KFAC(model, damping=damping, vocab_structure=vocab_structure)
+        for layer in opt.layers.values():
+            for S, inv in ((layer.S_K, layer.inv_K), (layer.S_C, layer.inv_C)):
+                assert torch.equal(S.to_dense(), torch.zeros(S.dim, S.dim))
+                assert torch.equal(inv.to_dense(), torch.eye(inv.dim) / damping)
+
+
+def test_a_damping_schedule_from_above_one_keeps_the_preconditioner_positive_definite():
+    """K-FAC's usual start (lambda = 150, lowered 0.7x per step to 1e-2, lr_cov 0.05):
+    every ``S + lambda I`` stays positive definite and every step goes downhill
+    (``<step, grad> < 0``); with the old start ``S = (1 - 150) I`` the eigenvalues of
+    ``S_C + lambda I`` sat near -80 and steps 51-88 included uphill ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
+    opt = KFAC(model, lr=0.05, lr_cov=0.05, damping=150.0, T=1, momentum=0.0)
+    for step in range(90):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        moved = sum(
+            (p.detach() - b).mul(g).sum()
+            for p, b, g in zip(model.parameters(), before, grads, strict=True)
+        )
+        assert moved < 0, step
+        damping = opt.param_groups[0]["damping"]
+        for layer in opt.layers.values():
+            for S in (layer.S_K, layer.S_C):
+                assert torch.linalg.eigvalsh(S.to_dense()).min() + damping > 0, step
+        opt.param_groups[0]["damping"] = max(1e-2, 0.7 * damping)

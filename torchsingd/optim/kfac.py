@@ -6,10 +6,13 @@ preconditioner is the classic one: running averages of the Kronecker factors,
     S_K <- (1 - beta1) S_K + beta1 a^T a,    S_C <- (1 - beta1) S_C + beta1 g^T g
 
 every ``T`` steps, and ``G_nat = (S_C + lambda I)^-1 grad(W) (S_K + lambda I)^-1`` with
-the damped inverses recomputed at each factor update. The factors start at
-``S = (1 - lambda) I`` so that ``S + lambda I = I``, the preconditioner SINGD starts
-from (``K = C = I``); then IKFAC (``SINGD(kfac_like=True)``) tracks KFAC to first
-order in ``beta1``.
+the damped inverses recomputed at each factor update (a damping changed between
+steps reaches the inverses there, up to ``T - 1`` steps later, as in K-FAC's usual
+schedule). The factors start at ``S = (1 - lambda) I`` so that ``S + lambda I = I``,
+the preconditioner SINGD starts from (``K = C = I``); then IKFAC
+(``SINGD(kfac_like=True)``) tracks KFAC to first order in ``beta1``. For a damping
+above 1 they start at ``S = 0`` (inverse ``I / lambda``) instead: a negative start
+would make ``S + lambda I`` indefinite once the damping is lowered.
 
 Factors are dense, except an embedding's vocabulary side, whose statistic is
 diagonal (``vocab_structure``, ``"diagonal"`` by default, inverted element-wise).
@@ -259,17 +262,21 @@ class KFAC(KroneckerOptimizer):
         spec_C = get_structure("dense")
         d_i, d_o = dims
         damping = group["damping"]
-        S_K = spec_K.eye(d_i, dtype=dtype_K, device=weight.device).mul_(1.0 - damping)
-        S_C = spec_C.eye(d_o, dtype=dtype_C, device=weight.device).mul_(1.0 - damping)
+        # S = (1 - lambda) I, so (S + lambda I)^-1 = I (SINGD's start), where that is
+        # not negative; for lambda > 1, S = 0 and the inverse is I / lambda: a negative
+        # S would make S + lambda I indefinite once the damping is lowered (a schedule
+        # from K-FAC's usual lambda = 150 took uphill steps for dozens of updates)
+        start, inverse = (1.0 - damping, 1.0) if damping <= 1.0 else (0.0, 1.0 / damping)
+        S_K = spec_K.eye(d_i, dtype=dtype_K, device=weight.device).mul_(start)
+        S_C = spec_C.eye(d_o, dtype=dtype_C, device=weight.device).mul_(start)
         return KFACLayerState(
             name=name,
             block=block,
             S_K=S_K,
             S_C=S_C,
-            # (S + lambda I)^-1 = I exactly: not computed, since (1 - lambda) + lambda
-            # rounds to 0 for lambda >= 2^24 in float32 (an all-inf "inverse")
-            inv_K=spec_K.eye(d_i, dtype=dtype_K, device=weight.device),
-            inv_C=spec_C.eye(d_o, dtype=dtype_C, device=weight.device),
+            # not computed: (1 - lambda) + lambda need not round to 1
+            inv_K=spec_K.eye(d_i, dtype=dtype_K, device=weight.device).mul_(inverse),
+            inv_C=spec_C.eye(d_o, dtype=dtype_C, device=weight.device).mul_(inverse),
         )
 
     def _output_dtype(self, layer: KFACLayerState) -> torch.dtype:
