@@ -34,7 +34,6 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -642,10 +641,8 @@ class KroneckerOptimizer(Optimizer):
             params = adapter.params(module)
             if not all(isinstance(p, nn.Parameter) for p in params):
                 continue  # computed weights (legacy weight_norm): the fallback trains theirs
-            if not params:
+            if not params or not params[0].requires_grad:
                 continue
-            if not params[0].requires_grad and any(p.requires_grad for p in params):
-                continue  # weight frozen, the rest not: the fallback trains the rest
             if params[0].numel() == 0:
                 continue  # an empty weight (nn.Linear(0, n)): the fallback trains the rest
             found.append((name, module, adapter, [id(p) for p in params]))
@@ -707,8 +704,7 @@ class KroneckerOptimizer(Optimizer):
         for name, module, adapter in self._candidates:
             if name in self._entries:
                 continue
-            with _as_trainable(module):  # (a layer frozen whole: as when it trains)
-                params = adapter.params(module)
+            params = adapter.params(module)
             indices = tuple(group_of.get(id(p)) for p in params)
             groups = set(indices)
             if groups == {None}:
@@ -723,8 +719,7 @@ class KroneckerOptimizer(Optimizer):
                     differ_text = f": {', '.join(differ)} differ" if differ else ""
                     split.append(f"{name!r} ({' and '.join(w for w in where if w)}{differ_text})")
                     continue
-            with _as_trainable(module):
-                adapter.check(module, name)
+            adapter.check(module, name)
             new_layers.append((name, module, adapter, indices))
         if split:
             shown = ", ".join(split[:5]) + (f" and {len(split) - 5} more" if len(split) > 5 else "")
@@ -738,14 +733,10 @@ class KroneckerOptimizer(Optimizer):
                 "a layer's parameters must all be in the optimizer after each call."
             )
         for name, module, adapter, indices in new_layers:
-            # a layer whose parameters are all frozen now but given to the optimizer
-            # (torch.optim trains them once unfrozen): sized, hooked and laid out as
-            # when they train; it is inactive (not captured, not updated) while frozen
-            with _as_trainable(module):
-                self._entries[name] = self._new_entry(name, module, adapter, indices[0])
-                claimed.update(id(p) for p in adapter.params(module))
+            self._entries[name] = self._new_entry(name, module, adapter, indices[0])
             if len(set(indices)) > 1:
                 self._entries[name].param_groups = indices
+            claimed.update(id(p) for p in adapter.params(module))
         new_fallback = []
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
@@ -765,6 +756,12 @@ class KroneckerOptimizer(Optimizer):
                     "it derives from (what they compute is not known) left to it: "
                     f"{', '.join(self._overridden)}; register_layer(that class, an "
                     "adapter) preconditions them."
+                )
+            frozen = [self._name(p) for _, p in new_fallback if not p.requires_grad]
+            if frozen:  # a supported layer frozen now is not preconditioned later either
+                tied += (
+                    f" Frozen now (requires_grad=False), so not preconditioned even once "
+                    f"unfrozen: {frozen}."
                 )
             owners: dict[int, str] = {}
             for module in self._model.modules():
@@ -2045,23 +2042,6 @@ class _Observer:
         found = self._entry(module)
         # (a layer frozen whole since construction trains nothing: nothing to observe)
         return found is not None and found[0]._wants(found[1]) and found[0]._active(found[1])
-
-
-@contextmanager
-def _as_trainable(module: nn.Module):
-    """Meanwhile every parameter of ``module`` requires grad, if none did (a layer
-    frozen whole); otherwise nothing changes."""
-    params = list(module.parameters())
-    if any(p.requires_grad for p in params):
-        yield
-        return
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
 
 
 def _remove_handles(handles: list[Any]) -> None:
