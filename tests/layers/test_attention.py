@@ -400,6 +400,17 @@ def random_factor(d: int, seed: int) -> DenseMatrix:
     return DenseMatrix(torch.eye(d, dtype=DTYPE) + 0.2 * randn(d, d, seed=seed))
 
 
+def set_random_factors(opt, prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random dense ``K``, ``C`` (seeded by the block's position) in every block of
+    ``opt``; returns them by block name less ``prefix``."""
+    factors = {}
+    for i, (name, layer) in enumerate(opt.layers.items()):
+        layer.K = random_factor(layer.K.dim, seed=100 + i)
+        layer.C = random_factor(layer.C.dim, seed=200 + i)
+        factors[name.removeprefix(prefix)] = (layer.K.mat.clone(), layer.C.mat.clone())
+    return factors
+
+
 def capture_setup(name, approx="expand", loss_average="batch", batched=True):
     """Attach SINGD, set random dense ``K``, ``C``, run one forward/backward at step 0.
 
@@ -419,12 +430,8 @@ def capture_setup(name, approx="expand", loss_average="batch", batched=True):
         lr_cov=0.0,
         alpha1=0.0,
     )
-    factors = {}
-    for i, block in enumerate(BLOCKS):
-        layer = opt.layers[f"attn.{block}"]
-        layer.K = random_factor(layer.K.dim, seed=100 + i)
-        layer.C = random_factor(layer.C.dim, seed=200 + i)
-        factors[block] = (layer.K.mat.clone(), layer.C.mat.clone())
+    factors = set_random_factors(opt, "attn.")
+    assert tuple(factors) == BLOCKS
 
     query, key, value, kwargs = case_inputs({**case, "batched": batched}, attn)
     if case["kind"] == "self":

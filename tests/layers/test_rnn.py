@@ -23,10 +23,14 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from tests.layers.rnn_oracle import reference_forward
-from tests.layers.test_attention import expected_rows
+from tests.layers.test_attention import (
+    expected_rows,
+    labelled,
+    random_factor,
+    set_random_factors,
+)
 from torchsingd import KFAC, SINGD
 from torchsingd.layers import RNNAdapter, RNNCellAdapter, get_adapter
-from torchsingd.structures import DenseMatrix
 
 DTYPE = torch.float64
 I_SIZE, HIDDEN, N, L = 3, 4, 3, 5
@@ -64,10 +68,6 @@ def attached(rnn: nn.Module, cls=SINGD, **kwargs):
         kwargs.setdefault("safeguards", False)
     kwargs.setdefault("T", 1)
     return holder, cls(holder, warn_unsupported=False, **kwargs)
-
-
-def labelled(label: str):
-    return lambda message: f"{label}: {message}"
 
 
 def inputs(rnn: nn.Module, kind: str, hx: bool, seed: int = 1):
@@ -145,13 +145,6 @@ def test_observed_forward_equals_pytorch(config, kind):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=labelled(name))
 
 
-def random_factor(d: int, seed: int) -> DenseMatrix:
-    gen = torch.Generator().manual_seed(seed)
-    return DenseMatrix(
-        torch.eye(d, dtype=DTYPE) + 0.2 * torch.randn(d, d, generator=gen, dtype=DTYPE)
-    )
-
-
 def capture(model: str, kind: str, approx="expand", loss_average="batch", **config):
     """Attach SINGD (lr 1, no momentum, factors frozen), set random dense ``K``, ``C``
     per block, run one observed forward and backward. Returns the module, optimizer,
@@ -169,11 +162,7 @@ def capture(model: str, kind: str, approx="expand", loss_average="batch", **conf
         alpha1=0.0,
         kl_clip=None,
     )
-    factors = {}
-    for i, (name, layer) in enumerate(opt.layers.items()):
-        layer.K = random_factor(layer.K.dim, seed=100 + i)
-        layer.C = random_factor(layer.C.dim, seed=200 + i)
-        factors[name.removeprefix("rnn.")] = (layer.K.mat.clone(), layer.C.mat.clone())
+    factors = set_random_factors(opt, "rnn.")
     x, h = inputs(rnn, kind, hx=True)
     loss_of(rnn(x, h)).backward()
     ref_out, ref_hidden, pieces = reference_forward(rnn, x, h)
