@@ -131,14 +131,17 @@ def format_metric(name: str, mean: float, std: float) -> str:
     return f"{mean:.4g}" + (f" ± {std:.2g}" if finite(std) else "")
 
 
+def _beyond_grid(optimizer: str, lr: float) -> str:
+    """``" (+)"`` for an lr outside ``optimizer``'s grid (a search extension), else ``""``."""
+    return "" if any(math.isclose(lr, g) for g in OPTIMIZERS[optimizer].grid) else " (+)"
+
+
 def _lr_cell(row: Row, tried: list[float] | None = None) -> str:
     """The lr, marked ``(min)``/``(max)`` at an edge of the lrs tried (the grid and its
     extensions) and ``(+)`` when it lies outside the optimizer's grid."""
-    grid = OPTIMIZERS[row.optimizer].grid
-    tried = tried or list(grid)
+    tried = tried or list(OPTIMIZERS[row.optimizer].grid)
     edge = " (min)" if row.lr == min(tried) else " (max)" if row.lr == max(tried) else ""
-    beyond = "" if any(math.isclose(row.lr, g) for g in grid) else " (+)"
-    return f"{row.lr:g}{beyond}{edge}"
+    return f"{row.lr:g}{_beyond_grid(row.optimizer, row.lr)}{edge}"
 
 
 def task_table(task: str, rows: list[Row], tried: dict[tuple, list[float]] | None = None) -> str:
@@ -196,9 +199,7 @@ def search_table(task: str, records: list[dict[str, Any]], best: dict[tuple, flo
                 value = format_metric(metric, r["test_metric"], math.nan)
             else:
                 value = r["status"]
-            grid = OPTIMIZERS[group[1]].grid
-            beyond = "" if any(math.isclose(r["lr"], g) for g in grid) else " (+)"
-            cells.append(f"{r['lr']:g}{beyond}: {value}")
+            cells.append(f"{r['lr']:g}{_beyond_grid(group[1], r['lr'])}: {value}")
         chosen = best.get(group)
         lines.append(
             f"| {OPTIMIZERS[group[1]].label} | {group[2]} | {', '.join(cells)} | "

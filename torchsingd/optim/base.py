@@ -214,18 +214,19 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds; anything else as it is."""
+    if is_number(value) and not isinstance(value, (int, float)):
+        return int(value) if _is_int(value) else float(value)
+    return value
+
+
 def plain_numbers(group: dict[str, Any]) -> None:
-    """Replace NumPy scalars among ``group``'s options by Python numbers (in place), so
-    that the arithmetic of a step is Python's (float64), whatever the caller passed."""
+    """Replace NumPy scalars among ``group``'s options (and in its tuples, such as
+    ``fallback_betas``) by Python numbers, in place, so that the arithmetic of a step is
+    Python's (float64), whatever the caller passed."""
     for key, value in group.items():
-        if is_number(value) and not isinstance(value, (int, float)):
-            group[key] = int(value) if _is_int(value) else float(value)
-        elif isinstance(value, tuple) and any(
-            is_number(v) and not isinstance(v, (int, float)) for v in value
-        ):
-            group[key] = tuple(
-                float(v) if is_number(v) and not isinstance(v, (int, float)) else v for v in value
-            )
+        group[key] = tuple(map(_plain, value)) if isinstance(value, tuple) else _plain(value)
 
 
 #: The largest learning rate: the parameter updates pass ``-lr`` to float32 arithmetic
