@@ -615,6 +615,71 @@ def test_ranks_with_different_row_counts_equal_one_process(config, scenario, job
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
 
 
+UNFREEZE_STRATEGIES = ["replicate", "shard"]
+
+
+def _unfreeze_run(model, strategy, rank=0, world=1, wrap=lambda m: m):
+    """A backbone frozen at construction (the convolution and the first Linear, given
+    in params), unfrozen after 2 steps; T=2, so both are preconditioned from step 4."""
+    model[0].requires_grad_(False)
+    model[3].requires_grad_(False)
+    opt = SINGD(
+        model,
+        params=model.parameters(),
+        lr=0.05,
+        lr_cov=0.1,
+        T=2,
+        warn_unsupported=False,
+        distributed_strategy=strategy,
+    )
+    data = batches(6)
+    wrapped = wrap(model)
+    train(wrapped, opt, data[:2], rank, world)
+    woken = [list(opt.layers)]
+    del wrapped  # DDP syncs the gradients of what required them when it was made
+    model.requires_grad_(True)
+    wrapped = wrap(model)
+    for i in range(2, 6):
+        train(wrapped, opt, data[i : i + 1], rank, world)
+        woken.append(list(opt.layers))
+    del wrapped
+    return opt, woken
+
+
+def _unfreeze_worker(rank, port, strategy, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        opt, woken = _unfreeze_run(model, strategy, rank, WORLD, DDP)
+        params = [p.detach() for p in model.parameters()]
+        torch.save({"params": params, "woken": woken}, f"{out_path}.{rank}")
+        dist.barrier()
+        del opt
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", UNFREEZE_STRATEGIES)
+def test_layers_unfrozen_after_construction_wake_together_on_every_rank(strategy, jobs):
+    """Layers frozen at construction and unfrozen later are preconditioned from the
+    same step on every rank; two ranks end where one process ends."""
+    key = _key("unfreeze", strategy)
+    jobs.ensure(key)
+    out = jobs.path(key)
+    torch.set_num_threads(1)
+    model = make_model()
+    _, woken = _unfreeze_run(model, strategy)
+    both = ["0", "3", "5"]
+    assert woken == [["5"], ["5"], both, both, both]  # (woken at the end of step 3)
+    for rank in range(WORLD):
+        got = torch.load(f"{out}.{rank}")
+        assert got["woken"] == woken, rank
+        for p, q in zip(model.parameters(), got["params"], strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+
+
 def _key(*parts) -> str:
     """A job's name: its test and parameters (tuples flattened), joined by '-'."""
     flat = [x for part in parts for x in (part if isinstance(part, tuple) else (part,))]
@@ -643,3 +708,6 @@ def add_jobs(batch) -> None:
     for config, scenario in ROUTED:
         key = _key("routed", config, scenario)
         batch.add(key, _routed_worker, config, scenario, batch.path(key))
+    for strategy in UNFREEZE_STRATEGIES:
+        key = _key("unfreeze", strategy)
+        batch.add(key, _unfreeze_worker, strategy, batch.path(key))

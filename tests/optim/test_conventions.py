@@ -190,6 +190,131 @@ def test_a_layer_frozen_whole_after_construction_pauses(bias):
     assert not torch.equal(now["0.K.0"], opt.layers["0"].K.tensors()[0])
 
 
+def _weights_and_state(model, opt) -> dict[str, torch.Tensor]:
+    """Parameters, factors and per-parameter state from ``state_dict()`` (cloned);
+    without step counters, which count from each optimizer's construction."""
+    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    sd = opt.state_dict()
+    for i, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                out[f"state.{i}.{key}"] = value.clone()
+    for name, layer in sd["kronecker"]["layers"].items():
+        for attr, tensors in layer["factors"].items():
+            for j, t in enumerate(tensors or []):
+                out[f"{name}.{attr}.{j}"] = t.clone()
+    return out
+
+
+def _frozen_hp(cls, **options):
+    hp = dict(HP1, damping=0.1, **options)
+    if cls is KFAC:
+        hp = {k: v for k, v in hp.items() if k not in ("alpha1", "weight_decay")}
+    return hp
+
+
+def _frozen_mlp(cls, T: int = 2):
+    """``make_mlp(0)`` frozen whole, with an optimizer given all of its parameters."""
+    model = make_mlp(0)
+    model.requires_grad_(False)
+    return model, cls(model, params=model.parameters(), **_frozen_hp(cls, T=T))
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen(cls):
+    """Layers given in params while frozen whole get no factors; unfrozen, the fallback
+    trains them until the next factor-update step, from which they are preconditioned
+    exactly as by an optimizer constructed at that point (oracle: such an optimizer on
+    a copy of the model, bit for bit)."""
+    model, opt = _frozen_mlp(cls, T=2)
+    assert opt.layers == {} and opt.state_bytes() == 0
+    for _ in range(2):
+        opt.step()  # nothing to train
+    model.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 2, 3)  # step 2: the next one (3) updates no factors
+    assert opt.layers == {} and len(opt.fallback_parameters) == 4
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.state[model[0].weight]["step"] == 1  # (AdamW's)
+    train(model, opt, 3, 4)  # step 4 updates factors: preconditioned from there
+    assert list(opt.layers) == ["0", "2"] and opt.fallback_parameters == {}
+    assert opt.state_dict()["state"] == {}
+
+    copy_ = copy.deepcopy(model)
+    fresh = cls(copy_, **_frozen_hp(cls, T=2))
+    train(model, opt, 4, 9)
+    train(copy_, fresh, 4, 9)
+    assert_states_equal(_weights_and_state(copy_, fresh), _weights_and_state(model, opt))
+
+
+def test_a_layer_unfrozen_in_part_stays_with_the_fallback_until_whole():
+    """Unfreezing only a bias (BitFit) leaves the layer with the fallback rule; once its
+    weight follows, it is preconditioned from the next factor-update step on."""
+    model, opt = _frozen_mlp(SINGD, T=1)
+    model[0].bias.requires_grad_(True)
+    model[2].requires_grad_(True)
+    train(model, opt, 0, 3)
+    assert list(opt.layers) == ["2"]
+    assert set(opt.fallback_parameters) == {"0.weight", "0.bias"}
+    assert "step" in opt.state[model[0].bias] and model[0].weight not in opt.state
+    model[0].weight.requires_grad_(True)
+    train(model, opt, 3, 4)  # trained by the fallback; woken at the end
+    assert list(opt.layers) == ["0", "2"] and opt.fallback_parameters == {}
+    K = opt.layers["0"].K.tensors()[0].clone()
+    train(model, opt, 4, 5)
+    assert opt.layers["0"].K.tensors()[0].shape == (7, 7)  # the bias column included
+    assert not torch.equal(K, opt.layers["0"].K.tensors()[0])
+
+
+def test_a_layer_that_cannot_be_preconditioned_stays_with_the_fallback():
+    """KFAC refuses half-precision factors: a bfloat16 layer unfrozen later stays with
+    the fallback rule, with one warning naming it and why."""
+    model = make_mlp(0).to(torch.bfloat16)
+    model.requires_grad_(False)
+    opt = KFAC(model, params=model.parameters(), warn_unsupported=False, T=1, lr=0.01)
+    model.requires_grad_(True)
+    before = model[0].weight.detach().clone()
+    x, y = batch(0, dtype=torch.bfloat16)
+    mse(model(x), y).backward()
+    with pytest.warns(UserWarning, match=r"cannot be preconditioned.*'0' \(KFAC cannot keep"):
+        opt.step()
+    assert opt.layers == {} and len(opt.fallback_parameters) == 4 and not opt._dormant
+    assert not torch.equal(before, model[0].weight)  # (trained by the fallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (said once)
+        train(model, opt, 1, 2, dtype=torch.bfloat16)
+
+
+def test_a_checkpoint_wakes_a_layer_frozen_in_the_loading_optimizer():
+    """Resuming: the model frozen as at the start, a new optimizer, the checkpoint of a
+    run that had unfrozen it: the layer is preconditioned with the saved factors and
+    pauses until unfrozen; then the two runs go on bit for bit. A checkpoint that does
+    not fit leaves the loading optimizer as it was (no layer woken, no hook left)."""
+    model, opt = _frozen_mlp(SINGD, T=1)
+    model.requires_grad_(True)
+    train(model, opt, 0, 3)
+    assert list(opt.layers) == ["0", "2"]
+    saved = _through_bytes(opt.state_dict())
+
+    copy_ = copy.deepcopy(model)
+    copy_.requires_grad_(False)
+    wrong = SINGD(copy_, params=copy_.parameters(), **dict(HP1, structures="diagonal"))
+    hooks = _forward_hooks(copy_)
+    with pytest.raises(ValueError):
+        wrong.load_state_dict(saved)
+    assert wrong.layers == {} and _forward_hooks(copy_) == hooks
+    assert set(wrong._dormant) == {"0", "2"}
+    wrong.remove_hooks()
+
+    resumed = SINGD(copy_, params=copy_.parameters(), **_frozen_hp(SINGD))
+    resumed.load_state_dict(saved)
+    assert list(resumed.layers) == ["0", "2"] and resumed.fallback_parameters == {}
+    copy_.requires_grad_(True)
+    train(model, opt, 3, 6)
+    train(copy_, resumed, 3, 6)
+    assert_states_equal(full_state(model, opt), full_state(copy_, resumed))
+
+
 def test_add_param_group_after_a_bias_only_start():
     """BitFit-like: weights frozen at construction (biases to the fallback rule), then
     unfrozen and added: the layers stay with the fallback rule, whose state they have."""
@@ -533,8 +658,12 @@ def test_messages_say_why():
             params=[{"params": [model[0].weight]}, {"params": [model[0].bias], "T": 3}],
         )
     model[0].requires_grad_(False)
-    with pytest.warns(UserWarning, match=r"not preconditioned even once unfrozen: \['0.weight'"):
+    model[2].weight.requires_grad_(False)
+    with pytest.warns(UserWarning) as caught:
         SINGD(model, params=list(model.parameters()))
+    (message,) = [str(w.message) for w in caught]
+    assert "are unfrozen: ['0.weight', '0.bias']" in message
+    assert "not preconditioned even once unfrozen: ['2.weight']" in message
 
 
 # ------------------------------------------------- hyper-parameters per step

@@ -147,6 +147,17 @@ class BlockState:
 
 
 @dataclass
+class Dormant:
+    """A supported layer frozen whole when it came in, trained by the fallback rule
+    until it is unfrozen (see :meth:`KroneckerOptimizer._wake_dormant`)."""
+
+    module: nn.Module
+    adapter: LayerAdapter
+    group_index: int  # the weight's group (its T decides when the layer wakes)
+    watched: tuple[nn.Parameter, ...]  # the module's parameters: all must require grad
+
+
+@dataclass
 class ModuleEntry:
     """A preconditioned module: its adapter, group and one block state per block."""
 
@@ -480,7 +491,12 @@ class KroneckerOptimizer(Optimizer):
         self._warn_unsupported = warn_unsupported
         self.on_nonfinite = on_nonfinite
         self._param_names = {id(p): n for n, p in model.named_parameters()}
-        self._candidates, self._tied, self._overridden = self._find_layers(model)
+        self._candidates, self._tied, self._overridden, self._asleep = self._find_layers(model)
+        #: supported layers frozen whole when they came in, whose parameters the
+        #: fallback rule holds, by name (:class:`Dormant`). Each
+        #: is preconditioned once all its parameters require gradients again (see
+        #: :meth:`_wake_dormant`); none gets factors before.
+        self._dormant: dict[str, Dormant] = {}
         #: parameters left out as frozen (``params=None``): a step that finds one with a
         #: gradient (unfrozen since) says once that it is not trained
         self._left_out: list[Tensor] = []
@@ -614,11 +630,17 @@ class KroneckerOptimizer(Optimizer):
     @staticmethod
     def _find_layers(
         model: nn.Module,
-    ) -> tuple[list[tuple[str, nn.Module, LayerAdapter]], list[str], list[str]]:
+    ) -> tuple[
+        list[tuple[str, nn.Module, LayerAdapter]],
+        list[str],
+        list[str],
+        list[tuple[str, nn.Module, LayerAdapter]],
+    ]:
         """Supported modules with trainable parameters, names of tied ones left out,
-        and descriptions of those left out because their class overrides the forward
-        of the supported class it derives from."""
-        found, overridden = [], []
+        descriptions of those left out because their class overrides the forward of
+        the supported class it derives from, and supported modules frozen whole (all
+        their parameters without ``requires_grad``; untied)."""
+        found, overridden, asleep = [], [], []
         covered: set[int] = set()
         for name, module in model.named_modules():
             if id(module) in covered:
@@ -642,17 +664,21 @@ class KroneckerOptimizer(Optimizer):
             params = adapter.params(module)
             if not all(isinstance(p, nn.Parameter) for p in params):
                 continue  # computed weights (legacy weight_norm): the fallback trains theirs
-            if not params or not params[0].requires_grad:
-                continue
-            if params[0].numel() == 0:
+            if not params or params[0].numel() == 0:
                 continue  # an empty weight (nn.Linear(0, n)): the fallback trains the rest
-            found.append((name, module, adapter, [id(p) for p in params]))
+            ids = [id(p) for p in params]
+            if not params[0].requires_grad:
+                if not any(p.requires_grad for p in module.parameters()):
+                    asleep.append((name, module, adapter, ids))
+                continue  # (a frozen weight with a trainable bias: the fallback's)
+            found.append((name, module, adapter, ids))
         uses: dict[int, int] = {}
-        for *_, ids in found:
+        for *_, ids in found + asleep:
             for i in ids:
                 uses[i] = uses.get(i, 0) + 1
         tied = [n for n, _, _, ids in found if any(uses[i] > 1 for i in ids)]
-        return [(n, m, a) for n, m, a, _ in found if n not in tied], tied, overridden
+        untied = [(n, m, a) for n, m, a, ids in asleep if all(uses[i] == 1 for i in ids)]
+        return [(n, m, a) for n, m, a, _ in found if n not in tied], tied, overridden, untied
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated; on an error nothing is added).
@@ -666,21 +692,24 @@ class KroneckerOptimizer(Optimizer):
             return
         saved = (
             dict(self._entries),
+            dict(self._dormant),
             len(self._handles),
             len(self._fallback_params),
             self._candidates,
             self._tied,
             self._overridden,
+            self._asleep,
             self._param_names,
         )
         try:
             self._validate(self.param_groups[-1])
             self._param_names = {id(p): n for n, p in self._model.named_parameters()}
-            self._candidates, self._tied, self._overridden = self._find_layers(self._model)
+            found = self._find_layers(self._model)
+            self._candidates, self._tied, self._overridden, self._asleep = found
             self._assign_parameters()
         except BaseException:
-            entries, n_handles, n_fallback, *lists, self._param_names = saved
-            self._candidates, self._tied, self._overridden = lists
+            entries, self._dormant, n_handles, n_fallback, *lists, self._param_names = saved
+            self._candidates, self._tied, self._overridden, self._asleep = lists
             self._entries = entries
             _remove_handles(self._handles[n_handles:])
             del self._handles[n_handles:]
@@ -745,6 +774,11 @@ class KroneckerOptimizer(Optimizer):
                     new_fallback.append((i, p))
                     known.add(id(p))  # a parameter listed twice is updated once
         self._fallback_params += new_fallback
+        for name, module, adapter in self._asleep:
+            index = group_of.get(id(adapter.params(module)[0]))
+            if name not in self._entries and index is not None:
+                watched = tuple(module.parameters())
+                self._dormant.setdefault(name, Dormant(module, adapter, index, watched))
         if self._warn_unsupported and new_fallback:
             by_rule: dict[str, list[str]] = {}
             for i, p in new_fallback:
@@ -758,8 +792,17 @@ class KroneckerOptimizer(Optimizer):
                     f"{', '.join(self._overridden)}; register_layer(that class, an "
                     "adapter) preconditions them."
                 )
-            frozen = [self._name(p) for _, p in new_fallback if not p.requires_grad]
-            if frozen:  # a supported layer frozen now is not preconditioned later either
+            asleep = {id(p) for d in self._dormant.values() for p in d.watched}
+            new = [p for _, p in new_fallback]
+            waiting = [self._name(p) for p in new if id(p) in asleep]
+            frozen = [self._name(p) for p in new if not p.requires_grad and id(p) not in asleep]
+            if waiting:
+                tied += (
+                    " Of supported layers frozen whole now (requires_grad=False), "
+                    "preconditioned from the first factor-update step after all of a "
+                    f"layer's parameters are unfrozen: {waiting}."
+                )
+            if frozen:  # (part of a supported layer frozen now stays with the fallback)
                 tied += (
                     f" Frozen now (requires_grad=False), so not preconditioned even once "
                     f"unfrozen: {frozen}."
@@ -1274,10 +1317,7 @@ class KroneckerOptimizer(Optimizer):
         entry = self._demoted.pop(name)
         params = {id(p) for p in entry.adapter.params(entry.module)}
         self._fallback_params = [(i, p) for i, p in self._fallback_params if id(p) not in params]
-        merged = {**self._entries, name: entry}
-        order = [n for n, _, _ in self._candidates]
-        self._entries = {n: merged[n] for n in order if n in merged}
-        self._entries.update({n: e for n, e in merged.items() if n not in self._entries})
+        self._insert_entry(entry)
         for layer in entry.blocks.values():
             layer.seen, layer.unseen_updates, layer.hooked_step = False, 0, -1
             self._lost.discard(layer.name)
@@ -1577,6 +1617,92 @@ class KroneckerOptimizer(Optimizer):
         self._fallback_step(fallback, grad_scale)
         self._clear_captures()
         self._end_step(g_scale)
+        if self._dormant:
+            self._wake_dormant()
+
+    def _wake_dormant(self) -> None:
+        """Precondition the dormant layers whose parameters all require gradients now,
+        from the next step on, where that step updates the factors (until then the
+        fallback rule goes on training them: a step without statistics would be
+        preconditioned by factors that never saw one). Their factors start as a new
+        optimizer's, their fallback state is dropped, as if the optimizer had been
+        constructed now. Under ``torch.distributed`` a layer wakes where it is ready on
+        every rank. One that cannot be preconditioned (e.g. KFAC with half-precision
+        weights) stays with the fallback rule, with a warning."""
+        due = [
+            name
+            for name, d in self._dormant.items()
+            if self.steps % self.param_groups[d.group_index]["T"] == 0
+        ]
+        if not due:
+            return
+        ready = [all(p.requires_grad for p in self._dormant[n].watched) for n in due]
+        size = tdist.world(self._group)[1]
+        if size > 1:  # (every rank has the same due layers: the same steps and groups)
+            device = self._dormant[due[0]].watched[0].device
+            votes = torch.tensor(ready, dtype=torch.float32, device=device)
+            tdist.all_reduce_tensors([votes], self._group)
+            ready = [v == size for v in votes.tolist()]
+        failed = []
+        for name, go in zip(due, ready, strict=True):
+            if not go:
+                continue
+            try:
+                self._wake(name)
+            except (ValueError, TypeError, NotImplementedError) as err:
+                del self._dormant[name]
+                failed.append(f"{name!r} ({err})")
+        if failed:
+            warn(
+                f"{type(self).__name__}: layer(s) frozen at construction and unfrozen since "
+                f"cannot be preconditioned, so the fallback rule goes on training them: "
+                f"{'; '.join(failed)}."
+            )
+
+    def _wake(self, name: str, drop_state: bool = True) -> ModuleEntry:
+        """Make dormant layer ``name`` a preconditioned one: factors for all its
+        parameters (a checkpoint may wake it while they are frozen: it then pauses
+        until they are unfrozen, as a layer frozen whole after construction), hooks
+        installed, its parameters' fallback state dropped unless a checkpoint's state
+        is loaded next. Raises (changing nothing) where that is refused."""
+        module, adapter = self._dormant[name].module, self._dormant[name].adapter
+        flags = [(p, p.requires_grad) for p in module.parameters()]
+        try:  # (an adapter covers a bias only while it requires gradients)
+            for p, _ in flags:
+                p.requires_grad_(True)
+            params = adapter.params(module)
+            group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+            indices = tuple(group_of.get(id(p)) for p in params)
+            if None in indices:
+                left = [self._name(p) for p, i in zip(params, indices, strict=True) if i is None]
+                raise ValueError(f"its parameters {left} are not in the optimizer")
+            differ = self._layer_options_differ(indices) if len(set(indices)) > 1 else []
+            if differ:
+                raise ValueError(
+                    f"its parameters are in param groups whose {', '.join(differ)} differ"
+                )
+            adapter.check(module, name)
+            entry = self._new_entry(name, module, adapter, indices[0])
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        if len(set(indices)) > 1:
+            entry.param_groups = indices
+        del self._dormant[name]
+        ids = {id(p) for p in params}
+        self._fallback_params = [(i, p) for i, p in self._fallback_params if id(p) not in ids]
+        for p in params if drop_state else ():
+            self.state.pop(p, None)  # (the fallback's moments)
+        self._insert_entry(entry)
+        return entry
+
+    def _insert_entry(self, entry: ModuleEntry) -> None:
+        """Add ``entry`` to the preconditioned layers, in the model's order."""
+        merged = {**self._entries, entry.name: entry}
+        order = [n for n, _ in self._model.named_modules()]
+        self._entries = {n: merged[n] for n in order if n in merged}
+        self._entries.update({n: e for n, e in merged.items() if n not in self._entries})
+        self._owners = {}
 
     def _group_inners(self, pending: list) -> dict[int, Any]:
         """Per param group with a trust region: ``sum <G_nat, G>`` over its modules, a
@@ -1881,6 +2007,7 @@ class KroneckerOptimizer(Optimizer):
             [(layer, dict(vars(layer))) for layer in self.layers.values()],
             (self.steps, self.skipped_steps, self._capture_scale),
             (dict(self._entries), list(self._fallback_params), dict(self._demoted)),
+            (dict(self._dormant), len(self._handles)),
         )
         hooks = (
             self._optimizer_load_state_dict_pre_hooks,
@@ -1891,8 +2018,12 @@ class KroneckerOptimizer(Optimizer):
         try:
             self._load_state_dict(state_dict)
         except BaseException:
-            self.state, self.param_groups, layers, counters, routing = kept
+            self.state, self.param_groups, layers, counters, routing, asleep = kept
             self._entries, self._fallback_params, self._demoted = routing
+            self._dormant, n_handles = asleep
+            _remove_handles(self._handles[n_handles:])  # (of layers woken for the load)
+            del self._handles[n_handles:]
+            self._owners = {}
             for layer, attributes in layers:
                 vars(layer).clear()
                 vars(layer).update(attributes)
@@ -1927,6 +2058,15 @@ class KroneckerOptimizer(Optimizer):
         for name in demoted:
             if name in self._entries:
                 self._demote(self._entries[name], fresh_state=False)
+        for name in list(self._dormant):  # (frozen here, woken where it was saved)
+            if any(k == name or k.startswith(f"{name}.") for k in saved):
+                try:
+                    self._wake(name, drop_state=False)
+                except (ValueError, TypeError, NotImplementedError) as err:
+                    raise ValueError(
+                        f"The saved state preconditions layer {name!r}, which this "
+                        f"optimizer cannot: {err}."
+                    ) from None
         super().load_state_dict(state_dict)
         for group, current in zip(self.param_groups, current_groups, strict=True):
             for key, value in current.items():  # states saved before an option existed
