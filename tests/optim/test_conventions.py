@@ -222,10 +222,10 @@ def _frozen_mlp(cls, T: int = 2):
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen(cls):
-    """Layers given in params while frozen whole get no factors; unfrozen, the fallback
-    trains them until the next factor-update step, from which they are preconditioned
-    exactly as by an optimizer constructed at that point (oracle: such an optimizer on
-    a copy of the model, bit for bit)."""
+    """Layers given in params while frozen whole get no factors; unfrozen, they wait
+    (unchanged: no fallback step at the preconditioned lr) for the next factor-update
+    step, from which they are preconditioned exactly as by an optimizer constructed at
+    that point (oracle: such an optimizer on a copy of the model, bit for bit)."""
     model, opt = _frozen_mlp(cls, T=2)
     assert opt.layers == {} and opt.state_bytes() == 0
     for _ in range(2):
@@ -234,11 +234,10 @@ def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen(cls):
     before = [p.detach().clone() for p in model.parameters()]
     train(model, opt, 2, 3)  # step 2: the next one (3) updates no factors
     assert opt.layers == {} and len(opt.fallback_parameters) == 4
-    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
-    assert opt.state[model[0].weight]["step"] == 1  # (AdamW's)
     train(model, opt, 3, 4)  # step 4 updates factors: preconditioned from there
     assert list(opt.layers) == ["0", "2"] and opt.fallback_parameters == {}
-    assert opt.state_dict()["state"] == {}
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.state_dict()["state"] == {} and opt.steps == 4
 
     copy_ = copy.deepcopy(model)
     fresh = cls(copy_, **_frozen_hp(cls, T=2))
@@ -248,12 +247,17 @@ def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen(cls):
 
 
 def test_a_layer_unfrozen_in_part_stays_with_the_fallback_until_whole():
-    """Unfreezing only a bias (BitFit) leaves the layer with the fallback rule; once its
-    weight follows, it is preconditioned from the next factor-update step on."""
+    """Unfreezing only a bias (BitFit) leaves the layer with the fallback rule (said
+    once); once its weight follows, it is preconditioned from the next factor-update
+    step on."""
     model, opt = _frozen_mlp(SINGD, T=1)
     model[0].bias.requires_grad_(True)
     model[2].requires_grad_(True)
-    train(model, opt, 0, 3)
+    with pytest.warns(UserWarning, match=r"\['0'\].* in part: until \['0.weight'\] require"):
+        train(model, opt, 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, 1, 3)
     assert list(opt.layers) == ["2"]
     assert set(opt.fallback_parameters) == {"0.weight", "0.bias"}
     assert "step" in opt.state[model[0].bias] and model[0].weight not in opt.state
@@ -279,10 +283,58 @@ def test_a_layer_that_cannot_be_preconditioned_stays_with_the_fallback():
     with pytest.warns(UserWarning, match=r"cannot be preconditioned.*'0' \(KFAC cannot keep"):
         opt.step()
     assert opt.layers == {} and len(opt.fallback_parameters) == 4 and not opt._dormant
-    assert not torch.equal(before, model[0].weight)  # (trained by the fallback)
+    assert torch.equal(before, model[0].weight)  # (held back while waiting)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (said once)
         train(model, opt, 1, 2, dtype=torch.bfloat16)
+    assert not torch.equal(before, model[0].weight)  # (trained by the fallback)
+
+
+def test_which_frozen_layers_wait_to_be_preconditioned():
+    """Only a layer that could be preconditioned once unfrozen waits for it: not one
+    whose bias is not in the optimizer, not one whose weight is tied to a module frozen
+    only in part (GPT-style head sharing the embedding, with its own trainable bias),
+    not a BitFit layer (frozen weight, trainable bias) frozen whole later, while
+    a MultiheadAttention waits for its projections only (bias_k, bias_v are the
+    fallback's)."""
+    model = make_mlp(0)
+    model.requires_grad_(False)
+    given = [p for n, p in model.named_parameters() if n != "0.bias"]
+    assert set(SINGD(model, params=given, **HP1)._dormant) == {"2"}
+
+    tied = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10)}).double()
+    tied["head"].weight = tied["emb"].weight
+    tied["emb"].requires_grad_(False)  # (freezes the shared weight; the head's bias trains)
+    opt = SINGD(tied, params=tied.parameters(), **HP1)
+    assert opt._dormant == {} and opt.layers == {}
+
+    model = make_mlp(0)
+    model[0].weight.requires_grad_(False)
+    opt = SINGD(model, **HP1)  # (params=None: the frozen weight is left out)
+    train(model, opt, 0, 1)
+    model[0].requires_grad_(False)
+    model[0].weight.requires_grad_(True)
+    opt.add_param_group({"params": [model[0].weight]})
+    assert opt._dormant == {}
+    model[0].requires_grad_(False)
+    extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt.add_param_group({"params": [extra]})
+    assert opt._dormant == {}  # (trained by the fallback before: its state stays there)
+
+    attention = nn.MultiheadAttention(8, 2, add_bias_kv=True).double()
+    attention.requires_grad_(False)
+    opt = SINGD(attention, params=attention.parameters(), **HP1)
+    assert set(opt._dormant) == {""}
+    for name, p in attention.named_parameters():
+        p.requires_grad_(name not in ("bias_k", "bias_v"))
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    for _ in range(2):
+        opt.zero_grad()
+        attention(x, x, x)[0].square().sum().backward()
+        opt.step()
+    built_trainable = SINGD(copy.deepcopy(attention), **HP1)
+    assert opt._dormant == {} and set(opt.layers) == set(built_trainable.layers)
+    assert set(opt.fallback_parameters) == {"bias_k", "bias_v"}
 
 
 def test_a_checkpoint_wakes_a_layer_frozen_in_the_loading_optimizer():
@@ -309,6 +361,8 @@ def test_a_checkpoint_wakes_a_layer_frozen_in_the_loading_optimizer():
     resumed = SINGD(copy_, params=copy_.parameters(), **_frozen_hp(SINGD))
     resumed.load_state_dict(saved)
     assert list(resumed.layers) == ["0", "2"] and resumed.fallback_parameters == {}
+    resumed.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
+    assert list(resumed.fallback_parameters) == ["<parameter of shape (2,)>"]  # (no bias)
     copy_.requires_grad_(True)
     train(model, opt, 3, 6)
     train(copy_, resumed, 3, 6)

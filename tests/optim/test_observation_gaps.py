@@ -452,3 +452,36 @@ def test_a_checkpoint_inside_the_hand_over_window_resumes_bit_for_bit() -> None:
     assert "proj" not in opt.layers and "proj" not in opt2.layers
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_dormant_layer_handed_over_stays_with_the_fallback_after_a_checkpoint() -> None:
+    """A layer frozen at construction, unfrozen (woken), then handed over (its weight is
+    used outside its forward): a resumed optimizer in which it is frozen again takes
+    the hand-over from the checkpoint (not woken anew once unfrozen) and goes on bit for
+    bit as the uninterrupted one."""
+    data = batches(2 * base.HAND_OVER_AFTER + 6)
+    cut = 2 * base.HAND_OVER_AFTER + 1
+    torch.manual_seed(0)
+    model = Functional(True)
+    model.proj.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = SINGD(model, params=model.parameters(), lr=0.01, T=1)
+        assert set(opt._dormant) == {"proj"}
+        model.proj.requires_grad_(True)
+        run(model, opt, data[:cut])
+        assert set(opt._demoted) == {"proj"} and "proj.weight" in opt.fallback_parameters
+        saved = snapshot(model, opt)
+        run(model, opt, data[cut:])
+
+        state = torch.load(io.BytesIO(saved), weights_only=False)
+        resumed = Functional(True)
+        resumed.load_state_dict(state["model"])
+        resumed.proj.requires_grad_(False)
+        opt2 = SINGD(resumed, params=resumed.parameters(), lr=0.01, T=1)
+        opt2.load_state_dict(state["opt"])
+        assert set(opt2._demoted) == {"proj"} and not opt2._dormant
+        resumed.proj.requires_grad_(True)
+        run(resumed, opt2, data[cut:])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -154,7 +154,12 @@ class Dormant:
     module: nn.Module
     adapter: LayerAdapter
     group_index: int  # the weight's group (its T decides when the layer wakes)
-    watched: tuple[nn.Parameter, ...]  # the module's parameters: all must require grad
+    #: the parameters it will cover (:func:`_covered`): it wakes once all require grad
+    covers: tuple[nn.Parameter, ...]
+
+    def unfrozen(self) -> bool:
+        """Whether all the parameters it will cover require gradients."""
+        return self.covers[0].requires_grad and all(p.requires_grad for p in self.covers)
 
 
 @dataclass
@@ -183,6 +188,9 @@ class ModuleEntry:
     shapes_checked: bool = False
     #: ``watched[0]``'s dtype and device at construction (the factors were made for them)
     placement: tuple[torch.dtype, torch.device] | None = None
+    #: the adapter's parameters when the entry was made (those its factors are sized
+    #: for; the adapter leaves out a bias frozen now, e.g. while a woken layer pauses)
+    covered: tuple[nn.Parameter, ...] = ()
 
     def groups(self, count: int) -> tuple[int, ...]:
         """The param group of each of the adapter's ``count`` parameters."""
@@ -497,6 +505,7 @@ class KroneckerOptimizer(Optimizer):
         #: is preconditioned once all its parameters require gradients again (see
         #: :meth:`_wake_dormant`); none gets factors before.
         self._dormant: dict[str, Dormant] = {}
+        self._partly_told: set[str] = set()  # dormant layers said to be unfrozen in part
         #: parameters left out as frozen (``params=None``): a step that finds one with a
         #: gradient (unfrozen since) says once that it is not trained
         self._left_out: list[Tensor] = []
@@ -634,13 +643,14 @@ class KroneckerOptimizer(Optimizer):
         list[tuple[str, nn.Module, LayerAdapter]],
         list[str],
         list[str],
-        list[tuple[str, nn.Module, LayerAdapter]],
+        list[tuple[str, nn.Module, LayerAdapter, tuple[nn.Parameter, ...]]],
     ]:
         """Supported modules with trainable parameters, names of tied ones left out,
         descriptions of those left out because their class overrides the forward of
-        the supported class it derives from, and supported modules frozen whole (all
-        their parameters without ``requires_grad``; untied)."""
-        found, overridden, asleep = [], [], []
+        the supported class it derives from, and untied supported modules frozen whole
+        (none of the parameters they would cover requires gradients), with those
+        parameters (:func:`_covered`)."""
+        found, overridden, frozen = [], [], []
         covered: set[int] = set()
         for name, module in model.named_modules():
             if id(module) in covered:
@@ -667,18 +677,22 @@ class KroneckerOptimizer(Optimizer):
             if not params or params[0].numel() == 0:
                 continue  # an empty weight (nn.Linear(0, n)): the fallback trains the rest
             ids = [id(p) for p in params]
-            if not params[0].requires_grad:
-                if not any(p.requires_grad for p in module.parameters()):
-                    asleep.append((name, module, adapter, ids))
-                continue  # (a frozen weight with a trainable bias: the fallback's)
-            found.append((name, module, adapter, ids))
+            if params[0].requires_grad:
+                found.append((name, module, adapter, ids))
+                continue
+            covers = _covered(adapter, module)  # (a frozen weight: ties count all of them)
+            frozen.append((name, module, adapter, [id(p) for p in covers], covers))
         uses: dict[int, int] = {}
-        for *_, ids in found + asleep:
-            for i in ids:
+        for *_, ids in found + [f[:4] for f in frozen]:
+            for i in set(ids):
                 uses[i] = uses.get(i, 0) + 1
         tied = [n for n, _, _, ids in found if any(uses[i] > 1 for i in ids)]
-        untied = [(n, m, a) for n, m, a, ids in asleep if all(uses[i] == 1 for i in ids)]
-        return [(n, m, a) for n, m, a, _ in found if n not in tied], tied, overridden, untied
+        asleep = [
+            (n, m, a, covers)
+            for n, m, a, ids, covers in frozen
+            if all(uses[i] == 1 for i in ids) and not any(p.requires_grad for p in covers)
+        ]  # (a frozen weight with a trainable bias stays with the fallback rule)
+        return [(n, m, a) for n, m, a, _ in found if n not in tied], tied, overridden, asleep
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated; on an error nothing is added).
@@ -725,10 +739,9 @@ class KroneckerOptimizer(Optimizer):
     def _assign_parameters(self) -> None:
         """Give every parameter of every group to a preconditioned layer or the fallback."""
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        claimed: set[int] = {
-            id(p) for e in self._entries.values() for p in e.adapter.params(e.module)
-        }
+        claimed: set[int] = {id(p) for e in self._entries.values() for p in e.covered}
         known = {id(p) for _, p in self._fallback_params}
+        known_before = frozenset(known)
         # Check everything before changing anything (a failed add_param_group is undone).
         new_layers, split = [], []
         for name, module, adapter in self._candidates:
@@ -774,11 +787,17 @@ class KroneckerOptimizer(Optimizer):
                     new_fallback.append((i, p))
                     known.add(id(p))  # a parameter listed twice is updated once
         self._fallback_params += new_fallback
-        for name, module, adapter in self._asleep:
-            index = group_of.get(id(adapter.params(module)[0]))
-            if name not in self._entries and index is not None:
-                watched = tuple(module.parameters())
-                self._dormant.setdefault(name, Dormant(module, adapter, index, watched))
+        for name, module, adapter, covers in self._asleep:
+            if name in self._entries or name in self._dormant:
+                continue
+            if id(covers[0]) in known_before:
+                continue  # trained by the fallback rule before (BitFit, a hand-over): stays
+            indices = tuple(group_of.get(id(p)) for p in covers)
+            if None in indices:
+                continue  # not all of it is ours: it could never be preconditioned
+            if len(set(indices)) > 1 and self._layer_options_differ(indices):
+                continue  # (as a layer trainable at construction would be refused)
+            self._dormant[name] = Dormant(module, adapter, indices[0], covers)
         if self._warn_unsupported and new_fallback:
             by_rule: dict[str, list[str]] = {}
             for i, p in new_fallback:
@@ -792,7 +811,7 @@ class KroneckerOptimizer(Optimizer):
                     f"{', '.join(self._overridden)}; register_layer(that class, an "
                     "adapter) preconditions them."
                 )
-            asleep = {id(p) for d in self._dormant.values() for p in d.watched}
+            asleep = {id(p) for d in self._dormant.values() for p in d.covers}
             new = [p for _, p in new_fallback]
             waiting = [self._name(p) for p in new if id(p) in asleep]
             frozen = [self._name(p) for p in new if not p.requires_grad and id(p) not in asleep]
@@ -842,6 +861,7 @@ class KroneckerOptimizer(Optimizer):
             watched=watched,
             watched_flags=tuple(p.requires_grad for p in watched),
             placement=(watched[0].dtype, watched[0].device),
+            covered=tuple(adapter.params(module)),
         )
         for block in adapter.blocks(module):
             block_name = ".".join(part for part in (name, block) if part)
@@ -1278,12 +1298,12 @@ class KroneckerOptimizer(Optimizer):
         if not self._handed_over:
             return
         names = [e.name for e in self._handed_over]
-        params = [self._name(p) for e in self._handed_over for p in e.adapter.params(e.module)]
+        params = [self._name(p) for e in self._handed_over for p in e.covered]
         rules = sorted(
             {
                 self.param_groups[i]["fallback"]
                 for e in self._handed_over
-                for i in e.groups(len(e.adapter.params(e.module)))
+                for i in e.groups(len(e.covered))
             }
         )
         self._handed_over = []
@@ -1304,7 +1324,7 @@ class KroneckerOptimizer(Optimizer):
         del self._entries[entry.name]
         self._demoted[entry.name] = entry
         known = {id(p) for _, p in self._fallback_params}
-        params = entry.adapter.params(entry.module)
+        params = entry.covered
         for i, p in zip(entry.groups(len(params)), params, strict=True):
             if id(p) not in known:
                 if fresh_state:
@@ -1315,7 +1335,7 @@ class KroneckerOptimizer(Optimizer):
         """Precondition a demoted layer again (a checkpoint from before its hand-over is
         loaded): back in :attr:`layers`, in the model's order, as if never observed."""
         entry = self._demoted.pop(name)
-        params = {id(p) for p in entry.adapter.params(entry.module)}
+        params = {id(p) for p in entry.covered}
         self._fallback_params = [(i, p) for i, p in self._fallback_params if id(p) not in params]
         self._insert_entry(entry)
         for layer in entry.blocks.values():
@@ -1587,6 +1607,9 @@ class KroneckerOptimizer(Optimizer):
                 for event, own, total in zip(owned, mine, counts.tolist(), strict=True):
                     self._notes += [(event, None)] * (round(total) - own)  # (warned by owners)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
+        if self._dormant and fallback:
+            held = self._held_back()
+            fallback = [f for f in fallback if id(f[1]) not in held] if held else fallback
         inners = self._group_inners(pending)
         if not self._finite(pending, fallback, inners):
             self._skip("non-finite gradients or natural gradients", g_scale)
@@ -1621,14 +1644,17 @@ class KroneckerOptimizer(Optimizer):
             self._wake_dormant()
 
     def _wake_dormant(self) -> None:
-        """Precondition the dormant layers whose parameters all require gradients now,
-        from the next step on, where that step updates the factors (until then the
-        fallback rule goes on training them: a step without statistics would be
-        preconditioned by factors that never saw one). Their factors start as a new
-        optimizer's, their fallback state is dropped, as if the optimizer had been
-        constructed now. Under ``torch.distributed`` a layer wakes where it is ready on
-        every rank. One that cannot be preconditioned (e.g. KFAC with half-precision
-        weights) stays with the fallback rule, with a warning."""
+        """Precondition the dormant layers whose covered parameters all require
+        gradients now, from the next step on, where that step updates the factors.
+        Until then their parameters stay as they are (:meth:`_held_back`): a step of
+        the fallback rule at the preconditioned ``lr`` (AdamW moves every weight by
+        about ``lr`` in its first steps) could wreck pretrained weights, and a step
+        without statistics would be preconditioned by factors that never saw one. Their
+        factors start as a new optimizer's, their fallback state is dropped, as if the
+        optimizer had been constructed now. Under ``torch.distributed`` a layer wakes
+        where it is ready on every rank. One that cannot be preconditioned (e.g. KFAC
+        with half-precision weights) goes to the fallback rule, with a warning; one
+        unfrozen only in part (a BitFit bias) stays dormant, said once."""
         due = [
             name
             for name, d in self._dormant.items()
@@ -1636,13 +1662,29 @@ class KroneckerOptimizer(Optimizer):
         ]
         if not due:
             return
-        ready = [all(p.requires_grad for p in self._dormant[n].watched) for n in due]
+        here = ready = [self._dormant[n].unfrozen() for n in due]
         size = tdist.world(self._group)[1]
         if size > 1:  # (every rank has the same due layers: the same steps and groups)
-            device = self._dormant[due[0]].watched[0].device
+            device = self._dormant[due[0]].covers[0].device
             votes = torch.tensor(ready, dtype=torch.float32, device=device)
             tdist.all_reduce_tensors([votes], self._group)
             ready = [v == size for v in votes.tolist()]
+        partly = [
+            n
+            for n, go in zip(due, here, strict=True)
+            if not go
+            and n not in self._partly_told
+            and any(p.requires_grad for p in self._dormant[n].covers)
+        ]
+        if partly:
+            self._partly_told.update(partly)
+            covers = [p for n in partly for p in self._dormant[n].covers]
+            frozen = [self._name(p) for p in covers if not p.requires_grad]
+            warn(
+                f"{type(self).__name__}: layer(s) {partly}, frozen when they came in, are "
+                f"unfrozen in part: until {frozen} require gradients too, the fallback "
+                "rule trains what is unfrozen and the layers are not preconditioned."
+            )
         failed = []
         for name, go in zip(due, ready, strict=True):
             if not go:
@@ -1658,6 +1700,11 @@ class KroneckerOptimizer(Optimizer):
                 f"cannot be preconditioned, so the fallback rule goes on training them: "
                 f"{'; '.join(failed)}."
             )
+
+    def _held_back(self) -> set[int]:
+        """The parameters of dormant layers unfrozen whole, waiting for the factor-update
+        step from which they are preconditioned: not updated until then."""
+        return {id(p) for d in self._dormant.values() if d.unfrozen() for p in d.covers}
 
     def _wake(self, name: str, drop_state: bool = True) -> ModuleEntry:
         """Make dormant layer ``name`` a preconditioned one: factors for all its
@@ -2055,11 +2102,13 @@ class KroneckerOptimizer(Optimizer):
         for name in list(self._demoted):  # preconditioned again where the checkpoint is
             if name not in demoted and any(k == name or k.startswith(f"{name}.") for k in saved):
                 self._undemote(name)
-        for name in demoted:
-            if name in self._entries:
-                self._demote(self._entries[name], fresh_state=False)
         for name in list(self._dormant):  # (frozen here, woken where it was saved)
-            if any(k == name or k.startswith(f"{name}.") for k in saved):
+            if name in demoted:  # woken, then handed over: demoted below, as saved
+                try:
+                    self._wake(name, drop_state=False)
+                except (ValueError, TypeError, NotImplementedError):
+                    del self._dormant[name]  # (the fallback rule's, as saved)
+            elif any(k == name or k.startswith(f"{name}.") for k in saved):
                 try:
                     self._wake(name, drop_state=False)
                 except (ValueError, TypeError, NotImplementedError) as err:
@@ -2067,6 +2116,9 @@ class KroneckerOptimizer(Optimizer):
                         f"The saved state preconditions layer {name!r}, which this "
                         f"optimizer cannot: {err}."
                     ) from None
+        for name in demoted:  # (one woken, then handed over, is demoted after its wake)
+            if name in self._entries:
+                self._demote(self._entries[name], fresh_state=False)
         super().load_state_dict(state_dict)
         for group, current in zip(self.param_groups, current_groups, strict=True):
             for key, value in current.items():  # states saved before an option existed
@@ -2190,6 +2242,19 @@ def _remove_handles(handles: list[Any]) -> None:
     for handle in handles:
         handle.remove()
     handles.clear()
+
+
+def _covered(adapter: LayerAdapter, module: nn.Module) -> tuple[nn.Parameter, ...]:
+    """The parameters ``adapter`` covers for ``module`` once all of the module's require
+    gradients (an adapter covers a bias only while it requires them)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        return tuple(adapter.params(module))
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _layout(adapter: LayerAdapter, module: nn.Module) -> tuple[tuple[int, bool], ...]:
