@@ -680,6 +680,49 @@ def test_layers_unfrozen_after_construction_wake_together_on_every_rank(strategy
             torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
 
 
+def _disagree_worker(rank, port, out_path):
+    """Rank 0 unfreezes a layer frozen at construction, rank 1 does not."""
+    import warnings
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        model[0].requires_grad_(False)
+        opt = SINGD(model, params=model.parameters(), lr=0.05, T=1, warn_unsupported=False)
+        ddp = DDP(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(ddp, opt, batches(1), rank, WORLD)
+            model[0].requires_grad_(rank == 0)
+            train(ddp, opt, batches(3)[1:], rank, WORLD)
+        params = [p.detach() for p in model.parameters()]
+        messages = [str(w.message) for w in caught]
+        torch.save(
+            {"params": params, "messages": messages, "layers": list(opt.layers)},
+            f"{out_path}.{rank}",
+        )
+        dist.barrier()
+        del ddp, opt
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_layer_unfrozen_on_some_ranks_only_stays_unchanged_everywhere(jobs):
+    """Ranks that disagree on unfreezing a waiting layer keep it unchanged (identical
+    parameters on every rank) and the rank that unfroze it says why."""
+    jobs.ensure("disagree")
+    out = jobs.path("disagree")
+    got = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
+    for p, q in zip(got[0]["params"], got[1]["params"], strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(got[0]["params"][0], make_model()[0].weight.detach())
+    assert got[0]["layers"] == got[1]["layers"] == ["3", "5"]
+    assert [m for m in got[0]["messages"] if "not on every rank" in m]
+    assert not [m for m in got[1]["messages"] if "not on every rank" in m]
+
+
 def _key(*parts) -> str:
     """A job's name: its test and parameters (tuples flattened), joined by '-'."""
     flat = [x for part in parts for x in (part if isinstance(part, tuple) else (part,))]
@@ -711,3 +754,4 @@ def add_jobs(batch) -> None:
     for strategy in UNFREEZE_STRATEGIES:
         key = _key("unfreeze", strategy)
         batch.add(key, _unfreeze_worker, strategy, batch.path(key))
+    batch.add("disagree", _disagree_worker, batch.path("disagree"))

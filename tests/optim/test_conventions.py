@@ -253,7 +253,9 @@ def test_a_layer_unfrozen_in_part_stays_with_the_fallback_until_whole():
     model, opt = _frozen_mlp(SINGD, T=1)
     model[0].bias.requires_grad_(True)
     model[2].requires_grad_(True)
-    with pytest.warns(UserWarning, match=r"\['0'\].* in part: until \['0.weight'\] require"):
+    with pytest.warns(
+        UserWarning, match=r"\['0'\].* in part: until their weights \['0.weight'\] require"
+    ):
         train(model, opt, 0, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -271,23 +273,68 @@ def test_a_layer_unfrozen_in_part_stays_with_the_fallback_until_whole():
 
 
 def test_a_layer_that_cannot_be_preconditioned_stays_with_the_fallback():
-    """KFAC refuses half-precision factors: a bfloat16 layer unfrozen later stays with
-    the fallback rule, with one warning naming it and why."""
+    """KFAC refuses half-precision factors: a bfloat16 layer given frozen is not made to
+    wait (the construction warning says it is never preconditioned) and the fallback
+    trains it as soon as it is unfrozen. A layer that can no longer be preconditioned
+    when it wakes (its groups' T made to differ since) goes to the fallback rule then,
+    with one warning; it was left unchanged until then."""
     model = make_mlp(0).to(torch.bfloat16)
     model.requires_grad_(False)
-    opt = KFAC(model, params=model.parameters(), warn_unsupported=False, T=1, lr=0.01)
+    with pytest.warns(UserWarning, match=r"not preconditioned even once unfrozen: \['0.weight'"):
+        opt = KFAC(model, params=model.parameters(), T=1, lr=0.01)
+    assert opt._dormant == {}
     model.requires_grad_(True)
     before = model[0].weight.detach().clone()
-    x, y = batch(0, dtype=torch.bfloat16)
-    mse(model(x), y).backward()
-    with pytest.warns(UserWarning, match=r"cannot be preconditioned.*'0' \(KFAC cannot keep"):
-        opt.step()
-    assert opt.layers == {} and len(opt.fallback_parameters) == 4 and not opt._dormant
-    assert torch.equal(before, model[0].weight)  # (held back while waiting)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (said once)
-        train(model, opt, 1, 2, dtype=torch.bfloat16)
+        warnings.simplefilter("error")
+        train(model, opt, 0, 1, dtype=torch.bfloat16)
     assert not torch.equal(before, model[0].weight)  # (trained by the fallback)
+
+    model = make_mlp(0)
+    model.requires_grad_(False)
+    weights = [model[0].weight, model[2].weight]
+    biases = [model[0].bias, model[2].bias]
+    opt = SINGD(model, params=[{"params": weights}, {"params": biases}], **_frozen_hp(SINGD, T=2))
+    assert set(opt._dormant) == {"0", "2"}
+    opt.param_groups[1]["T"] = 4
+    model.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 0, 1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    with pytest.warns(UserWarning, match=r"trains them from now on: '0' \(.*T differ"):
+        train(model, opt, 1, 2)
+    assert opt.layers == {} and len(opt.fallback_parameters) == 4 and not opt._dormant
+    train(model, opt, 2, 3)
+    assert not any(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_a_layer_unfrozen_without_its_bias_is_preconditioned_without_it():
+    """Unfreezing only the weight: preconditioned from the next factor-update step on
+    its weight alone, exactly as an optimizer constructed then with the bias frozen
+    (bit for bit); the bias stays with the fallback rule (frozen)."""
+    model, opt = _frozen_mlp(SINGD, T=2)
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(True)
+    train(model, opt, 0, 2)
+    assert list(opt.layers) == ["0", "2"] and opt.layers["0"].K.dim == 6  # (no bias column)
+    assert set(opt.fallback_parameters) == {"0.bias", "2.bias"}
+    copy_ = copy.deepcopy(model)
+    fresh = SINGD(copy_, params=copy_.parameters(), **_frozen_hp(SINGD, T=2))
+    train(model, opt, 2, 7)
+    train(copy_, fresh, 2, 7)
+    assert_states_equal(_weights_and_state(copy_, fresh), _weights_and_state(model, opt))
+    assert torch.equal(model[0].bias, copy.deepcopy(make_mlp(0))[0].bias)
+
+    resumed_model = copy.deepcopy(model)  # resuming with the model frozen whole again
+    resumed_model.requires_grad_(False)
+    resumed = SINGD(resumed_model, params=resumed_model.parameters(), **_frozen_hp(SINGD, T=2))
+    resumed.load_state_dict(_through_bytes(opt.state_dict()))
+    assert resumed.layers["0"].K.dim == 6  # (made for what the saved factors covered)
+    for layer in (resumed_model[0], resumed_model[2]):
+        layer.weight.requires_grad_(True)
+    train(model, opt, 7, 9)
+    train(resumed_model, resumed, 7, 9)
+    assert_states_equal(full_state(model, opt), full_state(resumed_model, resumed))
 
 
 def test_which_frozen_layers_wait_to_be_preconditioned():
@@ -716,7 +763,7 @@ def test_messages_say_why():
     with pytest.warns(UserWarning) as caught:
         SINGD(model, params=list(model.parameters()))
     (message,) = [str(w.message) for w in caught]
-    assert "are unfrozen: ['0.weight', '0.bias']" in message
+    assert "(unchanged until then): ['0.weight', '0.bias']" in message
     assert "not preconditioned even once unfrozen: ['2.weight']" in message
 
 

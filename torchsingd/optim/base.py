@@ -25,6 +25,7 @@ later step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -154,12 +155,13 @@ class Dormant:
     module: nn.Module
     adapter: LayerAdapter
     group_index: int  # the weight's group (its T decides when the layer wakes)
-    #: the parameters it will cover (:func:`_covered`): it wakes once all require grad
+    #: the parameters it can cover (:func:`_covered`), its weight first: it wakes once
+    #: the weight requires grad, covering what requires grad then (as a new optimizer)
     covers: tuple[nn.Parameter, ...]
 
     def unfrozen(self) -> bool:
-        """Whether all the parameters it will cover require gradients."""
-        return self.covers[0].requires_grad and all(p.requires_grad for p in self.covers)
+        """Whether its weight requires gradients."""
+        return self.covers[0].requires_grad
 
 
 @dataclass
@@ -505,7 +507,7 @@ class KroneckerOptimizer(Optimizer):
         #: is preconditioned once all its parameters require gradients again (see
         #: :meth:`_wake_dormant`); none gets factors before.
         self._dormant: dict[str, Dormant] = {}
-        self._partly_told: set[str] = set()  # dormant layers said to be unfrozen in part
+        self._told: set[str] = set()  # dormant layers said to be unfrozen in part
         #: parameters left out as frozen (``params=None``): a step that finds one with a
         #: gradient (unfrozen since) says once that it is not trained
         self._left_out: list[Tensor] = []
@@ -603,6 +605,13 @@ class KroneckerOptimizer(Optimizer):
     ) -> BlockState:
         """Initial state of one block (``dims = (d_i, d_o)``)."""
         raise NotImplementedError
+
+    def _refuse(
+        self, name: str, module: nn.Module, adapter: LayerAdapter, group: dict[str, Any]
+    ) -> None:
+        """Raise the ``ValueError`` that making ``module``'s entry would raise, if any,
+        without making it (what the adapter refuses; subclasses add their own)."""
+        adapter.check(module, name)
 
     def _statistics(
         self, entry: ModuleEntry, layer: BlockState, x: Tensor, g: Tensor
@@ -797,6 +806,11 @@ class KroneckerOptimizer(Optimizer):
                 continue  # not all of it is ours: it could never be preconditioned
             if len(set(indices)) > 1 and self._layer_options_differ(indices):
                 continue  # (as a layer trainable at construction would be refused)
+            try:
+                with _trainable(module):
+                    self._refuse(name, module, adapter, self.param_groups[indices[0]])
+            except ValueError:
+                continue  # (e.g. a sparse embedding; KFAC in half precision)
             self._dormant[name] = Dormant(module, adapter, indices[0], covers)
         if self._warn_unsupported and new_fallback:
             by_rule: dict[str, list[str]] = {}
@@ -818,8 +832,8 @@ class KroneckerOptimizer(Optimizer):
             if waiting:
                 tied += (
                     " Of supported layers frozen whole now (requires_grad=False), "
-                    "preconditioned from the first factor-update step after all of a "
-                    f"layer's parameters are unfrozen: {waiting}."
+                    "preconditioned once their weight is unfrozen, from a factor-update "
+                    f"step on (unchanged until then): {waiting}."
                 )
             if frozen:  # (part of a supported layer frozen now stays with the fallback)
                 tied += (
@@ -1669,21 +1683,33 @@ class KroneckerOptimizer(Optimizer):
             votes = torch.tensor(ready, dtype=torch.float32, device=device)
             tdist.all_reduce_tensors([votes], self._group)
             ready = [v == size for v in votes.tolist()]
+            apart = [
+                n
+                for n, mine, go in zip(due, here, ready, strict=True)
+                if mine and not go and n not in self._told
+            ]
+            if apart:
+                self._told.update(apart)
+                warn(
+                    f"{type(self).__name__}: layer(s) {apart}, frozen when they came in, "
+                    "are unfrozen on this rank but not on every rank: they stay unchanged "
+                    "until every rank unfreezes them (ranks must agree on what trains)."
+                )
         partly = [
             n
-            for n, go in zip(due, here, strict=True)
-            if not go
-            and n not in self._partly_told
+            for n, mine in zip(due, here, strict=True)
+            if not mine
+            and n not in self._told
             and any(p.requires_grad for p in self._dormant[n].covers)
         ]
         if partly:
-            self._partly_told.update(partly)
-            covers = [p for n in partly for p in self._dormant[n].covers]
-            frozen = [self._name(p) for p in covers if not p.requires_grad]
+            self._told.update(partly)
+            weights = [self._name(self._dormant[n].covers[0]) for n in partly]
             warn(
                 f"{type(self).__name__}: layer(s) {partly}, frozen when they came in, are "
-                f"unfrozen in part: until {frozen} require gradients too, the fallback "
-                "rule trains what is unfrozen and the layers are not preconditioned."
+                f"unfrozen in part: until their weights {weights} require gradients, the "
+                "fallback rule trains what is unfrozen (at the group's lr) and the layers "
+                "are not preconditioned."
             )
         failed = []
         for name, go in zip(due, ready, strict=True):
@@ -1697,26 +1723,33 @@ class KroneckerOptimizer(Optimizer):
         if failed:
             warn(
                 f"{type(self).__name__}: layer(s) frozen at construction and unfrozen since "
-                f"cannot be preconditioned, so the fallback rule goes on training them: "
+                f"cannot be preconditioned, so the fallback rule trains them from now on: "
                 f"{'; '.join(failed)}."
             )
 
     def _held_back(self) -> set[int]:
         """The parameters of dormant layers unfrozen whole, waiting for the factor-update
         step from which they are preconditioned: not updated until then."""
-        return {id(p) for d in self._dormant.values() if d.unfrozen() for p in d.covers}
+        return {
+            id(p) for d in self._dormant.values() if d.unfrozen() for p in d.covers
+        }  # (a frozen one has no gradient)
 
-    def _wake(self, name: str, drop_state: bool = True) -> ModuleEntry:
-        """Make dormant layer ``name`` a preconditioned one: factors for all its
-        parameters (a checkpoint may wake it while they are frozen: it then pauses
-        until they are unfrozen, as a layer frozen whole after construction), hooks
-        installed, its parameters' fallback state dropped unless a checkpoint's state
+    def _wake(
+        self, name: str, drop_state: bool = True, covering: set[str] | None = None
+    ) -> ModuleEntry:
+        """Make dormant layer ``name`` a preconditioned one: factors for the parameters
+        that require gradients now (as a new optimizer), or, where a checkpoint wakes
+        it (perhaps while frozen: it then pauses until unfrozen, as a layer frozen whole
+        after construction), for those it covered there (``covering``, names); hooks
+        installed; its parameters' fallback state dropped unless a checkpoint's state
         is loaded next. Raises (changing nothing) where that is refused."""
         module, adapter = self._dormant[name].module, self._dormant[name].adapter
-        flags = [(p, p.requires_grad) for p in module.parameters()]
-        try:  # (an adapter covers a bias only while it requires gradients)
-            for p, _ in flags:
-                p.requires_grad_(True)
+        if covering is None:
+            flags = {id(p): p.requires_grad for p in module.parameters()}
+            which = lambda p: flags[id(p)]  # noqa: E731
+        else:
+            which = lambda p: self._name(p) in covering  # noqa: E731
+        with _trainable(module, which):
             params = adapter.params(module)
             group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
             indices = tuple(group_of.get(id(p)) for p in params)
@@ -1728,11 +1761,8 @@ class KroneckerOptimizer(Optimizer):
                 raise ValueError(
                     f"its parameters are in param groups whose {', '.join(differ)} differ"
                 )
-            adapter.check(module, name)
+            self._refuse(name, module, adapter, self.param_groups[indices[0]])
             entry = self._new_entry(name, module, adapter, indices[0])
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
         if len(set(indices)) > 1:
             entry.param_groups = indices
         del self._dormant[name]
@@ -2008,6 +2038,12 @@ class KroneckerOptimizer(Optimizer):
             "skipped_steps": self.skipped_steps,
             "capture_scale": self._capture_scale,
             "demoted": sorted(self._demoted),
+            # the parameters each layer's factors cover (a layer woken in a loading
+            # optimizer while frozen is made for them)
+            "covered": {
+                name: [self._name(p) for p in e.covered]
+                for name, e in {**self._entries, **self._demoted}.items()
+            },
             "layers": {
                 name: {
                     "structures": {k: _family(v) for k, v in s.factors().items()},
@@ -2102,15 +2138,17 @@ class KroneckerOptimizer(Optimizer):
         for name in list(self._demoted):  # preconditioned again where the checkpoint is
             if name not in demoted and any(k == name or k.startswith(f"{name}.") for k in saved):
                 self._undemote(name)
+        covered = extra.get("covered", {})
         for name in list(self._dormant):  # (frozen here, woken where it was saved)
+            covering = covered.get(name, [self._name(p) for p in self._dormant[name].covers])
             if name in demoted:  # woken, then handed over: demoted below, as saved
                 try:
-                    self._wake(name, drop_state=False)
+                    self._wake(name, drop_state=False, covering=set(covering))
                 except (ValueError, TypeError, NotImplementedError):
                     del self._dormant[name]  # (the fallback rule's, as saved)
             elif any(k == name or k.startswith(f"{name}.") for k in saved):
                 try:
-                    self._wake(name, drop_state=False)
+                    self._wake(name, drop_state=False, covering=set(covering))
                 except (ValueError, TypeError, NotImplementedError) as err:
                     raise ValueError(
                         f"The saved state preconditions layer {name!r}, which this "
@@ -2140,7 +2178,12 @@ class KroneckerOptimizer(Optimizer):
         extra = dict(extra, layers=saved_layers)
         missing = set(layers) ^ set(extra["layers"])
         if missing:
-            raise ValueError(f"Saved and current preconditioned layers differ: {sorted(missing)}.")
+            raise ValueError(
+                f"Saved and current preconditioned layers differ: {sorted(missing)}. (A "
+                "layer frozen whole when the saving optimizer was constructed is "
+                "preconditioned only from a factor-update step after it was unfrozen: "
+                "construct the loading optimizer with the same layers frozen.)"
+            )
         for name, saved in extra["layers"].items():
             layer = layers[name]
             current = layer.factors()
@@ -2244,17 +2287,25 @@ def _remove_handles(handles: list[Any]) -> None:
     handles.clear()
 
 
-def _covered(adapter: LayerAdapter, module: nn.Module) -> tuple[nn.Parameter, ...]:
-    """The parameters ``adapter`` covers for ``module`` once all of the module's require
-    gradients (an adapter covers a bias only while it requires them)."""
+@contextlib.contextmanager
+def _trainable(module: nn.Module, which: Callable[[nn.Parameter], bool] = lambda p: True):
+    """Within: ``module``'s parameters require gradients where ``which`` says so (an
+    adapter covers a bias only while it requires them); restored after."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     try:
         for p, _ in flags:
-            p.requires_grad_(True)
-        return tuple(adapter.params(module))
+            p.requires_grad_(which(p))
+        yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _covered(adapter: LayerAdapter, module: nn.Module) -> tuple[nn.Parameter, ...]:
+    """The parameters ``adapter`` covers for ``module`` once all of the module's require
+    gradients."""
+    with _trainable(module):
+        return tuple(adapter.params(module))
 
 
 def _layout(adapter: LayerAdapter, module: nn.Module) -> tuple[tuple[int, bool], ...]:

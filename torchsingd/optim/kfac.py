@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchsingd.layers.base import inner_of_rows
+from torchsingd.layers.base import LayerAdapter, inner_of_rows
 from torchsingd.optim.base import (
     BlockState,
     KroneckerOptimizer,
@@ -239,6 +239,12 @@ class KFAC(KroneckerOptimizer):
                 "factors are inverted, so only 'dense' or 'diagonal' are supported."
             )
 
+    def _refuse(
+        self, name: str, module: nn.Module, adapter: LayerAdapter, group: dict[str, Any]
+    ) -> None:
+        super()._refuse(name, module, adapter, group)
+        _factor_dtypes(name, group, adapter.params(module)[0])
+
     def _new_block(
         self,
         name: str,
@@ -248,16 +254,7 @@ class KFAC(KroneckerOptimizer):
         k_structure: str | None,
         weight: Tensor,
     ) -> KFACLayerState:
-        dtype_K, dtype_C = parse_dtypes(group["factor_dtype"], "factor_dtype", weight.dtype)
-        for dtype in (dtype_K, dtype_C):
-            if dtype in HALF_PRECISION:
-                raise ValueError(
-                    f"KFAC cannot keep its factors of layer {name!r} in {dtype}: it inverts "
-                    "S + lambda*I, which PyTorch's linear algebra does not support in half "
-                    "precision and which loses positive definiteness there. Use "
-                    "factor_dtype=torch.float32 (also for a bfloat16 model), or SINGD, "
-                    "which needs no inverse."
-                )
+        dtype_K, dtype_C = _factor_dtypes(name, group, weight)
         spec_K = get_structure(k_structure or "dense")
         spec_C = get_structure("dense")
         d_i, d_o = dims
@@ -327,3 +324,18 @@ class KFAC(KroneckerOptimizer):
         nat = inv_C.mm(right.to(inv_C.dtype)).to(G.dtype)
         factors = {"S_K": S_K, "S_C": S_C, "inv_K": inv_K, "inv_C": inv_C}
         return factors, nat
+
+
+def _factor_dtypes(name: str, group: dict[str, Any], weight: Tensor) -> tuple[Any, Any]:
+    """The dtypes of a layer's ``S_K`` and ``S_C``; a ``ValueError`` for half precision."""
+    dtype_K, dtype_C = parse_dtypes(group["factor_dtype"], "factor_dtype", weight.dtype)
+    for dtype in (dtype_K, dtype_C):
+        if dtype in HALF_PRECISION:
+            raise ValueError(
+                f"KFAC cannot keep its factors of layer {name!r} in {dtype}: it inverts "
+                "S + lambda*I, which PyTorch's linear algebra does not support in half "
+                "precision and which loses positive definiteness there. Use "
+                "factor_dtype=torch.float32 (also for a bfloat16 model), or SINGD, "
+                "which needs no inverse."
+            )
+    return dtype_K, dtype_C
