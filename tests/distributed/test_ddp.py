@@ -681,7 +681,8 @@ def test_layers_unfrozen_after_construction_wake_together_on_every_rank(strategy
 
 
 def _disagree_worker(rank, port, out_path):
-    """Rank 0 unfreezes a layer frozen at construction, rank 1 does not."""
+    """Of two layers frozen at construction, rank 0 unfreezes both, rank 1 the weight
+    of the second only."""
     import warnings
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -690,12 +691,15 @@ def _disagree_worker(rank, port, out_path):
     try:
         model = make_model()
         model[0].requires_grad_(False)
+        model[3].requires_grad_(False)
         opt = SINGD(model, params=model.parameters(), lr=0.05, T=1, warn_unsupported=False)
         ddp = DDP(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train(ddp, opt, batches(1), rank, WORLD)
             model[0].requires_grad_(rank == 0)
+            model[3].requires_grad_(rank == 0)
+            model[3].weight.requires_grad_(True)
             train(ddp, opt, batches(3)[1:], rank, WORLD)
         params = [p.detach() for p in model.parameters()]
         messages = [str(w.message) for w in caught]
@@ -710,17 +714,20 @@ def _disagree_worker(rank, port, out_path):
 
 
 def test_a_layer_unfrozen_on_some_ranks_only_stays_unchanged_everywhere(jobs):
-    """Ranks that disagree on unfreezing a waiting layer keep it unchanged (identical
-    parameters on every rank) and the rank that unfroze it says why."""
+    """Ranks that disagree on unfreezing a waiting layer (on it at all, or on its bias:
+    the factors would differ in size) keep it unchanged (identical parameters on every
+    rank); each rank that unfroze a weight says why."""
     jobs.ensure("disagree")
     out = jobs.path("disagree")
     got = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
     for p, q in zip(got[0]["params"], got[1]["params"], strict=True):
         assert torch.equal(p, q)
-    assert torch.equal(got[0]["params"][0], make_model()[0].weight.detach())
-    assert got[0]["layers"] == got[1]["layers"] == ["3", "5"]
-    assert [m for m in got[0]["messages"] if "not on every rank" in m]
-    assert not [m for m in got[1]["messages"] if "not on every rank" in m]
+    start = make_model()
+    for i in (0, 1, 2, 3):  # (the weights and biases of layers 0 and 3)
+        assert torch.equal(got[0]["params"][i], list(start.parameters())[i].detach())
+    assert got[0]["layers"] == got[1]["layers"] == ["5"]
+    told = [[m for m in g["messages"] if "not in the same way on every rank" in m] for g in got]
+    assert "['0', '3']" in told[0][0] and "['3']" in told[1][0]
 
 
 def _key(*parts) -> str:

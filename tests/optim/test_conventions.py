@@ -384,6 +384,36 @@ def test_which_frozen_layers_wait_to_be_preconditioned():
     assert set(opt.fallback_parameters) == {"bias_k", "bias_v"}
 
 
+def test_an_attention_layer_unfrozen_in_part_waits_unchanged():
+    """MultiheadAttention (as the recurrent layers) is preconditioned with all of its
+    weights or none: with only in_proj unfrozen it waits, unchanged, said once; with
+    all unfrozen it wakes."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2).double()
+    attention.requires_grad_(False)
+    opt = SINGD(attention, params=attention.parameters(), **HP1)
+    attention.in_proj_weight.requires_grad_(True)
+    before = attention.in_proj_weight.detach().clone()
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            attention(x, x, x)[0].square().sum().backward()
+            opt.step()
+
+    with pytest.warns(UserWarning, match=r"stay unchanged until that is unfrozen too: ''"):
+        steps(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps(2)
+    assert set(opt._dormant) == {""} and torch.equal(before, attention.in_proj_weight)
+    attention.requires_grad_(True)
+    steps(2)
+    assert opt._dormant == {} and set(opt.layers) == set(SINGD(attention, **HP1).layers)
+    assert not torch.equal(before, attention.in_proj_weight)
+
+
 def test_a_checkpoint_wakes_a_layer_frozen_in_the_loading_optimizer():
     """Resuming: the model frozen as at the start, a new optimizer, the checkpoint of a
     run that had unfrozen it: the layer is preconditioned with the saved factors and

@@ -147,6 +147,10 @@ class BlockState:
         return {}
 
 
+class _RefusedError(ValueError):
+    """What :meth:`KroneckerOptimizer._refuse` raised when a dormant layer woke."""
+
+
 @dataclass
 class Dormant:
     """A supported layer frozen whole when it came in, trained by the fallback rule
@@ -508,6 +512,7 @@ class KroneckerOptimizer(Optimizer):
         #: :meth:`_wake_dormant`); none gets factors before.
         self._dormant: dict[str, Dormant] = {}
         self._told: set[str] = set()  # dormant layers said to be unfrozen in part
+        self._told_apart: set[str] = set()  # said to be unfrozen on some ranks only
         #: parameters left out as frozen (``params=None``): a step that finds one with a
         #: gradient (unfrozen since) says once that it is not trained
         self._left_out: list[Tensor] = []
@@ -751,6 +756,7 @@ class KroneckerOptimizer(Optimizer):
         claimed: set[int] = {id(p) for e in self._entries.values() for p in e.covered}
         known = {id(p) for _, p in self._fallback_params}
         known_before = frozenset(known)
+        refused: list[str] = []  # frozen layers that could not be preconditioned either
         # Check everything before changing anything (a failed add_param_group is undone).
         new_layers, split = [], []
         for name, module, adapter in self._candidates:
@@ -809,8 +815,9 @@ class KroneckerOptimizer(Optimizer):
             try:
                 with _trainable(module):
                     self._refuse(name, module, adapter, self.param_groups[indices[0]])
-            except ValueError:
-                continue  # (e.g. a sparse embedding; KFAC in half precision)
+            except ValueError as err:  # (e.g. a sparse embedding; KFAC in half precision)
+                refused.append(f"{name!r} ({err})")
+                continue
             self._dormant[name] = Dormant(module, adapter, indices[0], covers)
         if self._warn_unsupported and new_fallback:
             by_rule: dict[str, list[str]] = {}
@@ -834,6 +841,10 @@ class KroneckerOptimizer(Optimizer):
                     " Of supported layers frozen whole now (requires_grad=False), "
                     "preconditioned once their weight is unfrozen, from a factor-update "
                     f"step on (unchanged until then): {waiting}."
+                )
+            if refused:
+                tied += (
+                    f" Frozen layers it could not precondition once unfrozen: {'; '.join(refused)}."
                 )
             if frozen:  # (part of a supported layer frozen now stays with the fallback)
                 tied += (
@@ -907,7 +918,9 @@ class KroneckerOptimizer(Optimizer):
             f"{type(self).__name__} was constructed: it trained {trained(entry.layout)}, "
             f"now {trained(now)} require gradients. Its Kronecker factors are sized for "
             "the former: set requires_grad before constructing the optimizer (or "
-            "construct a new one). Freezing all of a layer's parameters is fine."
+            "construct a new one); for a layer frozen whole at construction, they were "
+            "sized when its weight was unfrozen: unfreeze its weight and bias together. "
+            "Freezing all of a layer's parameters is fine."
         )
 
     @property
@@ -1679,21 +1692,30 @@ class KroneckerOptimizer(Optimizer):
         here = ready = [self._dormant[n].unfrozen() for n in due]
         size = tdist.world(self._group)[1]
         if size > 1:  # (every rank has the same due layers: the same steps and groups)
+            # every covered parameter's flag: a layer wakes where all ranks unfroze its
+            # weight and agree on the rest (its factors are sized by them)
+            flags = [[p.requires_grad for p in self._dormant[n].covers] for n in due]
             device = self._dormant[due[0]].covers[0].device
-            votes = torch.tensor(ready, dtype=torch.float32, device=device)
+            votes = torch.tensor(sum(flags, []), dtype=torch.float32, device=device)
             tdist.all_reduce_tensors([votes], self._group)
-            ready = [v == size for v in votes.tolist()]
+            counts, start = votes.tolist(), 0
+            ready = []
+            for layer in flags:
+                mine = counts[start : start + len(layer)]
+                start += len(layer)
+                ready.append(mine[0] == size and all(c in (0, size) for c in mine))
             apart = [
                 n
                 for n, mine, go in zip(due, here, ready, strict=True)
-                if mine and not go and n not in self._told
+                if mine and not go and n not in self._told_apart
             ]
             if apart:
-                self._told.update(apart)
+                self._told_apart.update(apart)
                 warn(
                     f"{type(self).__name__}: layer(s) {apart}, frozen when they came in, "
-                    "are unfrozen on this rank but not on every rank: they stay unchanged "
-                    "until every rank unfreezes them (ranks must agree on what trains)."
+                    "are unfrozen on this rank but not in the same way on every rank: "
+                    "they stay unchanged until every rank unfreezes the same parameters "
+                    "(ranks must agree on what trains)."
                 )
         partly = [
             n
@@ -1711,21 +1733,44 @@ class KroneckerOptimizer(Optimizer):
                 "fallback rule trains what is unfrozen (at the group's lr) and the layers "
                 "are not preconditioned."
             )
-        failed = []
+        failed, waiting = [], []
         for name, go in zip(due, ready, strict=True):
             if not go:
                 continue
             try:
                 self._wake(name)
             except (ValueError, TypeError, NotImplementedError) as err:
+                if isinstance(err, _RefusedError) and self._refused_by_flags(name):
+                    waiting.append(f"{name!r} ({err})")  # (stays dormant, held back)
+                    continue
                 del self._dormant[name]
                 failed.append(f"{name!r} ({err})")
+        waiting = [w for w in waiting if w.split(" ")[0] not in self._told]
+        if waiting:
+            self._told.update(w.split(" ")[0] for w in waiting)
+            warn(
+                f"{type(self).__name__}: layer(s) frozen at construction are unfrozen in a "
+                "way they cannot be preconditioned; they stay unchanged until that is "
+                f"unfrozen too: {'; '.join(waiting)}."
+            )
         if failed:
             warn(
                 f"{type(self).__name__}: layer(s) frozen at construction and unfrozen since "
                 f"cannot be preconditioned, so the fallback rule trains them from now on: "
                 f"{'; '.join(failed)}."
             )
+
+    def _refused_by_flags(self, name: str) -> bool:
+        """Whether dormant layer ``name`` is refused only for which of its parameters
+        require gradients now (an attention or recurrent layer's check wants all or
+        none of its weights trainable): it would be made with all of them."""
+        d = self._dormant[name]
+        try:
+            with _trainable(d.module):
+                self._refuse(name, d.module, d.adapter, self.param_groups[d.group_index])
+        except ValueError:
+            return False
+        return True
 
     def _held_back(self) -> set[int]:
         """The parameters of dormant layers unfrozen whole, waiting for the factor-update
@@ -1761,7 +1806,10 @@ class KroneckerOptimizer(Optimizer):
                 raise ValueError(
                     f"its parameters are in param groups whose {', '.join(differ)} differ"
                 )
-            self._refuse(name, module, adapter, self.param_groups[indices[0]])
+            try:
+                self._refuse(name, module, adapter, self.param_groups[indices[0]])
+            except ValueError as err:
+                raise _RefusedError(str(err)) from None
             entry = self._new_entry(name, module, adapter, indices[0])
         if len(set(indices)) > 1:
             entry.param_groups = indices
