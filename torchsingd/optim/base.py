@@ -153,8 +153,9 @@ class _RefusedError(ValueError):
 
 @dataclass
 class Dormant:
-    """A supported layer frozen whole when it came in, trained by the fallback rule
-    until it is unfrozen (see :meth:`KroneckerOptimizer._wake_dormant`)."""
+    """A supported layer frozen whole when it came in: no factors; preconditioned from
+    a factor-update step after its weight is unfrozen, left unchanged until then (see
+    :meth:`KroneckerOptimizer._wake_dormant`)."""
 
     module: nn.Module
     adapter: LayerAdapter
@@ -506,10 +507,10 @@ class KroneckerOptimizer(Optimizer):
         self.on_nonfinite = on_nonfinite
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._candidates, self._tied, self._overridden, self._asleep = self._find_layers(model)
-        #: supported layers frozen whole when they came in, whose parameters the
-        #: fallback rule holds, by name (:class:`Dormant`). Each
-        #: is preconditioned once all its parameters require gradients again (see
-        #: :meth:`_wake_dormant`); none gets factors before.
+        #: supported layers frozen whole when they came in (their parameters are in
+        #: the fallback's list), by name (:class:`Dormant`): each is preconditioned once
+        #: its weight requires gradients again (see :meth:`_wake_dormant`); none gets
+        #: factors before.
         self._dormant: dict[str, Dormant] = {}
         self._told: set[str] = set()  # dormant layers said to be unfrozen in part
         self._told_apart: set[str] = set()  # said to be unfrozen on some ranks only
@@ -1671,17 +1672,19 @@ class KroneckerOptimizer(Optimizer):
             self._wake_dormant()
 
     def _wake_dormant(self) -> None:
-        """Precondition the dormant layers whose covered parameters all require
-        gradients now, from the next step on, where that step updates the factors.
-        Until then their parameters stay as they are (:meth:`_held_back`): a step of
+        """Precondition the dormant layers whose weight requires gradients now (with
+        factors for what requires them: a frozen bias stays out, as at construction),
+        from the next step on, where that step updates the factors. Until then their
+        unfrozen parameters stay as they are (:meth:`_held_back`): a step of
         the fallback rule at the preconditioned ``lr`` (AdamW moves every weight by
         about ``lr`` in its first steps) could wreck pretrained weights, and a step
         without statistics would be preconditioned by factors that never saw one. Their
         factors start as a new optimizer's, their fallback state is dropped, as if the
         optimizer had been constructed now. Under ``torch.distributed`` a layer wakes
-        where it is ready on every rank. One that cannot be preconditioned (e.g. KFAC
-        with half-precision weights) goes to the fallback rule, with a warning; one
-        unfrozen only in part (a BitFit bias) stays dormant, said once."""
+        where every rank unfroze the same parameters. One that cannot be preconditioned
+        (e.g. its param groups' options made to differ since) goes to the fallback rule,
+        with a warning; one unfrozen only in part (a BitFit bias; an attention or
+        recurrent layer with some of its weights) stays dormant, said once."""
         due = [
             name
             for name, d in self._dormant.items()
@@ -1741,17 +1744,18 @@ class KroneckerOptimizer(Optimizer):
                 self._wake(name)
             except (ValueError, TypeError, NotImplementedError) as err:
                 if isinstance(err, _RefusedError) and self._refused_by_flags(name):
-                    waiting.append(f"{name!r} ({err})")  # (stays dormant, held back)
+                    if name not in self._told:  # (stays dormant, held back)
+                        waiting.append((name, err))
                     continue
                 del self._dormant[name]
                 failed.append(f"{name!r} ({err})")
-        waiting = [w for w in waiting if w.split(" ")[0] not in self._told]
         if waiting:
-            self._told.update(w.split(" ")[0] for w in waiting)
+            self._told.update(name for name, _ in waiting)
+            why = "; ".join(f"{name!r} ({err})" for name, err in waiting)
             warn(
                 f"{type(self).__name__}: layer(s) frozen at construction are unfrozen in a "
                 "way they cannot be preconditioned; they stay unchanged until that is "
-                f"unfrozen too: {'; '.join(waiting)}."
+                f"unfrozen too: {why}."
             )
         if failed:
             warn(
@@ -1773,8 +1777,8 @@ class KroneckerOptimizer(Optimizer):
         return True
 
     def _held_back(self) -> set[int]:
-        """The parameters of dormant layers unfrozen whole, waiting for the factor-update
-        step from which they are preconditioned: not updated until then."""
+        """The parameters of dormant layers whose weight is unfrozen, waiting for the
+        factor-update step from which they are preconditioned: not updated until then."""
         return {
             id(p) for d in self._dormant.values() if d.unfrozen() for p in d.covers
         }  # (a frozen one has no gradient)
