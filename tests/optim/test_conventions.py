@@ -414,6 +414,30 @@ def test_an_attention_layer_unfrozen_in_part_waits_unchanged():
     assert not torch.equal(before, attention.in_proj_weight)
 
 
+def test_a_layer_made_to_wait_by_add_param_group_is_held_back_too():
+    """One layer wakes, another comes in frozen through add_param_group (as many
+    waiting as before): unfrozen, the newcomer is left unchanged until its wake too."""
+    model = make_mlp(0, widths=(6, 8, 8, 3))
+    model.requires_grad_(False)
+    first = [p for i in (0, 2) for p in model[i].parameters()]
+    opt = SINGD(model, params=first, **_frozen_hp(SINGD, T=2))
+    assert set(opt._dormant) == {"0", "2"}
+    model[0].requires_grad_(True)
+    train(model, opt, 0, 2)
+    assert set(opt.layers) == {"0"}
+    model[2].bias.requires_grad_(True)  # (BitFit: the fallback trains it)
+    with pytest.warns(UserWarning, match="unfrozen in part"):
+        train(model, opt, 2, 4)
+    opt.add_param_group({"params": list(model[4].parameters())})
+    assert set(opt._dormant) == {"2", "4"}
+    model[4].requires_grad_(True)
+    before = model[4].weight.detach().clone()
+    train(model, opt, 4, 5)
+    assert torch.equal(before, model[4].weight)  # (held back, not the fallback's)
+    train(model, opt, 5, 7)
+    assert set(opt.layers) == {"0", "4"} and not torch.equal(before, model[4].weight)
+
+
 def test_a_checkpoint_wakes_a_layer_frozen_in_the_loading_optimizer():
     """Resuming: the model frozen as at the start, a new optimizer, the checkpoint of a
     run that had unfrozen it: the layer is preconditioned with the saved factors and

@@ -29,6 +29,7 @@ import contextlib
 import copy
 import math
 import numbers
+import operator
 import os
 import sys
 import warnings
@@ -145,6 +146,9 @@ class BlockState:
         """Tensors derived from the factors and kept between steps (not checkpointed,
         counted by ``state_bytes``): objects with ``nbytes()``, or ``None``."""
         return {}
+
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 class _RefusedError(ValueError):
@@ -514,6 +518,8 @@ class KroneckerOptimizer(Optimizer):
         self._dormant: dict[str, Dormant] = {}
         self._told: set[str] = set()  # dormant layers said to be unfrozen in part
         self._told_apart: set[str] = set()  # said to be unfrozen on some ranks only
+        #: parameter id -> its dormant layer (a cache, reset where ``_dormant`` changes)
+        self._dormant_of: dict[int, Dormant] | None = None
         #: parameters left out as frozen (``params=None``): a step that finds one with a
         #: gradient (unfrozen since) says once that it is not trained
         self._left_out: list[Tensor] = []
@@ -738,6 +744,7 @@ class KroneckerOptimizer(Optimizer):
             self._assign_parameters()
         except BaseException:
             entries, self._dormant, n_handles, n_fallback, *lists, self._param_names = saved
+            self._dormant_of = None
             self._candidates, self._tied, self._overridden, self._asleep = lists
             self._entries = entries
             _remove_handles(self._handles[n_handles:])
@@ -820,6 +827,7 @@ class KroneckerOptimizer(Optimizer):
                 refused.append(f"{name!r} ({err})")
                 continue
             self._dormant[name] = Dormant(module, adapter, indices[0], covers)
+            self._dormant_of = None
         if self._warn_unsupported and new_fallback:
             by_rule: dict[str, list[str]] = {}
             for i, p in new_fallback:
@@ -1636,7 +1644,7 @@ class KroneckerOptimizer(Optimizer):
                     self._notes += [(event, None)] * (round(total) - own)  # (warned by owners)
         fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
         if self._dormant and fallback:
-            held = self._held_back()
+            held = self._held_back(fallback)
             fallback = [f for f in fallback if id(f[1]) not in held] if held else fallback
         inners = self._group_inners(pending)
         if not self._finite(pending, fallback, inners):
@@ -1685,14 +1693,11 @@ class KroneckerOptimizer(Optimizer):
         (e.g. its param groups' options made to differ since) goes to the fallback rule,
         with a warning; one unfrozen only in part (a BitFit bias; an attention or
         recurrent layer with some of its weights) stays dormant, said once."""
-        due = [
-            name
-            for name, d in self._dormant.items()
-            if self.steps % self.param_groups[d.group_index]["T"] == 0
-        ]
+        now = {i for i, g in enumerate(self.param_groups) if self.steps % g["T"] == 0}
+        due = [name for name, d in self._dormant.items() if d.group_index in now]
         if not due:
             return
-        here = ready = [self._dormant[n].unfrozen() for n in due]
+        here = ready = [self._dormant[n].covers[0].requires_grad for n in due]
         size = tdist.world(self._group)[1]
         if size > 1:  # (every rank has the same due layers: the same steps and groups)
             # every covered parameter's flag: a layer wakes where all ranks unfroze its
@@ -1720,13 +1725,19 @@ class KroneckerOptimizer(Optimizer):
                     "they stay unchanged until every rank unfreezes the same parameters "
                     "(ranks must agree on what trains)."
                 )
-        partly = [
-            n
-            for n, mine in zip(due, here, strict=True)
-            if not mine
-            and n not in self._told
-            and any(p.requires_grad for p in self._dormant[n].covers)
-        ]
+        partly = []
+        if (
+            self.steps <= 2 * self.LEFT_OUT_CHECK_EVERY
+            or not (self.steps // self.param_groups[self._dormant[due[0]].group_index]["T"])
+            % self.LEFT_OUT_CHECK_EVERY
+        ):  # (a warning only: looked for now and then)
+            partly = [
+                n
+                for n, mine in zip(due, here, strict=True)
+                if not mine
+                and n not in self._told
+                and any(map(_REQUIRES_GRAD, self._dormant[n].covers))
+            ]
         if partly:
             self._told.update(partly)
             weights = [self._name(self._dormant[n].covers[0]) for n in partly]
@@ -1748,6 +1759,7 @@ class KroneckerOptimizer(Optimizer):
                         waiting.append((name, err))
                     continue
                 del self._dormant[name]
+                self._dormant_of = None
                 failed.append(f"{name!r} ({err})")
         if waiting:
             self._told.update(name for name, _ in waiting)
@@ -1776,12 +1788,14 @@ class KroneckerOptimizer(Optimizer):
             return False
         return True
 
-    def _held_back(self) -> set[int]:
-        """The parameters of dormant layers whose weight is unfrozen, waiting for the
-        factor-update step from which they are preconditioned: not updated until then."""
-        return {
-            id(p) for d in self._dormant.values() if d.unfrozen() for p in d.covers
-        }  # (a frozen one has no gradient)
+    def _held_back(self, fallback: list[tuple[int, nn.Parameter, Tensor]]) -> set[int]:
+        """Of ``fallback``'s parameters (those with gradients), the ones of dormant
+        layers whose weight is unfrozen, waiting for the factor-update step from which
+        they are preconditioned: not updated until then."""
+        if self._dormant_of is None:  # (reset wherever the dormant layers change)
+            self._dormant_of = {id(p): d for d in self._dormant.values() for p in d.covers}
+        of = self._dormant_of
+        return {id(p) for _, p, _ in fallback if id(p) in of and of[id(p)].unfrozen()}
 
     def _wake(
         self, name: str, drop_state: bool = True, covering: set[str] | None = None
@@ -1818,6 +1832,7 @@ class KroneckerOptimizer(Optimizer):
         if len(set(indices)) > 1:
             entry.param_groups = indices
         del self._dormant[name]
+        self._dormant_of = None
         ids = {id(p) for p in params}
         self._fallback_params = [(i, p) for i, p in self._fallback_params if id(p) not in ids]
         for p in params if drop_state else ():
@@ -2156,6 +2171,7 @@ class KroneckerOptimizer(Optimizer):
             self.state, self.param_groups, layers, counters, routing, asleep = kept
             self._entries, self._fallback_params, self._demoted = routing
             self._dormant, n_handles = asleep
+            self._dormant_of = None
             _remove_handles(self._handles[n_handles:])  # (of layers woken for the load)
             del self._handles[n_handles:]
             self._owners = {}
@@ -2198,6 +2214,7 @@ class KroneckerOptimizer(Optimizer):
                     self._wake(name, drop_state=False, covering=set(covering))
                 except (ValueError, TypeError, NotImplementedError):
                     del self._dormant[name]  # (the fallback rule's, as saved)
+                    self._dormant_of = None
             elif any(k == name or k.startswith(f"{name}.") for k in saved):
                 try:
                     self._wake(name, drop_state=False, covering=set(covering))
