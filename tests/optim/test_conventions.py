@@ -1366,3 +1366,35 @@ def test_construction_warning_counts_layers_and_blocks():
     assert len(opt.layers) == 7
     with pytest.warns(UserWarning, match=r"preconditions 1 layer\(s\); these"):
         SINGD(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+
+
+def test_a_recurrent_layer_unfrozen_weight_by_weight_waits_and_is_told():
+    """An LSTM frozen at construction: its biases unfrozen alone are the fallback's (one
+    warning); a weight unfrozen too makes it wait, unchanged (another warning, not
+    swallowed by the first); all unfrozen, it wakes."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4).double()
+    lstm.requires_grad_(False)
+    opt = SINGD(lstm, params=lstm.parameters(), **_frozen_hp(SINGD, T=1))
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            lstm(x)[0].square().sum().backward()
+            opt.step()
+
+    lstm.bias_ih_l0.requires_grad_(True)
+    before = lstm.bias_ih_l0.detach().clone()
+    with pytest.warns(UserWarning, match=r"unfrozen in part: until their weights \['weight_ih"):
+        steps(1)
+    assert not torch.equal(before, lstm.bias_ih_l0)  # (BitFit: the fallback's)
+    lstm.weight_hh_l0.requires_grad_(True)
+    held = [p.detach().clone() for p in (lstm.bias_ih_l0, lstm.weight_hh_l0)]
+    with pytest.warns(UserWarning, match=r"stay unchanged .*'' \(until weight_ih_l0 is unfrozen"):
+        steps(2)
+    now = (lstm.bias_ih_l0, lstm.weight_hh_l0)
+    assert all(torch.equal(a, b) for a, b in zip(held, now, strict=True))
+    lstm.requires_grad_(True)
+    steps(2)
+    assert opt._dormant == {} and set(opt.layers) == set(SINGD(lstm, **HP1).layers)

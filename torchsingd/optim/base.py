@@ -158,8 +158,9 @@ class _RefusedError(ValueError):
 @dataclass
 class Dormant:
     """A supported layer frozen whole when it came in: no factors; preconditioned from
-    a factor-update step after its weight is unfrozen, left unchanged until then (see
-    :meth:`KroneckerOptimizer._wake_dormant`)."""
+    a factor-update step after its weight is unfrozen, left unchanged from the step
+    any of its weights is unfrozen until then; with only biases unfrozen (BitFit) the
+    fallback rule trains them (see :meth:`KroneckerOptimizer._wake_dormant`)."""
 
     module: nn.Module
     adapter: LayerAdapter
@@ -171,6 +172,13 @@ class Dormant:
     def unfrozen(self) -> bool:
         """Whether its weight requires gradients."""
         return self.covers[0].requires_grad
+
+    def waiting(self) -> bool:
+        """Whether it waits for its wake, unchanged: its weight, or another of its
+        weights (an attention or recurrent layer's), requires gradients."""
+        return self.covers[0].requires_grad or any(
+            p.requires_grad and p.dim() >= 2 for p in self.covers
+        )
 
 
 @dataclass
@@ -518,6 +526,7 @@ class KroneckerOptimizer(Optimizer):
         self._dormant: dict[str, Dormant] = {}
         self._told: set[str] = set()  # dormant layers said to be unfrozen in part
         self._told_apart: set[str] = set()  # said to be unfrozen on some ranks only
+        self._told_waiting: set[str] = set()  # said to wait for more to be unfrozen
         #: parameter id -> its dormant layer (a cache, reset where ``_dormant`` changes)
         self._dormant_of: dict[int, Dormant] | None = None
         #: parameters left out as frozen (``params=None``): a step that finds one with a
@@ -1725,44 +1734,50 @@ class KroneckerOptimizer(Optimizer):
                     "they stay unchanged until every rank unfreezes the same parameters "
                     "(ranks must agree on what trains)."
                 )
-        partly = []
+        partly, waiting = [], []
         if (
             self.steps <= 2 * self.LEFT_OUT_CHECK_EVERY
             or not (self.steps // self.param_groups[self._dormant[due[0]].group_index]["T"])
             % self.LEFT_OUT_CHECK_EVERY
-        ):  # (a warning only: looked for now and then)
-            partly = [
-                n
-                for n, mine in zip(due, here, strict=True)
-                if not mine
-                and n not in self._told
-                and any(map(_REQUIRES_GRAD, self._dormant[n].covers))
-            ]
+        ):  # (warnings only: looked for now and then)
+            for n, mine in zip(due, here, strict=True):
+                d = self._dormant[n]
+                if mine or not any(map(_REQUIRES_GRAD, d.covers)):
+                    continue
+                if d.waiting() and n not in self._told_waiting:  # another weight
+                    waiting.append((n, f"until {self._name(d.covers[0])} is unfrozen"))
+                elif not d.waiting() and n not in self._told:  # biases only
+                    partly.append(n)
         if partly:
             self._told.update(partly)
-            weights = [self._name(self._dormant[n].covers[0]) for n in partly]
+            weights = [
+                self._name(p)
+                for n in partly
+                for i, p in enumerate(self._dormant[n].covers)
+                if i == 0 or p.dim() >= 2
+            ]
             warn(
                 f"{type(self).__name__}: layer(s) {partly}, frozen when they came in, are "
                 f"unfrozen in part: until their weights {weights} require gradients, the "
                 "fallback rule trains what is unfrozen (at the group's lr) and the layers "
                 "are not preconditioned."
             )
-        failed, waiting = [], []
+        failed = []
         for name, go in zip(due, ready, strict=True):
             if not go:
                 continue
             try:
                 self._wake(name)
-            except (ValueError, TypeError, NotImplementedError) as err:
+            except Exception as err:  # (the step is done: a failed wake must not undo it)
                 if isinstance(err, _RefusedError) and self._refused_by_flags(name):
-                    if name not in self._told:  # (stays dormant, held back)
+                    if name not in self._told_waiting:  # (stays dormant, held back)
                         waiting.append((name, err))
                     continue
                 del self._dormant[name]
                 self._dormant_of = None
                 failed.append(f"{name!r} ({err})")
         if waiting:
-            self._told.update(name for name, _ in waiting)
+            self._told_waiting.update(name for name, _ in waiting)
             why = "; ".join(f"{name!r} ({err})" for name, err in waiting)
             warn(
                 f"{type(self).__name__}: layer(s) frozen at construction are unfrozen in a "
@@ -1784,7 +1799,7 @@ class KroneckerOptimizer(Optimizer):
         try:
             with _trainable(d.module):
                 self._refuse(name, d.module, d.adapter, self.param_groups[d.group_index])
-        except ValueError:
+        except Exception:
             return False
         return True
 
@@ -1795,7 +1810,7 @@ class KroneckerOptimizer(Optimizer):
         if self._dormant_of is None:  # (reset wherever the dormant layers change)
             self._dormant_of = {id(p): d for d in self._dormant.values() for p in d.covers}
         of = self._dormant_of
-        return {id(p) for _, p, _ in fallback if id(p) in of and of[id(p)].unfrozen()}
+        return {id(p) for _, p, _ in fallback if id(p) in of and of[id(p)].waiting()}
 
     def _wake(
         self, name: str, drop_state: bool = True, covering: set[str] | None = None
