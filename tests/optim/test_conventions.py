@@ -228,6 +228,7 @@ def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen(cls):
     that point (oracle: such an optimizer on a copy of the model, bit for bit)."""
     model, opt = _frozen_mlp(cls, T=2)
     assert opt.layers == {} and opt.state_bytes() == 0
+    assert opt.dormant_layers == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
     for _ in range(2):
         opt.step()  # nothing to train
     model.requires_grad_(True)
@@ -236,6 +237,7 @@ def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen(cls):
     assert opt.layers == {} and len(opt.fallback_parameters) == 4
     train(model, opt, 3, 4)  # step 4 updates factors: preconditioned from there
     assert list(opt.layers) == ["0", "2"] and opt.fallback_parameters == {}
+    assert opt.dormant_layers == {}
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert opt.state_dict()["state"] == {} and opt.steps == 4
 

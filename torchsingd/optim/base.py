@@ -947,8 +947,18 @@ class KroneckerOptimizer(Optimizer):
         return {s.name: s for e in self._entries.values() for s in e.blocks.values()}
 
     @property
+    def dormant_layers(self) -> dict[str, list[str]]:
+        """Supported layers frozen whole when they came in, not preconditioned yet:
+        layer name -> the names of the parameters it will cover. Each is preconditioned
+        from a factor-update step after its weight is unfrozen (left unchanged until
+        then); meanwhile its parameters are listed in :attr:`fallback_parameters`, whose
+        rule trains them only if just biases are unfrozen."""
+        return {n: [self._name(p) for p in d.covers] for n, d in self._dormant.items()}
+
+    @property
     def fallback_parameters(self) -> dict[str, str]:
-        """Parameter name -> the fallback rule that trains it."""
+        """Parameter name -> the fallback rule that trains it (or would: see
+        :attr:`dormant_layers` for frozen layers waiting to be preconditioned)."""
         return {self._name(p): self.param_groups[i]["fallback"] for i, p in self._fallback_params}
 
     def state_bytes(self) -> int:
