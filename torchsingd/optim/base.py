@@ -764,12 +764,16 @@ class KroneckerOptimizer(Optimizer):
             raise
         self._frozen.append(self._frozen_of(self.param_groups[-1]))
 
+    def _group_of(self) -> dict[int, int]:
+        """Parameter id -> the index of its param group."""
+        return {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+
     def _name(self, p: nn.Parameter) -> str:
         return self._param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
 
     def _assign_parameters(self) -> None:
         """Give every parameter of every group to a preconditioned layer or the fallback."""
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        group_of = self._group_of()
         claimed: set[int] = {id(p) for e in self._entries.values() for p in e.covered}
         known = {id(p) for _, p in self._fallback_params}
         known_before = frozenset(known)
@@ -808,9 +812,7 @@ class KroneckerOptimizer(Optimizer):
                 "a layer's parameters must all be in the optimizer after each call."
             )
         for name, module, adapter, indices in new_layers:
-            self._entries[name] = self._new_entry(name, module, adapter, indices[0])
-            if len(set(indices)) > 1:
-                self._entries[name].param_groups = indices
+            self._entries[name] = self._new_entry(name, module, adapter, indices)
             claimed.update(id(p) for p in adapter.params(module))
         new_fallback = []
         for i, g in enumerate(self.param_groups):
@@ -887,8 +889,11 @@ class KroneckerOptimizer(Optimizer):
             )
 
     def _new_entry(
-        self, name: str, module: nn.Module, adapter: LayerAdapter, group_index: int
+        self, name: str, module: nn.Module, adapter: LayerAdapter, indices: tuple[int, ...]
     ) -> ModuleEntry:
+        """A preconditioned layer; ``indices``: the param group of each of the adapter's
+        parameters (the weight's gives the factors' options)."""
+        group_index = indices[0]
         group = self.param_groups[group_index]
         k_structure = None
         if adapter.k_structure_option is not None:
@@ -900,6 +905,7 @@ class KroneckerOptimizer(Optimizer):
             module,
             adapter,
             group_index,
+            param_groups=indices if len(set(indices)) > 1 else (),
             layout=_layout(adapter, module),
             watched=watched,
             watched_flags=tuple(p.requires_grad for p in watched),
@@ -1832,14 +1838,14 @@ class KroneckerOptimizer(Optimizer):
         installed; its parameters' fallback state dropped unless a checkpoint's state
         is loaded next. Raises (changing nothing) where that is refused."""
         module, adapter = self._dormant[name].module, self._dormant[name].adapter
-        if covering is None:
-            flags = {id(p): p.requires_grad for p in module.parameters()}
-            which = lambda p: flags[id(p)]  # noqa: E731
-        else:
-            which = lambda p: self._name(p) in covering  # noqa: E731
-        with _trainable(module, which):
+        flags = (
+            contextlib.nullcontext()
+            if covering is None
+            else _trainable(module, lambda p: self._name(p) in covering)
+        )
+        with flags:
             params = adapter.params(module)
-            group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+            group_of = self._group_of()
             indices = tuple(group_of.get(id(p)) for p in params)
             if None in indices:
                 left = [self._name(p) for p, i in zip(params, indices, strict=True) if i is None]
@@ -1853,9 +1859,7 @@ class KroneckerOptimizer(Optimizer):
                 self._refuse(name, module, adapter, self.param_groups[indices[0]])
             except ValueError as err:
                 raise _RefusedError(str(err)) from None
-            entry = self._new_entry(name, module, adapter, indices[0])
-        if len(set(indices)) > 1:
-            entry.param_groups = indices
+            entry = self._new_entry(name, module, adapter, indices)
         del self._dormant[name]
         self._dormant_of = None
         ids = {id(p) for p in params}
@@ -2234,20 +2238,18 @@ class KroneckerOptimizer(Optimizer):
         covered = extra.get("covered", {})
         for name in list(self._dormant):  # (frozen here, woken where it was saved)
             covering = covered.get(name, [self._name(p) for p in self._dormant[name].covers])
-            if name in demoted:  # woken, then handed over: demoted below, as saved
-                try:
-                    self._wake(name, drop_state=False, covering=set(covering))
-                except (ValueError, TypeError, NotImplementedError):
-                    del self._dormant[name]  # (the fallback rule's, as saved)
-                    self._dormant_of = None
-            elif any(k == name or k.startswith(f"{name}.") for k in saved):
+            # (one in ``demoted`` was woken, then handed over: demoted below, as saved)
+            if name in demoted or any(k == name or k.startswith(f"{name}.") for k in saved):
                 try:
                     self._wake(name, drop_state=False, covering=set(covering))
                 except (ValueError, TypeError, NotImplementedError) as err:
-                    raise ValueError(
-                        f"The saved state preconditions layer {name!r}, which this "
-                        f"optimizer cannot: {err}."
-                    ) from None
+                    if name not in demoted:
+                        raise ValueError(
+                            f"The saved state preconditions layer {name!r}, which this "
+                            f"optimizer cannot: {err}."
+                        ) from None
+                    del self._dormant[name]  # (the fallback rule's, as saved)
+                    self._dormant_of = None
         for name in demoted:  # (one woken, then handed over, is demoted after its wake)
             if name in self._entries:
                 self._demote(self._entries[name], fresh_state=False)
