@@ -190,22 +190,6 @@ def test_a_layer_frozen_whole_after_construction_pauses(bias):
     assert not torch.equal(now["0.K.0"], opt.layers["0"].K.tensors()[0])
 
 
-def _weights_and_state(model, opt) -> dict[str, torch.Tensor]:
-    """Parameters, factors and per-parameter state from ``state_dict()`` (cloned);
-    without step counters, which count from each optimizer's construction."""
-    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
-    sd = opt.state_dict()
-    for i, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                out[f"state.{i}.{key}"] = value.clone()
-    for name, layer in sd["kronecker"]["layers"].items():
-        for attr, tensors in layer["factors"].items():
-            for j, t in enumerate(tensors or []):
-                out[f"{name}.{attr}.{j}"] = t.clone()
-    return out
-
-
 def _frozen_hp(cls, **options):
     hp = dict(HP1, damping=0.1, **options)
     if cls is KFAC:
@@ -723,8 +707,9 @@ def test_failed_load_leaves_the_optimizer_as_it_was(saved, match, cls):
     assert_states_equal(_everything(*reference), _everything(model, opt))
 
 
-def _everything(model: nn.Module, opt) -> dict[str, torch.Tensor]:
-    """Parameters, per-parameter state and every factor tensor of any optimizer."""
+def _weights_and_state(model: nn.Module, opt) -> dict[str, torch.Tensor]:
+    """Parameters, per-parameter state and every factor tensor of any optimizer (cloned;
+    without step counters, which count from each optimizer's construction)."""
     out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         for key, value in opt.state.get(p, {}).items():
