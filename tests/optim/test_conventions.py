@@ -145,6 +145,55 @@ def test_layers_outside_the_optimizer_are_not_checked():
     assert not torch.equal(head, model["head"].weight)
 
 
+class _Lookup(nn.Module):
+    """An embedding of a type no adapter knows (trained by the fallback rule), with
+    dense gradients."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+
+    def forward(self, x):
+        return nn.functional.embedding(x, self.weight)
+
+
+@pytest.mark.parametrize("fallback", ["adamw", "sgd"])
+def test_the_fallback_trains_a_sparse_embedding_as_its_dense_twin(fallback):
+    """A sparse embedding frozen at construction cannot be preconditioned once
+    unfrozen, so the fallback trains it: the sparse gradient (rows repeated in the
+    batch) is taken as the dense one. Oracle: the same weights under a layer type with
+    dense gradients that the fallback trains too (float64, the same steps)."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(12, 4, sparse=True).double()
+    models = [
+        nn.Sequential(e, nn.Flatten(), nn.Linear(12, 3).double())
+        for e in (emb, _Lookup(emb.weight))
+    ]
+    models[1][2].load_state_dict(models[0][2].state_dict())
+    start, opts = emb.weight.detach().clone(), []
+    for model in models:
+        model[0].weight.requires_grad_(False)
+        opts.append(SINGD(model, params=model.parameters(), fallback=fallback, **HP1))
+        model[0].weight.requires_grad_(True)
+    for t in range(3):
+        x = torch.randint(0, 12, (5, 3), generator=torch.Generator().manual_seed(t))
+        for model, opt in zip(models, opts, strict=True):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    assert models[0][0].weight.grad.is_sparse
+    assert opts[0].fallback_parameters == opts[1].fallback_parameters == {"0.weight": fallback}
+    assert not torch.equal(models[0][0].weight, start)
+    got, want = full_state(models[0], opts[0]), full_state(models[1], opts[1])
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-15)
+    state = opts[0].state[models[0][0].weight]
+    for key, value in state.items():  # the fallback's moments are dense, like the weight
+        if isinstance(value, torch.Tensor) and value.dim():
+            assert value.layout == torch.strided and value.shape == (12, 4), key
+
+
 @pytest.mark.parametrize("frozen", ["bias", "weight"])
 def test_freezing_part_of_a_layer_after_construction_is_refused(frozen):
     model = make_mlp(0)

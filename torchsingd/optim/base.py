@@ -1667,7 +1667,7 @@ class KroneckerOptimizer(Optimizer):
             if updated:
                 for event, own, total in zip(owned, mine, counts.tolist(), strict=True):
                     self._notes += [(event, None)] * (round(total) - own)  # (warned by owners)
-        fallback = [(i, p, p.grad) for i, p in self._fallback_params if p.grad is not None]
+        fallback = [(i, p, _dense(p.grad)) for i, p in self._fallback_params if p.grad is not None]
         if self._dormant and fallback:
             held = self._held_back(fallback)
             fallback = [f for f in fallback if id(f[1]) not in held] if held else fallback
@@ -2316,6 +2316,13 @@ _OUTSIDE = (
     "the weight is used outside it (e.g. F.linear(x, m.weight, m.bias), as "
     "torchvision's Swin attention does), where no statistic can be seen."
 )
+
+
+def _dense(grad: Tensor) -> Tensor:
+    """``grad`` as a strided tensor: the fallback rule takes a sparse gradient (e.g. of
+    an ``Embedding(sparse=True)`` it trains) as its dense equivalent, so that it makes
+    the step it makes for ``sparse=False`` (every row decays and keeps its moments)."""
+    return grad if grad.layout == torch.strided else grad.to_dense()
 
 
 def _whole_view(view: Tensor, base: Tensor) -> bool:
