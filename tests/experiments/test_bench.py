@@ -17,12 +17,16 @@ def test_flop_model_of_structured_products():
     assert bench.structure_mm_flops("blockdiagonal:4", 12, 3) == 2 * 12 * 4 * 3
     assert bench.structure_product_flops("dense", 5) == 2 * 125
     # Toeplitz: FFT cost grows like d log d, far below the dense d^2 n for large d;
-    # one forward and one inverse FFT of length fft_size(d) per column, plus the kernel's
-    size = 2048  # fft_size(1024)
+    # one forward and one inverse FFT of length conv_size(d) per column, plus the kernel's
+    size = 2048  # conv_size(1024) (= fft_size(1024): nothing wraps)
     fft = 2.5 * size * math.log2(size)
     assert bench.structure_mm_flops("triltoeplitz", 1024, 64) == 64 * 2 * fft + fft + 4 * 64 * 1024
     assert bench.structure_mm_flops("triltoeplitz", 1024, 64) < 0.1 * 2 * 1024**2 * 64
     assert bench.structure_mm_flops("triltoeplitz", 8, 3) == 2 * 8 * 8 * 3  # small: dense
+    # d = 785: circular length 1536, 33 outputs wrapped onto (a 33 x 33 product per column)
+    fft = 2.5 * 1536 * math.log2(1536)
+    want = 64 * 2 * fft + fft + 4 * 64 * 785 + 2 * 64 * 33 * 33
+    assert bench.structure_mm_flops("triltoeplitz", 785, 64) == want
 
 
 def test_bench_rows_are_finite(capsys):

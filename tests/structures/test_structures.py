@@ -982,11 +982,12 @@ def test_reference_blockdiagonal_transpose_bug():
 
 
 # --------------------------------------------- Toeplitz: the FFT path (d >= FFT_MIN_DIM)
-@pytest.mark.parametrize("d", [47, 127, 128, 157, 300, 785])
+@pytest.mark.parametrize("d", [47, 127, 128, 129, 157, 300, 513, 785])
 @pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
 def test_toeplitz_fft_path(name, d):
-    """Products through FFTs (lengths from ``fft_size``, from ``FFT_MIN_DIM`` on) and
-    through the small dense matrix (below) equal the dense float64 ones, for both
+    """Products through FFTs (lengths from ``conv_size``, from ``FFT_MIN_DIM`` on;
+    circular ones that wrap onto 1 output for ``d = 129, 513`` and 33 for ``d = 785``)
+    and through the small dense matrix (below) equal the dense float64 ones, for both
     layouts of ``Z``, including the cached ``outer_operator``."""
     from torchsingd.structures.toeplitz import FFT_MIN_DIM
 
@@ -1005,18 +1006,20 @@ def test_toeplitz_fft_path(name, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d", [128, 513])
+@pytest.mark.parametrize("d", [128, 512])
 def test_toeplitz_outer_operator_pads_once(d, dtype):
     """``L L^T X`` and ``L^T L X`` through buffers padded once and truncated in place
     are, bit for bit, two plain round trips ``irfft(rfft(x, n) * s, n)[:d]`` along
-    the rows of ``X^T`` (in float32 for bfloat16), for both layouts of ``X``."""
-    from torchsingd.structures.toeplitz import ToeplitzOuterOperator, fft_size
+    the rows of ``X^T`` (in float32 for bfloat16), for both layouts of ``X`` (lengths
+    that need no wrap-around correction)."""
+    from torchsingd.structures.toeplitz import ToeplitzOuterOperator, conv_size, fft_size
 
     g = gen("pads-once", d, str(dtype))
     col = (torch.randn(d, generator=g) * 0.1).to(dtype)
     col[0] += 1
     X = torch.randn(d, 37, generator=g).to(dtype)
     size = fft_size(d)
+    assert conv_size(d) == size
     s = torch.fft.rfft(col.float(), n=size)
 
     def trip(rows, spectrum):
@@ -1028,6 +1031,56 @@ def test_toeplitz_outer_operator_pads_once(d, dtype):
         for layout in (X, X.T.contiguous().T):
             got = ToeplitzOuterOperator(col, lower).mm(layout)
             assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [513, 785])
+def test_toeplitz_wrapped_convolutions_in_low_precision(d, dtype):
+    """The wrap-around correction in float32 and bfloat16 (FFTs in float32): as close
+    to the float64 product as the unwrapped length ``fft_size(d)`` gets."""
+    from torchsingd.structures import toeplitz
+
+    g = gen("wrapped", d, str(dtype))
+    col = torch.randn(d, generator=g, dtype=torch.float64) * 0.1
+    col[0] += 1
+    X = torch.randn(d, 23, generator=g, dtype=torch.float64)
+    L = toeplitz.dense_lower_toeplitz(col)
+    c, x = col.to(dtype), X.to(dtype)
+    exact = {
+        "conv": L @ X,
+        "corr": L.T @ X,
+        "outer": L @ (L.T @ X),
+    }
+
+    def products():
+        return {
+            "conv": toeplitz.causal_conv(c, x),
+            "corr": toeplitz.anticausal_conv(c, x),
+            "outer": toeplitz.ToeplitzOuterOperator(c, lower=True).mm(x),
+        }
+
+    got = products()
+    assert toeplitz.conv_size(d) < toeplitz.fft_size(d)
+    with pytest.MonkeyPatch.context() as mp:  # the same products without wrapping
+        mp.setattr(toeplitz, "conv_size", toeplitz.fft_size)
+        unwrapped = products()
+    for key, want in exact.items():
+        assert got[key].dtype == dtype
+        err = (got[key].double() - want).abs().max()
+        err_unwrapped = (unwrapped[key].double() - want).abs().max()
+        assert err <= 1.5 * err_unwrapped + 1e-6 * want.abs().max(), (key, err, err_unwrapped)
+
+
+@pytest.mark.parametrize(
+    "d, size", [(128, 256), (129, 256), (157, 320), (300, 600), (513, 1024), (785, 1536)]
+)
+def test_conv_size_wraps_little(d, size):
+    """A power of two (or three times one) a little below ``2 d - 1`` where one exists,
+    else ``fft_size``; at most ``d // 16`` outputs wrap."""
+    from torchsingd.structures.toeplitz import conv_size, fft_size
+
+    assert conv_size(d) == size
+    assert d <= size <= fft_size(d) and 2 * d - 1 - size <= d // 16
 
 
 @pytest.mark.parametrize("d", [1, 2, 24, 48, 100, 512, 785, 1000])

@@ -48,7 +48,7 @@ from torchsingd.cli import positive_int
 from torchsingd.experiments.store import json_safe
 from torchsingd.layers import get_adapter
 from torchsingd.structures import get_structure
-from torchsingd.structures.toeplitz import FFT_MIN_DIM, fft_size
+from torchsingd.structures.toeplitz import FFT_MIN_DIM, conv_size
 
 STRUCTURES = [
     "dense",
@@ -157,9 +157,11 @@ def structure_mm_flops(structure: str, d: int, n: int) -> float:
     if family.endswith("toeplitz"):
         if d < FFT_MIN_DIM:  # one product with the small dense matrix
             return 2.0 * d * d * n
-        size = fft_size(d)
+        size = conv_size(d)
         fft = 2.5 * size * math.log2(size)  # one real FFT of that length
-        return n * 2 * fft + fft + 4.0 * n * d  # data forward + inverse, kernel, products
+        wrap = max(2 * d - 1 - size, 0)  # outputs wrapped onto: a small product each
+        # data forward + inverse, kernel, products, wrap-around correction
+        return n * 2 * fft + fft + 4.0 * n * d + 2.0 * n * wrap * wrap
     k = sizes[0] if sizes else 1  # sparse triangular with a k x k corner
     return 2.0 * d * (k + 1) * n
 
