@@ -1071,6 +1071,19 @@ def test_toeplitz_wrapped_convolutions_in_low_precision(d, dtype):
         assert err <= 1.5 * err_unwrapped + 1e-6 * want.abs().max(), (key, err, err_unwrapped)
 
 
+@pytest.mark.parametrize("d, n", [(300, 7), (513, 2100), (785, 40)])
+def test_column_autocorrelation(d, n):
+    """``half[j] = sum of the j-th sub-diagonal of S S^T`` (dense float64), through
+    FFTs of unwrapped (300), wrapped-by-1 (513, with more rows than one chunk of the
+    power spectrum's sum) and wrapped-by-33 (785) lengths."""
+    from torchsingd.structures.toeplitz import column_autocorrelation
+
+    S = torch.randn(d, n, generator=gen("autocorrelation", d), dtype=torch.float64)
+    gram = S @ S.T
+    want = torch.stack([gram.diagonal(-j).sum() for j in range(d)])
+    assert_close(column_autocorrelation(S), want, 1e-10)
+
+
 @pytest.mark.parametrize(
     "d, size", [(128, 256), (129, 256), (157, 320), (300, 600), (513, 1024), (785, 1536)]
 )

@@ -214,13 +214,31 @@ def column_autocorrelation(S: Tensor) -> Tensor:
     d, n = S.shape
     work = _fft_dtype(S.dtype)
     if _use_fft(d):
-        size = fft_size(d)
-        spectrum = torch.view_as_real(torch.fft.rfft(_padded_rows(S, size, work), dim=1))
-        power = torch.linalg.vector_norm(spectrum, dim=(0, 2)).square()  # no temporary
-        return torch.fft.irfft(power, n=size)[:d]
+        # a circular length that wraps lag d - 1 onto itself (d = 2^k + 1: 1024 for
+        # d = 513) where there is one, its lag summed directly; longer wraps cost more
+        # to correct than their shorter FFTs save (d = 785: 0.1 ms saved, 0.25 spent)
+        size = conv_size(d) if 2 * d - 1 - conv_size(d) == 1 else fft_size(d)
+        spectrum = torch.fft.rfft(_padded_rows(S, size, work), dim=1)
+        half = torch.fft.irfft(_power(spectrum), n=size)[:d]
+        if size < 2 * d - 1:  # lag d - 1 holds itself twice
+            half[d - 1] = torch.dot(S[d - 1].to(work), S[0].to(work))
+        return half
     S = S.to(work)
     gram = S @ S.T  # d < FFT_MIN_DIM: small; half[j] is its j-th sub-diagonal's sum
     return torch.stack([gram.diagonal(-j).sum() for j in range(d)])
+
+
+def _power(spectrum: Tensor) -> Tensor:
+    """``sum_r |spectrum[r, f]|^2`` (``[n, F]`` complex -> ``[F]`` real), squaring at
+    most ``2^20`` numbers at a time (the temporary's bound): 0.15 ms for ``[128, 801]``
+    where ``vector_norm`` over the two strided dimensions of the real view takes 0.55
+    (``[512, 801]``: 0.55 against 5.6 ms)."""
+    flat = torch.view_as_real(spectrum).reshape(spectrum.shape[0], -1)
+    total = None
+    for chunk in flat.split(max(1, (1 << 20) // flat.shape[1])):
+        part = chunk.square().sum(0)
+        total = part if total is None else total.add_(part)
+    return total.view(-1, 2).sum(1)
 
 
 def project_diagonal_sums(sums: Tensor) -> Tensor:
