@@ -35,7 +35,7 @@ import sys
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -557,6 +557,11 @@ class KroneckerOptimizer(Optimizer):
         self._entries: dict[str, ModuleEntry] = {}
         self._owners: dict[str, int] = {}  # layer name -> rank ("shard")
         self._fallback_params: list[tuple[int, nn.Parameter]] = []
+        #: layers added in part by add_param_group (name -> their parameters not in the
+        #: optimizer yet): the part added waits for the rest (a next add_param_group,
+        #: e.g. a new head's weight and bias in groups differing in weight_decay);
+        #: step() refuses to run while one waits
+        self._incomplete: dict[str, list[str]] = {}
         self._handles: list[Any] = []
         # Hooks see the optimizer only through a weak reference; once it is collected,
         # its hooks are removed (a deleted optimizer neither stays alive nor captures).
@@ -744,15 +749,17 @@ class KroneckerOptimizer(Optimizer):
             self._overridden,
             self._asleep,
             self._param_names,
+            self._incomplete,
         )
         try:
             self._validate(self.param_groups[-1])
             self._param_names = {id(p): n for n, p in self._model.named_parameters()}
             found = self._find_layers(self._model)
             self._candidates, self._tied, self._overridden, self._asleep = found
-            self._assign_parameters()
+            self._assign_parameters(adding=True)
         except BaseException:
-            entries, self._dormant, n_handles, n_fallback, *lists, self._param_names = saved
+            entries, self._dormant, n_handles, n_fallback, *lists, self._param_names = saved[:-1]
+            self._incomplete = saved[-1]
             self._dormant_of = None
             self._candidates, self._tied, self._overridden, self._asleep = lists
             self._entries = entries
@@ -771,8 +778,13 @@ class KroneckerOptimizer(Optimizer):
     def _name(self, p: nn.Parameter) -> str:
         return self._param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
 
-    def _assign_parameters(self) -> None:
-        """Give every parameter of every group to a preconditioned layer or the fallback."""
+    def _assign_parameters(self, adding: bool = False) -> None:
+        """Give every parameter of every group to a preconditioned layer or the fallback.
+
+        ``adding`` (from :meth:`add_param_group`): a layer new to the optimizer with only
+        some of its parameters in the groups waits for the rest (:attr:`_incomplete`)
+        instead of being refused.
+        """
         group_of = self._group_of()
         claimed: set[int] = {id(p) for e in self._entries.values() for p in e.covered}
         known = {id(p) for _, p in self._fallback_params}
@@ -780,6 +792,21 @@ class KroneckerOptimizer(Optimizer):
         refused: list[str] = []  # frozen layers that could not be preconditioned either
         # Check everything before changing anything (a failed add_param_group is undone).
         new_layers, split = [], []
+        incomplete: dict[str, list[str]] = {}
+        waiting: set[int] = set()  # parameters of incomplete layers: nobody's yet
+
+        def wait_for_rest(name: str, params: Sequence[nn.Parameter], indices) -> bool:
+            """Whether the layer (part in the groups ``indices``, part in none) is
+            left to wait for the rest: only while adding, where the part added agrees
+            on the factors' options."""
+            present = tuple(i for i in indices if i is not None)
+            if not adding or self._layer_options_differ(present):
+                return False
+            pairs = list(zip(params, indices, strict=True))
+            incomplete[name] = [self._name(p) for p, i in pairs if i is None]
+            waiting.update(id(p) for p, i in pairs if i is not None)
+            return True
+
         for name, module, adapter in self._candidates:
             if name in self._entries:
                 continue
@@ -791,6 +818,8 @@ class KroneckerOptimizer(Optimizer):
             if any(id(p) in known for p in params):
                 continue  # already trained by the fallback rule (its state lives there)
             if len(groups) != 1:
+                if None in groups and wait_for_rest(name, params, indices):
+                    continue
                 differ = [] if None in groups else self._layer_options_differ(indices)
                 if None in groups or differ:
                     where = [f"groups {sorted(g for g in groups if g is not None)}"]
@@ -808,16 +837,25 @@ class KroneckerOptimizer(Optimizer):
                 "parameters may be in several groups only where those agree on every "
                 f"option but {' and '.join(PARAMETER_OPTIONS)} (nanoGPT's split of 2-D "
                 "and 1-D parameters by weight_decay works): the weight and bias share "
-                "the layer's Kronecker factors and step. add_param_group adds one group: "
-                "a layer's parameters must all be in the optimizer after each call."
+                "the layer's Kronecker factors and step. (add_param_group may add a "
+                "layer's parameters in several calls, in groups that agree on those "
+                "options.)"
             )
+        for name, _, _, covers in self._asleep:  # (a frozen layer added in part, too)
+            if name in self._entries or name in self._dormant:
+                continue
+            indices = tuple(group_of.get(id(p)) for p in covers)
+            added_in_part = None in indices and set(indices) != {None}
+            if added_in_part and not any(id(p) in known for p in covers):
+                wait_for_rest(name, covers, indices)
+        self._incomplete = incomplete
         for name, module, adapter, indices in new_layers:
             self._entries[name] = self._new_entry(name, module, adapter, indices)
             claimed.update(id(p) for p in adapter.params(module))
         new_fallback = []
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
-                if id(p) not in claimed and id(p) not in known:
+                if id(p) not in claimed and id(p) not in known and id(p) not in waiting:
                     new_fallback.append((i, p))
                     known.add(id(p))  # a parameter listed twice is updated once
         self._fallback_params += new_fallback
@@ -1242,6 +1280,13 @@ class KroneckerOptimizer(Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
+        if self._incomplete:
+            shown = "; ".join(f"{n!r} lacks {missing}" for n, missing in self._incomplete.items())
+            raise ValueError(
+                f"Layers added in part by add_param_group wait for the rest of their "
+                f"parameters: {shown}. Add those with add_param_group before step() (a "
+                "layer's weight and bias share its Kronecker factors)."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1528,13 +1573,16 @@ class KroneckerOptimizer(Optimizer):
 
     def _layer_options_differ(self, indices: tuple[int, ...]) -> list[str]:
         """The options (of :attr:`defaults`, but :data:`PARAMETER_OPTIONS` and the
-        fallback rule's) in which the groups ``indices`` of one layer differ."""
+        fallback rule's) in which the groups ``indices`` of one layer differ; not
+        ``differentiable``, which ``torch.optim``'s ``load_state_dict`` adds to
+        :attr:`defaults` (so to the groups added after it, not to those before)."""
         groups = [self.param_groups[i] for i in dict.fromkeys(indices)]
         first, rest = groups[0], groups[1:]
         return [
             key
             for key in self.defaults
             if key not in PARAMETER_OPTIONS
+            and key != "differentiable"
             and not key.startswith("fallback")
             and any(not _same(first.get(key), g.get(key)) for g in rest)
         ]
