@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -478,6 +479,76 @@ def test_input_gradient_probes_add_no_statistics(probe):
         opt_ref.step()
         opt.step()
     assert_close(snapshot(ref, opt_ref), snapshot(model, opt), rtol=0, atol=0)
+
+
+def test_losses_backpropagated_one_by_one_count_the_inputs_once():
+    """Two losses of one forward, each with its own ``backward`` (``retain_graph``):
+    the input statistic is that of one pass (it was counted twice), the output
+    statistic the sum of the two passes'. Oracle: dense float64 of KFAC's factors at
+    ``lr_cov=1`` (the factors are this step's statistics), ``x̄^T x̄ / N`` and
+    ``N (g1^T g1 + g2^T g2)`` with ``g_b = d l_b / d out``; the step's ``.grad`` is
+    that of ``(l1 + l2).backward()``."""
+    torch.manual_seed(0)
+    x, y, z = torch.randn(16, 5, dtype=DTYPE), torch.randint(0, 3, (16,)), torch.randn(16, 3)
+    lin = nn.Linear(5, 3).to(DTYPE)
+    opt = torchsingd.KFAC(lin, lr=1e-2, T=1, lr_cov=1.0, momentum=0.0)
+    out = lin(x)
+    losses = [F.cross_entropy(out, y), (out - z.to(DTYPE)).square().mean()]
+    # (gradients with respect to the output only: not captured)
+    g1, g2 = (torch.autograd.grad(loss, out, retain_graph=True)[0] for loss in losses)
+    losses[0].backward(retain_graph=True)
+    losses[1].backward()
+    opt.step()
+    layer = opt.layers[""]
+    N = x.shape[0]
+    xb = with_ones(x)
+    torch.testing.assert_close(layer.S_K.to_dense(), xb.T @ xb / N, rtol=1e-12, atol=0)
+    S_C = N * (g1.T @ g1 + g2.T @ g2)
+    torch.testing.assert_close(layer.S_C.to_dense(), S_C, rtol=1e-12, atol=0)
+    torch.testing.assert_close(lin.weight.grad, (g1 + g2).T @ x, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("structures", ["dense", "diagonal", "hierarchical:2,1"])
+def test_second_backward_through_a_forward_adds_its_output_side_only(structures):
+    """SINGD: the pending statistics after ``l1.backward(retain_graph=True);
+    l2.backward()`` are the input side of ``l1``'s pass alone and the sum of the two
+    passes' output sides (each pass on its own optimizer of a copy of the model), for
+    each layer of an MLP."""
+    pendings = []
+    for which in ("both", "first", "second"):
+        model = make_mlp(0)
+        opt = quiet_singd(model, structures=structures, T=1, **HP1)
+        x, y = batch(0)
+        out = model(x)
+        losses = [mse(out, y), out.tanh().sum() / 7]
+        if which == "both":
+            losses[0].backward(retain_graph=True)
+            losses[1].backward()
+        else:
+            losses[which == "second"].backward()
+        pendings.append({n: [s.to_dense() for s in L.pending] for n, L in opt.layers.items()})
+    both, first, second = pendings
+    for name in both:
+        assert torch.equal(both[name][0], first[name][0]), name
+        torch.testing.assert_close(
+            both[name][1], first[name][1] + second[name][1], rtol=1e-14, atol=0
+        )
+
+
+def test_captured_inputs_are_released_at_the_step():
+    """A caller holding ``loss`` past ``step()`` (``loss = ...`` of the next iteration
+    runs its forward first) keeps the graph alive, with the observed layers' hooks:
+    their inputs are released at the step, not with the graph."""
+    model = make_mlp(0)
+    opt = quiet_singd(model, T=1, **HP1)
+    x, y = batch(0)
+    loss = mse(model(x), y)
+    loss.backward()
+    held = [weakref.ref(a.x) for a in opt._applications]
+    assert len(held) == 2 and all(r() is not None for r in held)
+    opt.step()
+    assert all(r() is None for r in held)
+    assert loss.grad_fn is not None  # (the graph is still there)
 
 
 # ----------------------------------------------------------- 6. evaluation passes

@@ -110,6 +110,9 @@ class BlockState:
     terms: float = 0.0
     #: whether ``pending`` was reduced across ranks already (by a step that then raised)
     reduced: bool = False
+    #: how many times ``pending`` was started afresh: an :class:`_Application` whose
+    #: backward pass went into the current one holds this number
+    started: int = 0
     #: the sum of :meth:`LayerAdapter.own_gradient` over the passes behind ``pending``
     #: (kept only until the first factor update checks ``grad(W)`` against it, see
     #: :meth:`KroneckerOptimizer._check_own_gradient`)
@@ -149,6 +152,20 @@ class BlockState:
 
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+class _Application:
+    """One forward application of a block whose backward pass is observed: its input
+    (kept until the step, then released: a graph kept alive by the caller's ``loss``
+    does not keep it) and which pending statistics a backward pass through it went
+    into (:attr:`BlockState.started`), so that a second pass through the same forward
+    (``retain_graph=True``, one ``backward`` per loss) does not count its input again."""
+
+    __slots__ = ("x", "into", "__weakref__")
+
+    def __init__(self, x: Tensor) -> None:
+        self.x: Tensor | None = x
+        self.into: int | None = None
 
 
 class _RefusedError(ValueError):
@@ -563,6 +580,9 @@ class KroneckerOptimizer(Optimizer):
         #: step() refuses to run while one waits
         self._incomplete: dict[str, list[str]] = {}
         self._handles: list[Any] = []
+        #: forward applications of this step whose backward is observed (their inputs
+        #: are released when the step is taken)
+        self._applications: weakref.WeakSet[_Application] = weakref.WeakSet()
         # Hooks see the optimizer only through a weak reference; once it is collected,
         # its hooks are removed (a deleted optimizer neither stays alive nor captures).
         weakref.finalize(self, _remove_handles, self._handles)
@@ -647,6 +667,10 @@ class KroneckerOptimizer(Optimizer):
         ``x`` is the block's raw input, ``g`` the output-gradient rows ``[N_g, d_o]``
         (already unscaled by the capture scale).
         """
+        raise NotImplementedError
+
+    def _output_statistic(self, entry: ModuleEntry, layer: BlockState, g: Tensor):
+        """The output side of :meth:`_statistics` alone."""
         raise NotImplementedError
 
     def _output_dtype(self, layer: BlockState) -> torch.dtype:
@@ -1048,7 +1072,9 @@ class KroneckerOptimizer(Optimizer):
         if entry.watched[0].device != entry.placement[1]:
             self._check_placement()  # raises: the factors are on another device
         layer = entry.blocks[block]
-        hook = partial(self._capture, entry, layer, x.detach(), self.steps)
+        application = _Application(x.detach())
+        self._applications.add(application)
+        hook = partial(self._capture, entry, layer, application, self.steps)
         base = output._base if isinstance(output, Tensor) else None
         if base is not None and _whole_view(output, base):
             # ``Linear`` with a bias on a 3-D input returns ``addmm(...).view(...)``.
@@ -1066,7 +1092,7 @@ class KroneckerOptimizer(Optimizer):
         self,
         entry: ModuleEntry,
         layer: BlockState,
-        x: Tensor,
+        application: _Application,
         forward_step: int,
         grad_output: Tensor,
     ) -> None:
@@ -1077,11 +1103,23 @@ class KroneckerOptimizer(Optimizer):
         that does not accumulate the layer's weight gradient (``autograd.grad`` with
         respect to the inputs, an adversarial example's or a gradient penalty's probe;
         ``backward(inputs=...)`` without the weight): the statistics belong to ``.grad``.
+
+        A second backward pass through the same forward application (one
+        ``backward(retain_graph=True)`` per loss of a shared forward) adds its output
+        side only: the input rows are the same (counting them again doubled the input
+        statistic). Its output side is the sum of the passes' (``g1^T g1 + g2^T
+        g2``, the curvature of a sum of losses as the sum of theirs), not ``(g1 +
+        g2)^T (g1 + g2)`` of a single ``(l1 + l2).backward()``: that would need every
+        pass's output gradient kept until the step.
         """
-        if forward_step != self.steps or not _accumulates_into(
-            entry.adapter.block_parameter(entry.module, block=layer.block)
+        x = application.x
+        if (
+            forward_step != self.steps
+            or x is None
+            or not _accumulates_into(entry.adapter.block_parameter(entry.module, block=layer.block))
         ):
             return
+        again = layer.has_statistics(self.steps) and application.into == layer.started
         group = self.param_groups[entry.group_index]
         if group["kfac_approx"] not in KFAC_APPROXIMATIONS:  # changed since construction:
             # raise here, not keep statistics captured under an unknown approximation
@@ -1102,7 +1140,10 @@ class KroneckerOptimizer(Optimizer):
             if scaled:
                 g = (g / self._capture_scale).to(dtype)
             x = entry.adapter.capture_input(entry.module, x, grad_output.shape, block=layer.block)
-            stats = self._statistics(entry, layer, x, g)
+            if again:
+                stats = (None, self._output_statistic(entry, layer, g))
+            else:
+                stats = self._statistics(entry, layer, x, g)
             own = None
             several = tdist.world(self._group)[1] > 1
             if not layer.own_checked and not several:
@@ -1111,7 +1152,9 @@ class KroneckerOptimizer(Optimizer):
                 )
                 layer.own_checked = own is None  # (an adapter without the answer)
             rows = terms = math.nan  # (counted only where ranks are combined)
-            if several:
+            if several and again:  # (the same rows and loss terms as the first pass)
+                rows = terms = 0.0
+            elif several:
                 rows = entry.adapter.input_count(
                     entry.module, x, group["kfac_approx"], block=layer.block
                 )
@@ -1120,15 +1163,18 @@ class KroneckerOptimizer(Optimizer):
                 )
         if layer.has_statistics(self.steps):
             for acc, new in zip(layer.pending, stats, strict=True):
-                acc.add_(new)
+                if new is not None:
+                    acc.add_(new)
             if own is not None and layer.own is not None:
                 own = own.add_(layer.own)
         else:
             layer.pending = list(stats)
+            layer.started += 1
             layer.capture_step = self.steps
             layer.capture_scale = self._capture_scale
             layer.rows = layer.terms = 0.0
             layer.reduced = False  # (a reduction of an earlier step's statistics)
+        application.into = layer.started
         layer.own = own
         layer.rows += rows
         layer.terms += terms
@@ -1267,6 +1313,9 @@ class KroneckerOptimizer(Optimizer):
     def _end_step(self, g_scale: float, count: bool = True) -> None:
         if count:
             self.steps += 1
+            for application in self._applications:  # (their passes are ignored now)
+                application.x = None
+            self._applications = weakref.WeakSet()
         self._capture_scale = g_scale
         self._explicit_scale = None
 

@@ -286,7 +286,10 @@ class KFAC(KroneckerOptimizer):
         U = entry.adapter.input_statistic(
             entry.module, x, identity_like(layer.S_K), group["kfac_approx"], block=layer.block
         )
-        return U, inner_of_rows(identity_like(layer.S_C), g)
+        return U, self._output_statistic(entry, layer, g)
+
+    def _output_statistic(self, entry: ModuleEntry, layer: KFACLayerState, g: Tensor):
+        return inner_of_rows(identity_like(layer.S_C), g)
 
     def _update_block(
         self,

@@ -365,7 +365,10 @@ class SINGD(KroneckerOptimizer):
         H_K = entry.adapter.input_statistic(
             entry.module, x, layer.K, group["kfac_approx"], block=layer.block
         )
-        return H_K, inner_of_rows(layer.C, g)
+        return H_K, self._output_statistic(entry, layer, g)
+
+    def _output_statistic(self, entry: ModuleEntry, layer: LayerState, g: Tensor):
+        return inner_of_rows(layer.C, g)
 
     def _update_block(
         self,
