@@ -62,16 +62,22 @@ def fft_size(d: int) -> int:
     return best
 
 
+#: The most outputs a circular convolution of :func:`conv_size` may wrap onto (its
+#: correction is a ``[w, w]`` product: at most 64^2 numbers, kept by the operator).
+MAX_WRAP = 64
+
+
 def conv_size(d: int) -> int:
     """The FFT length of a causal convolution (or correlation) of length-``d`` rows
     truncated to ``d`` outputs: ``fft_size(d)``, unless a power of two or three times
-    one, ``N``, lies in ``[2 d - 1 - d // 16, fft_size(d))``: such a length is faster
+    one, ``N``, lies in ``[2 d - 1 - w_max, fft_size(d))`` with ``w_max = min(d // 16,
+    MAX_WRAP)`` (the correction's ``[w, w]`` matrix stays small): such a length is faster
     (``L L^T X`` for ``d = 513`` and 512 columns, 2 threads: 3.9-4.4 ms at 1024
     against 5.7-6.2 ms at 1080; ``d = 785``: 11.1-11.4 ms at 1536 against 11.5-11.8
     at 1600), and the ``2 d - 1 - N`` outputs its circular convolution wraps onto are
     corrected by a product with a small triangular matrix (``wrap_matrix``)."""
     exact = fft_size(d)
-    low = 2 * d - 1 - d // 16
+    low = 2 * d - 1 - min(d // 16, MAX_WRAP)
     fast = [n for k in range(exact.bit_length() + 1) for n in (1 << k, 3 << k)]
     candidates = [n for n in fast if low <= n < exact and n >= d]
     return min(candidates, default=exact)
