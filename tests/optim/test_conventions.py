@@ -243,6 +243,53 @@ def test_the_fallback_trains_a_sparse_embedding_as_its_dense_twin(fallback):
             assert value.layout == torch.strided and value.shape == (12, 4), key
 
 
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_a_learning_rate_given_in_place_of_params_is_named(cls):
+    """``cls(model, 1e-3)`` (``torch.optim``'s ``SGD(params, 0.1)`` habit): the number
+    lands in ``params``; the error says so instead of "'float' is not iterable"."""
+    with pytest.raises(TypeError, match=rf"got 0.001: .* {cls.__name__}\(model, lr=0.001\)"):
+        cls(make_mlp(0), 1e-3)
+
+
+class _SparseLinear(nn.Module):
+    """A sparse COO weight (its gradient is sparse too): trained by the fallback rule."""
+
+    def __init__(self):
+        super().__init__()
+        index = torch.tensor([[0, 1, 2, 2, 4], [0, 3, 1, 2, 4]])
+        values = torch.randn(5, dtype=torch.float64)
+        self.W = nn.Parameter(torch.sparse_coo_tensor(index, values, (5, 5)).coalesce())
+
+    def forward(self, x):
+        return torch.sparse.mm(self.W, x.T).T
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_the_sgd_fallback_keeps_a_sparse_parameter_sparse(cls):
+    """A sparse parameter's sparse gradient is not made dense (adding a dense step to a
+    sparse parameter fails): the fallback's SGD step equals torch.optim.SGD's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_SparseLinear(), nn.Linear(5, 2).double())
+    W = model[0].W
+    shadow = nn.Parameter(W.detach().clone())
+    opt = cls(model, lr=0.01, fallback="sgd", momentum=0.9, weight_decay=0.0, T=1)
+    ref = torch.optim.SGD([shadow], lr=0.01, momentum=0.9)
+    for t in range(3):
+        x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        assert W.grad.layout == torch.sparse_coo
+        shadow.grad = W.grad.clone()
+        opt.step()
+        ref.step()
+    assert W.layout == torch.sparse_coo
+    buffer = opt.state[W]["momentum_buffer"]  # counted by its indices and values
+    assert opt.state_bytes() >= buffer._indices().nbytes + buffer._values().nbytes
+    torch.testing.assert_close(
+        W.detach().to_dense(), shadow.detach().to_dense(), rtol=1e-14, atol=0
+    )
+
+
 @pytest.mark.parametrize("frozen", ["bias", "weight"])
 def test_freezing_part_of_a_layer_after_construction_is_refused(frozen):
     model = make_mlp(0)

@@ -39,8 +39,10 @@ class EmbeddingAdapter(LayerAdapter):
         super().check(module, name)
         if module.sparse:
             raise ValueError(
-                f"Embedding {name!r} has sparse=True; SINGD needs dense gradients. "
-                "Construct it with sparse=False."
+                f"{type(module).__name__} {name!r} has sparse=True: Kronecker factors "
+                "need dense gradients. Construct it with sparse=False to have it "
+                "preconditioned, or leave its weight out of params (e.g. trained by "
+                "torch.optim.SparseAdam)."
             )
 
     def dims(self, module: nn.Embedding, *, block: str = "") -> tuple[int, int]:

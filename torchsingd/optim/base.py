@@ -513,6 +513,12 @@ class KroneckerOptimizer(Optimizer):
                 f"output gradients): {name}(model), or {name}(model, params=...) to "
                 "train only some parameters or to give parameter groups."
             )
+        if is_number(params) or isinstance(params, Tensor) and params.dim() == 0:
+            raise TypeError(
+                f"params must be parameters or parameter groups (or None), got "
+                f"{params!r}: pass the learning rate by name, "
+                f"{type(self).__name__}(model, lr={params!r})."
+            )
         model = self._unwrap(model)
         if distributed_strategy not in tdist.STRATEGIES:
             raise ValueError(
@@ -1043,7 +1049,7 @@ class KroneckerOptimizer(Optimizer):
         for state in self.state.values():
             for value in state.values():
                 if torch.is_tensor(value):
-                    total += value.nbytes
+                    total += tensor_bytes(value)
         return total
 
     def remove_hooks(self) -> None:
@@ -1764,7 +1770,9 @@ class KroneckerOptimizer(Optimizer):
             if updated:
                 for event, own, total in zip(owned, mine, counts.tolist(), strict=True):
                     self._notes += [(event, None)] * (round(total) - own)  # (warned by owners)
-        fallback = [(i, p, _dense(p.grad)) for i, p in self._fallback_params if p.grad is not None]
+        fallback = [
+            (i, p, _dense(p.grad, p)) for i, p in self._fallback_params if p.grad is not None
+        ]
         if self._dormant and fallback:
             held = self._held_back(fallback)
             fallback = [f for f in fallback if id(f[1]) not in held] if held else fallback
@@ -2415,11 +2423,24 @@ _OUTSIDE = (
 )
 
 
-def _dense(grad: Tensor) -> Tensor:
-    """``grad`` as a strided tensor: the fallback rule takes a sparse gradient (e.g. of
-    an ``Embedding(sparse=True)`` it trains) as its dense equivalent, so that it makes
-    the step it makes for ``sparse=False`` (every row decays and keeps its moments)."""
-    return grad if grad.layout == torch.strided else grad.to_dense()
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes of ``t``'s data; for a sparse COO tensor (a sparse parameter's momentum)
+    its indices' and values' (``nbytes`` refuses sparse tensors)."""
+    if t.layout == torch.strided:
+        return t.nbytes
+    if t.layout == torch.sparse_coo:
+        return t._indices().nbytes + t._values().nbytes
+    return t.numel() * t.element_size()  # (other layouts: as dense)
+
+
+def _dense(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad`` as a strided tensor where ``param`` is one: the fallback rule takes a
+    sparse gradient (e.g. of an ``Embedding(sparse=True)`` it trains) as its dense
+    equivalent, so that it makes the step it makes for ``sparse=False`` (every row
+    decays and keeps its moments). A sparse parameter keeps its sparse gradient."""
+    if grad.layout == torch.strided or param.layout != torch.strided:
+        return grad
+    return grad.to_dense()
 
 
 def _whole_view(view: Tensor, base: Tensor) -> bool:

@@ -26,6 +26,7 @@ from torchsingd.optim.base import (
     common_defaults,
     parse_dtypes,
     scheduled_lr_cov,
+    tensor_bytes,
     validate_common,
     warn,
 )
@@ -304,7 +305,7 @@ class SINGD(KroneckerOptimizer):
         if not dense:
             return
         state = self.state_bytes()
-        params = sum(p.nbytes for g in self.param_groups for p in g["params"])
+        params = sum(tensor_bytes(p) for g in self.param_groups for p in g["params"])
         if state < DENSE_ADVICE_BYTES or state < DENSE_ADVICE_RATIO * max(params, 1):
             return
         warn(
