@@ -105,9 +105,11 @@ def test_a_layer_added_in_two_add_param_group_calls():
     before = full_state(model, opt)
     x, y = batch(0)
     mse(model(x), y).backward()
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)  # (GradScaler's)
     with pytest.raises(ValueError, match=r"in part by add_param_group .*'2' lacks \['2.bias'\]"):
         opt.step()
     assert_states_equal(before, full_state(model, opt))
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
     with pytest.raises(ValueError, match=r"'2' \(groups \[1, 2\]: lr differ\)"):
         opt.add_param_group({"params": [model[2].bias], "weight_decay": 0.0, "lr": 0.5})
     assert len(opt.param_groups) == 2 and list(opt.layers) == ["0"]
@@ -126,6 +128,24 @@ def test_a_layer_added_in_two_add_param_group_calls():
         {"params": [model_ref[2].bias], "weight_decay": 0.0},
     ]
     _train_both_equal((model, opt), (model_ref, SINGD(model_ref, params=groups, **HP1)), 0, 4)
+
+
+def test_a_layer_added_in_parts_to_groups_that_differ_is_refused_naming_the_option():
+    """An attention layer (four parameters) added in parts: a part in a group that
+    differs in a factor option is refused with the option named, though the layer is
+    still incomplete; the rest then comes in."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"lin": nn.Linear(4, 4), "att": nn.MultiheadAttention(4, 2)})
+    opt = SINGD(model, params=list(model["lin"].parameters()), **HP1)
+    att = model["att"]
+    opt.add_param_group({"params": [att.in_proj_weight]})
+    refused = r"'att' \(groups \[1, 2\] and not in the optimizer: lr_cov differ\)"
+    with pytest.raises(ValueError, match=refused):
+        opt.add_param_group({"params": [att.in_proj_bias], "lr_cov": 0.5})
+    opt.add_param_group({"params": [att.in_proj_bias], "weight_decay": 0.0})
+    opt.add_param_group({"params": list(att.out_proj.parameters())})
+    assert list(opt.layers) == ["lin", "att.q", "att.k", "att.v", "att.out"]
+    assert opt.fallback_parameters == {}
 
 
 def test_a_frozen_layer_added_in_two_calls_waits_to_be_preconditioned():
@@ -285,9 +305,33 @@ def test_the_sgd_fallback_keeps_a_sparse_parameter_sparse(cls):
     assert W.layout == torch.sparse_coo
     buffer = opt.state[W]["momentum_buffer"]  # counted by its indices and values
     assert opt.state_bytes() >= buffer._indices().nbytes + buffer._values().nbytes
+    # a NaN gradient elsewhere skips the step (the finiteness check reads sparse values)
+    opt.zero_grad()
+    model(torch.randn(3, 5, dtype=torch.float64)).pow(2).sum().backward()
+    model[1].bias.grad[0] = float("nan")
+    before = W.detach().clone()
+    with pytest.warns(UserWarning, match="skipped a step"):
+        opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(W.detach().to_dense(), before.to_dense())
     torch.testing.assert_close(
         W.detach().to_dense(), shadow.detach().to_dense(), rtol=1e-14, atol=0
     )
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_a_sparse_parameter_with_the_adamw_fallback_is_refused(cls):
+    """AdamW cannot train a sparse tensor: said at construction (and at a step, if the
+    group's fallback is changed to it), naming the parameter and the way out."""
+    model = nn.Sequential(_SparseLinear(), nn.Linear(5, 2).double())
+    with pytest.raises(ValueError, match=r"'0.W' is sparse .* fallback='sgd'"):
+        cls(model, lr=0.01)
+    opt = cls(model, lr=0.01, fallback="sgd")
+    opt.param_groups[0]["fallback"] = "adamw"
+    model(torch.randn(3, 5, dtype=torch.float64)).pow(2).sum().backward()
+    before = model[1].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'0.W' is sparse"):
+        opt.step()
+    assert torch.equal(before, model[1].weight)  # (nothing written)
 
 
 @pytest.mark.parametrize("frozen", ["bias", "weight"])

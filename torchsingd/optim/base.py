@@ -580,6 +580,7 @@ class KroneckerOptimizer(Optimizer):
         self._entries: dict[str, ModuleEntry] = {}
         self._owners: dict[str, int] = {}  # layer name -> rank ("shard")
         self._fallback_params: list[tuple[int, nn.Parameter]] = []
+        self._sparse_fallback = False  # whether a fallback parameter may be sparse
         #: layers added in part by add_param_group (name -> their parameters not in the
         #: optimizer yet): the part added waits for the rest (a next add_param_group,
         #: e.g. a new head's weight and bias in groups differing in weight_decay);
@@ -850,7 +851,7 @@ class KroneckerOptimizer(Optimizer):
             if len(groups) != 1:
                 if None in groups and wait_for_rest(name, params, indices):
                     continue
-                differ = [] if None in groups else self._layer_options_differ(indices)
+                differ = self._layer_options_differ(tuple(i for i in indices if i is not None))
                 if None in groups or differ:
                     where = [f"groups {sorted(g for g in groups if g is not None)}"]
                     where.append("not in the optimizer" if None in groups else "")
@@ -889,6 +890,8 @@ class KroneckerOptimizer(Optimizer):
                     new_fallback.append((i, p))
                     known.add(id(p))  # a parameter listed twice is updated once
         self._fallback_params += new_fallback
+        self._sparse_fallback = any(p.layout != torch.strided for _, p in self._fallback_params)
+        self._check_sparse_fallback()
         for name, module, adapter, covers in self._asleep:
             if name in self._entries or name in self._dormant:
                 continue
@@ -1335,18 +1338,18 @@ class KroneckerOptimizer(Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
-        if self._incomplete:
-            shown = "; ".join(f"{n!r} lacks {missing}" for n, missing in self._incomplete.items())
-            raise ValueError(
-                f"Layers added in part by add_param_group wait for the rest of their "
-                f"parameters: {shown}. Add those with add_param_group before step() (a "
-                "layer's weight and bias share its Kronecker factors)."
-            )
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         try:
+            if self._incomplete:
+                shown = "; ".join(f"{n!r} lacks {m}" for n, m in self._incomplete.items())
+                raise ValueError(
+                    f"Layers added in part by add_param_group wait for the rest of their "
+                    f"parameters: {shown}. Add those with add_param_group before step() "
+                    "(a layer's weight and bias share its Kronecker factors)."
+                )
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
             with torch.no_grad():
                 self._step()
         except BaseException:
@@ -1610,10 +1613,26 @@ class KroneckerOptimizer(Optimizer):
         params = group["params"]
         return params[0].dtype if params else None
 
+    def _check_sparse_fallback(self) -> None:
+        """A sparse parameter (a sparse COO ``nn.Parameter``) trained by the fallback
+        rule needs ``fallback="sgd"``: AdamW's moments are not defined for sparse
+        tensors (``torch.optim.AdamW`` refuses them too)."""
+        if not self._sparse_fallback:
+            return
+        for i, p in self._fallback_params:
+            if p.layout != torch.strided and self.param_groups[i]["fallback"] == "adamw":
+                raise ValueError(
+                    f"Parameter {self._name(p)!r} is sparse ({p.layout}), and the "
+                    "fallback rule of its group is 'adamw', which cannot train sparse "
+                    "tensors: give it a group with fallback='sgd', or train it with "
+                    "torch.optim.SparseAdam (leave it out of params)."
+                )
+
     def _check_step_options(self) -> None:
         """Checks of the group options beyond :data:`STEP_CHECKS` (each raises a
         ``ValueError`` before a step writes anything)."""
         self._check_frozen()
+        self._check_sparse_fallback()
         for entry in self._entries.values():
             if entry.param_groups:
                 differ = self._layer_options_differ(entry.param_groups)
@@ -2017,7 +2036,8 @@ class KroneckerOptimizer(Optimizer):
         if all(math.isfinite(v) for v in values):
             return True
         tensors = [d for _, _, dirs, _ in pending for d in dirs] + [g for _, _, g in fallback]
-        return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        finite = [torch.isfinite(t._values() if t.is_sparse else t).all() for t in tensors]
+        return not tensors or bool(torch.stack(finite).all())
 
     def _zero_directions(self, entry: ModuleEntry):
         """Zero directions (and no new factors) for a layer another rank preconditions."""
