@@ -6,6 +6,7 @@ written out here.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -677,6 +678,60 @@ def test_float16_fallback_never_divides_zero_by_zero():
         torch.testing.assert_close(p.float(), o.detach(), rtol=0, atol=2e-3)
     with pytest.raises(ValueError, match="fallback_eps"):
         SINGD(model, fallback_eps=0.0)
+
+
+class _Scale(nn.Module):
+    """A free float16 weight (trained by the fallback rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(6, dtype=torch.float16))
+
+    def forward(self, x):
+        return self.w * x
+
+
+def _small_gradient_run(model, opt, start, stop):
+    for t in range(start, stop):
+        x = torch.linspace(0.5, 1.5, 6, dtype=torch.float16) * 1e-4 * (1 + t % 3)
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
+
+def test_float16_fallback_moments_are_float32():
+    """Gradients of ~1e-4: ``(1 - beta2) g^2`` underflows float16 (AdamW's step became
+    ``lr m / eps``, the weight went 1 -> -49 -> -100); the fallback keeps float16
+    weights' moments in float32. Oracle: torch.optim.AdamW on a float32 copy fed the
+    same gradients (equal up to float16 rounding of the weight). A checkpoint keeps
+    the float32 moments (torch.optim's load casts them to float16): resuming is bit
+    for bit the run without the break."""
+    model = nn.Sequential(_Scale())
+    opt = SINGD(model, lr=0.03, warn_unsupported=False)
+    oracle = nn.Parameter(torch.ones(6))
+    adamw = torch.optim.AdamW([oracle], lr=0.03)
+    for t in range(5):
+        x = torch.linspace(0.5, 1.5, 6, dtype=torch.float16) * 1e-4 * (1 + t % 3)
+        opt.zero_grad()
+        model(x).sum().backward()
+        oracle.grad = model[0].w.grad.float()
+        opt.step()
+        adamw.step()
+        # (each step rounded onto a float16 weight near 1: up to 2.4e-4 apart per step)
+        torch.testing.assert_close(model[0].w.float(), oracle.detach(), rtol=0, atol=2e-3)
+    state = opt.state[model[0].w]
+    assert state["exp_avg_sq"].dtype == torch.float32 and bool((state["exp_avg_sq"] > 0).all())
+    assert model[0].w.detach().float().min() > 0.8  # (moved by ~lr per step, not ~1e2)
+
+    weights, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _small_gradient_run(model, opt, 5, 8)
+    resumed = nn.Sequential(_Scale())
+    resumed.load_state_dict(weights)
+    opt_resumed = SINGD(resumed, lr=0.03, warn_unsupported=False)
+    opt_resumed.load_state_dict(saved)
+    assert opt_resumed.state[resumed[0].w]["exp_avg_sq"].dtype == torch.float32
+    _small_gradient_run(resumed, opt_resumed, 5, 8)
+    assert torch.equal(resumed[0].w, model[0].w)
 
 
 def test_weight_and_bias_in_groups_with_different_factor_options_raise():

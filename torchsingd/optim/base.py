@@ -55,8 +55,10 @@ from torchsingd.layers import (
     overrides_forward,
 )
 from torchsingd.optim.update import (
+    ADAMW_MOMENTS,
     adamw_step,
     clip_by_global_norm,
+    moment_dtype,
     parameter_step,
     sgd_step,
     trust_region_scale,
@@ -1736,13 +1738,14 @@ class KroneckerOptimizer(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 for key, value in (state or {}).items():
+                    dtype = moment_dtype(p.dtype) if key in ADAMW_MOMENTS else p.dtype
                     if (
                         isinstance(value, Tensor)
                         and value.is_floating_point()
-                        and value.dtype != p.dtype
+                        and value.dtype != dtype
                         and value.shape == p.shape
                     ):
-                        state[key] = value.to(p.dtype)
+                        state[key] = value.to(dtype)
 
     def _step(self) -> None:
         check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
@@ -2345,6 +2348,21 @@ class KroneckerOptimizer(Optimizer):
         for hook in hooks[1].values():
             hook(self)
 
+    def _restore_wide_moments(self, state_dict: dict[str, Any]) -> None:
+        """The fallback's AdamW moments of float16 weights as saved (float32, see
+        :func:`adamw_step`): ``torch.optim``'s load casts every floating state tensor
+        to its parameter's dtype, which flushes the small ones to zero."""
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for index, p in zip(saved_group["params"], group["params"], strict=True):
+                wide = moment_dtype(p.dtype)
+                if wide == p.dtype or index not in saved:
+                    continue
+                for key in ADAMW_MOMENTS:
+                    value = saved[index].get(key)
+                    if isinstance(value, Tensor) and value.is_floating_point():
+                        self.state[p][key] = value.to(p.device, wide, copy=True)
+
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("kronecker", None)
@@ -2379,6 +2397,7 @@ class KroneckerOptimizer(Optimizer):
             if name in self._entries:
                 self._demote(self._entries[name], fresh_state=False)
         super().load_state_dict(state_dict)
+        self._restore_wide_moments(state_dict)
         for group, current in zip(self.param_groups, current_groups, strict=True):
             for key, value in current.items():  # states saved before an option existed
                 group.setdefault(key, value)

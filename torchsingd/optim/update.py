@@ -277,6 +277,16 @@ def trust_region_scale(
     return factor
 
 
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of AdamW's moments for a weight of ``dtype``: float32 for float16
+    (see :func:`adamw_step`), else the weight's."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+#: AdamW's per-parameter moments (kept in :func:`moment_dtype`)
+ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
 def adamw_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -293,21 +303,32 @@ def adamw_step(
     the first call). The tensors with the same step count are updated together
     (``torch._foreach_*``: per tensor the arithmetic of ``p.mul_``, ``m.lerp_``,
     ``v.mul_().addcmul_``, ``(v / c2).sqrt_().add_`` and ``p.addcdiv_``, in eight
-    dispatches instead of eight per tensor). On float16 tensors ``eps`` is at least
-    ``2^-24`` (``torch.optim.AdamW``'s default 1e-8 rounds to 0 there: a zero gradient
-    then gives ``0 / 0``, NaN in the weights).
+    dispatches instead of eight per tensor).
+
+    Float16 weights keep their moments in float32 and take the step computed there,
+    rounded once: in float16 ``(1 - beta2) g^2`` underflows to 0 for ``|g| < 7.7e-3``
+    and ``eps = 1e-8`` rounds to 0, so ``v`` stays 0 and the step is ``lr m / 0``
+    (``torch.optim.AdamW`` on a float16 weight of 1 with ``g = 1e-4``: ``-inf`` after
+    one step; with ``eps`` raised to float16's smallest ``2^-24``: -49, -100, -150;
+    float32 AdamW: 0.97).
     """
     beta1, beta2 = betas
-    by_step: dict[int, list[int]] = {}
+    by_step: dict[tuple[int, bool], list[int]] = {}
     for i, (p, state) in enumerate(zip(params, states, strict=True)):
+        wide = moment_dtype(p.dtype)
         if "exp_avg" not in state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+            for key in ADAMW_MOMENTS:
+                state[key] = torch.zeros_like(p, dtype=wide)
+        for key in ADAMW_MOMENTS:  # (torch.optim's load_state_dict casts to the weight's)
+            if state[key].dtype != wide:
+                state[key] = state[key].to(wide)
         state["step"] += 1
-        by_step.setdefault(state["step"], []).append(i)
-    for t, index in by_step.items():
+        by_step.setdefault((state["step"], wide != p.dtype), []).append(i)
+    for (t, widened), index in by_step.items():
         ps, gs = [params[i] for i in index], [grads[i] for i in index]
+        if widened:
+            gs = [g.float() for g in gs]
         ms = [states[i]["exp_avg"] for i in index]
         vs = [states[i]["exp_avg_sq"] for i in index]
         if weight_decay != 0.0:
@@ -317,18 +338,13 @@ def adamw_step(
         torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
         denoms = torch._foreach_div(vs, 1.0 - beta2**t)
         torch._foreach_sqrt_(denoms)
-        if any(d.dtype == torch.float16 for d in denoms):  # eps below float16's range
-            # (1e-8 rounds to 0 there, and a zero gradient's step would be 0/0 = NaN)
-            torch._foreach_add_(denoms, [_representable_eps(eps, d.dtype) for d in denoms])
+        torch._foreach_add_(denoms, eps)
+        if widened:  # the step in float32, rounded onto the float16 weight once
+            steps = torch._foreach_div(ms, denoms)
+            torch._foreach_mul_(steps, -lr / (1.0 - beta1**t))
+            torch._foreach_add_(ps, [d.to(p.dtype) for d, p in zip(steps, ps, strict=True)])
         else:
-            torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(ps, ms, denoms, value=-lr / (1.0 - beta1**t))
-
-
-def _representable_eps(eps: float, dtype: torch.dtype) -> float:
-    """``eps``, raised to the smallest positive float16 (``2^-24``, ~6e-8) for float16
-    tensors, where a smaller one rounds to zero."""
-    return max(eps, 2.0**-24) if dtype == torch.float16 else eps
+            torch._foreach_addcdiv_(ps, ms, denoms, value=-lr / (1.0 - beta1**t))
 
 
 def sgd_step(
