@@ -655,8 +655,9 @@ def test_explicit_unsupported_parameter_trained_by_adamw_fallback(weight_decay):
 
 def test_float16_fallback_never_divides_zero_by_zero():
     """In float16 AdamW's eps=1e-8 rounds to 0, so a zero gradient entry gives 0/0 in
-    torch.optim.AdamW; the fallback's eps is at least 2^-24 there: the entry stays put
-    (its numbers otherwise equal AdamW's in float32 up to float16 rounding)."""
+    torch.optim.AdamW; the fallback computes a float16 weight's step in float32 (its
+    moments are float32): the entry stays put (its numbers otherwise equal AdamW's in
+    float32 up to float16 rounding)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).half()
     opt = SINGD(model, lr=1e-2, T=1, warn_unsupported=False)
