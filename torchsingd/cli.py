@@ -115,7 +115,8 @@ def _compare(args: argparse.Namespace) -> int:
         if value
     ]
     if sweep_only:
-        print(f"compare: {', '.join(sweep_only)} only apply with --sweep.", file=sys.stderr)
+        verb = "applies" if len(sweep_only) == 1 else "apply"
+        print(f"compare: {', '.join(sweep_only)} only {verb} with --sweep.", file=sys.stderr)
         return 2
     if args.tasks is None:
         args.tasks = list(TASKS)

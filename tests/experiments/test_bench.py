@@ -129,3 +129,12 @@ def test_recurrent_model_rows_and_flops():
         for d_i in (29, 129)
     ]
     assert got == pytest.approx(sum(per_block))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_probe_gives_a_positive_throughput(dtype):
+    """The probe's size adapts to the machine (a slow bfloat16 CPU product stops it at
+    a small size instead of seven 2048^3 products): a finite positive FLOP rate."""
+    torch.set_num_threads(1)
+    flops = bench.matmul_throughput(torch.device("cpu"), dtype)
+    assert math.isfinite(flops) and flops > 0

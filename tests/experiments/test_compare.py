@@ -247,7 +247,7 @@ def test_bad_command_lines_fail_before_any_run(tmp_path, capsys, monkeypatch):
     a_file.write_text("")
     base = ["compare", "--quick", "--tasks", "digits-mlp", "--no-progress", "--jobs", "1"]
     cases = [
-        ([*base, "--structures", "diagonal"], "--structures only apply with --sweep"),
+        ([*base, "--structures", "diagonal"], "--structures only applies with --sweep"),
         ([*base, "--baseline", "none", "--all-seeds"], "--all-seeds, --baseline only apply"),
         ([*base, "--out", str(a_file)], "exists and is not a directory"),
         (["compare", "--sweep", "--optimizers", "sgd"], "--optimizers does not apply"),

@@ -18,7 +18,7 @@ Columns:
   CPU: the maximum resident set size of a fresh subprocess running that training);
 - ``GFLOP/s`` and ``of peak``: the preconditioner work of :func:`preconditioner_flops`
   divided by ``t_ours - t_null``, and its fraction of the machine's measured matmul
-  throughput (a ``2048^3`` product in the benchmark's dtype); ``-`` where
+  throughput (an ``n^3`` product in the benchmark's dtype, ``n <= 2048``); ``-`` where
   ``t_ours - t_null`` is not positive (then ``opt share`` is negative: noise);
 - ``floor``: ``(t_null + work / throughput) / t_AdamW``, the ratio SINGD would reach
   if its preconditioner work ran at the measured matmul throughput and nothing else
@@ -246,18 +246,26 @@ def captured_rows(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 
 def matmul_throughput(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured FLOP/s of a ``2048^3`` matrix product (median of 5)."""
-    n = 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    times = []
-    for i in range(7):
+    """Measured FLOP/s of an ``n^3`` matrix product (median of 5), ``n = 2048`` or,
+    where one product of a smaller size already takes 50 ms, that size (from 256 up,
+    doubling): on a CPU without fast bfloat16 kernels one ``2048^3`` bfloat16
+    product took 64 s (0.27 GFLOP/s), so the fixed-size probe ran ~7.5 min before
+    the first row."""
+
+    def product_time(n: int) -> float:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
         sync(device)
         t0 = time.perf_counter()
         a @ b
         sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    n = 256
+    product_time(n)  # (warm-up)
+    while n < 2048 and product_time(n) < 0.05:
+        n *= 2
+    times = [product_time(n) for _ in range(6)][1:]
     return 2.0 * n**3 / statistics.median(times)
 
 
@@ -476,13 +484,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(
         f"torch {torch.__version__}, {where}, batch {args.batch} of 1x28x28; median of "
-        f"{args.rounds} interleaved rounds x {args.iters} iterations (min-max in brackets)"
+        f"{args.rounds} interleaved rounds x {args.iters} iterations (at least T: a "
+        "round holds a factor update; min-max in brackets)"
     )
     rows = []
     total = len(args.dtypes) * len(args.models) * len(args.T) * len(args.structures)
     bar = _progress(total, args.no_progress)
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
+        bar.set_description(f"{dtype_name}: matmul throughput")
         peak_flops = matmul_throughput(device, dtype)
         print(f"\n{dtype_name}: measured matmul throughput {peak_flops / 1e9:.1f} GFLOP/s")
         print(
