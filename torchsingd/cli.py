@@ -270,6 +270,13 @@ def _usable_out(out: Path, command: str) -> bool:
     except OSError as err:
         print(f"{command}: cannot write to --out {out}: {err.strerror}.", file=sys.stderr)
         return False
+    from torchsingd.experiments.store import RunStore
+
+    try:
+        RunStore(out)  # (its records are read again by the command)
+    except ValueError as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        return False
     return True
 
 

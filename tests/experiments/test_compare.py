@@ -245,8 +245,12 @@ def test_bad_command_lines_fail_before_any_run(tmp_path, capsys, monkeypatch):
     counter = CountingTrain(monkeypatch)
     a_file = tmp_path / "afile"
     a_file.write_text("")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "runs.jsonl").write_text('{"not": "a record"}\n')
     base = ["compare", "--quick", "--tasks", "digits-mlp", "--no-progress", "--jobs", "1"]
     cases = [
+        ([*base, "--out", str(foreign)], "line 1 is not a run record of torchsingd"),
         ([*base, "--structures", "diagonal"], "--structures only applies with --sweep"),
         ([*base, "--baseline", "none", "--all-seeds"], "--all-seeds, --baseline only apply"),
         ([*base, "--out", str(a_file)], "exists and is not a directory"),

@@ -67,11 +67,17 @@ class RunStore:
             if text and not text.endswith("\n"):  # a line cut short: end it, ignore it
                 with self.path.open("a", encoding="utf-8") as f:
                     f.write("\n")
-            for line in text.splitlines():
+            for number, line in enumerate(text.splitlines(), 1):
                 try:
                     record = _decode(json.loads(line))
                 except json.JSONDecodeError:
                     continue
+                if not isinstance(record, dict) or "key" not in record:
+                    raise ValueError(
+                        f"{self.path} line {number} is not a run record of torchsingd "
+                        "(no 'key'): is --out another program's directory? Choose "
+                        "another --out."
+                    )
                 self.records[record["key"]] = record
 
     def __contains__(self, key: str) -> bool:
