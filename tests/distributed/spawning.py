@@ -13,12 +13,16 @@ from __future__ import annotations
 import socket
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
 
 WORLD = 2
+#: A job's process-group timeout (a job takes about a second): a job that hangs (a
+#: rendezvous lost in the joint start) fails instead, and its test runs it alone
+JOB_TIMEOUT = timedelta(seconds=120)
 
 
 def _free_ports(count: int) -> list[int]:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
 
-from tests.distributed.spawning import WORLD, free_port, spawn
+from tests.distributed.spawning import JOB_TIMEOUT, WORLD, free_port, spawn
 from torchsingd import KFAC, SINGD
 
 pytestmark = pytest.mark.distributed
@@ -82,7 +82,7 @@ def factory(kind: str, structure: str, approx: str, T: int, strategy: str, split
 def _worker(rank, port, config, out_path, accumulate, wrap_first, steps=(0, 5), resume=None):
     """Train ``batches(5)[steps[0]:steps[1]]`` on 2 ranks (resuming from a checkpoint)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model = make_model()
@@ -149,7 +149,7 @@ def test_two_ranks_equal_one_process(config, jobs):
 def _subgroup_worker(rank, port, out_path):
     """3 processes; ranks 1 and 2 train in the process group ``[1, 2]``, rank 0 idles."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=3)
+    dist.init_process_group("gloo", rank=rank, world_size=3, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         sub = dist.new_group([1, 2])
@@ -275,7 +275,7 @@ def _sum_loss_worker(rank, port, config, out_path, mode):
     """A sum loss (``loss_average=None``) on 2 ranks: gradients summed by hand, or DDP
     (which averages) with the loss times N and ``set_current_grad_scale(N)``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model = make_model()
@@ -359,7 +359,7 @@ def test_sum_loss_two_ranks_equal_one_process(config, mode, jobs):
 
 def _events_worker(rank, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model = make_model()
@@ -558,7 +558,7 @@ def _routed_worker(rank, port, config, scenario, out_path):
     """Gradients combined by hand (DDP would need ``find_unused_parameters`` for an
     expert without tokens): averaged for the mean loss, summed for the sum loss."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model = _Experts()
@@ -648,7 +648,7 @@ def _unfreeze_run(model, strategy, rank=0, world=1, wrap=lambda m: m):
 
 def _unfreeze_worker(rank, port, strategy, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model = make_model()
@@ -686,7 +686,7 @@ def _disagree_worker(rank, port, out_path):
     import warnings
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model = make_model()

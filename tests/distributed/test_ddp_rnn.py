@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
 
-from tests.distributed.spawning import WORLD
+from tests.distributed.spawning import JOB_TIMEOUT, WORLD
 from torchsingd import KFAC, SINGD
 
 pytestmark = pytest.mark.distributed
@@ -66,7 +66,7 @@ def train(model, opt, rank=0, world=1):
 
 def _worker(rank, port, config, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=JOB_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model = Tagger(config[1])
