@@ -195,9 +195,7 @@ class Dormant:
     def waiting(self) -> bool:
         """Whether it waits for its wake, unchanged: its weight, or another of its
         weights (an attention or recurrent layer's), requires gradients."""
-        return self.covers[0].requires_grad or any(
-            p.requires_grad and p.dim() >= 2 for p in self.covers
-        )
+        return self.unfrozen() or any(p.requires_grad and p.dim() >= 2 for p in self.covers)
 
 
 @dataclass
@@ -791,8 +789,8 @@ class KroneckerOptimizer(Optimizer):
             self._candidates, self._tied, self._overridden, self._asleep = found
             self._assign_parameters(adding=True)
         except BaseException:
-            entries, self._dormant, n_handles, n_fallback, *lists, self._param_names = saved[:-1]
-            self._incomplete = saved[-1]
+            entries, self._dormant, n_handles, n_fallback, *lists, names, incomplete = saved
+            self._param_names, self._incomplete = names, incomplete
             self._dormant_of = None
             self._candidates, self._tied, self._overridden, self._asleep = lists
             self._entries = entries
@@ -1849,7 +1847,7 @@ class KroneckerOptimizer(Optimizer):
         due = [name for name, d in self._dormant.items() if d.group_index in now]
         if not due:
             return
-        here = ready = [self._dormant[n].covers[0].requires_grad for n in due]
+        here = ready = [self._dormant[n].unfrozen() for n in due]
         size = tdist.world(self._group)[1]
         if size > 1:  # (every rank has the same due layers: the same steps and groups)
             # every covered parameter's flag: a layer wakes where all ranks unfroze its
