@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,21 @@ def test_parallel_progress_is_one_bar_above_which_the_log_is_written(tmp_path, c
     assert [x.split("]")[0] for x in logged] == [f"[{i}/{GRID_SIZE + 1}" for i in range(1, 5)]
     assert "runs (2 workers)" in captured.err  # the one bar
     assert "lr search" not in captured.err  # no per-run bars from the workers
+    # the bar counts the whole plan from the start: the final run, queued once the
+    # search ends, was not in its total (0/3, then 4), which made its ETA optimistic
+    states = re.findall(r"(\d+)/(\d+) \[", captured.err)
+    assert states and {total for _, total in states} == {str(GRID_SIZE + 1)}
+    assert states[-1][0] == str(GRID_SIZE + 1)
+    # resumed: the bar starts at the runs already done, and with none to run there is
+    # no bar (an empty one was drawn)
+    store = tmp_path / "runs.jsonl"
+    store.write_text("".join(store.read_text().splitlines(keepends=True)[:-1]))
+    assert cli.main([*args, "--extend-grid", "0", "--out", str(tmp_path)]) == 0
+    states = re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)
+    assert states[0] == (str(GRID_SIZE), str(GRID_SIZE + 1)), states
+    assert states[-1] == (str(GRID_SIZE + 1), str(GRID_SIZE + 1))
+    assert cli.main([*args, "--extend-grid", "0", "--out", str(tmp_path)]) == 0
+    assert "runs (2 workers)" not in capsys.readouterr().err
 
 
 def test_peak_rss_is_reset_between_runs():

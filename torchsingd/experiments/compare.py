@@ -212,7 +212,9 @@ def run_compare(
         log(f"[{done[0]}/{total[0]}] {describe(record)}")
         queue_finals((record["task"], record["optimizer"], record["precision"]))
 
-    execute(ready, finished, config.jobs, config.threads, progress)
+    execute(
+        ready, finished, config.jobs, config.threads, progress, plan=lambda: (done[0], total[0])
+    )
     return outcome
 
 
@@ -239,6 +241,7 @@ def execute(
     threads: int,
     progress: bool,
     run: Callable[..., dict[str, Any]] | None = None,
+    plan: Callable[[], tuple[int, int]] | None = None,
 ) -> None:
     """Train every spec of ``ready`` (which ``finished`` may extend) and hand over records.
 
@@ -248,9 +251,14 @@ def execute(
     bar per run; otherwise in ``jobs`` spawned worker processes with ``threads`` torch
     threads each, without bars of their own (bars drawn by several processes on one
     terminal overwrite each other and the log lines): one bar here counts the runs,
-    and ``finished``'s output is written above it.
+    and ``finished``'s output is written above it. ``plan()`` gives ``(runs done, runs
+    planned)`` of the caller's whole plan, read after each ``finished``, for that bar
+    (its total and its ETA then cover runs not queued yet, such as final runs queued once
+    a search ends, and runs done before a resume); default: the runs of ``ready``.
     """
     run = train if run is None else run
+    if not ready:
+        return
     if jobs == 1:
         while ready:
             finished(run(ready.popleft(), progress))
@@ -267,7 +275,14 @@ def execute(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(ready), desc=f"runs ({jobs} workers)", unit="run", dynamic_ncols=True)
+        done, planned = plan() if plan is not None else (0, len(ready))
+        bar = tqdm(
+            total=planned,
+            initial=done,
+            desc=f"runs ({jobs} workers)",
+            unit="run",
+            dynamic_ncols=True,
+        )
     try:
         while ready or running:
             while ready and len(running) < jobs:
@@ -282,8 +297,12 @@ def execute(
                     continue
                 with bar.external_write_mode():
                     finished(record)
-                bar.total = bar.n + 1 + len(ready) + len(running)  # finished may queue more
-                bar.update(1)
+                if plan is None:  # finished may queue more
+                    bar.total = bar.n + 1 + len(ready) + len(running)
+                    bar.update(1)
+                else:
+                    done, bar.total = plan()
+                    bar.update(done - bar.n)
     except KeyboardInterrupt:
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()  # (one still starting ignores Ctrl-C)

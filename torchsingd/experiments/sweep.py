@@ -343,7 +343,10 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, log=print) 
         done[0] += 1
         log(f"[{done[0]}/{total}] {describe(record)}")
 
-    execute(ready, finished, config.jobs, config.threads, progress, train_sweep)
+    def plan() -> tuple[int, int]:
+        return done[0], total
+
+    execute(ready, finished, config.jobs, config.threads, progress, train_sweep, plan)
     if config.seeds > 1:
         if config.all_seeds:
             repeated = grid
@@ -355,7 +358,7 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, log=print) 
                 seeds_specs.append(replace(spec, seed=seed, phase="seeds"))
         ready = deque(s for s in seeds_specs if s.key() not in store)
         done[0] += len(seeds_specs) - len(ready)
-        execute(ready, finished, config.jobs, config.threads, progress, train_sweep)
+        execute(ready, finished, config.jobs, config.threads, progress, train_sweep, plan)
     return [store.get(s.key()) for s in grid + seeds_specs]
 
 
