@@ -416,3 +416,37 @@ def test_each_task_counts_its_loss_terms_for_the_preconditioners(
     run = runner.RunSpec(task, optimizer, "float32", 1e-3, 0, 1, max_train=8)
     assert runner.train(run, progress=False)["status"] == "ok"
     assert built[0].param_groups[0]["loss_average"] == expected
+
+
+def test_tables_give_chance_and_mark_means_near_it():
+    """The header names the task's chance level; a mean within 10% of the way from it
+    to a perfect score is marked, and the table says why."""
+    from torchsingd.experiments import report
+
+    def row(optimizer, task, mean):
+        return report.Row(task, optimizer, "float32", 1e-2, 2, 2, 0, False, 0.0, mean, 0.01,
+                          1e-3, 1e3, 1e3, 1e8)  # fmt: skip
+
+    # accuracy, chance 0.1: 0.18 is 8.9% of the way to 1, 0.2 is 11.1%
+    table = report.task_table(
+        "digits-mlp", [row("adamw", "digits-mlp", 0.18), row("sgd", "digits-mlp", 0.2)],
+        chance_value=0.1,
+    )  # fmt: skip
+    assert "(higher is better; chance 10.0%)" in table
+    assert "| AdamW | float32 | 0.01 | 18.0% ± 1.0 (≈ chance) |" in table
+    assert "| SGD (momentum 0.9) | float32 | 0.01 (+) | 20.0% ± 1.0 |" in table  # (off its grid)
+    # lower is better, perfect 0: chance 4.5 bits, 4.1 is 8.9% of the way, 4.0 11.1%;
+    # worse than chance is marked too
+    bits = [row("adamw", "charlm", 4.1), row("sgd", "charlm", 4.0), row("kfac", "charlm", 5)]
+    table = report.task_table("charlm", bits, chance_value=4.5)
+    assert "(lower is better; chance 4.5)" in table
+    marked = [line.split(" | ")[0] for line in table.splitlines() if "(≈ chance)" in line]
+    assert marked == ["| AdamW", "| KFAC"]
+    # without a chance level nothing is marked
+    assert "chance" not in report.task_table("charlm", bits)
+
+
+def test_the_summary_gives_each_task_its_chance(quick_run):
+    out, _ = quick_run
+    summary = (out / "summary.md").read_text()
+    assert "| test accuracy (higher is better; chance 10.0%) |" in summary

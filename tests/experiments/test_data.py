@@ -87,3 +87,27 @@ def test_task_models_fit_their_data(name):
         assert 5.0 < metric < 8.0  # an untrained model: about log2(97) = 6.6 bits
     else:
         assert out.shape == (4, 64) and torch.equal(split.y_test, split.X_test.flatten(1))
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "charlm", "autoencoder"])
+def test_chance_is_the_metric_of_a_model_that_ignores_its_input(name):
+    """Against float64 sums over the examples (Python counts for the characters)."""
+    from collections import Counter
+
+    from torchsingd.experiments.tasks import chance
+
+    split = TASKS[name].load(0)
+    value = chance(TASKS[name], split)
+    if name == "digits-mlp":
+        assert value == 1 / 10
+    elif name == "charlm":
+        counts = Counter(split.y_train.flatten().tolist())
+        total = sum(counts.values()) + 0.5 * data.VOCAB_SIZE
+        test = split.y_test.flatten().tolist()
+        bits = -sum(np.log2((counts[c] + 0.5) / total) for c in test) / len(test)
+        assert value == pytest.approx(bits, rel=1e-5)
+        assert 3 < value < np.log2(data.VOCAB_SIZE)  # below uniform: frequencies help
+    else:
+        train = split.y_train.double().numpy()
+        test = split.y_test.double().numpy()
+        assert value == pytest.approx(((test - train.mean(0)) ** 2).mean(), rel=1e-5)

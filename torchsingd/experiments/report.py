@@ -3,13 +3,15 @@
 ``summary.md`` has, per task, one row per (optimizer, precision) over the final runs:
 the chosen lr, the test metric's mean +- sample standard deviation over the seeds that
 did not diverge, time per iteration and optimizer-state bytes (absolute and as a ratio
-to AdamW in the same precision), peak RSS and how many seeds diverged; then the
+to AdamW in the same precision), peak RSS and how many seeds diverged, with the task's
+chance level and a mark on means near it; then the
 learning-rate search (the validation metric of every lr tried: the grid and its extensions).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import statistics
@@ -22,7 +24,12 @@ from torchsingd.experiments.compare import CompareConfig, Outcome, config_dict, 
 from torchsingd.experiments.compare import settings as compare_settings
 from torchsingd.experiments.optimizers import OPTIMIZERS
 from torchsingd.experiments.store import json_safe
-from torchsingd.experiments.tasks import TASKS
+from torchsingd.experiments.tasks import TASKS, chance
+
+#: a metric that closes less than this share of the way from chance to a perfect score
+#: (accuracy 1, bits/char and MSE 0) is marked "(≈ chance)": those runs learned (almost)
+#: nothing and do not rank the optimizers (``--quick`` is too short for some tasks)
+NEAR_CHANCE = 0.1
 
 CSV_FIELDS = (
     "task",
@@ -115,6 +122,25 @@ def aggregate(records: list[dict[str, Any]]) -> list[Row]:
     return rows
 
 
+@functools.cache
+def task_chance(task: str, data_seed: int = 0) -> float:
+    """:func:`~torchsingd.experiments.tasks.chance` on ``task``'s test split."""
+    return chance(TASKS[task], TASKS[task].load(data_seed))
+
+
+def near_chance(task: str, value: float, chance_value: float) -> bool:
+    """Whether ``value`` closes less than :data:`NEAR_CHANCE` of the way from
+    ``chance_value`` to a perfect score (or is worse than chance)."""
+    perfect = 1.0 if TASKS[task].higher_is_better else 0.0
+    if not finite(value) or not finite(chance_value) or perfect == chance_value:
+        return False
+    return (value - chance_value) / (perfect - chance_value) < NEAR_CHANCE
+
+
+def format_chance(task: str, value: float) -> str:
+    return format_metric(TASKS[task].metric_name, value, math.nan)
+
+
 def _ratio(value: float, reference: float | None) -> str:
     if reference is None or not finite(value) or not finite(reference) or reference == 0:
         return "-"
@@ -144,14 +170,25 @@ def _lr_cell(row: Row, tried: list[float] | None = None) -> str:
     return f"{row.lr:g}{_beyond_grid(row.optimizer, row.lr)}{edge}"
 
 
-def task_table(task: str, rows: list[Row], tried: dict[tuple, list[float]] | None = None) -> str:
+def task_table(
+    task: str,
+    rows: list[Row],
+    tried: dict[tuple, list[float]] | None = None,
+    chance_value: float = math.nan,
+) -> str:
     """The markdown table of one task's final runs (``tried``: the lrs searched per
-    (task, optimizer, precision), for the edge marks; default the grids)."""
+    (task, optimizer, precision), for the edge marks; default the grids). With a finite
+    ``chance_value`` (the test metric of a model that ignores its input) the header
+    names it and a mean near it is marked (:func:`near_chance`)."""
     metric = TASKS[task].metric_name
     better = "higher" if TASKS[task].higher_is_better else "lower"
+    if finite(chance_value):
+        better += f" is better; chance {format_chance(task, chance_value)}"
+    else:
+        better += " is better"
     adamw = {r.precision: r for r in rows if r.optimizer == "adamw" and not r.refused}
     lines = [
-        f"| optimizer | precision | lr | test {metric} ({better} is better) | "
+        f"| optimizer | precision | lr | test {metric} ({better}) | "
         "time/iter | x AdamW | state | x AdamW | state/params | peak RSS | diverged |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -165,6 +202,8 @@ def task_table(task: str, rows: list[Row], tried: dict[tuple, list[float]] | Non
             cell = "diverged"
         else:
             cell = format_metric(metric, row.metric_mean, row.metric_std)
+            if near_chance(task, row.metric_mean, chance_value):
+                cell += " (≈ chance)"
             if row.ok < row.runs:
                 cell += f" ({row.ok} of {row.runs} seeds)"
         skipped = f", {row.skipped_fraction:.1%} skipped" if row.skipped_fraction else ""
@@ -214,12 +253,19 @@ def summary_tables(outcome: Outcome) -> str:
     parts = []
     for task in dict.fromkeys(r.task for r in rows):
         t = TASKS[task]
-        epochs = next(r["epochs"] for r in outcome.records("final") if r["task"] == task)
-        span = f"{epochs} epoch" + ("s" if epochs != 1 else "")
-        parts.append(
-            f"### {task}: {t.description}, {span}, batch {t.batch_size}\n\n"
-            + task_table(task, [r for r in rows if r.task == task], outcome.tried_lrs())
-        )
+        first = next(r for r in outcome.records("final") if r["task"] == task)
+        span = f"{first['epochs']} epoch" + ("s" if first["epochs"] != 1 else "")
+        chance_value = task_chance(task, first.get("data_seed", 0))
+        mine = [r for r in rows if r.task == task]
+        table = task_table(task, mine, outcome.tried_lrs(), chance_value)
+        if any(r.ok and near_chance(task, r.metric_mean, chance_value) for r in mine):
+            table += (
+                f"\n\n(≈ chance): a mean less than {NEAR_CHANCE:.0%} of the way from chance "
+                f"({format_chance(task, chance_value)}, a model that ignores its input) to a "
+                "perfect score: those runs learned little and do not rank the optimizers"
+                + (" (--quick runs are short)." if first.get("max_train") else ".")
+            )
+        parts.append(f"### {task}: {t.description}, {span}, batch {t.batch_size}\n\n{table}")
     return "\n\n".join(parts)
 
 
@@ -265,7 +311,11 @@ def summary_markdown(outcome: Outcome, config: CompareConfig, command: str) -> s
             "OS cannot reset it; it includes torch and the data set). diverged: seeds whose "
             "loss became inf/NaN (or whose steps SINGD/KFAC mostly skipped), with the share "
             "of steps skipped because of inf/NaN. lr '(min)'/'(max)': the winner is at an "
-            "edge of the lrs tried; '(+)': beyond the optimizer's grid.",
+            "edge of the lrs tried; '(+)': beyond the optimizer's grid. chance (in each "
+            "table's header): the test metric of a model that ignores its input (accuracy "
+            "1/classes; MSE of the mean training target; bits/char of the training "
+            f"characters' frequencies); '(≈ chance)': a mean less than {NEAR_CHANCE:.0%} of "
+            "the way from chance to a perfect score.",
             "",
             "## Results (test set)",
             "",

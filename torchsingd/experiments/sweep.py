@@ -50,7 +50,7 @@ from torchsingd.experiments.bench import reference_cls
 from torchsingd.experiments.compare import execute
 from torchsingd.experiments.runner import _progress_bar, _train_loop
 from torchsingd.experiments.store import RunStore, json_safe
-from torchsingd.experiments.tasks import TASKS, Task, accuracy
+from torchsingd.experiments.tasks import TASKS, Task, accuracy, chance
 from torchsingd.optim import NonFiniteError
 from torchsingd.structures import get_structure
 
@@ -168,14 +168,6 @@ def make_optimizer(spec: SweepSpec, model: nn.Module) -> torch.optim.Optimizer:
     # weights (ours would skip the step and keep the weights finite), so that both
     # baselines diverge at the same points.
     return SINGD(model, structures=spec.structure, safeguards=False, on_nonfinite="raise", **kwargs)
-
-
-def chance(task: Task, split: data.Split) -> float:
-    """The metric of a diverged run: 1/classes, or the MSE of the mean training output."""
-    if task.metric_name == "accuracy":
-        return 1.0 / int(split.y_train.max().item() + 1)
-    mean = split.y_train.float().mean(0, keepdim=True)
-    return task.metric(mean.expand_as(split.y_test), split.y_test)
 
 
 def train_sweep(spec: SweepSpec, progress: bool = True, position: int | None = None) -> dict:

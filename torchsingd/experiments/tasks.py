@@ -184,6 +184,22 @@ TASKS: dict[str, Task] = {
 }
 
 
+def chance(task: Task, split: data.Split) -> float:
+    """The test metric of a model that ignores its input: ``1 / classes`` for accuracy;
+    otherwise the metric of the best constant output fitted on the training set (the
+    mean training target for MSE; the training characters' frequencies, add-1/2
+    smoothed, for bits/char: the unigram model)."""
+    if task.metric_name == "accuracy":
+        return 1.0 / int(split.y_train.max().item() + 1)
+    if task.metric_name == "bits/char":
+        vocab = max(data.VOCAB_SIZE, int(split.y_train.max().item()) + 1)
+        counts = torch.bincount(split.y_train.flatten(), minlength=vocab).double() + 0.5
+        logits = (counts / counts.sum()).log().float()
+        return task.metric(logits.expand(*split.y_test.shape, vocab), split.y_test)
+    mean = split.y_train.float().mean(0, keepdim=True)
+    return task.metric(mean.expand_as(split.y_test), split.y_test)
+
+
 @torch.no_grad()
 def evaluate(
     task: Task, model: nn.Module, X: Tensor, y: Tensor, batch_size: int = 512
