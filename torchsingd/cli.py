@@ -355,7 +355,11 @@ def parser() -> argparse.ArgumentParser:
         "(factor ~3), at most N beyond each grid (default 2; 0: the fixed grids)",
     )
     c.add_argument("--quick", action="store_true", help="tiny version (under 3 minutes)")
-    c.add_argument("--out", help="output directory (default: demo_out, with --sweep: sweep_out)")
+    c.add_argument(
+        "--out",
+        type=path_text,
+        help="output directory (default: demo_out, with --sweep: sweep_out)",
+    )
     c.add_argument(
         "--sweep",
         action="store_true",
@@ -417,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, help="default: the task's")
     t.add_argument("--seed", type=seed_int, default=0, help="data order and init (default 0)")
     t.add_argument("--quick", action="store_true", help="few epochs on a training subset")
-    t.add_argument("--out", help="append the run to <out>/runs.jsonl")
+    t.add_argument("--out", type=path_text, help="append the run to <out>/runs.jsonl")
     t.add_argument(
         "--threads",
         type=positive_int,
@@ -435,6 +439,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def path_text(text: str) -> str:
+    """An argparse type: a non-empty path (an empty one, as from ``--out "$UNSET"``,
+    would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (name a path)")
+    return text
 
 
 def non_negative_int(text: str) -> int:

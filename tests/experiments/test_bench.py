@@ -93,7 +93,11 @@ def test_throughput_is_absent_when_the_optimizer_time_is_noise():
         (["--structures", "foo"], "Unknown structure 'foo'. Valid forms"),
         (["--json", "/nonexistent-dir/x.json"], "its folder does not exist"),
         (["--json", "/proc/x.json"], "--json: cannot write /proc/x.json"),
-        (["--device", "foo"], "argument --device: 'foo'"),
+        (["--json", ""], "--json: must not be empty"),
+        (["--device", "foo"], "argument --device: 'foo': the benchmark runs on cpu or cuda[:N]"),
+        (["--device", "tpu"], "'tpu': the benchmark runs on cpu or cuda[:N]"),  # (listed
+        # torch's every device type as valid)
+        (["--device", "mps"], "'mps': the benchmark runs on cpu or cuda[:N]"),
         pytest.param(
             ["--device", "cuda"],
             "argument --device: 'cuda'",

@@ -61,6 +61,8 @@ def test_every_file_exists_and_parses(quick_run):
         rows = list(csv.DictReader(f))
     assert len(rows) == RUNS
     assert {r["phase"] for r in rows} == {"search", "final"}
+    split = {"search": "validation", "final": "test"}
+    assert all(r["metric_split"] == split[r["phase"]] for r in rows)
     for name in ("curves_digits-mlp.png", "memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
@@ -274,6 +276,13 @@ def test_bad_command_lines_fail_before_any_run(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--task", "digits-mlp", "--optimizer", "sgd", "--seed", "1" + "0" * 20])
     assert info.value.code == 2 and "--seed: must be in [0, 2^64)" in capsys.readouterr().err
+    # an empty --out (an unset shell variable) meant the current directory for compare
+    # and no output at all for train
+    for argv in ([*base], ["compare", "--sweep"], ["train", "--task", "digits-mlp"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main([*argv, "--out", ""])
+        assert info.value.code == 2
+        assert "--out: must not be empty" in capsys.readouterr().err
     assert counter.calls == []
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from torchsingd import SINGD
-from torchsingd.cli import positive_int
+from torchsingd.cli import path_text, positive_int
 from torchsingd.experiments.store import json_safe
 from torchsingd.layers import get_adapter
 from torchsingd.structures import get_structure
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--no-reference", action="store_true", help="skip the reference package's rows")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--json", type=path_text, help="also write the rows to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     args = p.parse_args(argv)
     structures = []
@@ -466,11 +466,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except OSError as err:
             p.error(f"argument --json: cannot write {target}: {err.strerror}")
     try:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:  # (torch's message lists every device type it knows)
+            raise RuntimeError("the benchmark runs on cpu or cuda[:N]") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("this torch has no usable CUDA device")
         if device.type not in ("cpu", "cuda"):
-            raise RuntimeError("the benchmark runs on cpu or cuda")
+            raise RuntimeError("the benchmark runs on cpu or cuda[:N]")
     except RuntimeError as err:
         p.error(f"argument --device: {args.device!r}: {err}")
     warnings.filterwarnings("ignore")

@@ -43,6 +43,7 @@ CSV_FIELDS = (
     "data_seed",
     "status",
     "metric_name",
+    "metric_split",  # "validation" (search runs) or "test" (final runs): what test_metric is
     "test_metric",
     "test_loss",
     "train_loss",
@@ -364,7 +365,8 @@ def write_reports(outcome: Outcome, config: CompareConfig, out: Path, command: s
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            writer.writerow(json_safe(r))
+            split = "validation" if r["phase"] == "search" else "test"
+            writer.writerow(json_safe({**r, "metric_split": split}))
     summary = summary_markdown(outcome, config, command)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     return summary
