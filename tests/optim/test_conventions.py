@@ -995,6 +995,21 @@ def test_messages_say_why():
     (message,) = [str(w.message) for w in caught]
     assert "(unchanged until then): ['0.weight', '0.bias']" in message
     assert "not preconditioned even once unfrozen: ['2.weight']" in message
+    # a layer frozen whole that cannot wait says why (the warning gave no reason)
+    model = make_mlp(0).requires_grad_(False)
+    groups = [{"params": [model[0].weight, model[2].weight]}]
+    groups += [{"params": [model[0].bias], "lr_cov": 0.5}]  # [2].bias not in the optimizer
+    with pytest.warns(UserWarning) as caught:
+        SINGD(model, params=groups)
+    (message,) = [str(w.message) for w in caught]
+    assert (
+        "not preconditioned even once unfrozen (its layer's parameters are in groups whose "
+        "lr_cov differ): ['0.weight', '0.bias']" in message
+    )
+    assert (
+        "not preconditioned even once unfrozen (part of its layer is not in the optimizer): "
+        "['2.weight']" in message
+    )
 
 
 # ------------------------------------------------- hyper-parameters per step

@@ -892,16 +892,21 @@ class KroneckerOptimizer(Optimizer):
         self._fallback_params += new_fallback
         self._sparse_fallback = any(p.layout != torch.strided for _, p in self._fallback_params)
         self._check_sparse_fallback()
+        why_not: dict[int, str] = {}  # a frozen layer's parameter -> why it is not dormant
         for name, module, adapter, covers in self._asleep:
             if name in self._entries or name in self._dormant:
                 continue
             if id(covers[0]) in known_before:
                 continue  # trained by the fallback rule before (BitFit, a hand-over): stays
             indices = tuple(group_of.get(id(p)) for p in covers)
-            if None in indices:
-                continue  # not all of it is ours: it could never be preconditioned
-            if len(set(indices)) > 1 and self._layer_options_differ(indices):
-                continue  # (as a layer trainable at construction would be refused)
+            if None in indices:  # not all of it is ours: it could never be preconditioned
+                why_not.update((id(p), "part of its layer is not in the optimizer") for p in covers)
+                continue
+            differ = self._layer_options_differ(indices) if len(set(indices)) > 1 else []
+            if differ:  # (as a layer trainable at construction would be refused)
+                why = f"its layer's parameters are in groups whose {', '.join(differ)} differ"
+                why_not.update((id(p), why) for p in covers)
+                continue
             try:
                 with _trainable(module):
                     self._refuse(name, module, adapter, self.param_groups[indices[0]])
@@ -926,7 +931,10 @@ class KroneckerOptimizer(Optimizer):
             asleep = {id(p) for d in self._dormant.values() for p in d.covers}
             new = [p for _, p in new_fallback]
             waiting = [self._name(p) for p in new if id(p) in asleep]
-            frozen = [self._name(p) for p in new if not p.requires_grad and id(p) not in asleep]
+            frozen: dict[str, list[str]] = {}  # why -> names
+            for p in new:
+                if not p.requires_grad and id(p) not in asleep:
+                    frozen.setdefault(why_not.get(id(p), ""), []).append(self._name(p))
             if waiting:
                 tied += (
                     " Of supported layers frozen whole now (requires_grad=False), "
@@ -937,10 +945,11 @@ class KroneckerOptimizer(Optimizer):
                 tied += (
                     f" Frozen layers it could not precondition once unfrozen: {'; '.join(refused)}."
                 )
-            if frozen:  # (part of a supported layer frozen now stays with the fallback)
+            for why, names in frozen.items():  # (part of a supported layer frozen now, or
+                # one that could not be made to wait, stays with the fallback)
                 tied += (
                     f" Frozen now (requires_grad=False), so not preconditioned even once "
-                    f"unfrozen: {frozen}."
+                    f"unfrozen{f' ({why})' if why else ''}: {names}."
                 )
             owners: dict[int, str] = {}
             for module in self._model.modules():
