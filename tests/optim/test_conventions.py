@@ -1358,14 +1358,24 @@ def test_model_cast_after_construction_warns_and_keeps_stepping(cls):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def _layer_tensors(opt) -> list[torch.Tensor]:
+    """Every tensor the optimizer keeps per layer: factors and pending statistics."""
+    out = []
+    for layer in opt.layers.values():
+        for x in [*layer.factors().values(), *(layer.pending or [])]:
+            out += list(x.tensors()) if x is not None else []
+    return out
+
+
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
-def test_model_moved_after_construction_is_refused_before_writing(cls):
-    """Factors live on the device of construction; a model moved later (to "meta"
-    here, standing in for a GPU) gets a ValueError that says what to do, in the
-    observed forward pass (the backward would fail mixing devices) and in step."""
+def test_factors_follow_a_model_moved_after_construction(cls):
+    """A model moved after construction (``Accelerator.prepare`` moves the model of an
+    optimizer built before it; "meta" stands in for a GPU here): its layers' factors,
+    pending statistics and per-parameter state follow it in the next observed forward
+    pass (it raised a ValueError; the backward would have mixed devices)."""
     model = _with_norm()
-    opt = cls(model, **_hp(cls, warn_unsupported=False))
-    train(model, opt, 0, 1, dtype=torch.float32)
+    opt = cls(model, **_hp(cls, warn_unsupported=False, momentum=0.9))
+    train(model, opt, 0, 2, dtype=torch.float32)
     swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:  # the same Parameter objects afterwards, as model.cuda() keeps them
@@ -1373,15 +1383,46 @@ def test_model_moved_after_construction_is_refused_before_writing(cls):
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
     assert opt.param_groups[0]["params"][0].device.type == "meta"
+    assert {t.device.type for t in _layer_tensors(opt)} == {"cpu"}
     x = torch.zeros(4, 6, device="meta")
     opt.zero_grad()
-    with pytest.raises(ValueError, match=r"moved from cpu to meta.*before constructing"):
-        model(x)  # the forward pass that would capture statistics
-    with torch.no_grad():
-        model(x)  # not observed: fine
-    with pytest.raises(ValueError, match=r"moved from cpu to meta.*before constructing"):
-        opt.step()
-    assert opt.steps == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)  # observed (its backward cannot run on "meta": autocast refuses it)
+    tensors = _layer_tensors(opt)
+    assert len(tensors) > 4 and {t.device.type for t in tensors} == {"meta"}
+    buffers = [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    assert buffers and {v.device.type for v in buffers} == {"meta"}
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_following_a_move_keeps_the_numbers(cls):
+    """The move itself changes nothing: an optimizer that believes its layers moved
+    (their recorded device differs from the weights') moves everything to the
+    weights' device, drops its cached operators, and trains on bit-identically."""
+    model, twin = _with_norm(), _with_norm()
+    opt = cls(model, **_hp(cls, warn_unsupported=False, momentum=0.9, T=2))
+    ref = cls(twin, **_hp(cls, warn_unsupported=False, momentum=0.9, T=2))
+    train(model, opt, 0, 3, dtype=torch.float32)
+    train(twin, ref, 0, 3, dtype=torch.float32)
+    for entry in opt._entries.values():
+        entry.placement = (entry.placement[0], torch.device("meta"))
+    train(model, opt, 3, 7, dtype=torch.float32)
+    train(twin, ref, 3, 7, dtype=torch.float32)
+    assert all(e.placement[1].type == "cpu" for e in opt._entries.values())
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    mine, theirs = _layer_tensors(opt), _layer_tensors(ref)
+    assert len(mine) == len(theirs) > 4
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert opt.state[p].keys() == ref.state[q].keys()
+        for key, value in opt.state[p].items():  # (the fallback's step count is an int)
+            assert (
+                torch.equal(value, ref.state[q][key])
+                if torch.is_tensor(value)
+                else (value == ref.state[q][key])
+            )
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])

@@ -1088,7 +1088,7 @@ class KroneckerOptimizer(Optimizer):
         if not self._wants(entry) or not self._active(entry):
             return
         if entry.watched[0].device != entry.placement[1]:
-            self._check_placement()  # raises: the factors are on another device
+            self._check_placement()  # the factors follow it there
         layer = entry.blocks[block]
         application = _Application(x.detach())
         self._applications.add(application)
@@ -1710,11 +1710,13 @@ class KroneckerOptimizer(Optimizer):
             )
 
     def _check_placement(self) -> None:
-        """The model moved or cast after construction: another device is refused
-        (before anything is written); another dtype is warned about once (the factors
-        keep the dtype they were made in) and the per-parameter state (momentum
-        buffers, the fallback's moments) is cast to the parameters' dtype, as
-        ``torch.optim``'s ``load_state_dict`` casts it."""
+        """The model moved or cast after construction (``Accelerator.prepare`` moves a
+        model whose optimizer exists): a layer's factors, statistics and cached
+        operators follow its weight to another device (in the observed forward pass or
+        the step that first sees it, before anything is written); another dtype is
+        warned about once (the factors keep the dtype they were made in). The
+        per-parameter state (momentum buffers, the fallback's moments) follows the
+        parameters' device and dtype, as ``torch.optim``'s ``load_state_dict`` casts it."""
         changed = []
         for entry in self._entries.values():
             weight = entry.watched[0]  # (the module's first parameter: one is enough)
@@ -1722,37 +1724,32 @@ class KroneckerOptimizer(Optimizer):
                 changed.append((entry, weight))
         if not changed:
             return
-        moved = [e.name for e, w in changed if w.device != e.placement[1]]
-        if moved:
-            entry, weight = changed[0]
-            raise ValueError(
-                f"The parameters of layers {moved} moved from {entry.placement[1]} to "
-                f"{weight.device} after {type(self).__name__} was constructed; its factors "
-                "are on the former. Move the model before constructing the optimizer (as "
-                "torch.optim's documentation asks), or construct a new one."
+        cast = [(e, w) for e, w in changed if w.dtype != e.placement[0]]
+        if cast:
+            entry, weight = cast[0]
+            warn(
+                f"The parameters of layers {[e.name for e, _ in cast]} changed dtype from "
+                f"{entry.placement[0]} to {weight.dtype} after {type(self).__name__} was "
+                "constructed; their Kronecker factors stay in the dtype they were made in "
+                "(the weights' at construction, or preconditioner_dtype). Cast the model "
+                "before constructing the optimizer to have them follow."
             )
-        entry, weight = changed[0]
-        warn(
-            f"The parameters of layers {[e.name for e, _ in changed]} changed dtype from "
-            f"{entry.placement[0]} to {weight.dtype} after {type(self).__name__} was "
-            "constructed; their Kronecker factors stay in the dtype they were made in "
-            "(the weights' at construction, or preconditioner_dtype). Cast the model "
-            "before constructing the optimizer to have them follow."
-        )
         for entry, weight in changed:
+            if weight.device != entry.placement[1]:
+                for layer in entry.blocks.values():
+                    _move_block(layer, weight.device)
+                    self._factors_replaced(layer)
             entry.placement = (weight.dtype, weight.device)
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 for key, value in (state or {}).items():
                     dtype = moment_dtype(p.dtype) if key in ADAMW_MOMENTS else p.dtype
-                    if (
-                        isinstance(value, Tensor)
-                        and value.is_floating_point()
-                        and value.dtype != dtype
-                        and value.shape == p.shape
-                    ):
-                        state[key] = value.to(dtype)
+                    if not isinstance(value, Tensor) or value.shape != p.shape:
+                        continue  # (AdamW's step counts stay where torch.optim keeps them)
+                    if value.is_floating_point() and value.dtype != dtype:
+                        value = value.to(dtype)
+                    state[key] = value.to(p.device)
 
     def _step(self) -> None:
         check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
@@ -2626,6 +2623,21 @@ def _restore_factors(
                 )
         out[key] = _restore(like, tensors, f"{name}.{key}")
     return out
+
+
+def _move_block(layer: BlockState, device: torch.device) -> None:
+    """Move a block's factors, pending statistics and own-gradient sum to ``device``."""
+
+    def moved(x: StructuredMatrix) -> StructuredMatrix:
+        return x._with_tensors(tuple(t.to(device) for t in x.tensors()))
+
+    for key, value in layer.factors().items():
+        if value is not None:
+            setattr(layer, key, moved(value))
+    if layer.pending is not None:
+        layer.pending = [moved(x) for x in layer.pending]
+    if layer.own is not None:
+        layer.own = layer.own.to(device)
 
 
 def _restore(like: StructuredMatrix, tensors: list[Tensor], what: str) -> StructuredMatrix:
