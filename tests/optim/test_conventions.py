@@ -403,16 +403,17 @@ def test_a_layer_frozen_at_construction_is_preconditioned_once_unfrozen(cls):
     assert opt.layers == {} and opt.state_bytes() == 0
     assert opt.dormant_layers == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
     for _ in range(2):
-        opt.step()  # nothing to train
+        opt.step()  # nothing to train: no gradient, so it does not count
+    assert opt.steps == 0
     model.requires_grad_(True)
     before = [p.detach().clone() for p in model.parameters()]
-    train(model, opt, 2, 3)  # step 2: the next one (3) updates no factors
+    train(model, opt, 2, 3)  # step 0: the next one (1) updates no factors
     assert opt.layers == {} and len(opt.fallback_parameters) == 4
-    train(model, opt, 3, 4)  # step 4 updates factors: preconditioned from there
+    train(model, opt, 3, 4)  # step 2 updates factors: preconditioned from there
     assert list(opt.layers) == ["0", "2"] and opt.fallback_parameters == {}
     assert opt.dormant_layers == {}
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
-    assert opt.state_dict()["state"] == {} and opt.steps == 4
+    assert opt.state_dict()["state"] == {} and opt.steps == 2
 
     copy_ = copy.deepcopy(model)
     fresh = cls(copy_, **_frozen_hp(cls, T=2))
@@ -1423,6 +1424,29 @@ def test_following_a_move_keeps_the_numbers(cls):
                 if torch.is_tensor(value)
                 else (value == ref.state[q][key])
             )
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_a_step_without_any_gradient_does_not_count(cls):
+    """Lightning calls ``step(closure)`` when ``training_step`` returns ``None`` (no
+    backward): the step counted, so the factor update due in it was lost (factors
+    updated at steps 0, 4, 6 instead of 0, 2, 4, 6 with T=2). Now it changes nothing
+    and does not count: the training equals one without it, bit for bit."""
+    model, twin = make_mlp(0), make_mlp(0)
+    opt = cls(model, **_hp(cls, T=2, momentum=0.9))
+    ref = cls(twin, **_hp(cls, T=2, momentum=0.9))
+    train(model, opt, 0, 2)
+    train(twin, ref, 0, 2)
+    opt.zero_grad()
+    assert opt.step(lambda: model(batch(2)[0]).sum() and None) is None  # a forward only
+    opt.step()
+    assert opt.steps == 2 and opt.skipped_steps == 0
+    train(model, opt, 2, 7)
+    train(twin, ref, 2, 7)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    mine, theirs = _layer_tensors(opt), _layer_tensors(ref)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])

@@ -223,6 +223,43 @@ def test_real_grad_scaler_on_cpu_float32():
     )
 
 
+def _handles_unscaling(opt, reader: str) -> bool:
+    """``getattr(opt, "_step_supports_amp_scaling", False)`` read from module ``reader``
+    (torch's GradScaler reads it in ``torch.amp.grad_scaler``; Lightning in
+    ``lightning_fabric.plugins.precision.amp``, to refuse gradient clipping)."""
+    code = "getattr(opt, '_step_supports_amp_scaling', False)"
+    return eval(code, {"__name__": reader, "opt": opt})  # noqa: S307
+
+
+def test_whether_step_unscales_is_said_to_others_only_once_loss_scaling_is_seen():
+    """Lightning refuses gradient clipping for an optimizer whose step unscales, even
+    in bf16-mixed (no scaler): SINGD said so always. Now torch (GradScaler) is always
+    told yes; other readers only after a GradScaler stepped it or a float16 output."""
+    other = "lightning_fabric.plugins.precision.amp"
+    for dtype, expected in ((torch.float32, False), (torch.bfloat16, False)):
+        model = make_mlp(0, dtype)
+        opt = SINGD(model, **HP)
+        assert _handles_unscaling(opt, "torch.amp.grad_scaler") is True
+        assert _handles_unscaling(opt, other) is False
+        train(model, opt, 0, 2, dtype=dtype)
+        assert _handles_unscaling(opt, other) is expected
+    model = make_mlp(0, torch.float32).half()  # a float16 forward: loss scaling ahead
+    opt = SINGD(model, **HP)
+    with torch.no_grad():
+        model(batch(0, dtype=torch.float16)[0])  # not observed
+    assert _handles_unscaling(opt, other) is False
+    model(batch(0, dtype=torch.float16)[0])
+    assert _handles_unscaling(opt, other) is True
+    model = make_mlp(0, torch.float32)
+    opt = SINGD(model, init_grad_scale=2.0**4, **HP)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = batch(0, dtype=torch.float32)
+    scaler.scale(mse(model(x), y)).backward()
+    assert _handles_unscaling(opt, other) is False
+    scaler.step(opt)
+    assert opt.steps == 1 and _handles_unscaling(opt, other) is True
+
+
 def test_real_grad_scaler_unscale_then_set_current_grad_scale():
     """``scaler.unscale_`` (e.g. for clipping) + ``set_current_grad_scale``: same result."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=3)

@@ -491,7 +491,20 @@ def common_defaults(
 class KroneckerOptimizer(Optimizer):
     """Shared machinery; see the module docstring. Not used directly."""
 
-    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``step()`` unscales: torch's ``GradScaler.step`` then hands it
+        ``grad_scale`` and ``found_inf`` instead of unscaling ``.grad`` itself (the
+        captured output gradients need the scale too), so ``GradScaler`` is always told
+        yes. Other code asks this to refuse gradient clipping before ``step()``
+        (Lightning's mixed-precision plugin refuses it even in bfloat16, where no scaler
+        exists), so it is told yes only once a ``GradScaler`` has stepped this
+        optimizer or an observed layer's output was float16 (the precision that needs
+        loss scaling)."""
+        reader = sys._getframe(1).f_globals.get("__name__", "")
+        if reader == "torch" or reader.startswith("torch."):
+            return True
+        return getattr(self, "_scaled_steps", False) or getattr(self, "_float16_outputs", False)
 
     def __init__(
         self,
@@ -577,6 +590,10 @@ class KroneckerOptimizer(Optimizer):
         self._init_grad_scale = float(init_grad_scale)
         self._scale_warned = False
         self._explicit_scale: float | None = None
+        #: a GradScaler has stepped this optimizer; an observed output was float16
+        #: (see ``_step_supports_amp_scaling``)
+        self._scaled_steps = False
+        self._float16_outputs = False
         self._entries: dict[str, ModuleEntry] = {}
         self._owners: dict[str, int] = {}  # layer name -> rank ("shard")
         self._fallback_params: list[tuple[int, nn.Parameter]] = []
@@ -1085,6 +1102,8 @@ class KroneckerOptimizer(Optimizer):
         if output.numel() == 0 or not output.requires_grad:  # empty: an MoE expert without tokens
             return
         entry.blocks[block].seen = True
+        if getattr(output, "dtype", None) == torch.float16:  # (StepGradients has none)
+            self._float16_outputs = True
         if not self._wants(entry) or not self._active(entry):
             return
         if entry.watched[0].device != entry.placement[1]:
@@ -1242,6 +1261,7 @@ class KroneckerOptimizer(Optimizer):
                 "optimizer.set_current_grad_scale(scaler.get_scale()) after unscale_ "
                 "(the factors would otherwise see the loss scale squared)."
             )
+        self._scaled_steps = self._scaled_steps or found_inf is not None
         grad_scale = 1.0 if grad_scale is None else float(grad_scale)
         found_inf = bool(found_inf) if found_inf is not None else False
         g_scale = self._explicit_scale if self._explicit_scale is not None else grad_scale
@@ -1763,6 +1783,12 @@ class KroneckerOptimizer(Optimizer):
             return
 
         rank, size = tdist.world(self._group)
+        if size == 1 and all(p.grad is None for g in self.param_groups for p in g["params"]):
+            # no gradient at all (a closure that skipped its backward: Lightning steps
+            # when training_step returns None): nothing changes, as in torch.optim, and
+            # the step does not count (counted, it took the factor update due in it)
+            self._end_step(g_scale, count=False)
+            return
         if size > 1 and self.distributed_strategy == "shard":
             # a scheduled lr_cov is read by the owners only: check it on every rank,
             # so that a bad value raises everywhere instead of hanging the others
