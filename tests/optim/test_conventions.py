@@ -456,7 +456,7 @@ def test_a_layer_that_cannot_be_preconditioned_stays_with_the_fallback():
     with one warning; it was left unchanged until then."""
     model = make_mlp(0).to(torch.bfloat16)
     model.requires_grad_(False)
-    with pytest.warns(UserWarning, match=r"not preconditioned even once unfrozen: \['0.weight'"):
+    with pytest.warns(UserWarning, match=r"could not precondition once unfrozen: \['0', '2'\]"):
         opt = KFAC(model, params=model.parameters(), T=1, lr=0.01)
     assert opt._dormant == {}
     model.requires_grad_(True)
@@ -1011,6 +1011,18 @@ def test_messages_say_why():
         "not preconditioned even once unfrozen (part of its layer is not in the optimizer): "
         "['2.weight']" in message
     )
+    # layers refused for one reason: it is said once (repeated per layer), and their
+    # parameters are not listed again as frozen
+    model = make_mlp(0).to(torch.bfloat16).requires_grad_(False)
+    with pytest.warns(UserWarning) as caught:
+        KFAC(model, params=model.parameters())
+    (message,) = [str(w.message) for w in caught]
+    assert message.count("KFAC cannot keep the factors") == 1
+    assert (
+        "could not precondition once unfrozen: ['0', '2'] (KFAC cannot keep the factors of "
+        "these layers in torch.bfloat16" in message
+    )
+    assert "even once unfrozen" not in message
 
 
 # ------------------------------------------------- hyper-parameters per step
@@ -1424,6 +1436,45 @@ def test_following_a_move_keeps_the_numbers(cls):
                 if torch.is_tensor(value)
                 else (value == ref.state[q][key])
             )
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_a_parameter_resized_after_construction_is_named(cls):
+    """``resize_token_embeddings`` swaps an embedding's weight for a larger one in the
+    same Parameter: the backward failed with "The size of tensor a (20) must match the
+    size of tensor b (23)" from inside the statistics; a fallback parameter's AdamW
+    moments failed in the step. Now a ValueError names the layer or parameter and
+    what to do, before anything is written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    opt = cls(model, **_hp(cls, warn_unsupported=False))
+    tokens = torch.randint(0, 20, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        model(tokens).square().sum().backward()
+        opt.step()
+    emb = model[0]
+    emb.weight.data = torch.cat([emb.weight.data, torch.zeros(3, 6)])  # as HF resizes
+    emb.num_embeddings = 23
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"layers \['0'\] changed shape.*\(20, 6\).*\(23, 6\)"):
+        model(tokens)  # the observed forward pass
+    with pytest.raises(ValueError, match=r"Construct a new optimizer after changing"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    # a parameter of the fallback rule (the LayerNorm's) with moments of another shape
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))
+    opt = cls(model, **_hp(cls, warn_unsupported=False))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().sum().backward()
+        opt.step()
+    model[1].weight.data = torch.ones(7)
+    model[1].weight.grad = torch.ones(7)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"Parameter '1.weight' changed shape from \(6,\)"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchsingd import SINGD
+from torchsingd import KFAC, SINGD
 
 WIDTH = 4096
 STRUCTURED = [
@@ -73,9 +73,9 @@ def test_dense_structure_is_detected_by_the_probe():
 def test_dense_factors_far_beyond_adamw_state_are_advised_against(monkeypatch) -> None:
     """Above the size and ratio thresholds, dense factors get one warning with the
     state's size and its ratio to the parameters' bytes; structured ones none."""
-    import torchsingd.optim.singd as singd_module
+    import torchsingd.optim.base as base_module
 
-    monkeypatch.setattr(singd_module, "DENSE_ADVICE_BYTES", 2**20)  # 1 MiB for the test
+    monkeypatch.setattr(base_module, "DENSE_ADVICE_BYTES", 2**20)  # 1 MiB for the test
     model = torch.nn.Sequential(torch.nn.Linear(1000, 20), torch.nn.Linear(20, 10))
     params = sum(p.numel() * 4 for p in model.parameters())
     dense_floats = 1001**2 + 20**2 + 21**2 + 10**2  # K and C of each layer, float32
@@ -88,5 +88,13 @@ def test_dense_factors_far_beyond_adamw_state_are_advised_against(monkeypatch) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SINGD(model, structures="diagonal")  # far below: nothing said
-        monkeypatch.setattr(singd_module, "DENSE_ADVICE_BYTES", 2**30)
+        monkeypatch.setattr(base_module, "DENSE_ADVICE_BYTES", 2**30)
         SINGD(model)  # dense, but below the size threshold
+        KFAC(model)
+    # KFAC's factors are dense always: it said nothing (282 MiB, 15x a ResNet's bytes)
+    monkeypatch.setattr(base_module, "DENSE_ADVICE_BYTES", 2**20)
+    with pytest.warns(UserWarning, match="SINGD with a structured family") as caught:
+        opt = KFAC(model)
+    (advice,) = [str(w.message) for w in caught if "structured family" in str(w.message)]
+    assert f"KFAC's state takes {opt.state_bytes() / 2**20:.0f} MiB, " in advice
+    assert f"{opt.state_bytes() / params:.1f}x the parameters' bytes" in advice

@@ -224,6 +224,8 @@ class ModuleEntry:
     shapes_checked: bool = False
     #: ``watched[0]``'s dtype and device at construction (the factors were made for them)
     placement: tuple[torch.dtype, torch.device] | None = None
+    #: the shapes of ``watched`` at construction (the factors are sized for them)
+    watched_shapes: tuple[torch.Size, ...] = ()
     #: the adapter's parameters when the entry was made (those its factors are sized
     #: for; the adapter leaves out a bias frozen now, e.g. while a woken layer pauses)
     covered: tuple[nn.Parameter, ...] = ()
@@ -837,7 +839,8 @@ class KroneckerOptimizer(Optimizer):
         claimed: set[int] = {id(p) for e in self._entries.values() for p in e.covered}
         known = {id(p) for _, p in self._fallback_params}
         known_before = frozenset(known)
-        refused: list[str] = []  # frozen layers that could not be preconditioned either
+        refused: dict[str, list[str]] = {}  # frozen layers that could not be preconditioned
+        # either, by the reason (the same one for many layers: KFAC in bfloat16)
         # Check everything before changing anything (a failed add_param_group is undone).
         new_layers, split = [], []
         incomplete: dict[str, list[str]] = {}
@@ -928,7 +931,9 @@ class KroneckerOptimizer(Optimizer):
                 with _trainable(module):
                     self._refuse(name, module, adapter, self.param_groups[indices[0]])
             except ValueError as err:  # (e.g. a sparse embedding; KFAC in half precision)
-                refused.append(f"{name!r} ({err})")
+                why = str(err).replace(f"layer {name!r}", "these layers")  # (said once)
+                refused.setdefault(why, []).append(name)
+                why_not.update((id(p), "") for p in covers)  # (named with the reason)
                 continue
             self._dormant[name] = Dormant(module, adapter, indices[0], covers)
             self._dormant_of = None
@@ -950,8 +955,8 @@ class KroneckerOptimizer(Optimizer):
             waiting = [self._name(p) for p in new if id(p) in asleep]
             frozen: dict[str, list[str]] = {}  # why -> names
             for p in new:
-                if not p.requires_grad and id(p) not in asleep:
-                    frozen.setdefault(why_not.get(id(p), ""), []).append(self._name(p))
+                if not p.requires_grad and id(p) not in asleep and why_not.get(id(p)) != "":
+                    frozen.setdefault(why_not.get(id(p)), []).append(self._name(p))
             if waiting:
                 tied += (
                     " Of supported layers frozen whole now (requires_grad=False), "
@@ -960,13 +965,15 @@ class KroneckerOptimizer(Optimizer):
                 )
             if refused:
                 tied += (
-                    f" Frozen layers it could not precondition once unfrozen: {'; '.join(refused)}."
+                    " Frozen layers it could not precondition once unfrozen: "
+                    + "; ".join(f"{names} ({why})" for why, names in refused.items())
+                    + "."
                 )
             for why, names in frozen.items():  # (part of a supported layer frozen now, or
                 # one that could not be made to wait, stays with the fallback)
                 tied += (
                     f" Frozen now (requires_grad=False), so not preconditioned even once "
-                    f"unfrozen{f' ({why})' if why else ''}: {names}."
+                    f"unfrozen{f' ({why})' if why is not None else ''}: {names}."
                 )
             owners: dict[int, str] = {}
             for module in self._model.modules():
@@ -1007,6 +1014,7 @@ class KroneckerOptimizer(Optimizer):
             watched=watched,
             watched_flags=tuple(p.requires_grad for p in watched),
             placement=(watched[0].dtype, watched[0].device),
+            watched_shapes=tuple(p.shape for p in watched),
             covered=tuple(adapter.params(module)),
         )
         for block in adapter.blocks(module):
@@ -1106,8 +1114,9 @@ class KroneckerOptimizer(Optimizer):
             self._float16_outputs = True
         if not self._wants(entry) or not self._active(entry):
             return
-        if entry.watched[0].device != entry.placement[1]:
-            self._check_placement()  # the factors follow it there
+        weight = entry.watched[0]
+        if weight.device != entry.placement[1] or weight.shape != entry.watched_shapes[0]:
+            self._check_placement()  # the factors follow it there; a new shape raises
         layer = entry.blocks[block]
         application = _Application(x.detach())
         self._applications.add(application)
@@ -1729,6 +1738,49 @@ class KroneckerOptimizer(Optimizer):
                 "unfreezing (if another optimizer trains them, ignore this)."
             )
 
+    SIZE_ADVICE = ""
+
+    def _advise_on_size(self) -> None:
+        """Warn when dense factors make the state far larger than AdamW's (the
+        default ``structures``, as the reference's, is dense: a ResNet-18's factors
+        take 26x its parameters' bytes and its first factor update 24 s on a CPU;
+        KFAC's are dense always), with the subclass's :attr:`SIZE_ADVICE`."""
+        dense = [
+            block.name
+            for block in self.layers.values()
+            if any(type(f).family == "dense" for f in block.factors().values() if f is not None)
+        ]
+        if not dense:
+            return
+        state = self.state_bytes()
+        params = sum(tensor_bytes(p) for g in self.param_groups for p in g["params"])
+        if state < DENSE_ADVICE_BYTES or state < DENSE_ADVICE_RATIO * max(params, 1):
+            return
+        warn(
+            f"{type(self).__name__}'s state takes {state / 2**20:.0f} MiB, "
+            f"{state / max(params, 1):.1f}x the parameters' bytes (AdamW keeps 2x), "
+            + self.SIZE_ADVICE.format(blocks=len(dense))
+        )
+
+    def _check_state_shapes(self, fallback: list[tuple[int, nn.Parameter, Tensor]]) -> None:
+        """Raise (before anything is written) where a fallback parameter's state was
+        made for another shape (a tied embedding resized by resize_token_embeddings
+        after steps: AdamW's moments no longer fit; torch.optim fails the same way,
+        with a shape error from inside its step)."""
+        for _, p, _ in fallback:
+            state = self.state.get(p)
+            if not state:
+                continue
+            for key in (*ADAMW_MOMENTS, "momentum_buffer"):
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"Parameter {self._name(p)!r} changed shape from {tuple(value.shape)} "
+                        f"to {tuple(p.shape)} after {type(self).__name__} made its state "
+                        "(e.g. resize_token_embeddings, pruning). Construct a new optimizer "
+                        "after changing the model."
+                    )
+
     def _check_placement(self) -> None:
         """The model moved or cast after construction (``Accelerator.prepare`` moves a
         model whose optimizer exists): a layer's factors, statistics and cached
@@ -1737,11 +1789,23 @@ class KroneckerOptimizer(Optimizer):
         warned about once (the factors keep the dtype they were made in). The
         per-parameter state (momentum buffers, the fallback's moments) follows the
         parameters' device and dtype, as ``torch.optim``'s ``load_state_dict`` casts it."""
-        changed = []
+        changed, resized = [], []
         for entry in self._entries.values():
             weight = entry.watched[0]  # (the module's first parameter: one is enough)
             if (weight.dtype, weight.device) != entry.placement:
                 changed.append((entry, weight))
+            if weight.shape != entry.watched_shapes[0]:  # (a bias follows its weight)
+                resized.append(entry)
+        if resized:
+            entry = resized[0]
+            now = [tuple(p.shape) for p in entry.watched]
+            raise ValueError(
+                f"The parameters of layers {[e.name for e in resized]} changed shape after "
+                f"{type(self).__name__} was constructed ({entry.name!r}: from "
+                f"{[tuple(s) for s in entry.watched_shapes]} to {now}; e.g. "
+                "resize_token_embeddings, pruning): their Kronecker factors are sized for "
+                "the former. Construct a new optimizer after changing the model."
+            )
         if not changed:
             return
         cast = [(e, w) for e, w in changed if w.dtype != e.placement[0]]
@@ -1828,6 +1892,7 @@ class KroneckerOptimizer(Optimizer):
         if self._dormant and fallback:
             held = self._held_back(fallback)
             fallback = [f for f in fallback if id(f[1]) not in held] if held else fallback
+        self._check_state_shapes(fallback)
         inners = self._group_inners(pending)
         if not self._finite(pending, fallback, inners):
             self._skip("non-finite gradients or natural gradients", g_scale)
@@ -2481,6 +2546,11 @@ class KroneckerOptimizer(Optimizer):
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
 
+
+#: a state with dense factors this large, and this many times the parameters' bytes,
+#: is warned about at construction (``KroneckerOptimizer._advise_on_size``)
+DENSE_ADVICE_BYTES = 256 * 2**20
+DENSE_ADVICE_RATIO = 8.0
 
 #: factor-update steps at which a layer's weight has a gradient while its forward has
 #: never run (and other layers' have) before its parameters go to the fallback rule

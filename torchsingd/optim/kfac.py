@@ -223,6 +223,14 @@ class KFAC(KroneckerOptimizer):
             distributed_strategy=distributed_strategy,
             process_group=process_group,
         )
+        self._advise_on_size()
+
+    #: what the state-size warning suggests (see ``_advise_on_size``)
+    SIZE_ADVICE = (
+        "mostly the dense Kronecker factors (and their inverses) of {blocks} block(s). "
+        "SINGD with a structured family keeps it near AdamW's, e.g. "
+        "SINGD(model, structures='diagonal') (see the README's Structures section)."
+    )
 
     def _validate(self, group: dict[str, Any]) -> None:
         validate_common(group)
@@ -335,7 +343,7 @@ def _factor_dtypes(name: str, group: dict[str, Any], weight: Tensor) -> tuple[An
     for dtype in (dtype_K, dtype_C):
         if dtype in HALF_PRECISION:
             raise ValueError(
-                f"KFAC cannot keep its factors of layer {name!r} in {dtype}: it inverts "
+                f"KFAC cannot keep the factors of layer {name!r} in {dtype}: it inverts "
                 "S + lambda*I, which PyTorch's linear algebra does not support in half "
                 "precision and which loses positive definiteness there. Use "
                 "factor_dtype=torch.float32 (also for a bfloat16 model), or SINGD, "

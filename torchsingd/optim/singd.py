@@ -26,7 +26,6 @@ from torchsingd.optim.base import (
     common_defaults,
     parse_dtypes,
     scheduled_lr_cov,
-    tensor_bytes,
     validate_common,
     warn,
 )
@@ -36,8 +35,6 @@ from torchsingd.structures.base import OuterOperator, read_scalars
 
 #: the construction warns when the optimizer's state (dense factors) is at least this
 #: large and this many times the parameters' bytes
-DENSE_ADVICE_BYTES = 256 * 2**20
-DENSE_ADVICE_RATIO = 8.0
 
 __all__ = ["SINGD", "LayerState", "NonFiniteError", "parse_structures"]
 
@@ -293,29 +290,12 @@ class SINGD(KroneckerOptimizer):
         )
         self._advise_on_size()
 
-    def _advise_on_size(self) -> None:
-        """Warn when dense factors make the state far larger than AdamW's (the
-        default ``structures``, as the reference's, is dense: a ResNet-18's factors
-        take 26x its parameters' bytes and its first factor update 24 s on a CPU)."""
-        dense = [
-            block.name
-            for block in self.layers.values()
-            if any(type(f).family == "dense" for f in block.factors().values() if f is not None)
-        ]
-        if not dense:
-            return
-        state = self.state_bytes()
-        params = sum(tensor_bytes(p) for g in self.param_groups for p in g["params"])
-        if state < DENSE_ADVICE_BYTES or state < DENSE_ADVICE_RATIO * max(params, 1):
-            return
-        warn(
-            f"{type(self).__name__}'s state takes {state / 2**20:.0f} MiB, "
-            f"{state / max(params, 1):.1f}x the parameters' bytes (AdamW keeps 2x), "
-            f"mostly the dense Kronecker factors of {len(dense)} block(s). A structured "
-            "family keeps it near AdamW's at a fraction of the time, e.g. "
-            "structures='diagonal', 'blockdiagonal:32' or 'hierarchical:16,16' (see the "
-            "README's Structures section)."
-        )
+    #: what the state-size warning suggests (see ``_advise_on_size``)
+    SIZE_ADVICE = (
+        "mostly the dense Kronecker factors of {blocks} block(s). A structured family "
+        "keeps it near AdamW's at a fraction of the time, e.g. structures='diagonal', "
+        "'blockdiagonal:32' or 'hierarchical:16,16' (see the README's Structures section)."
+    )
 
     def _validate(self, group: dict[str, Any]) -> None:
         validate_hyperparameters(group)
