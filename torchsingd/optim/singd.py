@@ -33,9 +33,6 @@ from torchsingd.optim.update import FactorUpdate, natural_gradient, update_facto
 from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
 from torchsingd.structures.base import OuterOperator, read_scalars
 
-#: the construction warns when the optimizer's state (dense factors) is at least this
-#: large and this many times the parameters' bytes
-
 __all__ = ["SINGD", "LayerState", "NonFiniteError", "parse_structures"]
 
 
