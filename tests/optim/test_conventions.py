@@ -11,6 +11,7 @@ bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import io
@@ -1408,6 +1409,33 @@ def test_factors_follow_a_model_moved_after_construction(cls):
     assert buffers and {v.device.type for v in buffers} == {"meta"}
 
 
+def test_fallback_state_follows_a_move_without_preconditioned_layers():
+    """An optimizer whose supported layers are all frozen (dormant) has no layer whose
+    move ``_check_placement`` sees: its fallback's AdamW moments stayed behind. The
+    step's fallback check moves them (the rest of a step cannot run on "meta")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))
+    model[0].requires_grad_(False)
+    opt = SINGD(model, params=model.parameters(), warn_unsupported=False)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().sum().backward()
+        opt.step()
+    assert opt.layers == {} and opt.dormant_layers == {"0": ["0.weight", "0.bias"]}
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    for p in model[1].parameters():
+        p.grad = torch.zeros_like(p)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        opt.step()  # (reading a "meta" value fails after the check)
+    moments = [v for p in model[1].parameters() for v in opt.state[p].values()]
+    assert {v.device.type for v in moments if torch.is_tensor(v)} == {"meta"}
+
+
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_following_a_move_keeps_the_numbers(cls):
     """The move itself changes nothing: an optimizer that believes its layers moved
@@ -1475,6 +1503,37 @@ def test_a_parameter_resized_after_construction_is_named(cls):
     with pytest.raises(ValueError, match=r"Parameter '1.weight' changed shape from \(6,\)"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+@pytest.mark.parametrize("change", ["prune", "spectral_norm", "weight_norm"])
+def test_a_weight_made_computed_after_construction_is_named(cls, change):
+    """``torch.nn.utils.prune`` or a parametrization applied after construction makes
+    ``weight`` a computed tensor: the layer stopped training silently, bias included
+    (torch.optim trains ``weight_orig`` on). Now the step raises before any write;
+    applied before construction, nothing is said here."""
+    from torch.nn.utils import parametrizations, prune
+
+    apply = {
+        "prune": lambda m: prune.l1_unstructured(m, "weight", 0.3),
+        "spectral_norm": nn.utils.spectral_norm,
+        "weight_norm": parametrizations.weight_norm,
+    }[change]
+    model = make_mlp(0)
+    opt = cls(model, **_hp(cls))
+    train(model, opt, 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch: .grad of a non-leaf tensor)
+        apply(model[0])
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"layer '0' were replaced after .* Apply them"):
+            train(model, opt, 1, 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    model = make_mlp(0)
+    apply(model[0])
+    opt = cls(model, **_hp(cls, warn_unsupported=False))
+    train(model, opt, 0, 2)  # (layer '0' goes to the fallback rule: nothing raised)
+    assert "2" in opt.layers
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])

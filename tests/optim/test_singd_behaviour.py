@@ -250,6 +250,13 @@ def test_whether_step_unscales_is_said_to_others_only_once_loss_scaling_is_seen(
     assert _handles_unscaling(opt, other) is False
     model(batch(0, dtype=torch.float16)[0])
     assert _handles_unscaling(opt, other) is True
+    # float16 autocast counts even where the observed output stays float32 (an
+    # embedding: Lightning's 16-mixed then unscaled and the step raised)
+    emb = nn.Embedding(10, 4)
+    opt = SINGD(emb, **HP)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert emb(torch.arange(3)).dtype == torch.float32
+    assert _handles_unscaling(opt, other) is True
     model = make_mlp(0, torch.float32)
     opt = SINGD(model, init_grad_scale=2.0**4, **HP)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
@@ -258,6 +265,39 @@ def test_whether_step_unscales_is_said_to_others_only_once_loss_scaling_is_seen(
     assert _handles_unscaling(opt, other) is False
     scaler.step(opt)
     assert opt.steps == 1 and _handles_unscaling(opt, other) is True
+
+
+def test_unscale_without_the_scale_is_fine_where_nothing_was_captured():
+    """``scaler.unscale_`` then ``scaler.step`` without ``set_current_grad_scale``
+    raises only where the step captured statistics (they need the scale): a model
+    whose supported layers are frozen (BitFit) trains as with torch's AdamW."""
+    model = make_mlp(0, torch.float32)
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(False)
+    hp = dict(HP, warn_unsupported=False)
+    opt = SINGD(model, params=model.parameters(), init_grad_scale=2.0**6, **hp)
+    ref = copy.deepcopy(model)
+    ref_opt = SINGD(ref, params=ref.parameters(), **hp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    for t in range(4):
+        x, y = batch(t, dtype=torch.float32)
+        opt.zero_grad()
+        scaler.scale(mse(model(x), y)).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    train(ref, ref_opt, 0, 4, dtype=torch.float32)
+    assert opt.layers == {} and opt.steps == 4
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    model = make_mlp(0, torch.float32)  # captured: the scale is needed
+    opt = SINGD(model, init_grad_scale=2.0**6, **HP)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    x, y = batch(0, dtype=torch.float32)
+    scaler.scale(mse(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="set_current_grad_scale"):
+        scaler.step(opt)
 
 
 def test_real_grad_scaler_unscale_then_set_current_grad_scale():

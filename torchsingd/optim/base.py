@@ -1110,7 +1110,7 @@ class KroneckerOptimizer(Optimizer):
         if output.numel() == 0 or not output.requires_grad:  # empty: an MoE expert without tokens
             return
         entry.blocks[block].seen = True
-        if getattr(output, "dtype", None) == torch.float16:  # (StepGradients has none)
+        if not self._float16_outputs and _float16_forward(output, x):
             self._float16_outputs = True
         if not self._wants(entry) or not self._active(entry):
             return
@@ -1262,8 +1262,10 @@ class KroneckerOptimizer(Optimizer):
         """``(scale of .grad, scale of captured g, found_inf)`` for this step."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if grad_scale is None and found_inf is not None and self._explicit_scale is None:
+        unscaled = grad_scale is None and found_inf is not None
+        if unscaled and self._explicit_scale is None and self._captured_now():
             # GradScaler.step passes grad_scale=None exactly when unscale_ was called
+            # (a step that captured nothing needs no scale: .grad is unscaled)
             raise RuntimeError(
                 f"scaler.unscale_({type(self).__name__}) was called before scaler.step, "
                 "so .grad is unscaled but the captured output gradients are not: call "
@@ -1274,6 +1276,8 @@ class KroneckerOptimizer(Optimizer):
         grad_scale = 1.0 if grad_scale is None else float(grad_scale)
         found_inf = bool(found_inf) if found_inf is not None else False
         g_scale = self._explicit_scale if self._explicit_scale is not None else grad_scale
+        if unscaled and self._explicit_scale is None:
+            g_scale = self._capture_scale  # (not known: the next backward keeps it)
         if (
             self.steps == 0
             and self._init_grad_scale == 1.0
@@ -1601,12 +1605,39 @@ class KroneckerOptimizer(Optimizer):
         grads = {b: entry.adapter.grad_matrix(entry.module, block=b) for b in entry.blocks}
         present = next((G for G in grads.values() if G is not None), None)
         if present is None:
+            self._check_replaced(entry)
             return None
         for block, G in grads.items():
             if G is None:
                 d_i, d_o = entry.adapter.dims(entry.module, block=block)
                 grads[block] = present.new_zeros(d_o, d_i)
         return grads
+
+    def _captured_now(self) -> bool:
+        """Whether any block holds statistics captured in this step."""
+        return any(
+            layer.has_statistics(self.steps)
+            for entry in self._entries.values()
+            for layer in entry.blocks.values()
+        )
+
+    def _check_replaced(self, entry: ModuleEntry) -> None:
+        """Raise if ``entry``'s layer no longer holds the parameters it was made for:
+        ``torch.nn.utils.prune`` or a parametrization (``weight_norm``,
+        ``spectral_norm``) applied after construction turns ``weight`` into a computed
+        tensor without a gradient of its own, so the layer silently stopped training,
+        bias included (torch.optim goes on training ``weight_orig``)."""
+        now = entry.adapter.params(entry.module)
+        if len(now) == len(entry.covered) and all(
+            p is q for p, q in zip(now, entry.covered, strict=True)
+        ):
+            return
+        raise ValueError(
+            f"The parameters of layer {entry.name!r} were replaced after "
+            f"{type(self).__name__} was constructed (torch.nn.utils.prune or a "
+            "parametrization applied later makes its weight a computed tensor): it would "
+            "no longer train. Apply them before constructing the optimizer."
+        )
 
     def _check_shapes(self, entry: ModuleEntry, directions: list[Tensor]) -> None:
         """Raise (before anything is written) if a user adapter's ``directions`` do not
@@ -1763,17 +1794,22 @@ class KroneckerOptimizer(Optimizer):
         )
 
     def _check_state_shapes(self, fallback: list[tuple[int, nn.Parameter, Tensor]]) -> None:
-        """Raise (before anything is written) where a fallback parameter's state was
-        made for another shape (a tied embedding resized by resize_token_embeddings
-        after steps: AdamW's moments no longer fit; torch.optim fails the same way,
-        with a shape error from inside its step)."""
+        """Move a fallback parameter's state to its device where the model moved (an
+        optimizer without preconditioned layers sees no move in ``_check_placement``),
+        and raise (before anything is written) where its state was made for another
+        shape (a tied embedding resized by resize_token_embeddings after steps: AdamW's
+        moments no longer fit; torch.optim fails the same way, from inside its step)."""
         for _, p, _ in fallback:
             state = self.state.get(p)
             if not state:
                 continue
             for key in (*ADAMW_MOMENTS, "momentum_buffer"):
                 value = state.get(key)
-                if isinstance(value, Tensor) and value.shape != p.shape:
+                if not isinstance(value, Tensor):
+                    continue
+                if value.device != p.device and value.shape == p.shape:
+                    state[key] = value.to(p.device)  # (the model moved: it follows)
+                if value.shape != p.shape:
                     raise ValueError(
                         f"Parameter {self._name(p)!r} changed shape from {tuple(value.shape)} "
                         f"to {tuple(p.shape)} after {type(self).__name__} made its state "
@@ -2719,6 +2755,20 @@ def _restore_factors(
                 )
         out[key] = _restore(like, tensors, f"{name}.{key}")
     return out
+
+
+def _float16_forward(output: Any, x: Tensor) -> bool:
+    """Whether an observed forward ran in float16 (its output, or float16 autocast on
+    its input's device: an embedding's output stays float32 under it)."""
+    if getattr(output, "dtype", None) == torch.float16:  # (StepGradients has none)
+        return True
+    if not isinstance(x, Tensor):
+        return False
+    try:
+        kind = x.device.type
+        return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
+    except RuntimeError:  # a device type without autocast ("meta")
+        return False
 
 
 def _move_block(layer: BlockState, device: torch.device) -> None:
