@@ -265,6 +265,9 @@ def test_whether_step_unscales_is_said_to_others_only_once_loss_scaling_is_seen(
     assert _handles_unscaling(opt, other) is False
     scaler.step(opt)
     assert opt.steps == 1 and _handles_unscaling(opt, other) is True
+    opt._step_supports_amp_scaling = False  # a value set (as a class attribute was) holds
+    assert _handles_unscaling(opt, other) is False
+    assert _handles_unscaling(opt, "torch.amp.grad_scaler") is False
 
 
 def test_unscale_without_the_scale_is_fine_where_nothing_was_captured():

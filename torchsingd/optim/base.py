@@ -503,10 +503,17 @@ class KroneckerOptimizer(Optimizer):
         exists), so it is told yes only once a ``GradScaler`` has stepped this
         optimizer or an observed layer's output was float16 (the precision that needs
         loss scaling)."""
+        override = self.__dict__.get("_amp_scaling_override")
+        if override is not None:  # (set by the user: said to every reader)
+            return override
         reader = sys._getframe(1).f_globals.get("__name__", "")
         if reader == "torch" or reader.startswith("torch."):
             return True
         return getattr(self, "_scaled_steps", False) or getattr(self, "_float16_outputs", False)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        self.__dict__["_amp_scaling_override"] = bool(value)
 
     def __init__(
         self,
