@@ -920,6 +920,7 @@ class KroneckerOptimizer(Optimizer):
         self._sparse_fallback = any(p.layout != torch.strided for _, p in self._fallback_params)
         self._check_sparse_fallback()
         why_not: dict[int, str] = {}  # a frozen layer's parameter -> why it is not dormant
+        named: set[int] = set()  # parameters of frozen layers named with ``refused``
         for name, module, adapter, covers in self._asleep:
             if name in self._entries or name in self._dormant:
                 continue
@@ -940,7 +941,7 @@ class KroneckerOptimizer(Optimizer):
             except ValueError as err:  # (e.g. a sparse embedding; KFAC in half precision)
                 why = str(err).replace(f"layer {name!r}", "these layers")  # (said once)
                 refused.setdefault(why, []).append(name)
-                why_not.update((id(p), "") for p in covers)  # (named with the reason)
+                named.update(id(p) for p in covers)
                 continue
             self._dormant[name] = Dormant(module, adapter, indices[0], covers)
             self._dormant_of = None
@@ -960,9 +961,9 @@ class KroneckerOptimizer(Optimizer):
             asleep = {id(p) for d in self._dormant.values() for p in d.covers}
             new = [p for _, p in new_fallback]
             waiting = [self._name(p) for p in new if id(p) in asleep]
-            frozen: dict[str, list[str]] = {}  # why -> names
+            frozen: dict[str | None, list[str]] = {}  # why (None: not said) -> names
             for p in new:
-                if not p.requires_grad and id(p) not in asleep and why_not.get(id(p)) != "":
+                if not p.requires_grad and id(p) not in asleep and id(p) not in named:
                     frozen.setdefault(why_not.get(id(p)), []).append(self._name(p))
             if waiting:
                 tied += (
@@ -980,7 +981,7 @@ class KroneckerOptimizer(Optimizer):
                 # one that could not be made to wait, stays with the fallback)
                 tied += (
                     f" Frozen now (requires_grad=False), so not preconditioned even once "
-                    f"unfrozen{f' ({why})' if why is not None else ''}: {names}."
+                    f"unfrozen{f' ({why})' if why else ''}: {names}."
                 )
             owners: dict[int, str] = {}
             for module in self._model.modules():
@@ -2780,15 +2781,11 @@ def _float16_forward(output: Any, x: Tensor) -> bool:
 
 def _move_block(layer: BlockState, device: torch.device) -> None:
     """Move a block's factors, pending statistics and own-gradient sum to ``device``."""
-
-    def moved(x: StructuredMatrix) -> StructuredMatrix:
-        return x._with_tensors(tuple(t.to(device) for t in x.tensors()))
-
     for key, value in layer.factors().items():
         if value is not None:
-            setattr(layer, key, moved(value))
+            setattr(layer, key, value.to(device=device))
     if layer.pending is not None:
-        layer.pending = [moved(x) for x in layer.pending]
+        layer.pending = [x.to(device=device) for x in layer.pending]
     if layer.own is not None:
         layer.own = layer.own.to(device)
 
