@@ -1118,10 +1118,12 @@ class KroneckerOptimizer(Optimizer):
         if output.numel() == 0 or not output.requires_grad:  # empty: an MoE expert without tokens
             return
         entry.blocks[block].seen = True
-        if not self._float16_outputs and _float16_forward(output, x):
-            self._float16_outputs = True
         if not self._wants(entry) or not self._active(entry):
             return
+        if not self._float16_outputs and _float16_forward(output, x):
+            # (checked on captured forwards only, off the every-step path: step 0
+            # captures every active layer, so a float16 run is seen at once)
+            self._float16_outputs = True
         weight = entry.watched[0]
         if weight.device != entry.placement[1] or weight.shape != entry.watched_shapes[0]:
             self._check_placement()  # the factors follow it there; a new shape raises
