@@ -1506,6 +1506,31 @@ def test_a_parameter_resized_after_construction_is_named(cls):
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_a_resized_parameter_other_than_the_first_is_named(cls):
+    """An attention layer's output projection resized alone (its forward still runs):
+    only the module's first parameter was compared, and the step failed with
+    "Expected a matrix with 8 rows, got shape (10, 9)". Every parameter is compared."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    model.forward = lambda x: model[0](x, x, x, need_weights=False)[0]
+    opt = cls(model, **_hp(cls, warn_unsupported=False, T=1))
+    x = torch.randn(4, 5, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    model[0].out_proj.weight.data = torch.randn(10, 8)
+    model[0].out_proj.bias.data = torch.zeros(10)
+    message = r"layers \['0'\] changed shape.*\(8, 8\), \(8,\)\].*\(10, 8\), \(10,\)\]"
+    with pytest.raises(ValueError, match=message):
+        model(x)  # the observed forward pass of a factor-update step
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
 @pytest.mark.parametrize("change", ["prune", "spectral_norm", "weight_norm"])
 def test_a_weight_made_computed_after_construction_is_named(cls, change):
     """``torch.nn.utils.prune`` or a parametrization applied after construction makes

@@ -234,6 +234,11 @@ class ModuleEntry:
         """The param group of each of the adapter's ``count`` parameters."""
         return self.param_groups or (self.group_index,) * count
 
+    def resized(self) -> bool:
+        """Whether any of ``watched`` changed shape since construction (every one is
+        compared: an attention layer's output projection may change alone)."""
+        return any(p.shape != s for p, s in zip(self.watched, self.watched_shapes, strict=True))
+
 
 #: The options a parameter of a layer split across param groups takes from its own
 #: group (the rest, lr included, must agree: the layer's trust region bounds its step
@@ -1124,8 +1129,7 @@ class KroneckerOptimizer(Optimizer):
             # (checked on captured forwards only, off the every-step path: step 0
             # captures every active layer, so a float16 run is seen at once)
             self._float16_outputs = True
-        weight = entry.watched[0]
-        if weight.device != entry.placement[1] or weight.shape != entry.watched_shapes[0]:
+        if entry.watched[0].device != entry.placement[1] or entry.resized():
             self._check_placement()  # the factors follow it there; a new shape raises
         layer = entry.blocks[block]
         application = _Application(x.detach())
@@ -1840,7 +1844,7 @@ class KroneckerOptimizer(Optimizer):
             weight = entry.watched[0]  # (the module's first parameter: one is enough)
             if (weight.dtype, weight.device) != entry.placement:
                 changed.append((entry, weight))
-            if weight.shape != entry.watched_shapes[0]:  # (a bias follows its weight)
+            if entry.resized():
                 resized.append(entry)
         if resized:
             entry = resized[0]
