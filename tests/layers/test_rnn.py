@@ -390,10 +390,51 @@ def test_construction_lists_the_blocks_and_refuses_partial_freezing():
     assert list(SINGD(holder).layers) == ["head"]  # a frozen layer is skipped
 
 
+@pytest.mark.parametrize("kind", ["batched", "unbatched", "packed", "packed_even"])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_observed_passes_return_the_kernels_dtypes_under_autocast(model, kind):
+    """Under bfloat16 autocast PyTorch's CPU kernels return bfloat16 for ``nn.LSTM``
+    (``c_n`` float32 with ``proj_size``) and ``nn.RNN``, float32 for ``nn.GRU``; the
+    step-by-step pass returned float32 (the input's dtype) for all, so output and state
+    switched dtype between factor-update steps and the others. Now every pass returns
+    the kernel's dtypes, also with a state fed back, and the kernel's one-sample probe
+    draws nothing from the random state (dropout masks equal a plain module's). A
+    packed LSTM input takes another kernel where its sequences differ in length."""
+    rnn = make(model, num_layers=2, dropout=0.5, batch_first=True).float()
+    plain = copy.deepcopy(rnn)
+    holder, opt = attached(rnn, T=1)
+    x, hx = inputs(rnn, kind.removesuffix("_even"), hx=True)
+    if kind == "packed_even":
+        x = pack_padded_sequence(torch.randn(N, L, I_SIZE), [L] * N, batch_first=True)
+    x = x.float() if not kind.startswith("packed") else x._replace(data=x.data.float())
+    hx = tuple(t.float() for t in hx) if isinstance(hx, tuple) else hx.float()
+
+    def dtypes(module, state):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, hidden = module(x, state)
+        out = out.data if kind.startswith("packed") else out
+        hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+        return [out.dtype] + [t.dtype for t in hidden], out, hidden
+
+    try:
+        expected, out_plain, _ = dtypes(plain, hx)
+    except RuntimeError as error:  # PyTorch's kernel itself (oneDNN on some CPUs)
+        pytest.skip(f"PyTorch's kernel fails under bfloat16 autocast here: {error}")
+    observed, out, hidden = dtypes(rnn, hx)  # grad enabled, T=1: the observed pass
+    assert observed == expected
+    torch.testing.assert_close(out.float(), out_plain.float(), rtol=0.05, atol=0.02)
+    state = hidden if model.startswith("lstm") else hidden[0]
+    assert dtypes(rnn, state)[0] == expected  # the state fed back, observed
+    with torch.no_grad():
+        assert dtypes(rnn, state)[0] == expected  # PyTorch's kernel
+    assert opt.layers  # (observed: the layers have factors)
+
+
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_bfloat16_autocast_and_float32_training_stay_finite(cls):
     """A character-level model in float32 and under bfloat16 autocast (a GRU: PyTorch's
-    CPU LSTM kernel fails under autocast here), observed and fused passes in both:
+    CPU LSTM kernel fails under autocast on some CPUs), observed and fused passes in both:
     finite loss and weights, the loss lower after 30 steps, and every pass returns the
     dtype PyTorch's kernel does (so a state fed back as ``hx`` keeps working)."""
     torch.manual_seed(0)

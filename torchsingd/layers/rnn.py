@@ -31,12 +31,13 @@ batch's positions do for an ``nn.Linear``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from torchsingd.layers.base import (
     LayerAdapter,
@@ -181,6 +182,7 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx=None):
     if hx is not None and not batched:  # PyTorch's checks take batched states
         hx = tuple(t.unsqueeze(1) for t in hx) if lstm else hx.unsqueeze(1)
     _check_arguments(module, input, x, hx, batched)
+    out_dtype, *state_dtypes = _kernel_dtypes(module, x, hx, lstm, input if packed else None)
     N, L = x.shape[:2]
     dirs = _suffixes(module)
     H = module.hidden_size
@@ -206,8 +208,11 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx=None):
             if c is not None:
                 c_n.append(c)
         x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    h_n = torch.stack(h_n)
-    hidden: Any = (h_n, torch.stack(c_n)) if lstm else h_n
+    # the dtypes PyTorch's kernel returns (under autocast they may differ from the
+    # input's): a state fed back as hx, or the output, is the same on every step
+    x = x.to(out_dtype)
+    h_n = torch.stack(h_n).to(state_dtypes[0])
+    hidden: Any = (h_n, torch.stack(c_n).to(state_dtypes[1])) if lstm else h_n
     if packed:
         data = _sorted_time_major(x, input).contiguous()[keep]
         output = PackedSequence(
@@ -222,6 +227,63 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx=None):
     else:
         output = x
     return output, hidden
+
+
+#: per module, the dtypes its PyTorch forward returns for a kind of call (see
+#: :func:`_kernel_dtypes`)
+_KERNEL_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kernel_dtypes(
+    module: nn.RNNBase, x: Tensor, hx, lstm: bool, packed: PackedSequence | None
+) -> tuple[torch.dtype, ...]:
+    """The dtypes of the output, ``h_n`` (and ``c_n``) PyTorch's own forward returns
+    for a call like this one (``packed``: its ``PackedSequence`` input): ``x``'s dtype
+    and device, packed or not (sequences of one length or not), the states' dtypes,
+    the weights' dtype, grad mode and the autocast state. Found by calling it on one
+    or two steps of one or two samples, once per such kind of call and module, in eval
+    mode (no dropout draws from the random state); where that call fails, ``x``'s
+    dtype (the recurrence's). Under autocast they depend on the kernel PyTorch picks:
+    on the CPU with torch 2.13, bfloat16 autocast gives bfloat16 for ``nn.LSTM`` (its
+    ``c_n`` float32 with ``proj_size``; float32 for packed sequences of several
+    lengths) and ``nn.RNN``, float32 for ``nn.GRU``."""
+    kind = x.device.type
+    autocast = torch.is_autocast_enabled(kind)
+    states = () if hx is None else (hx if lstm else (hx,))
+    # a packed input: whether its sequences have one length (PyTorch's CPU LSTM
+    # takes another kernel, of another dtype under autocast, where they do not)
+    uneven = packed is not None and bool((packed.batch_sizes != packed.batch_sizes[0]).any())
+    key = (
+        packed is None,
+        uneven,
+        x.dtype,
+        x.device,
+        tuple(t.dtype for t in states),
+        module.weight_ih_l0.dtype,
+        torch.is_grad_enabled(),
+        torch.get_autocast_dtype(kind) if autocast else None,
+    )
+    known = _KERNEL_DTYPES.setdefault(module, {})
+    if key not in known:
+        n = 2 if uneven else 1  # [n, n, F]: batch-first or not alike
+        probe = x.new_zeros(n, n, x.shape[-1])
+        if packed is not None:  # lengths [1] or [2, 1]
+            probe = pack_padded_sequence(probe, torch.arange(n, 0, -1), batch_first=True)
+        state = None
+        if hx is not None:
+            state = tuple(t[:, :n] for t in hx) if lstm else hx[:, :n]
+        training = module.training
+        module.training = False
+        try:
+            out, hidden = type(module).forward(module, probe, state)
+            hidden = hidden if lstm else (hidden,)
+            out = out.data if packed is not None else out
+            known[key] = (out.dtype, *(t.dtype for t in hidden))
+        except Exception:  # (a kernel that fails here: the recurrence's own dtype)
+            known[key] = (x.dtype,) * (3 if lstm else 2)
+        finally:
+            module.training = training
+    return known[key]
 
 
 def _check_arguments(module: nn.RNNBase, input, x: Tensor, hx, batched: bool) -> None:
@@ -316,8 +378,8 @@ def _direction(
     L = x.shape[1]
     gi = F.linear(x, _weight(module, ih), _bias(module, ih))
     observer(module, ih, x, gi)
-    # the recurrence in x's dtype, products as autocast makes them (as PyTorch's
-    # kernels, which autocast does not lower, keep the state in the input's dtype)
+    # the recurrence in x's dtype, products as autocast makes them (the results are
+    # returned in the kernel's dtypes: see _kernel_dtypes)
     dtype = x.dtype
     gi = gi.to(dtype)
     w_hh, b_hh = _weight(module, hh), _bias(module, hh)
