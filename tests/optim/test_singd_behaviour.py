@@ -733,6 +733,28 @@ def test_explicit_unsupported_parameter_trained_by_adamw_fallback(weight_decay):
     assert not torch.equal(oracle, torch.ones_like(oracle))
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_float32_fallback_is_torch_adamw_bit_for_bit(foreach):
+    """The fallback rule's float32 steps equal ``torch.optim.AdamW``'s exactly (they
+    were 1-2 ulp off: ``sqrt(v / c2)`` where torch computes ``sqrt(v) / sqrt(c2)``;
+    found by a review of the README's "exactly")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))
+    opt = SINGD(model, lr=0.05, weight_decay=0.1, warn_unsupported=False)
+    oracle = [nn.Parameter(p.detach().clone()) for p in model[1].parameters()]
+    adamw = torch.optim.AdamW(oracle, lr=0.05, weight_decay=0.1, foreach=foreach)
+    x = torch.randn(8, 4)
+    for _ in range(20):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        for o, p in zip(oracle, model[1].parameters(), strict=True):
+            o.grad = p.grad.clone()
+        opt.step()
+        adamw.step()
+        for p, o in zip(model[1].parameters(), oracle, strict=True):
+            assert torch.equal(p, o)
+
+
 def test_float16_fallback_never_divides_zero_by_zero():
     """In float16 AdamW's eps=1e-8 rounds to 0, so a zero gradient entry gives 0/0 in
     torch.optim.AdamW; the fallback computes a float16 weight's step in float32 (its

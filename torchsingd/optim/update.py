@@ -301,9 +301,9 @@ def adamw_step(
 
     Each ``states[i]`` holds ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (created on
     the first call). The tensors with the same step count are updated together
-    (``torch._foreach_*``: per tensor the arithmetic of ``p.mul_``, ``m.lerp_``,
-    ``v.mul_().addcmul_``, ``(v / c2).sqrt_().add_`` and ``p.addcdiv_``, in eight
-    dispatches instead of eight per tensor).
+    (``torch._foreach_*``: per tensor the arithmetic of ``torch.optim.AdamW``, bit for
+    bit: ``p.mul_``, ``m.lerp_``, ``v.mul_().addcmul_``, ``(v.sqrt() / c2 ** 0.5).add_``
+    and ``p.addcdiv_``, in eight dispatches instead of eight per tensor).
 
     Float16 weights keep their moments in float32 and take the step computed there,
     rounded once: in float16 ``(1 - beta2) g^2`` underflows to 0 for ``|g| < 7.7e-3``
@@ -336,8 +336,8 @@ def adamw_step(
         torch._foreach_lerp_(ms, gs, 1.0 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
-        denoms = torch._foreach_div(vs, 1.0 - beta2**t)
-        torch._foreach_sqrt_(denoms)
+        denoms = torch._foreach_sqrt(vs)  # sqrt(v) / sqrt(c2) + eps, torch.optim's order
+        torch._foreach_div_(denoms, (1.0 - beta2**t) ** 0.5)
         torch._foreach_add_(denoms, eps)
         if widened:  # the step in float32, rounded onto the float16 weight once
             steps = torch._foreach_div(ms, denoms)
