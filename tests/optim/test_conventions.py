@@ -1531,6 +1531,63 @@ def test_a_resized_parameter_other_than_the_first_is_named(cls):
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
+@pytest.mark.parametrize("how", ["assigned", "load_state_dict_assign", "other_shape"])
+def test_a_parameter_replaced_after_construction_is_named(cls, how):
+    """A new ``nn.Parameter`` in a layer after construction (assigned, or by
+    ``load_state_dict(assign=True)``): the optimizer trained the new one, outside its
+    param groups, and ``state_dict()`` then failed with ``KeyError: 1397...``; one of
+    another shape failed in the backward pass with "Expected a matrix with 3 rows".
+    Now a ValueError names the layer before anything is written (another shape: in
+    the observed forward pass). ``torch.func.functional_call``, which swaps
+    parameters in for one forward pass, still trains as before."""
+    model = make_mlp(0)
+    opt = cls(model, **_hp(cls, T=1))
+    train(model, opt, 0, 2)
+    layer = model[2]
+    if how == "assigned":
+        layer.weight = nn.Parameter(layer.weight.detach().clone())
+    elif how == "load_state_dict_assign":
+        fresh = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(fresh, assign=True)
+    else:
+        layer.weight = nn.Parameter(torch.randn(5, layer.in_features, dtype=layer.weight.dtype))
+        layer.bias = nn.Parameter(torch.zeros(5, dtype=layer.bias.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    message = "changed shape" if how == "other_shape" else r"layer '\w+' were replaced after"
+    with pytest.raises(ValueError, match=message):
+        train(model, opt, 2, 3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    opt.state_dict()  # (what failed before)
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_functional_call_in_a_factor_update_step_is_not_a_replacement(cls):
+    """``torch.func.functional_call`` puts other tensors in the parameters' places for
+    one forward pass (a gradient with respect to them, say): nothing is refused, and
+    the run equals one without that extra pass (it accumulates no weight gradient)."""
+    from torch.func import functional_call
+
+    def run(extra: bool):
+        model = make_mlp(0)
+        opt = cls(model, **_hp(cls, T=1))
+        x = torch.randn(6, model[0].in_features, dtype=model[0].weight.dtype)
+        for _ in range(3):
+            opt.zero_grad()
+            if extra:
+                params = {
+                    k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()
+                }
+                out = functional_call(model, params, (x,))
+                torch.autograd.grad(out.square().sum(), list(params.values()))
+            model(x).square().sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
 @pytest.mark.parametrize("change", ["prune", "spectral_norm", "weight_norm"])
 def test_a_weight_made_computed_after_construction_is_named(cls, change):
     """``torch.nn.utils.prune`` or a parametrization applied after construction makes
@@ -1551,7 +1608,9 @@ def test_a_weight_made_computed_after_construction_is_named(cls, change):
         warnings.simplefilter("ignore")  # (torch: .grad of a non-leaf tensor)
         apply(model[0])
         before = [p.detach().clone() for p in model.parameters()]
-        with pytest.raises(ValueError, match=r"layer '0' were replaced after .* Apply them"):
+        with pytest.raises(
+            ValueError, match=r"layer '0' were replaced after .* Apply such changes"
+        ):
             train(model, opt, 1, 2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     model = make_mlp(0)

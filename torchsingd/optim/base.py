@@ -234,10 +234,32 @@ class ModuleEntry:
         """The param group of each of the adapter's ``count`` parameters."""
         return self.param_groups or (self.group_index,) * count
 
+    #: where each of ``watched`` sits: ``(owning module, attribute name)``
+    slots: tuple[tuple[nn.Module, str], ...] = ()
+
+    def current(self) -> list[Tensor]:
+        """The tensors in the slots of ``watched`` now: each its parameter where that
+        is still in place, else what replaced it (where nothing did, the former one)."""
+        out = []
+        for (owner, name), p in zip(self.slots, self.watched, strict=True):
+            now = owner._parameters.get(name)
+            out.append(p if now is None else now)
+        return out
+
     def resized(self) -> bool:
-        """Whether any of ``watched`` changed shape since construction (every one is
-        compared: an attention layer's output projection may change alone)."""
-        return any(p.shape != s for p, s in zip(self.watched, self.watched_shapes, strict=True))
+        """Whether any parameter changed shape since construction, in place
+        (``resize_token_embeddings``) or replaced by one of another shape (every one
+        is compared: an attention layer's output projection may change alone)."""
+        return any(p.shape != s for p, s in zip(self.current(), self.watched_shapes, strict=True))
+
+    def replaced(self) -> bool:
+        """Whether any of ``watched`` is no longer the parameter in its place (a new
+        ``nn.Parameter`` assigned, ``load_state_dict(assign=True)``, or prune or a
+        parametrization applied, which move the weight elsewhere)."""
+        return any(
+            owner._parameters.get(name) is not p
+            for (owner, name), p in zip(self.slots, self.watched, strict=True)
+        )
 
 
 #: The options a parameter of a layer split across param groups takes from its own
@@ -1016,7 +1038,12 @@ class KroneckerOptimizer(Optimizer):
         if adapter.k_structure_option is not None:
             k_structure = group[adapter.k_structure_option]
         weight = adapter.params(module)[0]
-        watched = tuple(module.parameters())
+        named = list(module.named_parameters())  # (module.parameters(): the same order)
+        watched = tuple(p for _, p in named)
+        slots = []
+        for full in (n for n, _ in named):
+            prefix, _, attr = full.rpartition(".")
+            slots.append((module.get_submodule(prefix) if prefix else module, attr))
         entry = ModuleEntry(
             name,
             module,
@@ -1028,6 +1055,7 @@ class KroneckerOptimizer(Optimizer):
             watched_flags=tuple(p.requires_grad for p in watched),
             placement=(watched[0].dtype, watched[0].device),
             watched_shapes=tuple(p.shape for p in watched),
+            slots=tuple(slots),
             covered=tuple(adapter.params(module)),
         )
         for block in adapter.blocks(module):
@@ -1619,7 +1647,6 @@ class KroneckerOptimizer(Optimizer):
         grads = {b: entry.adapter.grad_matrix(entry.module, block=b) for b in entry.blocks}
         present = next((G for G in grads.values() if G is not None), None)
         if present is None:
-            self._check_replaced(entry)
             return None
         for block, G in grads.items():
             if G is None:
@@ -1633,24 +1660,6 @@ class KroneckerOptimizer(Optimizer):
             layer.has_statistics(self.steps)
             for entry in self._entries.values()
             for layer in entry.blocks.values()
-        )
-
-    def _check_replaced(self, entry: ModuleEntry) -> None:
-        """Raise if ``entry``'s layer no longer holds the parameters it was made for:
-        ``torch.nn.utils.prune`` or a parametrization (``weight_norm``,
-        ``spectral_norm``) applied after construction turns ``weight`` into a computed
-        tensor without a gradient of its own, so the layer silently stopped training,
-        bias included (torch.optim goes on training ``weight_orig``)."""
-        now = entry.adapter.params(entry.module)
-        if len(now) == len(entry.covered) and all(
-            p is q for p, q in zip(now, entry.covered, strict=True)
-        ):
-            return
-        raise ValueError(
-            f"The parameters of layer {entry.name!r} were replaced after "
-            f"{type(self).__name__} was constructed (torch.nn.utils.prune or a "
-            "parametrization applied later makes its weight a computed tensor): it would "
-            "no longer train. Apply them before constructing the optimizer."
         )
 
     def _check_shapes(self, entry: ModuleEntry, directions: list[Tensor]) -> None:
@@ -1832,30 +1841,51 @@ class KroneckerOptimizer(Optimizer):
                         "after changing the model."
                     )
 
-    def _check_placement(self) -> None:
+    def _check_placement(self, in_step: bool = False) -> None:
         """The model moved or cast after construction (``Accelerator.prepare`` moves a
         model whose optimizer exists): a layer's factors, statistics and cached
         operators follow its weight to another device (in the observed forward pass or
         the step that first sees it, before anything is written); another dtype is
         warned about once (the factors keep the dtype they were made in). The
         per-parameter state (momentum buffers, the fallback's moments) follows the
-        parameters' device and dtype, as ``torch.optim``'s ``load_state_dict`` casts it."""
-        changed, resized = [], []
+        parameters' device and dtype, as ``torch.optim``'s ``load_state_dict`` casts it.
+
+        Raises (before anything is written) where a layer's parameters changed shape
+        (in place, or replaced by ones of another shape) and, ``in_step``, where they
+        were replaced at all: the optimizer would have trained parameters outside its
+        groups, whose state ``state_dict()`` then failed on (``KeyError``). Only in
+        the step: ``torch.func.functional_call`` swaps parameters in during a forward
+        pass."""
+        changed, resized, replaced = [], [], []
         for entry in self._entries.values():
             weight = entry.watched[0]  # (the module's first parameter: one is enough)
             if (weight.dtype, weight.device) != entry.placement:
                 changed.append((entry, weight))
             if entry.resized():
                 resized.append(entry)
+            elif in_step and entry.replaced():
+                replaced.append(entry)
         if resized:
             entry = resized[0]
-            now = [tuple(p.shape) for p in entry.watched]
+            now = [tuple(p.shape) for p in entry.current()]
             raise ValueError(
                 f"The parameters of layers {[e.name for e in resized]} changed shape after "
                 f"{type(self).__name__} was constructed ({entry.name!r}: from "
                 f"{[tuple(s) for s in entry.watched_shapes]} to {now}; e.g. "
                 "resize_token_embeddings, pruning): their Kronecker factors are sized for "
                 "the former. Construct a new optimizer after changing the model."
+            )
+        if replaced:
+            raise ValueError(
+                f"The parameters of layer {replaced[0].name!r} were replaced after "
+                f"{type(self).__name__} was constructed"
+                + (f" (also of {[e.name for e in replaced[1:]]})" if replaced[1:] else "")
+                + ": a new nn.Parameter assigned to the module, load_state_dict(assign="
+                "True), or torch.nn.utils.prune or a parametrization applied later (they "
+                "make the weight a computed tensor). Its factors and state belong to the "
+                "former parameters, which the model no longer uses. Apply such changes "
+                "before constructing the optimizer, or construct a new one. Nothing was "
+                "updated."
             )
         if not changed:
             return
@@ -1889,7 +1919,7 @@ class KroneckerOptimizer(Optimizer):
     def _step(self) -> None:
         check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
         self._check_step_options()
-        self._check_placement()
+        self._check_placement(in_step=True)
         if self._left_out:
             self._warn_left_out()
         grad_scale, g_scale, found_inf = self._read_scales()
