@@ -226,6 +226,8 @@ class ModuleEntry:
     placement: tuple[torch.dtype, torch.device] | None = None
     #: the shapes of ``watched`` at construction (the factors are sized for them)
     watched_shapes: tuple[torch.Size, ...] = ()
+    #: where each of ``watched`` sits: its owning module's ``_parameters`` and the name
+    slots: tuple[tuple[dict, str], ...] = ()
     #: the adapter's parameters when the entry was made (those its factors are sized
     #: for; the adapter leaves out a bias frozen now, e.g. while a woken layer pauses)
     covered: tuple[nn.Parameter, ...] = ()
@@ -234,32 +236,32 @@ class ModuleEntry:
         """The param group of each of the adapter's ``count`` parameters."""
         return self.param_groups or (self.group_index,) * count
 
-    #: where each of ``watched`` sits: ``(owning module, attribute name)``
-    slots: tuple[tuple[nn.Module, str], ...] = ()
-
     def current(self) -> list[Tensor]:
         """The tensors in the slots of ``watched`` now: each its parameter where that
         is still in place, else what replaced it (where nothing did, the former one)."""
         out = []
-        for (owner, name), p in zip(self.slots, self.watched, strict=True):
-            now = owner._parameters.get(name)
+        for (params, name), p in zip(self.slots, self.watched, strict=True):
+            now = params.get(name)
             out.append(p if now is None else now)
         return out
 
-    def resized(self) -> bool:
-        """Whether any parameter changed shape since construction, in place
-        (``resize_token_embeddings``) or replaced by one of another shape (every one
-        is compared: an attention layer's output projection may change alone)."""
-        return any(p.shape != s for p, s in zip(self.current(), self.watched_shapes, strict=True))
-
-    def replaced(self) -> bool:
-        """Whether any of ``watched`` is no longer the parameter in its place (a new
-        ``nn.Parameter`` assigned, ``load_state_dict(assign=True)``, or prune or a
-        parametrization applied, which move the weight elsewhere)."""
-        return any(
-            owner._parameters.get(name) is not p
-            for (owner, name), p in zip(self.slots, self.watched, strict=True)
-        )
+    def changes(self) -> tuple[bool, bool]:
+        """``(resized, replaced)``: whether a parameter changed shape since construction,
+        in place (``resize_token_embeddings``) or replaced by one of another shape
+        (every one is compared: an attention layer's output projection may change
+        alone), and whether any of ``watched`` is no longer the parameter in its place
+        (a new ``nn.Parameter`` assigned, ``load_state_dict(assign=True)``, or prune or
+        a parametrization applied, which move the weight elsewhere)."""
+        resized = replaced = False
+        slots = zip(self.slots, self.watched, self.watched_shapes, strict=True)
+        for (params, name), p, shape in slots:
+            now = params.get(name)
+            if now is not p:
+                replaced = True
+                p = p if now is None else now
+            if p.shape != shape:
+                resized = True
+        return resized, replaced
 
 
 #: The options a parameter of a layer split across param groups takes from its own
@@ -1043,7 +1045,8 @@ class KroneckerOptimizer(Optimizer):
         slots = []
         for full in (n for n, _ in named):
             prefix, _, attr = full.rpartition(".")
-            slots.append((module.get_submodule(prefix) if prefix else module, attr))
+            owner = module.get_submodule(prefix) if prefix else module
+            slots.append((owner._parameters, attr))
         entry = ModuleEntry(
             name,
             module,
@@ -1157,7 +1160,7 @@ class KroneckerOptimizer(Optimizer):
             # (checked on captured forwards only, off the every-step path: step 0
             # captures every active layer, so a float16 run is seen at once)
             self._float16_outputs = True
-        if entry.watched[0].device != entry.placement[1] or entry.resized():
+        if entry.watched[0].device != entry.placement[1] or entry.changes()[0]:
             self._check_placement()  # the factors follow it there; a new shape raises
         layer = entry.blocks[block]
         application = _Application(x.detach())
@@ -1861,9 +1864,10 @@ class KroneckerOptimizer(Optimizer):
             weight = entry.watched[0]  # (the module's first parameter: one is enough)
             if (weight.dtype, weight.device) != entry.placement:
                 changed.append((entry, weight))
-            if entry.resized():
+            now_resized, now_replaced = entry.changes()
+            if now_resized:
                 resized.append(entry)
-            elif in_step and entry.replaced():
+            elif in_step and now_replaced:
                 replaced.append(entry)
         if resized:
             entry = resized[0]
