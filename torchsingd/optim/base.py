@@ -1980,7 +1980,7 @@ class KroneckerOptimizer(Optimizer):
         self._check_state_shapes(fallback)
         inners = self._group_inners(pending)
         if not self._finite(pending, fallback, inners):
-            self._skip("non-finite gradients or natural gradients", g_scale)
+            self._skip("non-finite gradients, factor updates or natural gradients", g_scale)
             return
 
         for i, group in enumerate(self.param_groups):
