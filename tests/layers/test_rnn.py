@@ -431,6 +431,54 @@ def test_observed_passes_return_the_kernels_dtypes_under_autocast(model, kind):
     assert opt.layers  # (observed: the layers have factors)
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_non_reentrant_checkpoint_runs_the_first_observed_pass(model):
+    """The kernel's one-step dtype probe of the first observed pass saved tensors for
+    backward, so a non-reentrant checkpoint's recomputation (the dtypes known by then)
+    saved fewer: "A different number of tensors was saved during the original forward
+    and recomputation" on the first step. The probe saves nothing now; the gradients
+    and statistics equal those of the same pass without a checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    results = []
+    for wrapped in (False, True):
+        rnn = make(model, num_layers=2, batch_first=True)
+        holder, opt = attached(rnn, structures="diagonal")
+        x, h = inputs(rnn, "batched", hx=True)
+
+        def call(data, rnn=rnn, h=h):
+            return rnn(data, h)[0]
+
+        out = checkpoint(call, x, use_reentrant=False) if wrapped else call(x)
+        loss_of(out).backward()
+        stats = [t for layer in opt.layers.values() for f in layer.pending for t in f.tensors()]
+        results.append([p.grad.clone() for p in rnn.parameters()] + stats)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", ["mkldnn_off", "empty_batch"])
+def test_the_kernels_dtypes_follow_mkldnn_and_empty_batches(case):
+    """PyTorch's CPU LSTM returns float32 under bfloat16 autocast where oneDNN is off or
+    the batch is empty (bfloat16 otherwise): the probe's cache tells these apart."""
+    rnn = nn.LSTM(I_SIZE, HIDDEN, batch_first=True)
+    plain = copy.deepcopy(rnn)
+    holder, opt = attached(rnn, T=1)
+    x = torch.randn(N, L, I_SIZE)
+
+    def dtypes(module, data):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h, c) = module(data)
+        return out.dtype, h.dtype, c.dtype
+
+    assert dtypes(rnn, x) == dtypes(plain, x)  # (the cache filled for the plain case)
+    if case == "mkldnn_off":
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert dtypes(rnn, x) == dtypes(plain, x)
+    else:
+        assert dtypes(rnn, x[:0]) == dtypes(plain, x[:0])
+
+
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_bfloat16_autocast_and_float32_training_stay_finite(cls):
     """A character-level model in float32 and under bfloat16 autocast (a GRU: PyTorch's

@@ -31,6 +31,7 @@ batch's positions do for an ``nn.Linear``.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -253,9 +254,12 @@ def _kernel_dtypes(
     # a packed input: whether its sequences have one length (PyTorch's CPU LSTM
     # takes another kernel, of another dtype under autocast, where they do not)
     uneven = packed is not None and bool((packed.batch_sizes != packed.batch_sizes[0]).any())
+    empty = x.shape[0] == 0  # (an empty batch: PyTorch's CPU LSTM takes another kernel)
     key = (
         packed is None,
         uneven,
+        empty,
+        torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
         x.dtype,
         x.device,
         tuple(t.dtype for t in states),
@@ -269,13 +273,21 @@ def _kernel_dtypes(
         probe = x.new_zeros(n, n, x.shape[-1])
         if packed is not None:  # lengths [1] or [2, 1]
             probe = pack_padded_sequence(probe, torch.arange(n, 0, -1), batch_first=True)
+        elif empty:
+            n = 0
+            probe = x.new_zeros(*((0, 1) if module.batch_first else (1, 0)), x.shape[-1])
         state = None
         if hx is not None:
             state = tuple(t[:, :n] for t in hx) if lstm else hx[:, :n]
         training = module.training
         module.training = False
         try:
-            out, hidden = type(module).forward(module, probe, state)
+            # no tensor of the probe is saved for a backward pass: inside a
+            # non-reentrant checkpoint, whose recomputation finds the dtypes known,
+            # the saved tensors' count would differ (grad mode stays as it is: it
+            # can change the kernel)
+            with _saved_nothing():
+                out, hidden = type(module).forward(module, probe, state)
             hidden = hidden if lstm else (hidden,)
             out = out.data if packed is not None else out
             known[key] = (out.dtype, *(t.dtype for t in hidden))
@@ -284,6 +296,23 @@ def _kernel_dtypes(
         finally:
             module.training = training
     return known[key]
+
+
+@contextlib.contextmanager
+def _saved_nothing():
+    """Autograd keeps the tensors an operation saves for its backward as they are,
+    bypassing saved-tensor hooks around this context (a non-reentrant checkpoint's);
+    where such hooks cannot be set (``torch.func`` transforms disable them), as usual."""
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    try:
+        hooks.__enter__()
+    except RuntimeError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        hooks.__exit__(None, None, None)
 
 
 def _check_arguments(module: nn.RNNBase, input, x: Tensor, hx, batched: bool) -> None:
