@@ -16,6 +16,7 @@ import copy
 import itertools
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -455,6 +456,25 @@ def test_a_non_reentrant_checkpoint_runs_the_first_observed_pass(model):
         results.append([p.grad.clone() for p in rnn.parameters()] + stats)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_the_dtype_probe_keeps_nothing_alive():
+    """The probe's graph is never backpropagated: kept tensors would hold its output
+    in its own node through C++ (a cycle no collection frees), and with it the
+    module's weights. After the model and optimizer are gone, so are the weights."""
+    import gc
+
+    rnn = make("lstm", num_layers=2, batch_first=True).float()
+    holder, opt = attached(rnn, structures="diagonal")
+    x = torch.randn(N, L, I_SIZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rnn(x)[0]
+    loss_of(out.float()).backward()
+    opt.step()
+    weight = weakref.ref(rnn.weight_hh_l1)
+    del rnn, holder, opt, out
+    gc.collect()
+    assert weight() is None
 
 
 @pytest.mark.parametrize("case", ["mkldnn_off", "empty_batch"])

@@ -300,10 +300,12 @@ def _kernel_dtypes(
 
 @contextlib.contextmanager
 def _saved_nothing():
-    """Autograd keeps the tensors an operation saves for its backward as they are,
-    bypassing saved-tensor hooks around this context (a non-reentrant checkpoint's);
-    where such hooks cannot be set (``torch.func`` transforms disable them), as usual."""
-    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    """Autograd keeps nothing of the tensors an operation saves for its backward (for a
+    graph never backpropagated), bypassing saved-tensor hooks around this context (a
+    non-reentrant checkpoint's); where such hooks cannot be set (``torch.func``
+    transforms disable them), as usual. (Keeping the tensors themselves would hold
+    the graph's output in its own node through C++, a cycle no collection frees.)"""
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: None)
     try:
         hooks.__enter__()
     except RuntimeError:
