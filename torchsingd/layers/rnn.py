@@ -240,14 +240,15 @@ def _kernel_dtypes(
 ) -> tuple[torch.dtype, ...]:
     """The dtypes of the output, ``h_n`` (and ``c_n``) PyTorch's own forward returns
     for a call like this one (``packed``: its ``PackedSequence`` input): ``x``'s dtype
-    and device, packed or not (sequences of one length or not), the states' dtypes,
-    the weights' dtype, grad mode and the autocast state. Found by calling it on one
-    or two steps of one or two samples, once per such kind of call and module, in eval
-    mode (no dropout draws from the random state); where that call fails, ``x``'s
-    dtype (the recurrence's). Under autocast they depend on the kernel PyTorch picks:
-    on the CPU with torch 2.13, bfloat16 autocast gives bfloat16 for ``nn.LSTM`` (its
-    ``c_n`` float32 with ``proj_size``; float32 for packed sequences of several
-    lengths) and ``nn.RNN``, float32 for ``nn.GRU``."""
+    and device, packed or not (sequences of one length or not), empty or not, the
+    states' dtypes, the weights' dtype, grad mode, the oneDNN and cuDNN switches and
+    the autocast state. Found by calling it on one or two steps of one or two samples,
+    once per such kind of call and module, in eval mode (no dropout draws from the
+    random state); where that call fails, ``x``'s dtype (the recurrence's). Under
+    autocast they depend on the kernel PyTorch picks: on the CPU with torch 2.13,
+    bfloat16 autocast gives bfloat16 for ``nn.LSTM`` (its ``c_n`` float32 with
+    ``proj_size``; float32 for packed sequences of several lengths, an empty batch or
+    oneDNN off) and ``nn.RNN``, float32 for ``nn.GRU``."""
     kind = x.device.type
     autocast = torch.is_autocast_enabled(kind)
     states = () if hx is None else (hx if lstm else (hx,))
@@ -260,6 +261,7 @@ def _kernel_dtypes(
         uneven,
         empty,
         torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        torch.backends.cudnn.enabled,  # (the same on a GPU)
         x.dtype,
         x.device,
         tuple(t.dtype for t in states),
