@@ -1884,12 +1884,13 @@ class KroneckerOptimizer(Optimizer):
                 f"The parameters of layer {replaced[0].name!r} were replaced after "
                 f"{type(self).__name__} was constructed"
                 + (f" (also of {[e.name for e in replaced[1:]]})" if replaced[1:] else "")
-                + ": a new nn.Parameter assigned to the module, load_state_dict(assign="
-                "True), or torch.nn.utils.prune or a parametrization applied later (they "
-                "make the weight a computed tensor). Its factors and state belong to the "
-                "former parameters, which the model no longer uses. Apply such changes "
-                "before constructing the optimizer, or construct a new one. Nothing was "
-                "updated."
+                + ": a parameter is no longer in its place (a new nn.Parameter assigned, "
+                "load_state_dict(assign=True)), or the weight became a computed tensor "
+                "(torch.nn.utils.prune, e.g. Lightning's ModelPruning, or a "
+                "parametrization such as weight_norm). Its Kronecker factors and state "
+                "are those of the layer as it was. Apply such changes before constructing "
+                "the optimizer (a pruned or parametrized layer then goes to the fallback "
+                "rule), or construct a new one. Nothing was updated."
             )
         if not changed:
             return
