@@ -538,7 +538,8 @@ def test_max_abs(name, d):
     assert float(spec.zeros(d, dtype=F64).max_abs()) == 0.0
     assert float(spec.eye(d, dtype=F64).max_abs()) == 1.0
     assert X.is_finite()
-    next(t for t in X.tensors() if t.numel()).view(-1)[0] = float("nan")
+    first = next(t for t in X.tensors() if t.numel())  # (a view: write in place)
+    first[(0,) * first.ndim] = float("nan")
     assert not X.is_finite()
 
 
@@ -554,10 +555,12 @@ def test_is_finite(name, dtype):
     assert X.is_finite()
     for bad in (float("inf"), float("-inf"), float("nan")):
         Y = spec.eye(7, dtype=dtype)
-        Y.tensors()[-1].view(-1)[-1] = bad
+        last = Y.tensors()[-1]  # (views of the storage: written in place)
+        last[(-1,) * last.ndim] = bad
         assert not Y.is_finite()
         W = X.clone()
-        W.tensors()[0].view(-1)[0] = bad
+        first = W.tensors()[0]
+        first[(0,) * first.ndim] = bad
         assert not W.is_finite()
 
 
@@ -1180,3 +1183,36 @@ def test_sparse_border_matches_the_pattern(name, d):
     inside[head : d - tail] = True
     assert torch.equal(pattern.delta[inside], torch.diagonal(X.to_dense())[inside])
     assert not pattern.delta[~inside].any()
+
+
+@pytest.mark.parametrize("K1, K2, d", [(3, 2, 13), (3, 2, 4), (15, 15, 40), (2, 4, 6)])
+def test_hierarchical_zero_block_stays_zero_and_blocks_are_views(K1, K2, d):
+    """The hierarchical family holds its border rows in one tensor ``R = [A B; 0 D E]``
+    whose ``k2 x k1`` block is fixed at zero: every operation keeps it exactly zero,
+    and ``A, B, D, E`` (what ``tensors()`` and checkpoints hold) are views of ``R``."""
+    spec = get_structure(f"hierarchical:{K1},{K2}")
+    k1, m, k2 = hierarchical_sizes(d, K1, K2)
+    X, Y = random_member(spec, d, "zb", "X"), random_member(spec, d, "zb", "Y")
+    Z = randn(d, 7, g=gen("zb", d))
+    made = [
+        X.matmul(Y),
+        X.inner(),
+        X.inner_of(Z),
+        X.gram_of(Z),
+        X.inner_of_gram(X.gram_of(Z)),
+        spec.from_dense(random_symmetric(d, "zb")),
+        X.add(Y, alpha=-0.5).mul(3.0),
+        X.clone().add_identity_(2.0),
+        X.to(torch.float32),
+        spec.eye(d, dtype=F64),
+    ]
+    for M in made:
+        assert M.R.shape == (k1 + k2, d)
+        assert torch.equal(M.R[k1:, :k1], torch.zeros(k2, k1, dtype=M.dtype))
+        assert torch.equal(M.to_dense()[k1 + m :, :k1], torch.zeros(k2, k1, dtype=M.dtype))
+        for t in M.tensors()[:2] + M.tensors()[3:]:  # A, B, D, E
+            assert t.untyped_storage().data_ptr() == M.R.untyped_storage().data_ptr()
+    shapes = [tuple(t.shape) for t in X.tensors()]
+    assert shapes == [(k1, k1), (k1, m + k2), (m,), (k2, m), (k2, k2)]  # the saved layout
+    # a member rebuilt from its blocks (a checkpoint) is the same matrix
+    assert torch.equal(X._with_tensors(tuple(t.clone() for t in X.tensors())).R, X.R)

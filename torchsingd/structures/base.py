@@ -84,13 +84,25 @@ class StructuredMatrix(ABC):
         out.add_identity_(1.0)
         return out
 
+    def _storage(self) -> tuple[Tensor, ...]:
+        """The tensors that hold the numbers: :meth:`tensors` unless a family keeps its
+        defining tensors as views of fewer, larger ones (hierarchical). Element-wise
+        operations, copies and casts run over these (fewer, larger operations); any
+        values of them that keep the family's fixed zeros define a member."""
+        return self.tensors()
+
+    def _from_storage(self, storage: tuple[Tensor, ...]) -> StructuredMatrix:
+        """A member of the same family and options held by ``storage`` (tensors shaped
+        as :meth:`_storage`'s)."""
+        return self._with_tensors(storage)
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.tensors()[0].dtype
+        return self._storage()[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.tensors()[0].device
+        return self._storage()[0].device
 
     @property
     def shape(self) -> torch.Size:
@@ -105,15 +117,16 @@ class StructuredMatrix(ABC):
         return sum(t.nbytes for t in self.tensors())
 
     def clone(self) -> StructuredMatrix:
-        return self._with_tensors(tuple(t.clone() for t in self.tensors()))
+        return self._from_storage(tuple(t.clone() for t in self._storage()))
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> StructuredMatrix:
-        return self._with_tensors(tuple(t.to(dtype=dtype, device=device) for t in self.tensors()))
+        storage = self._storage()
+        return self._from_storage(tuple(t.to(dtype=dtype, device=device) for t in storage))
 
     def copy_(self, other: StructuredMatrix) -> StructuredMatrix:
         """Overwrite the values in place with ``other``'s (same family and shape)."""
         self._check_compatible(other)
-        for t, o in zip(self.tensors(), other.tensors(), strict=True):
+        for t, o in zip(self._storage(), other._storage(), strict=True):
             t.copy_(o)
         return self
 
@@ -121,36 +134,36 @@ class StructuredMatrix(ABC):
     def add_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> StructuredMatrix:
         """``self <- self + alpha * other`` in place."""
         self._check_compatible(other)
-        tensors = self.tensors()
+        tensors = self._storage()
         if len(tensors) > 1 and not isinstance(alpha, Tensor):
             # one dispatch for all tensors: the per-tensor add_, bit for bit
-            torch._foreach_add_(list(tensors), list(other.tensors()), alpha=alpha)
+            torch._foreach_add_(list(tensors), list(other._storage()), alpha=alpha)
         else:
-            for t, o in zip(tensors, other.tensors(), strict=True):
+            for t, o in zip(tensors, other._storage(), strict=True):
                 t.add_(o, alpha=alpha)
         return self
 
     def add(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> StructuredMatrix:
         """``self + alpha * other``, a new member (the numbers of ``clone().add_``)."""
         self._check_compatible(other)
-        tensors, others = list(self.tensors()), list(other.tensors())
+        tensors, others = list(self._storage()), list(other._storage())
         if len(tensors) > 1 and not isinstance(alpha, Tensor):
             sums = torch._foreach_add(tensors, others, alpha=alpha)
         else:
             sums = [torch.add(t, o, alpha=alpha) for t, o in zip(tensors, others, strict=True)]
         # in self's dtype, as add_ (which computes in the promoted one)
-        return self._with_tensors(tuple(s.to(t.dtype) for s, t in zip(sums, tensors, strict=True)))
+        return self._from_storage(tuple(s.to(t.dtype) for s, t in zip(sums, tensors, strict=True)))
 
     def mul(self, value: float | Tensor) -> StructuredMatrix:
         """``value * self``, a new member (the numbers of ``clone().mul_``)."""
-        tensors = self.tensors()
+        tensors = self._storage()
         if len(tensors) > 1:
-            return self._with_tensors(tuple(torch._foreach_mul(list(tensors), value)))
-        return self._with_tensors(tuple(torch.mul(t, value) for t in tensors))
+            return self._from_storage(tuple(torch._foreach_mul(list(tensors), value)))
+        return self._from_storage(tuple(torch.mul(t, value) for t in tensors))
 
     def mul_(self, value: float | Tensor) -> StructuredMatrix:
         """``self <- value * self`` in place."""
-        tensors = self.tensors()
+        tensors = self._storage()
         if len(tensors) > 1:
             torch._foreach_mul_(list(tensors), value)
         else:
@@ -163,7 +176,7 @@ class StructuredMatrix(ABC):
         a concatenation, about ``d B`` numbers for the structured families), or
         ``None`` when nothing is stored. Reductions over every stored number then take
         one or two operators instead of two or three per tensor."""
-        flat = [t.reshape(-1) for t in self.tensors() if t.numel() > 0]
+        flat = [t.reshape(-1) for t in self._storage() if t.numel() > 0]
         if not flat:
             return None
         return flat[0] if len(flat) == 1 else torch.cat(flat)
@@ -204,7 +217,7 @@ class StructuredMatrix(ABC):
         M = self if self.dtype in (torch.float32, torch.float64) else self.to(torch.float32)
         c = M.average_trace()
         rest = M.clone().add_identity_(-c).frobenius_sq().sqrt()  # ||M - cI||_F
-        A = M._with_tensors(tuple(t.abs() for t in M.tensors()))
+        A = M._from_storage(tuple(t.abs() for t in M._storage()))
         ones = torch.ones(self.dim, 1, dtype=M.dtype, device=M.device)
         hoelder = (A.mm(ones).max() * A.tmm(ones).max()).sqrt()
         first = c.abs() + rest
@@ -285,7 +298,7 @@ class StructuredMatrix(ABC):
         by entry."""
         if math.isfinite(total):
             return True
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors())
+        return all(bool(torch.isfinite(t).all()) for t in self._storage())
 
     # --------------------------------------------------- structure-aware algebra
     @abstractmethod
