@@ -1561,6 +1561,42 @@ def test_a_parameter_replaced_after_construction_is_named(cls, how):
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
+@pytest.mark.parametrize("how", ["assigned", "load_state_dict_assign", "pruned"])
+def test_a_frozen_layers_parameter_replaced_is_named_once_it_would_train(cls, how):
+    """A layer frozen at construction (dormant: no factors yet) whose parameter is
+    replaced while frozen: nothing is said while what replaced it is frozen (it trains
+    nothing, as with ``torch.optim``); once unfrozen, the step raises the replaced-
+    parameter ValueError before anything is written. Before, the layer stayed
+    dormant and its new weight untrained, with a warning that it was "unfrozen in
+    part" (its old, frozen weight was the one watched)."""
+    model = make_mlp(0)
+    layer = model[2]
+    layer.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = cls(model, params=list(model.parameters()), **_hp(cls, T=1))
+    assert "2" in opt.dormant_layers
+    train(model, opt, 0, 2)
+    if how == "assigned":
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    elif how == "load_state_dict_assign":
+        fresh = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.load_state_dict(fresh, assign=True)  # (keeps each parameter's flag)
+        assert not layer.weight.requires_grad
+    else:
+        from torch.nn.utils import prune
+
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+    train(model, opt, 2, 4)  # frozen still: no error
+    layer.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"layer '2' were replaced after"):
+        train(model, opt, 4, 6)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    opt.state_dict()
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_functional_call_in_a_factor_update_step_is_not_a_replacement(cls):
     """``torch.func.functional_call`` puts other tensors in the parameters' places for
     one forward pass (a gradient with respect to them, say): nothing is refused, and

@@ -188,9 +188,24 @@ class Dormant:
     #: the weight requires grad, covering what requires grad then (as a new optimizer)
     covers: tuple[nn.Parameter, ...]
 
+    #: where each of ``covers`` sits: its owner's ``_parameters`` dict and name
+    slots: tuple[tuple[dict, str], ...] = ()
+
     def unfrozen(self) -> bool:
         """Whether its weight requires gradients."""
         return self.covers[0].requires_grad
+
+    def replaced(self) -> bool:
+        """Whether one of ``covers`` is no longer in its place (a new ``nn.Parameter``
+        assigned, ``load_state_dict(assign=True)``, prune or a parametrization) while
+        what trains there now requires gradients: the new parameter, or the moved one
+        (prune keeps it as ``weight_orig``). A frozen replacement trains nothing, as
+        with ``torch.optim``: no error until it is unfrozen."""
+        for (params, name), p in zip(self.slots, self.covers, strict=True):
+            now = params.get(name)
+            if now is not p and (now if now is not None else p).requires_grad:
+                return True
+        return False
 
     def waiting(self) -> bool:
         """Whether it waits for its wake, unchanged: its weight, or another of its
@@ -268,6 +283,17 @@ class ModuleEntry:
 #: group (the rest, lr included, must agree: the layer's trust region bounds its step
 #: for one lr; a review found the bound broken by a bias group with a larger lr).
 PARAMETER_OPTIONS = ("momentum", "weight_decay")
+
+
+def _slots_of(module: nn.Module, params: tuple[Tensor, ...]) -> tuple[tuple[dict, str], ...]:
+    """Where each of ``params`` (parameters of ``module``) sits: its owner's
+    ``_parameters`` dict and its name there (the first place, for a shared one)."""
+    where: dict[int, tuple[dict, str]] = {}
+    for full, p in module.named_parameters():
+        prefix, _, attr = full.rpartition(".")
+        owner = module.get_submodule(prefix) if prefix else module
+        where.setdefault(id(p), (owner._parameters, attr))
+    return tuple(where[id(p)] for p in params)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -972,7 +998,9 @@ class KroneckerOptimizer(Optimizer):
                 refused.setdefault(why, []).append(name)
                 named.update(id(p) for p in covers)
                 continue
-            self._dormant[name] = Dormant(module, adapter, indices[0], covers)
+            self._dormant[name] = Dormant(
+                module, adapter, indices[0], covers, _slots_of(module, covers)
+            )
             self._dormant_of = None
         if self._warn_unsupported and new_fallback:
             by_rule: dict[str, list[str]] = {}
@@ -1040,13 +1068,8 @@ class KroneckerOptimizer(Optimizer):
         if adapter.k_structure_option is not None:
             k_structure = group[adapter.k_structure_option]
         weight = adapter.params(module)[0]
-        named = list(module.named_parameters())  # (module.parameters(): the same order)
-        watched = tuple(p for _, p in named)
-        slots = []
-        for full in (n for n, _ in named):
-            prefix, _, attr = full.rpartition(".")
-            owner = module.get_submodule(prefix) if prefix else module
-            slots.append((owner._parameters, attr))
+        watched = tuple(module.parameters())
+        slots = _slots_of(module, watched)
         entry = ModuleEntry(
             name,
             module,
@@ -1868,7 +1891,9 @@ class KroneckerOptimizer(Optimizer):
             if now_resized:
                 resized.append(entry)
             elif in_step and now_replaced:
-                replaced.append(entry)
+                replaced.append(entry.name)
+        if in_step:  # a frozen layer's replaced parameter, once it would train
+            replaced += [name for name, d in self._dormant.items() if d.replaced()]
         if resized:
             entry = resized[0]
             now = [tuple(p.shape) for p in entry.current()]
@@ -1881,9 +1906,9 @@ class KroneckerOptimizer(Optimizer):
             )
         if replaced:
             raise ValueError(
-                f"The parameters of layer {replaced[0].name!r} were replaced after "
+                f"The parameters of layer {replaced[0]!r} were replaced after "
                 f"{type(self).__name__} was constructed"
-                + (f" (also of {[e.name for e in replaced[1:]]})" if replaced[1:] else "")
+                + (f" (also of {replaced[1:]})" if replaced[1:] else "")
                 + ": a parameter is no longer in its place (a new nn.Parameter assigned, "
                 "load_state_dict(assign=True)), or the weight became a computed tensor "
                 "(torch.nn.utils.prune, e.g. Lightning's ModelPruning, or a "
