@@ -179,7 +179,7 @@ class HierarchicalMatrix(StructuredMatrix):
         ``B``'s and ``D``'s entries doubled, the ``k2 x k1`` block zeroed."""
         k1, s = self.k1, self.k1 + self.m
         if self.k2:
-            M[k1:, :k1] = 0.0
+            M[k1:, :k1].zero_()
             M[k1:, k1:s].mul_(2)
         M[:k1, k1:].mul_(2)
         return M
@@ -233,7 +233,7 @@ class HierarchicalMatrix(StructuredMatrix):
         check_rows(Z, self.dim)
         k1, s = self.k1, self.k1 + self.m
         W = self._rows_B(Z) @ Z.T  # [k1 + k2, d]: one product for both
-        W[k1:, :k1] = 0.0  # G31 (= G13^T) is not kept
+        W[k1:, :k1].zero_()  # G31 (= G13^T) is not kept
         return HierarchicalMatrix._packed(W, row_sq_sum(Z[k1:s]), self.K1, self.K2)
 
     def inner_of_gram(self, G: StructuredMatrix) -> HierarchicalMatrix:
