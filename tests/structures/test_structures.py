@@ -1188,8 +1188,9 @@ def test_sparse_border_matches_the_pattern(name, d):
 @pytest.mark.parametrize("K1, K2, d", [(3, 2, 13), (3, 2, 4), (15, 15, 40), (2, 4, 6)])
 def test_hierarchical_zero_block_stays_zero_and_blocks_are_views(K1, K2, d):
     """The hierarchical family holds its border rows in one tensor ``R = [A B; 0 D E]``
-    whose ``k2 x k1`` block is fixed at zero: every operation keeps it exactly zero,
-    and ``A, B, D, E`` (what ``tensors()`` and checkpoints hold) are views of ``R``."""
+    whose ``k2 x k1`` block is fixed at zero: every operation on finite values keeps it
+    exactly zero, and ``A, B, D, E`` (what ``tensors()`` and checkpoints hold) are views
+    of ``R``."""
     spec = get_structure(f"hierarchical:{K1},{K2}")
     k1, m, k2 = hierarchical_sizes(d, K1, K2)
     X, Y = random_member(spec, d, "zb", "X"), random_member(spec, d, "zb", "Y")
