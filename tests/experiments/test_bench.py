@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -142,3 +143,19 @@ def test_matmul_probe_gives_a_positive_throughput(dtype):
     torch.set_num_threads(1)
     flops = bench.matmul_throughput(torch.device("cpu"), dtype)
     assert math.isfinite(flops) and flops > 0
+
+
+def test_ratios_are_paired_by_round():
+    """A ratio is the median of the rounds' own ratios (BENCHMARKING.md: "median of
+    at least 5 pairs"): the machine slows down from round 3 on, caught by AdamW's run
+    in round 3 and by ours only from round 4 (they run one after the other). Ours is
+    1.2x AdamW in every round the two ran at one speed; the ratio of the two medians
+    reads 0.6x."""
+    adamw = [10.0, 10.0, 20.0, 20.0, 20.0]
+    ours = [12.0, 12.0, 12.0, 24.0, 24.0]
+    ratios = bench.paired_ratios(ours, adamw)
+    assert ratios == pytest.approx([1.2, 1.2, 0.6, 1.2, 1.2])
+    assert statistics.median(ratios) == pytest.approx(1.2)
+    assert statistics.median(ours) / statistics.median(adamw) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        bench.paired_ratios([1.0], [1.0, 2.0])

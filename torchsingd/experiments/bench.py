@@ -2,8 +2,10 @@
 
 Protocol (shared/BENCHMARKING.md): the same model, data and hyper-parameters for every
 candidate; candidates interleaved (A B C ... A B C) after warm-up; per candidate the
-median over rounds of the mean iteration time of a round, with min and max; ratios to
-AdamW (``foreach=True``) measured in the same process. Runs unchanged on CPU (threads
+mean iteration time of each round; a ratio (to AdamW, ``foreach=True``, measured in
+the same process) is the median over rounds of that round's ratio, with its min and
+max (:func:`paired_ratios`; the millisecond and share columns use per-candidate
+medians). Runs unchanged on CPU (threads
 pinned) and CUDA (synchronised timings, ``max_memory_allocated``).
 
 Columns:
@@ -395,6 +397,14 @@ def throughput(work: float, seconds: float, peak_flops: float) -> tuple[float | 
     return work / seconds / 1e9, work / seconds / peak_flops
 
 
+def paired_ratios(a: list[float], b: list[float]) -> list[float]:
+    """Per round, ``a``'s time over ``b``'s: the candidates of a round run back to
+    back, so a slow period of this machine (whole runs moved by up to 2x here) moves
+    both; the ratios' median (BENCHMARKING.md: "median of at least 5 pairs") is
+    steadier than the ratio of the two medians."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
 def fmt_ratio(values: list[float], base: float) -> str:
     return f"{statistics.median(values) / base:.2f}x"
 
@@ -488,7 +498,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"torch {torch.__version__}, {where}, batch {args.batch} of 1x28x28; median of "
         f"{args.rounds} interleaved rounds x {args.iters} iterations (at least T: a "
-        "round holds a factor update; min-max in brackets)"
+        "round holds a factor update); ratios: the median over rounds of each round's "
+        "ratio, its min-max in brackets"
     )
     rows = []
     total = len(args.dtypes) * len(args.models) * len(args.T) * len(args.structures)
@@ -526,6 +537,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     measure(cands, x, y, args.rounds, max(args.iters, T), device)
                     t = {c.name: c.times for c in cands}
                     med = {k: statistics.median(v) for k, v in t.items()}
+                    over_adamw = paired_ratios(t["ours"], t["adamw"])
                     ours = cands[2]
                     work = preconditioner_flops(ours.model, s, T, captured_rows(ours.model, x))
                     gflops, of_peak = throughput(work, med["ours"] - med["null"], peak_flops)
@@ -538,9 +550,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         ours_ms=1e3 * med["ours"],
                         ours_min_ms=1e3 * min(t["ours"]),
                         ours_max_ms=1e3 * max(t["ours"]),
-                        ours_over_adamw=med["ours"] / med["adamw"],
-                        ref_over_adamw=med["ref"] / med["adamw"] if use_ref else None,
-                        ref_over_ours=med["ref"] / med["ours"] if use_ref else None,
+                        ours_over_adamw=statistics.median(over_adamw),
+                        ours_over_adamw_min=min(over_adamw),
+                        ours_over_adamw_max=max(over_adamw),
+                        ref_over_adamw=(
+                            statistics.median(paired_ratios(t["ref"], t["adamw"]))
+                            if use_ref
+                            else None
+                        ),
+                        ref_over_ours=(
+                            statistics.median(paired_ratios(t["ref"], t["ours"]))
+                            if use_ref
+                            else None
+                        ),
                         optimizer_share=(med["ours"] - med["null"]) / med["ours"],
                         state_ratio=state_bytes(ours.opt) / param_bytes(ours.model),
                         gflops=gflops,
@@ -563,8 +585,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     bar.update(1)
                     bar.write(
                         f"| {model_name} | {s} | {T} | {row['ours_over_adamw']:.2f}x "
-                        f"[{row['ours_min_ms'] / row['adamw_ms']:.2f}-"
-                        f"{row['ours_max_ms'] / row['adamw_ms']:.2f}] | {ref_cols} | "
+                        f"[{row['ours_over_adamw_min']:.2f}-"
+                        f"{row['ours_over_adamw_max']:.2f}] | {ref_cols} | "
                         f"{100 * row['optimizer_share']:.0f}% | {row['state_ratio']:.2f}x | "
                         f"{peak} | {'-' if gflops is None else f'{gflops:.1f}'} | "
                         f"{'-' if of_peak is None else f'{100 * of_peak:.1f}%'} | "
