@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import torchsingd.layers.base as layers_base
+import torchsingd.layers.conv as conv_module
 import torchsingd.structures.base as structures_base
 from torchsingd.layers import get_adapter
-from torchsingd.structures import get_structure
+from torchsingd.structures import HierarchicalMatrix, get_structure
 
 F64 = torch.float64
 
@@ -60,8 +61,22 @@ def test_chunked_input_statistic(monkeypatch, case, make, shape, kfac_approx, st
         return original(self, module, x, *args, **kwargs)
 
     monkeypatch.setattr(type(adapter), "input_rows", spy)
+    unfolded = []
+    unfold = torch.nn.functional.unfold
+
+    def unfold_spy(x, *args, **kwargs):
+        unfolded.append(x.shape[0])
+        return unfold(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "unfold", unfold_spy)
     got = adapter.input_statistic(module, x, K, kfac_approx).to_dense()
-    assert calls == [1, 2, 2, 1]  # the probe, then three chunks
+    # a convolution's Gram route for block-diagonal and hierarchical factors reads
+    # the unfold's own layout (conv.patch_gram), in the same chunks, without rows
+    patch_route = case.startswith("conv") and kfac_approx == "expand" and gram_min == 0
+    if patch_route and structure != "dense":
+        assert calls == [] and unfolded == [2, 2, 1]
+    else:
+        assert calls == [1, 2, 2, 1]  # the probe, then three chunks
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -138,3 +153,66 @@ def test_gram_route_rule(name, d, n, pays):
     assert K.gram_pays(n) is pays
     assert K.to(F64).gram_pays(n) is pays
     assert not K.to(torch.bfloat16).gram_pays(n)
+
+
+PATCH_CONVS = {
+    "stride-pad": (dict(in_channels=8, out_channels=4, kernel_size=3, stride=2, padding=1), 9),
+    "no-bias": (dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, bias=False), 9),
+    "one-channel": (dict(in_channels=1, out_channels=4, kernel_size=3, padding=1), 9),
+    "dilated": (
+        dict(in_channels=4, out_channels=6, kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1)),
+        10,
+    ),
+    "same-groups": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding="same", dilation=2, groups=2),
+        10,
+    ),
+    "bias-fills-a-block": (dict(in_channels=10, out_channels=3, kernel_size=3), 6),  # d = 91
+}
+
+
+@pytest.mark.parametrize(
+    "structure",
+    ["blockdiagonal:30", "blockdiagonal:3", "blockdiagonal:7", "blockdiagonal:100"]
+    + ["hierarchical:15,15", "hierarchical:3,2", "hierarchical:2,4", "hierarchical:40,40"],
+)
+@pytest.mark.parametrize("chunk", [1 << 20, 1], ids=["one-chunk", "per-sample"])
+@pytest.mark.parametrize("conv", list(PATCH_CONVS))
+def test_patch_gram_equals_the_gram_of_the_rows(monkeypatch, conv, chunk, structure):
+    """``conv.patch_gram`` (the Gram route from the unfold's own layout) gives the
+    family's ``gram_of`` of the rows ``a`` (independent: built by ``input_rows``), for
+    bias / no bias, stride, dilation, groups, "same" padding, every block and border
+    layout (the bias alone in a block, inside one, ``d < B``, ``d <= K1``, no middle),
+    in one chunk or one sample per chunk."""
+    monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)
+    kwargs, size = PATCH_CONVS[conv]
+    torch.manual_seed(0)
+    module = nn.Conv2d(**kwargs).double()
+    adapter = get_adapter(module)
+    x = torch.randn(5, kwargs["in_channels"], size, size + 1, dtype=F64)
+    K = _random_K(structure, adapter.dims(module)[0])
+    expected = layers_base.gram_of_rows(K, adapter.input_rows(module, x, "expand"))
+    monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", chunk)
+    got = conv_module.patch_gram(module, x, K)
+    if not K.gram_pays(adapter.input_count(module, x, "expand")):
+        assert got is None  # (few rows for a large block: the direct route)
+        return
+    assert type(got) is type(K)
+    torch.testing.assert_close(got.to_dense(), expected.to_dense(), rtol=1e-12, atol=1e-12)
+    if isinstance(got, HierarchicalMatrix):
+        assert torch.equal(got.R[got.k1 :, : got.k1], torch.zeros(got.k2, got.k1, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=4, padding="same"),  # asymmetric
+        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    ],
+)
+def test_patch_gram_leaves_other_paddings_to_the_rows(monkeypatch, kwargs):
+    monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)
+    module = nn.Conv2d(3, 4, **kwargs).double()
+    x = torch.randn(5, 3, 9, 9, dtype=F64)
+    K = _random_K("blockdiagonal:3", get_adapter(module).dims(module)[0])
+    assert conv_module.patch_gram(module, x, K) is None

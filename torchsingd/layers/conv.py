@@ -15,13 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import torchsingd.layers.base as layers_base
 from torchsingd.layers.base import (
     LayerAdapter,
     finish_input_rows,
     loss_term_count,
     loss_terms_scale,
 )
-from torchsingd.structures import DiagonalMatrix, StructuredMatrix, TrilTopLeftDiagonalMatrix
+from torchsingd.structures import (
+    BlockDiagonalMatrix,
+    DiagonalMatrix,
+    HierarchicalMatrix,
+    StructuredMatrix,
+    TrilTopLeftDiagonalMatrix,
+)
 
 
 def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -88,6 +95,121 @@ def extract_patches(
     perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
     x = x.permute(perm)
     return x.reshape(B, out_sizes.numel(), c * math.prod(module.kernel_size))
+
+
+def patch_gram(
+    module: nn.modules.conv._ConvNd, x: Tensor, K: StructuredMatrix
+) -> StructuredMatrix | None:
+    """``K.gram_of(a^T)`` for the rows ``a`` of a 2-D convolution's batched input
+    (``"expand"``), formed from the unfold's own ``[B, C' k, L]`` layout, or ``None``
+    where this does not apply (another family, padding that is not symmetric zeros)
+    or the Gram route does not pay (:meth:`StructuredMatrix.gram_pays`).
+
+    The rows route writes the unfold (one pass), copies it transposed and divided by
+    ``sqrt(N)`` into row-major rows (two more), and the Gram products read them (one);
+    here the products read the unfold itself, per sample (``sum_b U_b[I] U_b[J]^T``,
+    batched), the bias column is a column sum, and ``1 / N`` scales the small result.
+    Block-diagonal: each full block of patch columns as a batch of ``[B, L]`` slices;
+    the last one or two blocks (with the bias) from their few rows. Hierarchical: the
+    border rows against all columns in one batched product, the middle diagonal as
+    sums of squares. Measured on the benchmark CNN (2 threads, both routes
+    alternated every iteration in one process): T=1 iterations 7.5% shorter with
+    block-diagonal factors (149.4 -> 137.9 ms) and 8% with hierarchical ones (154.6
+    -> 142.2 ms); its second convolution's block-diagonal statistics (289 columns,
+    25088 rows) 34.5 -> 27.5 ms. At T=10 within noise (1.003, paired 0.983).
+    """
+    if not isinstance(K, (BlockDiagonalMatrix, HierarchicalMatrix)):
+        return None
+    left, right, top, bottom = conv_padding(module)
+    if module.padding_mode != "zeros" or left != right or top != bottom:
+        return None
+    locations = math.prod(_out_sizes(module, x.shape[2:], (top, left)))
+    if not K.gram_pays(x.shape[0] * locations):
+        return None
+    g = group_input(module, x.to(K.dtype))
+    batch = g.shape[0]
+    patches = g.shape[1] * math.prod(module.kernel_size)  # the columns before the bias
+    d = K.dim
+    # samples per chunk: at most STATISTIC_CHUNK_NUMEL numbers of the unfold (>= 1)
+    per = max(1, layers_base.STATISTIC_CHUNK_NUMEL // max(patches * locations, 1))
+    parts = []
+    count = 0
+    for start in range(0, batch, per):
+        cols = F.unfold(
+            g[start : start + per],
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=(top, left),
+            stride=module.stride,
+        )  # [b, patches, L]
+        count += cols.shape[0] * cols.shape[2]
+        part = _block_gram(K, cols, d) if isinstance(K, BlockDiagonalMatrix) else None
+        if part is None:
+            part = _hierarchical_gram(K, cols, d)
+        parts = part if not parts else [p.add_(q) for p, q in zip(parts, part, strict=True)]
+    tensors = [t.div_(count) for t in parts]
+    if isinstance(K, BlockDiagonalMatrix):
+        return BlockDiagonalMatrix(*tensors, K.block_size)
+    return HierarchicalMatrix._packed(*tensors, K.K1, K.K2)
+
+
+def _out_sizes(module, sizes, padding) -> list[int]:
+    """The output sizes of a 2-D convolution on ``sizes`` with ``padding``."""
+    return [
+        (n + 2 * p - dl * (k - 1) - 1) // st + 1
+        for n, p, dl, k, st in zip(
+            sizes, padding, module.dilation, module.kernel_size, module.stride, strict=True
+        )
+    ]
+
+
+def _bias_rows(cols: Tensor, first: int, d: int) -> Tensor:
+    """Rows ``[b L, d - first]`` of columns ``first..d-1`` (the patch columns from
+    ``cols``, then a column of ones where ``d`` exceeds them: the bias), unscaled."""
+    b, patches, L = cols.shape
+    rows = cols.new_ones(b * L, d - first)
+    rows[:, : patches - first].view(b, L, patches - first).copy_(cols[:, first:].mT)
+    return rows
+
+
+def _block_gram(K: BlockDiagonalMatrix, cols: Tensor, d: int) -> list[Tensor]:
+    """``[blocks, last]`` of the block-diagonal part of ``a^T a`` (unscaled)."""
+    B, (b, patches, L) = K.block_size, cols.shape
+    n = d // B
+    pure = min(n, patches // B)  # full blocks of patch columns only
+    blocks = cols.new_empty(n, B, B)
+    if pure:
+        v = cols[:, : pure * B].reshape(b * pure, B, L)  # per sample and block
+        torch.sum(torch.bmm(v, v.mT).view(b, pure, B, B), 0, out=blocks[:pure])
+    rows = _bias_rows(cols, pure * B, d)  # the rest: under two blocks
+    tail = rows.T @ rows
+    if n > pure:
+        blocks[pure:] = tail[:B, :B]
+        return [blocks, tail[B:, B:].contiguous()]
+    return [blocks, tail]
+
+
+def _hierarchical_gram(K: HierarchicalMatrix, cols: Tensor, d: int) -> list[Tensor]:
+    """``[R, c]`` of :meth:`HierarchicalMatrix.gram_of` of ``a^T`` (unscaled)."""
+    k1, m, k2 = K.k1, K.m, K.k2
+    b, patches, L = cols.shape
+    border = [*range(k1), *range(d - k2, d)]
+    inside = [i for i in border if i < patches]  # border patch columns (bias: last)
+    index = torch.tensor(inside, device=cols.device)
+    R = cols.new_empty(k1 + k2, d)
+    picked = cols.index_select(1, index)  # [b, |inside|, L]
+    # rows of the border patch columns against every patch column: one batched
+    # product per sample, summed
+    R[: len(inside), :patches] = torch.bmm(picked, cols.mT).sum(0)
+    sums = cols.sum((0, 2))  # per patch column: the bias column's products
+    if d > patches:  # a bias: the last column (and the last border row)
+        R[: len(inside), patches] = sums[index]
+        R[len(inside) :, :patches] = sums
+        R[len(inside) :, patches] = b * L
+    if k2:
+        R[k1:, :k1].zero_()  # (the family's fixed zero block)
+    c = cols[:, k1 : k1 + m].square().sum((0, 2))
+    return [R, c]
 
 
 class ConvAdapter(LayerAdapter):
@@ -195,7 +317,20 @@ class ConvAdapter(LayerAdapter):
             row = 2 * gamma * (alpha * mu + beta)
             corner = (gamma * gamma).view(1, 1)
             return TrilTopLeftDiagonalMatrix(diag, row.unsqueeze(0), corner, K.k)
+        if kfac_approx == "expand" and self._plain_2d(module) and self.is_batched(module, x):
+            G = patch_gram(module, x, K)
+            if G is not None:
+                return K.inner_of_gram(G)
         return super().input_statistic(module, x, K, kfac_approx, block=block)
+
+    def _plain_2d(self, module: nn.Module) -> bool:
+        """A 2-D convolution whose patches this class reads (not a subclass that
+        prepares its input otherwise, e.g. a transposed convolution)."""
+        return (
+            len(module.kernel_size) == 2
+            and type(self).prepare is ConvAdapter.prepare
+            and type(self).patch_stride is ConvAdapter.patch_stride
+        )
 
     @classmethod
     def _centred_moments(cls, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
