@@ -10,7 +10,7 @@ import torchsingd.layers.base as layers_base
 import torchsingd.layers.conv as conv_module
 import torchsingd.structures.base as structures_base
 from torchsingd.layers import get_adapter
-from torchsingd.structures import HierarchicalMatrix, get_structure
+from torchsingd.structures import BlockDiagonalMatrix, HierarchicalMatrix, get_structure
 
 F64 = torch.float64
 
@@ -156,7 +156,7 @@ def test_gram_route_rule(name, d, n, pays):
 
 
 PATCH_CONVS = {
-    "stride-pad": (dict(in_channels=8, out_channels=4, kernel_size=3, stride=2, padding=1), 9),
+    "stride-pad": (dict(in_channels=8, out_channels=4, kernel_size=3, stride=2, padding=1), 19),
     "no-bias": (dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, bias=False), 9),
     "one-channel": (dict(in_channels=1, out_channels=4, kernel_size=3, padding=1), 9),
     "dilated": (
@@ -167,7 +167,7 @@ PATCH_CONVS = {
         dict(in_channels=4, out_channels=6, kernel_size=3, padding="same", dilation=2, groups=2),
         10,
     ),
-    "bias-fills-a-block": (dict(in_channels=10, out_channels=3, kernel_size=3), 6),  # d = 91
+    "bias-fills-a-block": (dict(in_channels=10, out_channels=3, kernel_size=3), 11),  # d = 91
 }
 
 
@@ -194,8 +194,10 @@ def test_patch_gram_equals_the_gram_of_the_rows(monkeypatch, conv, chunk, struct
     expected = layers_base.gram_of_rows(K, adapter.input_rows(module, x, "expand"))
     monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", chunk)
     got = conv_module.patch_gram(module, x, K)
-    if not K.gram_pays(adapter.input_count(module, x, "expand")):
-        assert got is None  # (few rows for a large block: the direct route)
+    rows = adapter.input_count(module, x, "expand")
+    product_rows = K.block_size if isinstance(K, BlockDiagonalMatrix) else K.k1 + K.k2
+    if rows // x.shape[0] < product_rows or not K.gram_pays(rows):
+        assert got is None  # (few locations or rows for a large block: the rows route)
         return
     assert type(got) is type(K)
     torch.testing.assert_close(got.to_dense(), expected.to_dense(), rtol=1e-12, atol=1e-12)
@@ -204,15 +206,19 @@ def test_patch_gram_equals_the_gram_of_the_rows(monkeypatch, conv, chunk, struct
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, size, structure",
     [
-        dict(kernel_size=4, padding="same"),  # asymmetric
-        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+        (dict(kernel_size=4, padding="same"), 9, "blockdiagonal:3"),  # asymmetric
+        (dict(kernel_size=3, padding=1, padding_mode="reflect"), 9, "blockdiagonal:3"),
+        # fewer output locations than product rows (a squeeze-excitation's 1x1
+        # convolution on a pooled input: 5-13x slower and ~30x the memory this way)
+        (dict(kernel_size=1), 1, "blockdiagonal:3"),
+        (dict(kernel_size=3), 3, "hierarchical:1,1"),  # 1 location, 2 border rows
     ],
 )
-def test_patch_gram_leaves_other_paddings_to_the_rows(monkeypatch, kwargs):
+def test_patch_gram_leaves_other_cases_to_the_rows(monkeypatch, kwargs, size, structure):
     monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)
     module = nn.Conv2d(3, 4, **kwargs).double()
-    x = torch.randn(5, 3, 9, 9, dtype=F64)
-    K = _random_K("blockdiagonal:3", get_adapter(module).dims(module)[0])
+    x = torch.randn(5, 3, size, size, dtype=F64)
+    K = _random_K(structure, get_adapter(module).dims(module)[0])
     assert conv_module.patch_gram(module, x, K) is None
