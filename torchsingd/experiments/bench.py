@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"torch {torch.__version__}, {where}, batch {args.batch} of 1x28x28; median of "
         f"{args.rounds} interleaved rounds x {args.iters} iterations (at least T: a "
         "round holds a factor update); ratios: the median over rounds of each round's "
-        "ratio, its min-max in brackets"
+        "ratio (ours/AdamW: their min-max in brackets; floor and opt share: from medians)"
     )
     rows = []
     total = len(args.dtypes) * len(args.models) * len(args.T) * len(args.structures)
