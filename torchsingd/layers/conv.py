@@ -10,6 +10,7 @@ padding modes (reflect, replicate, circular) pad first, as the module does.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,8 @@ def patch_gram(
     left, right, top, bottom = conv_padding(module)
     if module.padding_mode != "zeros" or left != right or top != bottom:
         return None
-    locations = math.prod(_out_sizes(module, x.shape[2:], (top, left)))
+    padded = [size + 2 * pad for size, pad in zip(x.shape[2:], (top, left), strict=True)]
+    locations = math.prod(output_sizes(module, padded, module.stride))
     # the per-sample products have `rows` rows and `locations` columns: with fewer
     # locations than rows (a squeeze-excitation's 1x1 convolution on a pooled input)
     # they are slow and their outputs outgrow the unfold (rows route: 5-13x faster)
@@ -138,6 +140,7 @@ def patch_gram(
     batch = g.shape[0]
     # samples per chunk: at most STATISTIC_CHUNK_NUMEL numbers of the unfold (>= 1)
     per = max(1, layers_base.STATISTIC_CHUNK_NUMEL // max(patches * locations, 1))
+    gram = _block_gram if isinstance(K, BlockDiagonalMatrix) else _hierarchical_gram
     parts = []
     count = 0
     for start in range(0, batch, per):
@@ -149,9 +152,7 @@ def patch_gram(
             stride=module.stride,
         )  # [b, patches, L]
         count += cols.shape[0] * cols.shape[2]
-        part = _block_gram(K, cols, d) if isinstance(K, BlockDiagonalMatrix) else None
-        if part is None:
-            part = _hierarchical_gram(K, cols, d)
+        part = gram(K, cols, d)
         parts = part if not parts else [p.add_(q) for p, q in zip(parts, part, strict=True)]
     tensors = [t.div_(count) for t in parts]
     if isinstance(K, BlockDiagonalMatrix):
@@ -159,13 +160,14 @@ def patch_gram(
     return HierarchicalMatrix._packed(*tensors, K.K1, K.K2)
 
 
-def _out_sizes(module, sizes, padding) -> list[int]:
-    """The output sizes of a 2-D convolution on ``sizes`` with ``padding``."""
+def output_sizes(
+    module: nn.modules.conv._ConvNd, prepared: Sequence[int], stride: Sequence[int]
+) -> list[int]:
+    """The output locations per spatial dimension of ``module``'s kernel read at
+    ``stride`` from a prepared (padded) input of spatial sizes ``prepared``."""
     return [
-        (n + 2 * p - dl * (k - 1) - 1) // st + 1
-        for n, p, dl, k, st in zip(
-            sizes, padding, module.dilation, module.kernel_size, module.stride, strict=True
-        )
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, s, d in zip(prepared, module.kernel_size, stride, module.dilation, strict=True)
     ]
 
 
@@ -253,16 +255,7 @@ class ConvAdapter(LayerAdapter):
         B = x.shape[0] if x.ndim == n + 2 else 1
         if kfac_approx != "expand":
             return B
-        out = [
-            (size - d * (k - 1) - 1) // s + 1
-            for size, k, s, d in zip(
-                self.prepared_sizes(module, x),
-                module.kernel_size,
-                self.patch_stride(module),
-                module.dilation,
-                strict=True,
-            )
-        ]
+        out = output_sizes(module, self.prepared_sizes(module, x), self.patch_stride(module))
         return B * math.prod(out)
 
     def diagonal_statistic(self, module: nn.Module, x: Tensor, K: DiagonalMatrix) -> DiagonalMatrix:

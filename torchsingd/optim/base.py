@@ -201,11 +201,10 @@ class Dormant:
         what trains there now requires gradients: the new parameter, or the moved one
         (prune keeps it as ``weight_orig``). A frozen replacement trains nothing, as
         with ``torch.optim``: no error until it is unfrozen."""
-        for (params, name), p in zip(self.slots, self.covers, strict=True):
-            now = params.get(name)
-            if now is not p and (now if now is not None else p).requires_grad:
-                return True
-        return False
+        return any(
+            now is not p and (p if now is None else now).requires_grad
+            for p, now in _occupants(self.slots, self.covers)
+        )
 
     def waiting(self) -> bool:
         """Whether it waits for its wake, unchanged: its weight, or another of its
@@ -254,11 +253,7 @@ class ModuleEntry:
     def current(self) -> list[Tensor]:
         """The tensors in the slots of ``watched`` now: each its parameter where that
         is still in place, else what replaced it (where nothing did, the former one)."""
-        out = []
-        for (params, name), p in zip(self.slots, self.watched, strict=True):
-            now = params.get(name)
-            out.append(p if now is None else now)
-        return out
+        return [p if now is None else now for p, now in _occupants(self.slots, self.watched)]
 
     def changes(self) -> tuple[bool, bool]:
         """``(resized, replaced)``: whether a parameter changed shape since construction,
@@ -268,9 +263,8 @@ class ModuleEntry:
         (a new ``nn.Parameter`` assigned, ``load_state_dict(assign=True)``, or prune or
         a parametrization applied, which move the weight elsewhere)."""
         resized = replaced = False
-        slots = zip(self.slots, self.watched, self.watched_shapes, strict=True)
-        for (params, name), p, shape in slots:
-            now = params.get(name)
+        pairs = zip(_occupants(self.slots, self.watched), self.watched_shapes, strict=True)
+        for (p, now), shape in pairs:
             if now is not p:
                 replaced = True
                 p = p if now is None else now
@@ -294,6 +288,14 @@ def _slots_of(module: nn.Module, params: tuple[Tensor, ...]) -> tuple[tuple[dict
         owner = module.get_submodule(prefix) if prefix else module
         where.setdefault(id(p), (owner._parameters, attr))
     return tuple(where[id(p)] for p in params)
+
+
+def _occupants(
+    slots: tuple[tuple[dict, str], ...], params: tuple[Tensor, ...]
+) -> list[tuple[Tensor, Tensor | None]]:
+    """``(p, what is in p's slot now)`` for each of ``params`` and its slot (``None``
+    where the slot is empty: prune or a parametrization moved the parameter)."""
+    return [(p, owner.get(name)) for (owner, name), p in zip(slots, params, strict=True)]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -1081,7 +1083,7 @@ class KroneckerOptimizer(Optimizer):
             watched_flags=tuple(p.requires_grad for p in watched),
             placement=(watched[0].dtype, watched[0].device),
             watched_shapes=tuple(p.shape for p in watched),
-            slots=tuple(slots),
+            slots=slots,
             covered=tuple(adapter.params(module)),
         )
         for block in adapter.blocks(module):

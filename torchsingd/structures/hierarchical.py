@@ -165,10 +165,6 @@ class HierarchicalMatrix(StructuredMatrix):
         """``[A B; 0 D E]``: the top ``k1`` and bottom ``k2`` rows (``R`` itself)."""
         return self.R
 
-    def _split_rows(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        check_rows(X, self.dim)
-        return X[: self.k1], X[self.k1 : self.k1 + self.m], X[self.k1 + self.m :]
-
     def _rows_B(self, X: Tensor) -> Tensor:
         """The rows of ``X`` at the border (top ``k1``, bottom ``k2``): ``X`` itself
         where there is no middle."""
@@ -205,10 +201,11 @@ class HierarchicalMatrix(StructuredMatrix):
 
     def tmm(self, X: Tensor) -> Tensor:
         # K^T X = R^T X[B] + [0; c * X[mid]; 0]: one product for every border row
-        _, X2, _ = self._split_rows(X)
+        check_rows(X, self.dim)
         out = torch.empty_like(X)  # keeps a transposed layout
         written(torch.mm, out, self.R.T, self._rows_B(X))
-        out[self.k1 : self.k1 + self.m].addcmul_(self.c.unsqueeze(1), X2)
+        middle = slice(self.k1, self.k1 + self.m)
+        out[middle].addcmul_(self.c.unsqueeze(1), X[middle])
         return out
 
     def matmul(self, other: StructuredMatrix) -> HierarchicalMatrix:
