@@ -62,7 +62,7 @@ def build(model_name: str, structure: str, family: str, cls: type, T: int):
     registry.FAMILIES[family] = dataclasses.replace(entry, cls=cls)
     try:
         torch.manual_seed(0)
-        model = getattr(bench, model_name)()
+        model = bench.MODELS[model_name]()
         opt = SINGD(model, structures=structure, T=T, lr=1e-3, warn_unsupported=False)
     finally:
         registry.FAMILIES[family] = entry
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "new": build(args.model, args.structure, args.family, current, args.T),
     }
     torch.manual_seed(0)
-    model = getattr(bench, args.model)()
+    model = bench.MODELS[args.model]()
     cands["adamw"] = (model, torch.optim.AdamW(model.parameters(), foreach=True))
     loss_fn = nn.CrossEntropyLoss()
     iters = max(args.T, 10)
