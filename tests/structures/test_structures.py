@@ -1217,3 +1217,83 @@ def test_hierarchical_zero_block_stays_zero_and_blocks_are_views(K1, K2, d):
     assert shapes == [(k1, k1), (k1, m + k2), (m,), (k2, m), (k2, k2)]  # the saved layout
     # a member rebuilt from its blocks (a checkpoint) is the same matrix
     assert torch.equal(X._with_tensors(tuple(t.clone() for t in X.tensors())).R, X.R)
+
+
+def _strided_copy(R: Tensor, layout: str) -> Tensor:
+    """``R``'s values in another memory layout: transposed, or a view at an offset."""
+    if layout == "transposed":
+        return R.T.contiguous().T
+    if layout == "offset":
+        big = torch.zeros(R.shape[0] + 2, R.shape[1] + 3, dtype=R.dtype)
+        big[1:-1, 2:-1] = R
+        return big[1:-1, 2:-1]
+    return R.clone()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "offset"])
+@pytest.mark.parametrize("K1, K2, d", [(3, 2, 13), (3, 2, 4), (3, 2, 2), (2, 4, 9)])
+def test_hierarchical_diagonal_views_and_projection_follow_strides(layout, K1, K2, d):
+    """``trace``, ``add_identity_`` and ``_projected_`` address ``diag(A)``, ``diag(E)``
+    and the zero block through ``R``'s own strides and offset (``as_strided``), so they
+    equal the dense computation for border rows held in any layout."""
+    spec = get_structure(f"hierarchical:{K1},{K2}")
+    k1, m, k2 = hierarchical_sizes(d, K1, K2)
+    X = random_member(spec, d, "strides")
+    R = _strided_copy(X.R, layout)
+    assert R.is_contiguous() == (layout == "contiguous")
+    Y = HierarchicalMatrix._packed(R, X.c.clone(), K1, K2)
+    dense = X.to_dense()
+    assert torch.equal(Y.to_dense(), dense)
+    scale = dense.diagonal().abs().sum()
+    assert torch.allclose(Y.trace(), dense.trace(), rtol=0, atol=1e-14 * float(scale))
+    Y.add_identity_(-0.75)
+    assert torch.equal(Y.to_dense(), dense - 0.75 * torch.eye(d, dtype=F64))
+    assert Y.R.data_ptr() == R.data_ptr()  # in place, in the same storage
+    # P's border rows of a symmetric S: B and D doubled, the k2 x k1 block zeroed
+    S = random_symmetric(d, "strides")
+    rows = torch.cat([S[:k1], S[k1 + m :]])
+    M = _strided_copy(rows, layout)
+    expected = rows.clone()
+    expected[:k1, k1:] *= 2
+    expected[k1:, k1 : k1 + m] *= 2
+    expected[k1:, :k1] = 0
+    assert torch.equal(Y._projected_(M), expected)
+    assert torch.equal(spec.from_dense(S).R, expected)
+
+
+def test_constants_are_kept_built_outside_inference_mode_and_not_under_a_mode():
+    """:func:`constant` builds a tensor once per key and then returns the same one; one
+    first built inside ``torch.inference_mode`` is a normal tensor (a backward pass may
+    save it later); under a dispatch mode (fake tensors while ``torch.compile`` traces)
+    it is built afresh and not kept."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torchsingd.structures.base import border_index, constant
+
+    built = []
+
+    def make() -> Tensor:
+        built.append(1)
+        return torch.arange(3)
+
+    key = ("test constant", 3)
+    with torch.inference_mode():
+        first = constant(key, make)
+    assert not first.is_inference()
+    assert constant(key, make) is first and len(built) == 1
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passing():
+        again = constant(key, make)
+    assert again is not first and len(built) == 2
+    assert torch.equal(border_index(9, 2, 3, torch.device("cpu")), torch.tensor([0, 1, 6, 7, 8]))
+    assert border_index(9, 2, 3, "cpu") is border_index(9, 2, 3, torch.device("cpu"))
+    # a kept index saved by a backward pass that runs outside inference mode
+    with torch.inference_mode():
+        index = border_index(11, 1, 1, "cpu")
+    x = torch.randn(11, requires_grad=True)
+    x.index_select(0, index).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0] + [0.0] * 9 + [1.0]))

@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 GRAM_MIN_NUMEL = 1 << 17
 """Fewest numbers in ``Z`` for which the Gram route to ``inner_of`` is taken (see
@@ -498,13 +500,13 @@ class SparseOuterOperator:
         self.kind, self.head, self.tail, self.dtype = pattern.kind, h, t, K.dtype
         self.v = pattern.delta.square().unsqueeze(1)
         # B as indices, kept where it has two parts (see _border)
-        self.index = _border_index(d, h, t, K.device) if h and t else None
+        self.index = border_index(d, h, t, K.device) if h and t else None
         border = K.border_rows() if pattern.kind == "rows" else None
         if border is not None:  # K^T E = K[B, :]^T exactly: no products with unit vectors
             KtE = border.new_empty(d, h + t).copy_(border.T)  # E's row-major strides
             self.W = K.mm(KtE)
             return
-        rows = self.index if self.index is not None else _border_index(d, h, t, K.device)
+        rows = self.index if self.index is not None else border_index(d, h, t, K.device)
         E = torch.zeros(d, h + t, dtype=K.dtype, device=K.device)
         E[rows, torch.arange(h + t, device=K.device)] = 1
         # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
@@ -575,11 +577,43 @@ class SparseOuterOperator:
         return out
 
 
-def _border_index(d: int, head: int, tail: int, device: torch.device) -> Tensor:
-    """The indices of ``B``: the first ``head`` and the last ``tail`` of ``d``."""
-    index = torch.arange(head + tail, device=device)
-    index[head:] += d - tail - head
-    return index
+def border_index(d: int, head: int, tail: int, device: torch.device) -> Tensor:
+    """The indices of ``B``: the first ``head`` and the last ``tail`` of ``d`` (a
+    :func:`constant`: callers only read it)."""
+
+    def make() -> Tensor:
+        index = torch.arange(head + tail, device=device)
+        index[head:] += d - tail - head
+        return index
+
+    return constant(("border", d, head, tail, torch.device(device)), make)
+
+
+#: the tensors :func:`constant` keeps (cleared when it reaches ``_CONSTANTS_MAX``)
+_CONSTANTS: dict[tuple, Tensor] = {}
+_CONSTANTS_MAX = 1024
+
+
+def constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    """A small tensor that depends only on ``key`` (its sizes, dtype and device), built
+    by ``make`` the first time and then shared; callers must not modify it.
+
+    The products of a structured step gather, scatter or scale the same index sets
+    many times per step (a hierarchical factor's border rows: four operators to build
+    them or to concatenate two slices, each time). Built outside inference mode (so it
+    can be saved for a backward pass later); under a dispatch mode (fake tensors
+    while ``torch.compile`` traces, a counting mode) built afresh and not kept.
+    """
+    if _get_current_dispatch_mode() is not None:
+        return make()
+    found = _CONSTANTS.get(key)
+    if found is None:
+        with torch.inference_mode(False):
+            found = make()
+        if len(_CONSTANTS) >= _CONSTANTS_MAX:
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = found
+    return found
 
 
 def symmetrized(R: Tensor) -> Tensor:
