@@ -73,7 +73,15 @@ def test_chunked_input_statistic(monkeypatch, case, make, shape, kfac_approx, st
     # a convolution's Gram route for block-diagonal and hierarchical factors reads
     # the unfold's own layout (conv.patch_gram), in the same chunks, without rows
     patch_route = case.startswith("conv") and kfac_approx == "expand" and gram_min == 0
-    if patch_route and structure != "dense":
+    if patch_route and structure.startswith("hierarchical"):
+        # the border patch columns of the channels they read, in chunks of samples
+        # (their border patches and squares within the chunk's numbers: [5] or
+        # [4, 1] here), then one summed image each for the column sums and the sums
+        # of squares
+        chunks = unfolded[:-2]
+        assert calls == [] and unfolded[-2:] == [1, 1] and sum(chunks) == 5
+        assert all(size == chunks[0] for size in chunks[:-1]) and chunks[-1] <= chunks[0]
+    elif patch_route and structure != "dense":
         assert calls == [] and unfolded == [2, 2, 1]
     else:
         assert calls == [1, 2, 2, 1]  # the probe, then three chunks
