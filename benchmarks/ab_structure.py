@@ -8,6 +8,12 @@ times them interleaved (A B AdamW, A B AdamW, ...), so that slow periods hit all
 three alike. The other revision's module must import cleanly against the working
 tree's ``torchsingd.structures.base`` (true while the protocol is unchanged).
 
+Not for models whose statistics dispatch on the family's class: the convolution
+statistics test ``isinstance(K, HierarchicalMatrix)`` (and block-diagonal), which the
+other revision's class fails, so it takes the generic rows route there and the CNN's
+ratio says more than the structures' difference (0.943 read here for 1614e85, 1.006
+by ``ab_revision.py``). ``ab_revision.py`` compares whole packages instead.
+
     PYTHONPATH=. python benchmarks/ab_structure.py --rev 542892d^ --family hierarchical \\
         --structure hierarchical:15,15 --model mlp --T 1 --rounds 15
 
