@@ -230,3 +230,42 @@ def test_patch_gram_leaves_other_cases_to_the_rows(monkeypatch, kwargs, size, st
     x = torch.randn(5, 3, size, size, dtype=F64)
     K = _random_K(structure, get_adapter(module).dims(module)[0])
     assert conv_module.patch_gram(module, x, K) is None
+
+
+def test_hierarchical_patch_gram_chunks_bound_the_convolution_backward(monkeypatch):
+    """The hierarchical route's chunks hold at most as many samples as the full
+    unfold's chunk would (PyTorch's own convolution backward, which float64 takes,
+    unfolds each chunk in full), and its result does not depend on them."""
+    module = nn.Conv2d(4, 3, 3, padding=1).double()
+    x = torch.randn(7, 4, 6, 6, dtype=F64)
+    K = _random_K("hierarchical:3,2", get_adapter(module).dims(module)[0])
+    monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)
+    whole = conv_module.patch_gram(module, x, K).to_dense()
+    seen = []
+    unfold = torch.nn.functional.unfold
+
+    def spy(part, *args, **kwargs):  # the border patches of each chunk, then two images
+        seen.append(part.shape[0])
+        return unfold(part, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "unfold", spy)
+    unfolded = 4 * 9 * 36  # one sample's full unfold (patch columns x locations)
+    monkeypatch.setattr(layers_base, "STATISTIC_CHUNK_NUMEL", 2 * unfolded)
+    got = conv_module.patch_gram(module, x, K).to_dense()
+    assert seen == [2, 2, 2, 1, 1, 1]
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_hierarchical_patch_gram_without_border_patches_takes_the_rows():
+    """A member whose border holds no patch column (``K1 = 0``, ``K2 = 1``: only the
+    bias) leaves the statistic to the rows route, which gives it."""
+    module = nn.Conv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(3, 2, 8, 8, dtype=F64)
+    d = get_adapter(module).dims(module)[0]
+    K = HierarchicalMatrix.zeros(d, 0, 1, dtype=F64).add_identity_(1.0)
+    assert conv_module.patch_gram(module, x, K) is None
+    a = get_adapter(module).input_rows(module, x, "expand")
+    got = get_adapter(module).input_statistic(module, x, K, "expand")
+    Kd = K.to_dense()
+    expected = HierarchicalMatrix.from_dense(Kd.T @ a.T @ a @ Kd, 0, 1)
+    torch.testing.assert_close(got.to_dense(), expected.to_dense(), rtol=1e-12, atol=1e-12)

@@ -914,10 +914,9 @@ def _numbers(structure: str, d: int) -> tuple[int, int]:
     assert structure == "hierarchical:3,2"
     k1, k2 = min(d, 3), min(max(d - 3, 0), 2)
     m = d - k1 - k2
-    # A, B, c, D, E; K K^T is an arrow: its k1 + k2 border columns and diagonal, and
-    # where the border has two parts the k1 + k2 indices of its rows (int64: 8 bytes)
-    index = k1 + k2 if k1 and k2 else 0
-    return k1 * k1 + k1 * (m + k2) + m + k2 * m + k2 * k2, d * (k1 + k2) + d + index
+    # A, B, c, D, E; K K^T is an arrow: its k1 + k2 border columns and diagonal (the
+    # indices of its border rows are one tensor per size, shared: not counted)
+    return k1 * k1 + k1 * (m + k2) + m + k2 * m + k2 * k2, d * (k1 + k2) + d
 
 
 @pytest.mark.parametrize(

@@ -1234,8 +1234,8 @@ def _strided_copy(R: Tensor, layout: str) -> Tensor:
 @pytest.mark.parametrize("K1, K2, d", [(3, 2, 13), (3, 2, 4), (3, 2, 2), (2, 4, 9)])
 def test_hierarchical_diagonal_views_and_projection_follow_strides(layout, K1, K2, d):
     """``trace``, ``add_identity_`` and ``_projected_`` address ``diag(A)``, ``diag(E)``
-    and the zero block through ``R``'s own strides and offset (``as_strided``), so they
-    equal the dense computation for border rows held in any layout."""
+    and the zero block through views of ``R`` (its diagonals, slices), so they equal
+    the dense computation for border rows held in any layout."""
     spec = get_structure(f"hierarchical:{K1},{K2}")
     k1, m, k2 = hierarchical_sizes(d, K1, K2)
     X = random_member(spec, d, "strides")
@@ -1297,3 +1297,24 @@ def test_constants_are_kept_built_outside_inference_mode_and_not_under_a_mode():
     x = torch.randn(11, requires_grad=True)
     x.index_select(0, index).sum().backward()
     assert torch.equal(x.grad, torch.tensor([1.0] + [0.0] * 9 + [1.0]))
+
+
+def test_hierarchical_methods_compile_without_graph_breaks():
+    """The hierarchical family's factor-update methods trace as one graph under
+    ``torch.compile(fullgraph=True)`` (no Python-level stride arithmetic on
+    intermediates, no dispatch-mode lookup while compiling) and give the eager
+    numbers."""
+    spec = get_structure("hierarchical:3,2")
+    X = random_member(spec, 13, "compile").to(torch.float32)
+    Z = randn(13, 40, g=gen("compile", 13), dtype=torch.float32)
+
+    def update(R: Tensor, c: Tensor, Z: Tensor):
+        Y = HierarchicalMatrix._packed(R, c, 3, 2).clone().add_identity_(0.5)
+        H = Y.inner_of_gram(Y.gram_of(Z))
+        return Y.trace(), Y.inner().R, H.R, H.c
+
+    eager = update(X.R.clone(), X.c.clone(), Z)
+    torch._dynamo.reset()
+    compiled = torch.compile(update, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(X.R.clone(), X.c.clone(), Z), eager, strict=True):
+        assert torch.equal(got, want)

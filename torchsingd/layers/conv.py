@@ -30,6 +30,7 @@ from torchsingd.structures import (
     StructuredMatrix,
     TrilTopLeftDiagonalMatrix,
 )
+from torchsingd.structures.base import border_index
 
 
 def conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -102,9 +103,10 @@ def patch_gram(
     module: nn.modules.conv._ConvNd, x: Tensor, K: StructuredMatrix
 ) -> StructuredMatrix | None:
     """``K.gram_of(a^T)`` for the rows ``a`` of a 2-D convolution's batched input
-    (``"expand"``), formed from the unfold's own ``[B, C' k, L]`` layout, or ``None``
-    where this does not apply (another family, padding that is not symmetric zeros)
-    or the Gram route does not pay (:meth:`StructuredMatrix.gram_pays`).
+    (``"expand"``), formed without the rows (block-diagonal: from the unfold's own
+    ``[B, C' k, L]`` layout; hierarchical: without the full unfold), or ``None`` where
+    this does not apply (another family, padding that is not symmetric zeros) or the
+    Gram route does not pay (:meth:`StructuredMatrix.gram_pays`).
 
     The rows route writes the unfold (one pass), copies it transposed and divided by
     ``sqrt(N)`` into row-major rows (two more), and the Gram products read them (one);
@@ -140,7 +142,10 @@ def patch_gram(
         return None  # (the bias column in the middle: only with K2 = 0)
     g = group_input(module, x.to(K.dtype))
     if isinstance(K, HierarchicalMatrix):
-        R, c, count = _hierarchical_gram(module, g, K, (top, left))
+        parts = _hierarchical_gram(module, g, K, (top, left))
+        if parts is None:
+            return None
+        R, c, count = parts
         return HierarchicalMatrix._packed(R.div_(count), c.div_(count), K.K1, K.K2)
     batch = g.shape[0]
     # samples per chunk: at most STATISTIC_CHUNK_NUMEL numbers of the unfold (>= 1)
@@ -200,7 +205,7 @@ def _block_gram(K: BlockDiagonalMatrix, cols: Tensor, d: int) -> list[Tensor]:
 
 def _hierarchical_gram(
     module: nn.modules.conv._ConvNd, g: Tensor, K: HierarchicalMatrix, padding: tuple[int, int]
-) -> tuple[Tensor, Tensor, int]:
+) -> tuple[Tensor, Tensor, int] | None:
     """``(R, c, N)`` of :meth:`HierarchicalMatrix.gram_of` of ``a^T`` (unscaled) for
     the grouped, unpadded input ``g`` of a 2-D convolution padded symmetrically by
     ``padding`` with zeros; ``N`` rows.
@@ -214,14 +219,20 @@ def _hierarchical_gram(
     on 2 CPU threads for the benchmark CNN's second and third convolutions (batch
     128, ``hierarchical:15,15``): 19.2 -> 11.9 ms and 8.5 -> 5.1 ms against the
     per-sample products over the full unfold (the same FLOPs; the unfold itself and
-    the small per-sample products were the cost)."""
+    the small per-sample products were the cost). In float32 the border rows carry
+    oneDNN's rounding of the weight gradient: 1.4e-6 to 5.3e-6 of the largest entry
+    against float64 (the per-sample products: 1.5e-7 to 2.8e-7), below the 1.7e-5
+    the Gram route accepts (:meth:`StructuredMatrix.gram_precise`). ``None`` where no
+    patch column is at the border."""
     k1, m, k2, d = K.k1, K.m, K.k2, K.dim
     batch, channels = g.shape[:2]
     kernel = module.kernel_size
     per_channel = math.prod(kernel)
     patches = channels * per_channel
     inside = [i for i in [*range(k1), *range(d - k2, d)] if i < patches]  # (bias: last)
-    index = torch.tensor(inside, device=g.device)
+    if not inside:  # (only a bias at the border: K1 = 0, not reachable by name)
+        return None
+    index = border_index(d, k1, k2, g.device)[: len(inside)]
     read = sorted({i // per_channel for i in inside})  # the channels they read
     where = {c: j for j, c in enumerate(read)}
     local = torch.tensor(
@@ -235,8 +246,11 @@ def _hierarchical_gram(
     )
     locations = math.prod(out_sizes)
     unfold = dict(dilation=module.dilation, padding=padding, stride=module.stride)
-    # samples per chunk: the border patches and g's square at most STATISTIC_CHUNK_NUMEL
-    per = max(1, layers_base.STATISTIC_CHUNK_NUMEL // max(len(inside) * locations, g[0].numel(), 1))
+    # samples per chunk: as many as the full unfold's chunk holds (at least one), which
+    # bounds the border patches, g's square, and the im2col buffer PyTorch's own
+    # convolution backward takes where oneDNN does not run it (float64, or oneDNN
+    # off: a chunk sized by the border patches alone made it 8.6 chunks there)
+    per = max(1, layers_base.STATISTIC_CHUNK_NUMEL // max(patches * locations, g[0].numel(), 1))
     weight = g.new_empty(1).expand(len(inside), channels, *kernel)  # (its shape only)
     border = sums = squares = None
     for start in range(0, batch, per):

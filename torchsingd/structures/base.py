@@ -513,9 +513,9 @@ class SparseOuterOperator:
         self.W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
 
     def nbytes(self) -> int:
-        """Bytes held: ``W`` (``d x b``), ``delta^2`` (``d``) and ``B``'s indices."""
-        held = [self.W, self.v] + ([self.index] if self.index is not None else [])
-        return sum(t.nbytes for t in held)
+        """Bytes held: ``W`` (``d x b``) and ``delta^2`` (``d``); ``B``'s indices are a
+        shared :func:`constant`, not counted."""
+        return self.W.nbytes + self.v.nbytes
 
     def _border(self, X: Tensor, dim: int) -> Tensor:
         """The rows (``dim=0``) or columns (``dim=1``) of ``X`` in ``B``: a view where
@@ -601,10 +601,11 @@ def constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
     The products of a structured step gather, scatter or scale the same index sets
     many times per step (a hierarchical factor's border rows: four operators to build
     them or to concatenate two slices, each time). Built outside inference mode (so it
-    can be saved for a backward pass later); under a dispatch mode (fake tensors
-    while ``torch.compile`` traces, a counting mode) built afresh and not kept.
+    can be saved for a backward pass later); while ``torch.compile`` traces (checked
+    first: Dynamo cannot trace the dispatch-mode lookup) and under a dispatch mode
+    (fake tensors, a counting mode) built afresh and not kept.
     """
-    if _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return make()
     found = _CONSTANTS.get(key)
     if found is None:

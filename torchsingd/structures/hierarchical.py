@@ -146,13 +146,12 @@ class HierarchicalMatrix(StructuredMatrix):
         return HierarchicalMatrix(*tensors, self.K1, self.K2)
 
     def _diagonals(self) -> tuple[Tensor, Tensor]:
-        """Views of ``diag(A)`` and ``diag(E)`` in ``R``, one operator each (slicing
-        the blocks first took three)."""
-        R, (k1, s, k2) = self.R, (self.k1, self.k1 + self.m, self.k2)
-        (r, col), start = R.stride(), R.storage_offset()
-        top = R.as_strided((k1,), (r + col,), start)
-        bottom = R.as_strided((k2,), (r + col,), start + k1 * r + s * col)
-        return top, bottom
+        """Views of ``diag(A)`` and ``diag(E)`` in ``R``: ``R``'s main diagonal's first
+        ``k1`` entries and the bottom rows' diagonal from column ``k1 + m`` (two
+        operators each; slicing the blocks first took three). Views that follow ``R``'s
+        own strides and offset, read without Python-level stride arithmetic (which
+        ``torch.compile`` cannot trace on an intermediate tensor)."""
+        return self.R.diagonal()[: self.k1], self.R[self.k1 :].diagonal(self.k1 + self.m)
 
     def add_identity_(self, value: float) -> HierarchicalMatrix:
         top, bottom = self._diagonals()
@@ -196,7 +195,8 @@ class HierarchicalMatrix(StructuredMatrix):
     def _projected_(self, M: Tensor) -> Tensor:
         """``M = S[B, :]`` for a symmetric ``S``, in place, into ``P(S)``'s border rows:
         ``B``'s and ``D``'s entries doubled (one product with a kept ``[k, d]`` tensor of
-        ones and twos), the ``k2 x k1`` block zeroed."""
+        ones and twos: ``k d`` numbers per width, factor dtype and device, held by
+        :func:`~torchsingd.structures.base.constant`), the ``k2 x k1`` block zeroed."""
         k1, m, k2 = self.k1, self.m, self.k2
 
         def make() -> Tensor:
@@ -207,8 +207,7 @@ class HierarchicalMatrix(StructuredMatrix):
 
         M.mul_(constant(("hierarchical P", k1, m, k2, M.dtype, M.device), make))
         if k1 and k2:
-            (r, col), start = M.stride(), M.storage_offset()
-            M.as_strided((k2, k1), (r, col), start + k1 * r).zero_()
+            M[k1:, :k1].zero_()
         return M
 
     def mm(self, X: Tensor) -> Tensor:
