@@ -77,7 +77,8 @@ def test_finish_input_rows_writes_a_view_in_one_pass(dtype, with_bias):
 @pytest.mark.parametrize("shape", [(7, 5, 9, 9), (7, 5, 1, 1), (5, 9, 9)])
 @pytest.mark.parametrize("loss_average", ["batch", "batch+sequence", None])
 def test_conv_grad_rows_one_pass(shape, loss_average):
-    """Output-gradient rows of a convolution: ``[B * L, C]`` row-major, equal (bit for
+    """Output-gradient rows of a convolution: ``[B * L, C]``, the transpose of a
+    contiguous channel-major ``[C, B * L]`` (what the statistics read), equal (bit for
     bit) to ``g`` moved to channels-last, flattened and scaled by ``sqrt(n)``."""
     from torchsingd.layers.base import loss_terms_scale
 
@@ -88,7 +89,7 @@ def test_conv_grad_rows_one_pass(shape, loss_average):
     B, C, L = g4.shape[0], g4.shape[1], g4.shape[2] * g4.shape[3]
     expected = g4.permute(0, 2, 3, 1).reshape(B * L, C) * loss_terms_scale(B, L, loss_average)
     rows = get_adapter(module).grad_rows(module, g, loss_average, "expand")
-    assert rows.is_contiguous() and torch.equal(rows, expected)
+    assert rows.T.is_contiguous() and torch.equal(rows, expected)
     assert torch.equal(g, before)
 
 

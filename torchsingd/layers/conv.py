@@ -448,10 +448,17 @@ class ConvAdapter(LayerAdapter):
         scale = loss_terms_scale(B, g3.shape[2], loss_average)
         if kfac_approx != "expand":
             return g3.sum(2).mul_(scale)  # a fresh tensor: scaled in place
-        # one pass: the scaled [B, L, C] view of g written into row-major rows
-        rows = g.new_empty(B * g3.shape[2], C)
-        torch.mul(g3.transpose(1, 2), scale, out=rows.view(B, g3.shape[2], C))
-        return rows
+        # one pass: g scaled and written channel-major ([C, B, L]: runs of L numbers
+        # read and written in order), returned as its transpose, the rows [B L, C]; the
+        # statistics read Z = rows^T, contiguous. Writing row-major rows instead
+        # scattered every number: the statistic of the benchmark CNN's convolutions
+        # (batch 128; 32 x 28 x 28, 64 x 14 x 14, 64 x 7 x 7 outputs) took 5.8 / 4.1 /
+        # 0.9 ms that way against 4.2 / 2.5 / 0.7 ms (hierarchical; diagonal 3.8 / 2.4 /
+        # 0.4 against 2.2 / 1.0 / 0.2 ms)
+        L = g3.shape[2]
+        rows = g.new_empty(C, B, L)
+        torch.mul(g3.transpose(0, 1), scale, out=rows)
+        return rows.view(C, B * L).T
 
 
 def tf_same_pads(x: Tensor, module: nn.modules.conv._ConvNd) -> list[int]:
