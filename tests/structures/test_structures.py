@@ -453,7 +453,9 @@ def test_gram_route(name, d):
     assert torch.equal(X.to_dense(), Xd)
 
 
-@pytest.mark.parametrize("name", ["dense", "blockdiagonal:8", "hierarchical:5,3"])
+@pytest.mark.parametrize(
+    "name", ["dense", "blockdiagonal:8", "hierarchical:5,3", "triltoeplitz", "triutoeplitz"]
+)
 def test_gram_route_only_where_precise(name):
     """16-bit factors keep ``inner_of`` (the Gram route's rounding of ``Z Z^T`` would be
     amplified by a whitening ``K``); in float32 the route stays within 1e-4 of the
@@ -1318,3 +1320,26 @@ def test_hierarchical_methods_compile_without_graph_breaks():
     compiled = torch.compile(update, backend="eager", fullgraph=True)
     for got, want in zip(compiled(X.R.clone(), X.c.clone(), Z), eager, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
+def test_toeplitz_gram_route_bounds(name, monkeypatch):
+    """The Toeplitz Gram route (a dense ``d x d`` Gram) is taken only up to
+    ``GRAM_MAX_DIM`` and from more than ``3 d`` columns, and it equals ``inner_of`` at
+    the FFT sizes (``d >= FFT_MIN_DIM``, a length with a wrap-around correction)."""
+    import torchsingd.structures.base as structures_base
+    from torchsingd.structures.toeplitz import FFT_MIN_DIM, GRAM_MAX_DIM
+
+    spec = get_structure(name)
+    wide_member = spec.eye(GRAM_MAX_DIM + 1, dtype=torch.float32)
+    assert not wide_member.gram_pays(10**7)
+    assert spec.eye(GRAM_MAX_DIM, dtype=torch.float32).gram_pays(10**7)
+    d = FFT_MIN_DIM + 1  # 2d - 1 = 257: a circular length of 256, one output corrected
+    monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)  # (the size rule alone)
+    X = random_member(spec, d, "toeplitz gram")
+    assert not X.gram_pays(3 * d) and X.gram_pays(3 * d + 1)
+    Z = randn(d, 3 * d + 1, g=gen(name, d, "toeplitz gram Z"))
+    got = X.inner_of_gram(X.gram_of(Z)).to_dense()
+    assert_close(got, X.inner_of(Z).to_dense())
+    with pytest.raises(ValueError, match="dense Gram"):
+        X.inner_of_gram(X)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import check_rows, check_square
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square
+from torchsingd.structures.dense import DenseMatrix
 from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMatrix
 
 #: From this dimension on, products use FFTs (O(n d log d)) instead of one product
@@ -257,6 +258,41 @@ def project_diagonal_sums(sums: Tensor) -> Tensor:
     return sums / counts
 
 
+#: The widest factor that takes the Gram route (:meth:`TrilToeplitzMatrix.gram_pays`):
+#: its ``d x d`` Gram and the products with it stay within 2^20 numbers each, the
+#: size of the statistics' chunks of rows.
+GRAM_MAX_DIM = 1024
+
+
+def _diagonal_sums(M: Tensor) -> Tensor:
+    """``sums[j]`` = sum of the j-th sub- and super-diagonal of ``M: [d, d]`` (``sums[0]``
+    its trace), in at least float32, without a loop over diagonals: each triangle read
+    through a skewed view of ``M`` padded by ``d`` zero rows (``V[p, j] = M[p + j, p]``).
+    """
+    d = M.shape[0]
+    M = M.to(_fft_dtype(M.dtype))
+
+    def below(X: Tensor) -> Tensor:
+        padded = torch.cat([X, X.new_zeros(d, d)])  # [2d, d], contiguous
+        return padded.as_strided((d, d), (d + 1, d)).sum(0)
+
+    sums = below(M) + below(M.T.contiguous())
+    sums[0] = M.diagonal().sum()
+    return sums
+
+
+def _gram_statistic(apply_transposed, G: StructuredMatrix, d: int) -> Tensor:
+    """Toeplitz coefficients of ``P(X^T G X)`` for a dense Gram ``G`` (a
+    :class:`DenseMatrix` of :meth:`TrilToeplitzMatrix.gram_of` sums), where
+    ``apply_transposed(Y) = X^T Y``: ``M = X^T (X^T G)^T = (X^T G X)^T``, then its
+    diagonal sums, projected (as ``from_dense``)."""
+    if not isinstance(G, DenseMatrix) or G.dim != d:
+        raise ValueError(f"Expected the dense Gram of dimension {d} (gram_of), got {G!r}.")
+    S = apply_transposed(G.mat)
+    M = apply_transposed(S.T)
+    return project_diagonal_sums(_diagonal_sums(M))
+
+
 def _symmetric_sums(half_sums: Tensor) -> Tensor:
     """Sub+super diagonal sums of a symmetric matrix from its sub-diagonal sums."""
     out = 2 * half_sums
@@ -347,6 +383,31 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         half = column_autocorrelation(S)
         return TrilToeplitzMatrix(project_diagonal_sums(_symmetric_sums(half)).to(S.dtype))
 
+    def gram_of(self, Z: Tensor) -> DenseMatrix:
+        """``Z Z^T``, all of it (``P(L^T G L)`` reads every entry), as a dense member:
+        one matrix product at the machine's matmul rate where :meth:`inner_of` takes two
+        FFT round trips per column of ``Z`` (a convolution's unfolded input: 25088
+        columns of ``d = 289``). Only where :meth:`gram_pays` (``d <= GRAM_MAX_DIM``)."""
+        check_rows(Z, self.dim)
+        return DenseMatrix(Z @ Z.T)
+
+    def inner_of_gram(self, G: StructuredMatrix) -> TrilToeplitzMatrix:
+        """``P(L^T G L)`` from a dense Gram ``G``: two products of ``L^T`` with a
+        ``d x d`` matrix, then the diagonal sums."""
+        col = _gram_statistic(self.tmm, G, self.dim)
+        return TrilToeplitzMatrix(col.to(G.dtype))
+
+    def gram_pays(self, columns: int) -> bool:
+        # inner_of: per column of Z one product with L^T and one autocorrelation (two
+        # FFT round trips from d = 128 on, two small dense products below); Gram: one
+        # matrix product per column and, once, inner_of's cost for 2d columns. Measured
+        # (2 threads, float32, min of 6): d = 289, n = 3600: 26.0 -> 6.2 ms; d = 577,
+        # n = 1800: 22.6 -> 13.6 ms; d = 130, n = 2048: 2.4 -> 1.6 ms; d = 10, n =
+        # 25088: 0.62 -> 0.43 ms; but d = 289, n = 512: 2.2 -> 3.2 ms and d = 513, n =
+        # 128: 1.3 -> 5.5 ms. So from n > 3d (and the chunks of a statistic share the
+        # one application of L).
+        return self.dim <= GRAM_MAX_DIM and self._gram_pays_above(columns, 3 * self.dim)
+
     @classmethod
     def from_dense(cls, M: Tensor, *options: int) -> TrilToeplitzMatrix:
         d = check_square(M)
@@ -375,3 +436,15 @@ class TriuToeplitzMatrix(TransposedMatrix):
 
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         return True
+
+    def gram_of(self, Z: Tensor) -> DenseMatrix:
+        """``Z Z^T`` (see :meth:`TrilToeplitzMatrix.gram_of`)."""
+        return self.lower.gram_of(Z)
+
+    def inner_of_gram(self, G: StructuredMatrix) -> TriuToeplitzMatrix:
+        """``P(U^T G U) = P(L G L^T)`` from a dense Gram ``G``."""
+        col = _gram_statistic(self.lower.mm, G, self.dim)
+        return TriuToeplitzMatrix(TrilToeplitzMatrix(col.to(G.dtype)))
+
+    def gram_pays(self, columns: int) -> bool:
+        return self.lower.gram_pays(columns)
