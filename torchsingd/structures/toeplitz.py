@@ -6,7 +6,9 @@ Products of such matrices are again triangular Toeplitz (they are polynomials in
 shift matrix), and a product with a dense matrix is a causal convolution along its
 rows, computed by FFT (``O(n d log d)``, of a length without large prime factors) from
 ``d = FFT_MIN_DIM`` on, below by one product with the small dense matrix; from
-``FFT_MIN_DIM`` on nothing here is ``O(d^2)`` in memory. A convolution may be
+``FFT_MIN_DIM`` on nothing here is ``O(d^2)`` in memory except the Gram route of
+statistics over many rows (``gram_of``: the dense ``Z Z^T``, only up to
+``GRAM_MAX_DIM``). A convolution may be
 circular of a length a little below ``2 d - 1`` (``conv_size``: a layer with a bias
 has ``d = 2^k + 1``, whose ``fft_size`` is 5-smooth and slow); the few outputs it
 wraps onto are corrected exactly. Half-precision inputs are
