@@ -1343,3 +1343,11 @@ def test_toeplitz_gram_route_bounds(name, monkeypatch):
     assert_close(got, X.inner_of(Z).to_dense())
     with pytest.raises(ValueError, match="dense Gram"):
         X.inner_of_gram(X)
+
+
+@pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
+def test_toeplitz_gram_route_of_an_empty_factor(name):
+    """``d = 0``: the Gram route gives the empty member (``_diagonal_sums`` indexed
+    an empty vector)."""
+    X = get_structure(name).zeros(0)  # (eye(0) fails: add_identity_ indexes col[0])
+    assert X.inner_of_gram(X.gram_of(torch.zeros(0, 5))).dim == 0
