@@ -408,7 +408,7 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         # inner_of: per column of Z one product with L^T and one autocorrelation (two
         # FFT round trips from d = 128 on, two small dense products below); Gram: one
         # matrix product per column and, once, inner_of's cost for 2d columns. Measured
-        # (2 threads, float32, min of 6): d = 289, n = 3600: 26.0 -> 6.2 ms; d = 577,
+        # (2 threads, float32, median of 6): d = 289, n = 3600: 26.0 -> 6.2 ms; d = 577,
         # n = 1800: 22.6 -> 13.6 ms; d = 130, n = 2048: 2.4 -> 1.6 ms; d = 10, n =
         # 25088: 0.62 -> 0.43 ms; but d = 289, n = 512: 2.2 -> 3.2 ms and d = 513, n =
         # 128: 1.3 -> 5.5 ms. So from n > 3d (and the chunks of a statistic share the
