@@ -66,6 +66,33 @@ def build(optimizer_class, model_name: str, structure: str, T: int):
     return model, opt
 
 
+def time_rounds(cands: dict, model_name: str, T: int, rounds: int, alternate: bool) -> dict:
+    """Per candidate (``name -> (model, optimizer)``) and AdamW on the same seeded
+    model, the mean iteration time of each round after two warm-up rounds; a round
+    runs every candidate for ``max(T, 10)`` iterations, back to back (``alternate``:
+    the first two candidates swap places every other round, AdamW last)."""
+    torch.manual_seed(0)
+    model = bench.MODELS[model_name]()
+    cands = {**cands, "adamw": (model, torch.optim.AdamW(model.parameters(), foreach=True))}
+    x, y = bench.data(128, torch.device("cpu"), torch.float32)
+    loss_fn = nn.CrossEntropyLoss()
+    iters = max(T, 10)
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    names = list(cands)
+    for r in range(rounds):
+        order = [names[1], names[0], *names[2:]] if alternate and r % 2 == 0 else names
+        for name in order:
+            model, opt = cands[name]
+            start = time.perf_counter()
+            for _ in range(iters):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+            if r >= 2:  # warm-up rounds
+                times[name].append((time.perf_counter() - start) / iters)
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rev", required=True, help="the old revision (e.g. HEAD^)")
@@ -79,28 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     old = package_at(args.rev, "torchsingd_at_old")
     new_singd = SINGD if args.new is None else package_at(args.new, "torchsingd_at_new").SINGD
-    x, y = bench.data(128, torch.device("cpu"), torch.float32)
     cands = {
         "old": build(old.SINGD, args.model, args.structure, args.T),
         "new": build(new_singd, args.model, args.structure, args.T),
     }
-    torch.manual_seed(0)
-    model = bench.MODELS[args.model]()
-    cands["adamw"] = (model, torch.optim.AdamW(model.parameters(), foreach=True))
-    loss_fn = nn.CrossEntropyLoss()
-    iters = max(args.T, 10)
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    for r in range(args.rounds):
-        order = ("old", "new", "adamw") if r % 2 else ("new", "old", "adamw")
-        for name in order:
-            model, opt = cands[name]
-            start = time.perf_counter()
-            for _ in range(iters):
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                opt.step()
-            if r >= 2:  # warm-up rounds
-                times[name].append((time.perf_counter() - start) / iters)
+    times = time_rounds(cands, args.model, args.T, args.rounds, alternate=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     new_name = "working tree" if args.new is None else args.new
     print(f"{args.model} {args.structure} T={args.T}, old = {args.rev}, new = {new_name}")

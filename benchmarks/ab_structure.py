@@ -30,14 +30,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from ab_revision import time_rounds  # noqa: E402
 
 from torchsingd import SINGD  # noqa: E402
 from torchsingd.experiments import bench  # noqa: E402
@@ -86,28 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x, y = bench.data(128, torch.device("cpu"), torch.float32)
     current = registry.FAMILIES[args.family].cls
     other = old_class(args.rev, args.family)
     cands = {
         "old": build(args.model, args.structure, args.family, other, args.T),
         "new": build(args.model, args.structure, args.family, current, args.T),
     }
-    torch.manual_seed(0)
-    model = bench.MODELS[args.model]()
-    cands["adamw"] = (model, torch.optim.AdamW(model.parameters(), foreach=True))
-    loss_fn = nn.CrossEntropyLoss()
-    iters = max(args.T, 10)
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    for r in range(args.rounds):
-        for name, (model, opt) in cands.items():
-            start = time.perf_counter()
-            for _ in range(iters):
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                opt.step()
-            if r >= 2:  # warm-up rounds
-                times[name].append((time.perf_counter() - start) / iters)
+    times = time_rounds(cands, args.model, args.T, args.rounds, alternate=False)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.model} {args.structure} T={args.T}, old = {args.rev}, new = working tree")
     for name in ("old", "new"):
