@@ -129,7 +129,8 @@ def patch_gram(
     if module.padding_mode != "zeros" or left != right or top != bottom:
         return None
     padded = [size + 2 * pad for size, pad in zip(x.shape[2:], (top, left), strict=True)]
-    locations = math.prod(output_sizes(module, padded, module.stride))
+    out_sizes = output_sizes(module, padded, module.stride)
+    locations = math.prod(out_sizes)
     # the per-sample products have `rows` rows and `locations` columns: with fewer
     # locations than rows (a squeeze-excitation's 1x1 convolution on a pooled input)
     # they are slow and their outputs outgrow the unfold (rows route: 5-13x faster)
@@ -142,7 +143,7 @@ def patch_gram(
         return None  # (the bias column in the middle: only with K2 = 0)
     g = group_input(module, x.to(K.dtype))
     if isinstance(K, HierarchicalMatrix):
-        parts = _hierarchical_gram(module, g, K, (top, left))
+        parts = _hierarchical_gram(module, g, K, (top, left), out_sizes)
         if parts is None:
             return None
         R, c, count = parts
@@ -164,6 +165,15 @@ def patch_gram(
         part = _block_gram(K, cols, d)
         parts = part if not parts else [p.add_(q) for p, q in zip(parts, part, strict=True)]
     return BlockDiagonalMatrix(*[t.div_(count) for t in parts], K.block_size)
+
+
+def column_sums(
+    module: nn.modules.conv._ConvNd, image: Tensor, stride: tuple[int, ...] | None = None
+) -> tuple[Tensor, int]:
+    """Per patch column of one prepared image ``[1, C', *S]`` (a batch summed first),
+    the sum over its locations (``[C' * prod(k)]``), and the number of locations."""
+    patches = extract_patches(module, image, stride)  # [1, O, C' * prod(k)]
+    return patches.sum(1).squeeze(0), patches.shape[1]
 
 
 def output_sizes(
@@ -204,11 +214,15 @@ def _block_gram(K: BlockDiagonalMatrix, cols: Tensor, d: int) -> list[Tensor]:
 
 
 def _hierarchical_gram(
-    module: nn.modules.conv._ConvNd, g: Tensor, K: HierarchicalMatrix, padding: tuple[int, int]
+    module: nn.modules.conv._ConvNd,
+    g: Tensor,
+    K: HierarchicalMatrix,
+    padding: tuple[int, int],
+    out_sizes: list[int],
 ) -> tuple[Tensor, Tensor, int] | None:
     """``(R, c, N)`` of :meth:`HierarchicalMatrix.gram_of` of ``a^T`` (unscaled) for
     the grouped, unpadded input ``g`` of a 2-D convolution padded symmetrically by
-    ``padding`` with zeros; ``N`` rows.
+    ``padding`` with zeros, whose output has ``out_sizes``; ``N`` rows.
 
     Without the unfold: the border rows against every patch column,
     ``sum_{b, l} U_B[b, :, l] U[b, :, l]^T``, are the weight gradient of this
@@ -239,13 +253,7 @@ def _hierarchical_gram(
         [where[i // per_channel] * per_channel + i % per_channel for i in inside],
         device=g.device,
     )
-    out_sizes = output_sizes(
-        module,
-        [size + 2 * pad for size, pad in zip(g.shape[2:], padding, strict=True)],
-        module.stride,
-    )
     locations = math.prod(out_sizes)
-    unfold = dict(dilation=module.dilation, padding=padding, stride=module.stride)
     # samples per chunk: as many as the full unfold's chunk holds (at least one), which
     # bounds the border patches, g's square, and the im2col buffer PyTorch's own
     # convolution backward takes where oneDNN does not run it (float64, or oneDNN
@@ -255,7 +263,9 @@ def _hierarchical_gram(
     border = sums = squares = None
     for start in range(0, batch, per):
         part = g[start : start + per]
-        U_B = F.unfold(part[:, read], kernel, **unfold).index_select(1, local)
+        U_B = F.unfold(
+            part[:, read], kernel, dilation=module.dilation, padding=padding, stride=module.stride
+        ).index_select(1, local)
         grad_output = U_B.view(part.shape[0], len(inside), *out_sizes)
         dW = torch.ops.aten.convolution_backward(
             grad_output,
@@ -275,16 +285,16 @@ def _hierarchical_gram(
             border, sums, squares = dW, summed, squared
         else:
             border.add_(dW), sums.add_(summed), squares.add_(squared)
-    column_sums = F.unfold(sums.unsqueeze(0), kernel, **unfold)[0].sum(1)  # [patches]
+    totals = column_sums(module, pad_input(module, sums.unsqueeze(0)))[0]  # [patches]
     R = g.new_empty(k1 + k2, d)
     R[: len(inside), :patches] = border.reshape(len(inside), patches)
     if d > patches:  # a bias: the last column (and the last border row)
-        R[: len(inside), patches] = column_sums[index]
-        R[len(inside) :, :patches] = column_sums
+        R[: len(inside), patches] = totals[index]
+        R[len(inside) :, :patches] = totals
         R[len(inside) :, patches] = batch * locations
     if k2:
         R[k1:, :k1].zero_()  # (the family's fixed zero block)
-    c = F.unfold(squares.unsqueeze(0), kernel, **unfold)[0, k1 : k1 + m].sum(1)
+    c = column_sums(module, pad_input(module, squares.unsqueeze(0)))[0][k1 : k1 + m]
     return R, c, batch * locations
 
 
@@ -431,9 +441,8 @@ class ConvAdapter(LayerAdapter):
         of a prepared input (or of its square, passed squared), ``[C' * prod(k)]``:
         summed over the batch first and one image unfolded (``stride``: as for
         :func:`extract_patches`)."""
-        summed = prepared.sum(0, keepdim=True)
-        patches = extract_patches(module, summed, stride)  # [1, O, C' * prod(k)]
-        return patches.sum(1).squeeze(0) / (prepared.shape[0] * patches.shape[1])
+        sums, locations = column_sums(module, prepared.sum(0, keepdim=True), stride)
+        return sums / (prepared.shape[0] * locations)
 
     def loss_terms(self, module, g: Tensor, loss_average, *, block: str = ""):
         n = len(module.kernel_size)
