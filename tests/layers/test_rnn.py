@@ -499,6 +499,52 @@ def test_the_kernels_dtypes_follow_mkldnn_and_empty_batches(case):
         assert dtypes(rnn, x[:0]) == dtypes(plain, x[:0])
 
 
+@pytest.mark.parametrize("kind", ["batched", "packed"])
+@pytest.mark.parametrize(
+    "weights, autocast", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)]
+)
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_half_precision_model_under_the_other_half_precision_autocast(
+    model, weights, autocast, kind
+):
+    """A bfloat16 model under float16 autocast (or the reverse): the observed pass's
+    joins (``stack``, ``cat``, ``addcmul``) failed in autocast's promote rule ("Unexpected
+    floating ScalarType in at::autocast::prioritize") where PyTorch's kernel runs. Now
+    it returns the kernel's dtypes and values (two layers, both directions, dropout,
+    a state fed back), and a step trains finite weights."""
+    rnn = make(model, num_layers=2, bidirectional=True, dropout=0.5).to(weights)
+    plain = copy.deepcopy(rnn)
+    holder, opt = attached(rnn, T=1, lr=0.05)
+    x, hx = inputs(rnn, kind, hx=True)
+    x = x._replace(data=x.data.to(weights)) if kind == "packed" else x.to(weights)
+    hx = tuple(t.to(weights) for t in hx) if isinstance(hx, tuple) else hx.to(weights)
+
+    def run(module, state):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=autocast):
+            out, hidden = module(x, state)
+        return tensors(out), tensors(hidden)
+
+    try:
+        expected = run(plain, hx)
+    except RuntimeError as error:  # PyTorch's kernel itself (oneDNN's LSTM)
+        pytest.skip(f"PyTorch's kernel fails here: {error}")
+    observed = run(rnn, hx)  # grad enabled, T=1: the observed pass
+    for a, b in zip(observed[0] + observed[1], expected[0] + expected[1], strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.double(), b.double(), rtol=0.05, atol=0.05)
+    state = observed[1][0] if len(observed[1]) == 1 else tuple(observed[1])
+    run(rnn, state)  # the state fed back, observed
+    opt.zero_grad()
+    out = run(rnn, hx)[0][0]
+    loss_of(out.double()).backward()
+    before = [p.detach().clone() for p in rnn.parameters()]
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in rnn.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(rnn.parameters(), before, strict=True))
+    assert len(opt.layers) == 4 * (3 if model == "lstm_proj" else 2)
+
+
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_bfloat16_autocast_and_float32_training_stay_finite(cls):
     """A character-level model in float32 and under bfloat16 autocast (a GRU: PyTorch's

@@ -208,12 +208,14 @@ def _observed_forward(module: nn.RNNBase, observer: Observer, input, hx=None):
             h_n.append(h)
             if c is not None:
                 c_n.append(c)
-        x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        with _unpromoted(x.device.type):
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     # the dtypes PyTorch's kernel returns (under autocast they may differ from the
     # input's): a state fed back as hx, or the output, is the same on every step
     x = x.to(out_dtype)
-    h_n = torch.stack(h_n).to(state_dtypes[0])
-    hidden: Any = (h_n, torch.stack(c_n).to(state_dtypes[1])) if lstm else h_n
+    with _unpromoted(x.device.type):
+        h_n = torch.stack(h_n).to(state_dtypes[0])
+        hidden: Any = (h_n, torch.stack(c_n).to(state_dtypes[1])) if lstm else h_n
     if packed:
         data = _sorted_time_major(x, input).contiguous()[keep]
         output = PackedSequence(
@@ -274,7 +276,8 @@ def _kernel_dtypes(
         n = 2 if uneven else 1  # [n, n, F]: batch-first or not alike
         probe = x.new_zeros(n, n, x.shape[-1])
         if packed is not None:  # lengths [1] or [2, 1]
-            probe = pack_padded_sequence(probe, torch.arange(n, 0, -1), batch_first=True)
+            with _unpromoted(kind):
+                probe = pack_padded_sequence(probe, torch.arange(n, 0, -1), batch_first=True)
         elif empty:
             n = 0
             probe = x.new_zeros(*((0, 1) if module.batch_first else (1, 0)), x.shape[-1])
@@ -356,11 +359,28 @@ def _dropout(x: Tensor, p: float, packed: PackedSequence | None, keep: Tensor | 
         return F.dropout(x.transpose(0, 1).contiguous(), p, training=True).transpose(0, 1)
     seq = _sorted_time_major(x, packed)
     data = F.dropout(seq.contiguous()[keep], p, training=True)
-    out = seq.new_zeros(seq.shape).index_put((keep,), data)
+    with _unpromoted(seq.device.type):
+        out = seq.new_zeros(seq.shape).index_put((keep,), data)
     out = out.transpose(0, 1)
     if packed.unsorted_indices is not None:
         out = out.index_select(0, packed.unsorted_indices)
     return out
+
+
+def _unpromoted(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off (where it is on) for the joins and fused updates of the recurrence
+    (``stack``, ``cat``, ``addcmul``, ``index_put``; the dtype probe's packing, a
+    ``cat``): autocast's "promote" rule (on the CPU for ``stack`` and ``cat``, on CUDA
+    also for ``addcmul`` and ``index_put``) accepts only float32, float64 and its own
+    dtype, so a half-precision model under the other half-precision autocast (a
+    bfloat16 model under float16 autocast, or the reverse) failed there with
+    "Unexpected floating ScalarType in
+    at::autocast::prioritize", where PyTorch's fused kernel runs. Their inputs share
+    one dtype (the recurrence's), so without autocast they give the same tensors;
+    inputs of mixed dtypes are promoted as autocast would (to the wider)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _cell(
@@ -385,7 +405,9 @@ def _gated(mode: str, pre: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | N
     if mode == "LSTM":
         size = pre.shape[-1] // 4
         i, f, _, o = torch.sigmoid(pre).chunk(4, dim=-1)  # (one pass for the three gates)
-        c = torch.addcmul(f * c, i, torch.tanh(pre[..., 2 * size : 3 * size]))
+        g = torch.tanh(pre[..., 2 * size : 3 * size])
+        with _unpromoted(pre.device.type):
+            c = torch.addcmul(f * c, i, g)
         return o * torch.tanh(c), c
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
@@ -451,13 +473,15 @@ def _direction(
         else:
             outputs[t] = h_new
         h, c = h_new, c_new
-    out = torch.stack(outputs, dim=1)
-    rows = torch.stack(prev, dim=1)
+    with _unpromoted(x.device.type):
+        out = torch.stack(outputs, dim=1)
+        rows = torch.stack(prev, dim=1)
     if active is not None:
         rows = rows * active[..., None]
     observer(module, hh, rows, taps_hh)
     if projected:
-        rows = torch.stack(full, dim=1)
+        with _unpromoted(x.device.type):
+            rows = torch.stack(full, dim=1)
         if active is not None:
             rows = rows * active[..., None]
         observer(module, hr, rows, taps_hr)
