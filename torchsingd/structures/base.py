@@ -217,6 +217,8 @@ class StructuredMatrix(ABC):
         3.4x the exact spectral norm.
         """
         M = self if self.dtype in (torch.float32, torch.float64) else self.to(torch.float32)
+        if not self.dim:  # the empty matrix (whose average trace is 0 / 0)
+            return torch.zeros((), dtype=M.dtype, device=M.device)
         c = M.average_trace()
         rest = M.clone().add_identity_(-c).frobenius_sq().sqrt()  # ||M - cI||_F
         A = M._from_storage(tuple(t.abs() for t in M._storage()))

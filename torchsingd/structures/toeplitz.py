@@ -234,7 +234,7 @@ def column_autocorrelation(S: Tensor) -> Tensor:
         return half
     S = S.to(work)
     gram = S @ S.T  # d < FFT_MIN_DIM: small; half[j] is its j-th sub-diagonal's sum
-    return torch.stack([gram.diagonal(-j).sum() for j in range(d)])
+    return torch.stack([gram.diagonal(-j).sum() for j in range(d)]) if d else S.new_zeros(0)
 
 
 def _power(spectrum: Tensor) -> Tensor:
@@ -303,7 +303,7 @@ def _gram_statistic(apply_transposed, G: StructuredMatrix, d: int) -> Tensor:
 def _symmetric_sums(half_sums: Tensor) -> Tensor:
     """Sub+super diagonal sums of a symmetric matrix from its sub-diagonal sums."""
     out = 2 * half_sums
-    out[0] = half_sums[0]
+    out[:1] = half_sums[:1]  # (nothing for d = 0)
     return out
 
 
@@ -332,13 +332,15 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         return TrilToeplitzMatrix(*tensors)
 
     def add_identity_(self, value: float) -> TrilToeplitzMatrix:
-        self.col[0] += value
+        self.col[:1] += value  # (nothing for d = 0)
         return self
 
     def trace(self) -> Tensor:
-        return self.col[0].to(_fft_dtype(self.dtype)) * self.dim
+        return self.col[:1].to(_fft_dtype(self.dtype)).sum() * self.dim  # (0 for d = 0)
 
     def average_trace(self) -> Tensor:
+        if not self.dim:  # 0 / 0, as every family's
+            return super().average_trace()
         return self.col[0].clone()
 
     def frobenius_sq(self) -> Tensor:
@@ -419,6 +421,8 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
     def from_dense(cls, M: Tensor, *options: int) -> TrilToeplitzMatrix:
         d = check_square(M)
         work = _fft_dtype(M.dtype)  # sums of d numbers: at least float32
+        if not d:
+            return cls.zeros(0, dtype=M.dtype, device=M.device)
         sums = torch.stack(
             [M.diagonal().sum(dtype=work)]
             + [M.diagonal(-j).sum(dtype=work) + M.diagonal(j).sum(dtype=work) for j in range(1, d)]
