@@ -21,9 +21,11 @@ revision too (``torchsingd_at_new``) instead of the working tree.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +50,8 @@ def package_at(rev: str, name: str):
         ["git", "archive", rev, "torchsingd"], cwd=ROOT, check=True, capture_output=True
     ).stdout
     where = Path(tempfile.mkdtemp())
+    # removed when the run ends (a module the package imports later is read from it)
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(where, filter="data")
     (where / "torchsingd").rename(where / name)
@@ -79,6 +83,8 @@ def time_rounds(cands: dict, model_name: str, T: int, rounds: int, alternate: bo
     iters = max(T, 10)
     times: dict[str, list[float]] = {k: [] for k in cands}
     names = list(cands)
+    if rounds <= 2:
+        raise SystemExit(f"--rounds must exceed the 2 warm-up rounds, got {rounds}.")
     for r in range(rounds):
         order = [names[1], names[0], *names[2:]] if alternate and r % 2 == 0 else names
         for name in order:

@@ -405,10 +405,6 @@ def paired_ratios(a: list[float], b: list[float]) -> list[float]:
     return [x / y for x, y in zip(a, b, strict=True)]
 
 
-def fmt_ratio(values: list[float], base: float) -> str:
-    return f"{statistics.median(values) / base:.2f}x"
-
-
 # -------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
