@@ -74,12 +74,13 @@ def test_finish_input_rows_writes_a_view_in_one_pass(dtype, with_bias):
     assert torch.equal(patches, before)
 
 
-@pytest.mark.parametrize("shape", [(7, 5, 9, 9), (7, 5, 1, 1), (5, 9, 9)])
+@pytest.mark.parametrize("shape", [(7, 5, 9, 9), (7, 5, 1, 1), (5, 9, 9), (0, 5, 9, 9)])
 @pytest.mark.parametrize("loss_average", ["batch", "batch+sequence", None])
 def test_conv_grad_rows_one_pass(shape, loss_average):
     """Output-gradient rows of a convolution: ``[B * L, C]``, the transpose of a
     contiguous channel-major ``[C, B * L]`` (what the statistics read), equal (bit for
-    bit) to ``g`` moved to channels-last, flattened and scaled by ``sqrt(n)``."""
+    bit) to ``g`` moved to channels-last, flattened and scaled by ``sqrt(n)``; an empty
+    batch gives no rows (``reshape(B, C, -1)`` raised)."""
     from torchsingd.layers.base import loss_terms_scale
 
     module = nn.Conv2d(3, 5, 3)
@@ -91,6 +92,7 @@ def test_conv_grad_rows_one_pass(shape, loss_average):
     rows = get_adapter(module).grad_rows(module, g, loss_average, "expand")
     assert rows.T.is_contiguous() and torch.equal(rows, expected)
     assert torch.equal(g, before)
+    assert get_adapter(module).grad_rows(module, g, loss_average, "reduce").shape == (B, C)
 
 
 def statistic_and_route(monkeypatch, adapter, conv, x, K):

@@ -453,7 +453,7 @@ class ConvAdapter(LayerAdapter):
         if g.ndim == len(module.kernel_size) + 1:  # unbatched
             g = g.unsqueeze(0)
         B, C = g.shape[:2]
-        g3 = g.reshape(B, C, -1)
+        g3 = g.flatten(2)  # (reshape(B, C, -1) is ambiguous for an empty batch)
         scale = loss_terms_scale(B, g3.shape[2], loss_average)
         if kfac_approx != "expand":
             return g3.sum(2).mul_(scale)  # a fresh tensor: scaled in place
