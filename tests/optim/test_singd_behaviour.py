@@ -980,3 +980,63 @@ def test_step_zero_scale_advice_is_given_once_while_overflows_repeat_step_zero()
     skipped = [w for w in caught if "skipped a step" in str(w.message)]
     assert len(skipped) == opt.skipped_steps >= 2 and opt.steps == 4 - opt.skipped_steps
     assert len(advice) == 1
+
+
+@pytest.mark.parametrize(
+    "structures, T",
+    [
+        (s, T)
+        for s in ("dense", "diagonal", "blockdiagonal:3", "hierarchical:2,2", "triutoeplitz")
+        for T in (1, 2)
+        if (s, T) != ("dense", 1)  # (at T=1 a dense K K^T of 7 for 6 columns does not pay)
+    ]
+    + [("triltopleftdiag:2", 2)],
+)
+def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch):
+    """Small layers of equal shapes (a transformer's projections) get their natural
+    gradients computed together, one batched product per side and group; the
+    parameters, momenta and factors after five steps (trust region on, a bias and
+    weight decay) equal those of the same run with every block computed alone
+    (float64, up to the order of the products' sums)."""
+    from torchsingd.optim import update
+
+    def run(batched: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(6, 6),
+            nn.Tanh(),
+            nn.Linear(6, 6),
+            nn.Tanh(),
+            nn.Linear(6, 6, bias=False),
+            nn.Tanh(),
+            nn.Linear(6, 3),
+        ).to(DTYPE)
+        opt = SINGD(model, structures=structures, T=T, lr=0.1, weight_decay=1e-2)
+        groups = []
+        original = update.natural_gradients
+
+        def spy(tasks):
+            groups.append(
+                sorted(len([t for t in tasks if t.key == k]) for k in {t.key for t in tasks})
+            )
+            return original(tasks)
+
+        monkeypatch.setattr("torchsingd.optim.base.natural_gradients", spy)
+        monkeypatch.setattr(update, "BATCH_MAX_NUMEL", 2**16 if batched else 0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.randn(16, 6, generator=gen, dtype=DTYPE)
+            y = torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        state = [p.detach().clone() for p in model.parameters()]
+        state += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+        state += [t for layer in opt.layers.values() for t in layer.K.tensors() + layer.C.tensors()]
+        return state, groups
+
+    (alone, groups_alone), (together, groups_together) = run(False), run(True)
+    assert groups_alone == [[]] * 5  # nothing deferred: each block computed at once
+    assert all(2 in g for g in groups_together)  # layers 0 and 2 (6 x 7) together
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

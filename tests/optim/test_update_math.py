@@ -240,6 +240,66 @@ def test_natural_gradient_matches_dense(structures):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+BATCHED = [
+    "dense",
+    "diagonal",
+    "blockdiagonal:3",
+    "hierarchical:2,2",
+    "triltoeplitz",
+    "triutoeplitz",
+    "triltopleftdiag:2",
+    "triubottomrightdiag:2",
+    "triutopleftdiag:2",
+]
+
+
+@pytest.mark.parametrize("structure", BATCHED)
+def test_natural_gradients_batch_equal_layers(structure, monkeypatch):
+    """Blocks of equal shapes and kinds are computed together, each side one
+    ``stacked_mm`` for the group: every result equals ``C C^T G K K^T`` densely
+    (float64), whether it was computed in a group, in a group of one (another shape),
+    alone (another dtype), or alone because its gradient is larger than
+    ``BATCH_MAX_NUMEL``; a group's results are views of one tensor."""
+    from torchsingd.optim import update
+    from torchsingd.optim.update import NaturalGradientTask, natural_gradients
+
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(D_O, D_I)] * 3 + [(D_I, D_O)] + [(D_O, D_I)]
+    dtypes = [DTYPE] * 4 + [torch.float32]
+    tasks = []
+    for (d_o, d_i), dtype in zip(shapes, dtypes, strict=True):
+        K = random_member(structure, d_i, gen).to(dtype)
+        C = random_member(structure, d_o, gen).to(dtype)
+        G = torch.randn(d_o, d_i, generator=gen, dtype=DTYPE).to(dtype)
+        tasks.append(NaturalGradientTask(K, C, G, K.outer_operator(), C.outer_operator()))
+    big = random_member(structure, 9, gen), random_member(structure, 8, gen)
+    G_big = torch.randn(8, 9, generator=gen, dtype=DTYPE)
+    monkeypatch.setattr(update, "BATCH_MAX_NUMEL", 71)  # 8 x 9 = 72 numbers: alone
+    tasks.append(NaturalGradientTask(*big, G_big, big[0].outer_operator(), big[1].outer_operator()))
+    assert tasks[-1].key is None and all(t.key is not None for t in tasks[:-1])
+    assert tasks[0].key == tasks[1].key == tasks[2].key
+    assert len({tasks[0].key, tasks[3].key, tasks[4].key}) == 3
+
+    calls = []
+    for op in {type(t.KKt) for t in tasks}:
+        original = op.stacked_mm
+        monkeypatch.setattr(
+            op,
+            "stacked_mm",
+            staticmethod(lambda ops, X, f=original: calls.append(len(ops)) or f(ops, X)),
+        )
+    natural_gradients(tasks)
+    assert calls == [3, 3]  # one group of three, its K side and its C side
+    for t in tasks:
+        Kd, Cd = t.K.to_dense().double(), t.C.to_dense().double()
+        expected = Cd @ Cd.T @ t.G.double() @ Kd @ Kd.T
+        assert t.result.dtype == t.G.dtype and t.result.shape == t.G.shape
+        tol = 1e-12 if t.G.dtype == DTYPE else 1e-5
+        torch.testing.assert_close(t.result.double(), expected, rtol=tol, atol=tol)
+    base = tasks[0].result._base
+    assert base is not None and all(t.result._base is base for t in tasks[:3])
+
+
 def test_natural_gradient_mixed_dtypes():
     gen = torch.Generator().manual_seed(5)
     K = random_member("dense", D_I, gen).to(torch.float32)

@@ -877,6 +877,39 @@ def test_zero_columns(name, op):
         assert out.shape == (d, 0)
 
 
+@pytest.mark.parametrize("name, d", CASES)
+def test_stacked_outer_operators(name, d):
+    """Operators ``K K^T`` with one ``batch_key`` applied together (``stacked_mm``,
+    the batched natural gradient's product) equal each one's ``mm``, for row-major and
+    transposed ``X`` and in float32; a member of another size or dtype has another
+    key. (Toeplitz operators of FFT size have none: applied one at a time.)"""
+    spec = get_structure(name)
+    ops = [random_member(spec, d, "stacked", i).outer_operator() for i in range(3)]
+    key = ops[0].batch_key()
+    assert key is not None and all(op.batch_key() == key for op in ops)
+    other = random_member(spec, d + 1, "stacked", 9).outer_operator()
+    assert other.batch_key() != key
+    member32 = random_member(spec, d, "stacked", 9).to(torch.float32)
+    assert member32.outer_operator().batch_key() != key
+    g = gen(name, d, "stacked X")
+    for X in (randn(3, d, 5, g=g), randn(3, 5, d, g=g).mT):
+        expected = torch.stack([op.mm(x) for op, x in zip(ops, X, strict=True)])
+        got = type(ops[0]).stacked_mm(ops, X)
+        assert got.shape == (3, d, 5)
+        assert_close(got, expected)
+    ops32 = [
+        op32.to(torch.float32).outer_operator()
+        for op32 in (random_member(spec, d, "stacked", i) for i in range(3))
+    ]
+    X = randn(3, d, 5, g=g).float()
+    expected = torch.stack([op.mm(x) for op, x in zip(ops32, X, strict=True)])
+    assert_close(type(ops32[0]).stacked_mm(ops32, X), expected, tol=1e-5)
+    if name.endswith("toeplitz"):
+        from torchsingd.structures.toeplitz import FFT_MIN_DIM
+
+        assert spec.eye(FFT_MIN_DIM).outer_operator().batch_key() is None
+
+
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_the_empty_member(name):
     """``d = 0`` (only built by hand: the optimizer leaves a layer without inputs out):

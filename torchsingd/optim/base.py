@@ -56,9 +56,11 @@ from torchsingd.layers import (
 )
 from torchsingd.optim.update import (
     ADAMW_MOMENTS,
+    NaturalGradientTask,
     adamw_step,
     clip_by_global_norm,
     moment_dtype,
+    natural_gradients,
     parameter_step,
     sgd_step,
     trust_region_scale,
@@ -774,8 +776,9 @@ class KroneckerOptimizer(Optimizer):
         group: dict[str, Any],
         stats: list[StructuredMatrix] | None,
         output_scale: float,
-    ) -> tuple[dict[str, Any], Tensor]:
-        """New factors (by attribute name) and the natural gradient of one block.
+    ) -> tuple[dict[str, Any], Tensor | NaturalGradientTask]:
+        """New factors (by attribute name) and the natural gradient of one block (or
+        the task that computes it with other blocks', see :meth:`_precondition`).
 
         ``G``: ``grad(W)`` as ``[d_o, d_i]``, unscaled. ``stats``: this step's pending
         statistics when the preconditioner is updated now, else ``None``;
@@ -1477,16 +1480,16 @@ class KroneckerOptimizer(Optimizer):
         return group.get("kl_clip")
 
     def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
-        """New factors, parameter directions and ``<G_nat, G>`` of one module.
-
-        Nothing is written. The inner product (a 0-d tensor in the gradient's dtype,
-        at least float32: a float64 model's trust region is float64-exact) is only
-        computed for groups with a trust region (``kl_clip``), else ``None``.
+        """New factors and natural gradients of one module's blocks, and the gradients
+        they came from: ``(new_factors, nats, grads)``, or ``None`` for a module that is
+        not preconditioned in this step. Nothing is written. A natural gradient may be
+        a :class:`~torchsingd.optim.update.NaturalGradientTask` still to be computed:
+        :meth:`_step` computes those of all modules together
+        (:func:`~torchsingd.optim.update.natural_gradients`), then :meth:`_directions`.
         """
         group = self.param_groups[entry.group_index]
         update_now = self.steps % group["T"] == 0
-        inner = None
-        new_factors, nats = {}, {}
+        new_factors, nats, used = {}, {}, {}
         if not self._active(entry):
             return None
         grads = self._grad_matrices(entry)
@@ -1507,9 +1510,26 @@ class KroneckerOptimizer(Optimizer):
             new_factors[block], nats[block] = self._update_block(
                 layer, G, group, stats, output_scale
             )
-            if self._kl_clip(group) is not None:
+            used[block] = G
+        return new_factors, nats, used
+
+    def _directions(self, entry: ModuleEntry, started: tuple[dict, dict, dict]):
+        """``(new_factors, directions, <G_nat, G>)`` of a module from what
+        :meth:`_precondition` gave, its natural gradients computed. The inner product (a
+        0-d tensor in the gradient's dtype, at least float32: a float64 model's trust
+        region is float64-exact) is only computed for groups with a trust region
+        (``kl_clip``), else ``None``."""
+        new_factors, nats, grads = started
+        nats = {
+            block: nat.result if isinstance(nat, NaturalGradientTask) else nat
+            for block, nat in nats.items()
+        }
+        inner = None
+        if self._kl_clip(self.param_groups[entry.group_index]) is not None:
+            for block, nat in nats.items():
+                G = grads[block]
                 acc = torch.promote_types(G.dtype, torch.float32)
-                dot = torch.dot(nats[block].reshape(-1).to(acc), G.reshape(-1).to(acc))
+                dot = torch.dot(nat.reshape(-1).to(acc), G.reshape(-1).to(acc))
                 inner = dot if inner is None else inner + dot
         directions = entry.adapter.directions(entry.module, nats)
         self._check_shapes(entry, directions)
@@ -1973,14 +1993,32 @@ class KroneckerOptimizer(Optimizer):
                 if callable(group["lr_cov"]) and self.steps % group["T"] == 0:
                     scheduled_lr_cov(group, self.steps, upper=self.LR_COV_UPPER)
         updated = self._sync_statistics() if size > 1 else []
-        pending = []
+        started = []  # (entry, _precondition's work or None, its result or None)
         for entry in list(self._entries.values()):  # (_precondition may demote one)
             if self._owner(entry) == rank:
-                result = self._precondition(entry, g_scale, grad_scale)
+                work = self._precondition(entry, g_scale, grad_scale)
+                if work is not None:
+                    started.append((entry, work, None))
             else:  # another rank computes it; contribute zeros to the sum below
                 result = self._zero_directions(entry)
-            if result is not None:
-                pending.append((entry, *result))
+                if result is not None:
+                    started.append((entry, None, result))
+        # the natural gradients left to compute, of all modules together (layers of
+        # equal shapes in batched operations)
+        natural_gradients(
+            [
+                nat
+                for _, work, _ in started
+                if work is not None
+                for nat in work[1].values()
+                if isinstance(nat, NaturalGradientTask)
+            ]
+        )
+        pending = [
+            (entry, *(result if work is None else self._directions(entry, work)))
+            for entry, work, result in started
+        ]
+        del started  # (the gradients each block's natural gradient came from)
         self._tell_handed_over()
         if size > 1 and self.distributed_strategy == "shard":
             shared = [d for _, _, dirs, _ in pending for d in dirs]

@@ -29,7 +29,12 @@ from torchsingd.optim.base import (
     validate_common,
     warn,
 )
-from torchsingd.optim.update import FactorUpdate, natural_gradient, update_factors
+from torchsingd.optim.update import (
+    FactorUpdate,
+    NaturalGradientTask,
+    natural_gradient,
+    update_factors,
+)
 from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
 from torchsingd.structures.base import OuterOperator, read_scalars
 
@@ -383,7 +388,10 @@ class SINGD(KroneckerOptimizer):
             KKt = layer.KKt if layer.KKt is not None else _outer(K, G.shape[0], group["T"])
             CCt = layer.CCt if layer.CCt is not None else _outer(C, G.shape[1], group["T"])
         factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
-        return factors, natural_gradient(K, C, G, KKt, CCt)
+        task = NaturalGradientTask(K, C, G, KKt, CCt)
+        if task.key is None:  # computed now (a large layer's G is freed sooner)
+            return factors, natural_gradient(K, C, G, KKt, CCt)
+        return factors, task  # computed with the other layers' (natural_gradients)
 
     def _checked(self, layer: LayerState, new: FactorUpdate, G: Tensor) -> FactorUpdate:
         """Note bounded steps; undo a factor update that came out non-finite.

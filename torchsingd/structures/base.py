@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -405,6 +405,18 @@ class StructuredMatrix(ABC):
         pattern = self.sparse_pattern()
         return OuterOperator(self) if pattern is None else SparseOuterOperator(self, pattern)
 
+    def batch_key(self) -> tuple | None:
+        """Members (as ``K K^T`` operators) with one key are applied together by
+        :meth:`stacked_mm` (the same family, sizes, dtype and device); ``None``: this
+        family applies its members one at a time."""
+        return None
+
+    @staticmethod
+    def stacked_mm(members: Sequence[StructuredMatrix], X: Tensor) -> Tensor:
+        """``members[i] @ X[i]`` for ``X: [m, d, n]`` (members of one :meth:`batch_key`),
+        in a few batched operations instead of a few per member."""
+        raise NotImplementedError
+
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         """Whether forming ``outer_operator()`` once beats ``uses`` products ``K (K^T X)``
         with ``columns``-column ``X`` (families that return a plain view: never)."""
@@ -518,6 +530,25 @@ class SparseOuterOperator:
         """Bytes held: ``W`` (``d x b``) and ``delta^2`` (``d``); ``B``'s indices are a
         shared :func:`constant`, not counted."""
         return self.W.nbytes + self.v.nbytes
+
+    def batch_key(self) -> tuple:
+        """Operators with one key are applied together (:meth:`stacked_mm`)."""
+        W = self.W
+        return (SparseOuterOperator, self.kind, self.head, self.tail, *W.shape, W.dtype, W.device)
+
+    @staticmethod
+    def stacked_mm(ops: Sequence[SparseOuterOperator], X: Tensor) -> Tensor:
+        """``ops[i] @ X[i]`` for ``X: [m, d, n]``: :meth:`mm`'s operations, each
+        batched over the operators."""
+        first = ops[0]
+        W = torch.stack([op.W for op in ops])  # [m, d, b]
+        out = torch.stack([op.v for op in ops]) * X
+        if first.kind == "columns":
+            return out.baddbmm_(W, W.mT @ X)
+        border = W.mT @ X  # M[B, :] X, before X is read for its rows B
+        out.baddbmm_(W, first._border(X, 1))
+        first._write_border(out, 1, border)
+        return out
 
     def _border(self, X: Tensor, dim: int) -> Tensor:
         """The rows (``dim=0``) or columns (``dim=1``) of ``X`` in ``B``: a view where

@@ -9,6 +9,8 @@ numbers (about ``d B``). Registry names: ``"blockdiagonal"`` (``B = 30``),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -90,6 +92,21 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def tmm(self, X: Tensor) -> Tensor:
         return self._product(self.blocks.mT, self.last.T, X)
+
+    def batch_key(self) -> tuple:
+        blocks = self.blocks
+        return (BlockDiagonalMatrix, self.dim, self.block_size, blocks.dtype, blocks.device)
+
+    @staticmethod
+    def stacked_mm(members: Sequence[BlockDiagonalMatrix], X: Tensor) -> Tensor:
+        m, d, c = X.shape
+        n, B = members[0].blocks.shape[0], members[0].block_size
+        blocks = torch.cat([M.blocks for M in members])  # [m n, B, B]
+        top = torch.bmm(blocks, X[:, : n * B].reshape(m * n, B, c)).view(m, n * B, c)
+        if d == n * B:
+            return top
+        last = torch.stack([M.last for M in members])  # [m, r, r]
+        return torch.cat([top, torch.bmm(last, X[:, n * B :])], dim=1)
 
     def matmul(self, other: StructuredMatrix) -> BlockDiagonalMatrix:
         self._check_compatible(other)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,13 @@ class DenseMatrix(StructuredMatrix):
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)
         return self.mat @ X
+
+    def batch_key(self) -> tuple:
+        return (DenseMatrix, self.dim, self.mat.dtype, self.mat.device)
+
+    @staticmethod
+    def stacked_mm(members: Sequence[DenseMatrix], X: Tensor) -> Tensor:
+        return torch.bmm(torch.stack([M.mat for M in members]), X)
 
     def tmm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -93,6 +94,13 @@ class DiagonalMatrix(StructuredMatrix):
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)
         return self.diag.unsqueeze(1) * X
+
+    def batch_key(self) -> tuple:
+        return (DiagonalMatrix, self.dim, self.diag.dtype, self.diag.device)
+
+    @staticmethod
+    def stacked_mm(members: Sequence[DiagonalMatrix], X: Tensor) -> Tensor:
+        return torch.stack([M.diag for M in members]).unsqueeze(2) * X
 
     def mm_(self, X: Tensor) -> Tensor:
         """``self @ X`` written into ``X`` (which the caller owns); returns ``X``."""

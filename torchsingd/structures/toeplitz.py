@@ -21,6 +21,8 @@ share this vector. Stores ``d`` numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -194,6 +196,23 @@ class ToeplitzOuterOperator:
             self.work, self.size = _fft_dtype(col.dtype), conv_size(self.d)
             self.spectrum = torch.fft.rfft(col.to(self.work), n=self.size)
             self.wrap = wrap_matrix(col.to(self.work), self.size)
+
+    def batch_key(self) -> tuple | None:
+        """Operators with one key are applied together (:meth:`stacked_mm`): the small
+        ones (below ``FFT_MIN_DIM``, products with the dense ``L``); FFT ones alone."""
+        if _use_fft(self.d) or not self.d:
+            return None
+        return (ToeplitzOuterOperator, self.d, self.lower, self.dtype, self.col.device)
+
+    @staticmethod
+    def stacked_mm(ops: Sequence[ToeplitzOuterOperator], X: Tensor) -> Tensor:
+        """``ops[i] @ X[i]`` for ``X: [m, d, n]``: the dense ``L`` of every operator
+        formed at once (as :func:`dense_lower_toeplitz`), then two batched products."""
+        cols = torch.stack([op.col for op in ops])  # [m, d]
+        m, d = cols.shape
+        q = torch.cat([cols.new_zeros(m, d - 1), cols], dim=1).flip(1)
+        L = q.as_strided((m, d, d), (2 * d - 1, 1, 1)).flip(1)
+        return L @ (L.mT @ X) if ops[0].lower else L.mT @ (L @ X)
 
     def nbytes(self) -> int:
         """Bytes held besides ``col`` (the factor's own): the spectrum and the small
