@@ -1040,3 +1040,41 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
     assert all(2 in g for g in groups_together)  # layers 0 and 2 (6 x 7) together
     for a, b in zip(alone, together, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kl_clip", [None, 1e-2])
+def test_a_block_computed_at_once_keeps_no_gradient_copy(kl_clip, monkeypatch):
+    """A layer whose natural gradient is computed at once (over ``BATCH_MAX_NUMEL``)
+    keeps nothing of its gradient matrix (a fresh copy with the bias column) once its
+    work is done: the step's peak holds one such copy at a time, not one per layer
+    (the batched natural gradients' first version kept them all: 36 -> 64 MiB for
+    eight 1024-wide layers). A deferred block's task keeps its own (small) one."""
+    import weakref
+
+    from torchsingd.optim import base, update
+
+    monkeypatch.setattr(update, "BATCH_MAX_NUMEL", 30)  # the 6 x 7 layers alone
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    model = model.to(DTYPE)
+    opt = SINGD(model, structures="diagonal", T=1, kl_clip=kl_clip)
+    made, alive_after = [], []
+    grad_matrices, precondition = base.KroneckerOptimizer._grad_matrices, SINGD._precondition
+
+    def recording_grads(self, entry):
+        grads = grad_matrices(self, entry)
+        made.append({b: weakref.ref(G) for b, G in (grads or {}).items()})
+        return grads
+
+    def checking(self, entry, g_scale, grad_scale):
+        work = precondition(self, entry, g_scale, grad_scale)
+        alive_after.append({b: ref() is not None for b, ref in made[-1].items()})
+        return work
+
+    monkeypatch.setattr(base.KroneckerOptimizer, "_grad_matrices", recording_grads)
+    monkeypatch.setattr(SINGD, "_precondition", checking)
+    x = torch.randn(8, 6, dtype=DTYPE)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1] * 4)).backward()
+    opt.step()
+    # layers 0 and 2 (6 x 7 = 42 numbers) computed at once; layer 4 (2 x 7) deferred
+    assert alive_after == [{"": False}, {"": False}, {"": True}]

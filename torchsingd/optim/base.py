@@ -1480,16 +1480,21 @@ class KroneckerOptimizer(Optimizer):
         return group.get("kl_clip")
 
     def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
-        """New factors and natural gradients of one module's blocks, and the gradients
-        they came from: ``(new_factors, nats, grads)``, or ``None`` for a module that is
-        not preconditioned in this step. Nothing is written. A natural gradient may be
-        a :class:`~torchsingd.optim.update.NaturalGradientTask` still to be computed:
-        :meth:`_step` computes those of all modules together
-        (:func:`~torchsingd.optim.update.natural_gradients`), then :meth:`_directions`.
+        """New factors and natural gradients of one module's blocks, and their inner
+        products ``<G_nat, G>`` with the gradients: ``(new_factors, nats, inners)``, or
+        ``None`` for a module that is not preconditioned in this step. Nothing is
+        written. A natural gradient may be a
+        :class:`~torchsingd.optim.update.NaturalGradientTask` still to be computed
+        (its inner product then ``None``): :meth:`_step` computes those of all modules
+        together (:func:`~torchsingd.optim.update.natural_gradients`), then
+        :meth:`_directions`. Inner products are only computed for groups with a trust
+        region (``kl_clip``); a block computed now keeps no gradient (a fresh copy for
+        a layer with a bias or under a gradient scale).
         """
         group = self.param_groups[entry.group_index]
         update_now = self.steps % group["T"] == 0
-        new_factors, nats, used = {}, {}, {}
+        trust_region = self._kl_clip(group) is not None
+        new_factors, nats, inners = {}, {}, {}
         if not self._active(entry):
             return None
         grads = self._grad_matrices(entry)
@@ -1507,30 +1512,28 @@ class KroneckerOptimizer(Optimizer):
                 self._check_own_gradient(entry, layer, G)
             stats = layer.pending if fresh else None
             output_scale = (layer.capture_scale / g_scale) ** 2
-            new_factors[block], nats[block] = self._update_block(
-                layer, G, group, stats, output_scale
-            )
-            used[block] = G
-        return new_factors, nats, used
+            new_factors[block], nat = self._update_block(layer, G, group, stats, output_scale)
+            nats[block] = nat
+            computed = not isinstance(nat, NaturalGradientTask)
+            inners[block] = _inner(nat, G) if trust_region and computed else None
+        return new_factors, nats, inners
 
     def _directions(self, entry: ModuleEntry, started: tuple[dict, dict, dict]):
         """``(new_factors, directions, <G_nat, G>)`` of a module from what
         :meth:`_precondition` gave, its natural gradients computed. The inner product (a
         0-d tensor in the gradient's dtype, at least float32: a float64 model's trust
-        region is float64-exact) is only computed for groups with a trust region
-        (``kl_clip``), else ``None``."""
-        new_factors, nats, grads = started
-        nats = {
-            block: nat.result if isinstance(nat, NaturalGradientTask) else nat
-            for block, nat in nats.items()
-        }
+        region is float64-exact; the blocks' summed in their order) is only computed
+        for groups with a trust region (``kl_clip``), else ``None``."""
+        new_factors, nats, inners = started
         inner = None
-        if self._kl_clip(self.param_groups[entry.group_index]) is not None:
-            for block, nat in nats.items():
-                G = grads[block]
-                acc = torch.promote_types(G.dtype, torch.float32)
-                dot = torch.dot(nat.reshape(-1).to(acc), G.reshape(-1).to(acc))
-                inner = dot if inner is None else inner + dot
+        trust_region = self._kl_clip(self.param_groups[entry.group_index]) is not None
+        for block, nat in nats.items():
+            if isinstance(nat, NaturalGradientTask):
+                nats[block] = nat.result
+                if trust_region:
+                    inners[block] = _inner(nat.result, nat.G)
+            if trust_region:
+                inner = inners[block] if inner is None else inner + inners[block]
         directions = entry.adapter.directions(entry.module, nats)
         self._check_shapes(entry, directions)
         return new_factors, directions, inner
@@ -2721,6 +2724,12 @@ def tensor_bytes(t: Tensor) -> int:
     if t.layout == torch.sparse_coo:
         return t._indices().nbytes + t._values().nbytes
     return t.numel() * t.element_size()  # (other layouts: as dense)
+
+
+def _inner(nat: Tensor, G: Tensor) -> Tensor:
+    """``<G_nat, G>`` in ``G``'s dtype, at least float32."""
+    acc = torch.promote_types(G.dtype, torch.float32)
+    return torch.dot(nat.reshape(-1).to(acc), G.reshape(-1).to(acc))
 
 
 def _dense(grad: Tensor, param: Tensor) -> Tensor:

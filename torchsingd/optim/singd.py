@@ -389,7 +389,7 @@ class SINGD(KroneckerOptimizer):
             CCt = layer.CCt if layer.CCt is not None else _outer(C, G.shape[1], group["T"])
         factors = {"K": K, "C": C, "m_K": m_K, "m_C": m_C, "KKt": KKt, "CCt": CCt}
         task = NaturalGradientTask(K, C, G, KKt, CCt)
-        if task.key is None:  # computed now (a large layer's G is freed sooner)
+        if task.key is None:  # computed now (G is not kept: the step's peak stays)
             return factors, natural_gradient(K, C, G, KKt, CCt)
         return factors, task  # computed with the other layers' (natural_gradients)
 
