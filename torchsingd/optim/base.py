@@ -1465,7 +1465,7 @@ class KroneckerOptimizer(Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            with torch.no_grad():
+            with torch.no_grad(), _autocast_off():
                 self._step()
         except BaseException:
             # GradScaler.step deletes the attributes it set only when step returns
@@ -2724,6 +2724,26 @@ def tensor_bytes(t: Tensor) -> int:
     if t.layout == torch.sparse_coo:
         return t._indices().nbytes + t._values().nbytes
     return t.numel() * t.element_size()  # (other layouts: as dense)
+
+
+#: device types whose autocast a step turns off (those PyTorch knows that may be on)
+_AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_off() -> contextlib.AbstractContextManager:
+    """Autocast off for the step's own arithmetic where the caller's is on: ``step()``
+    called inside ``torch.autocast`` ran its products (factor updates, natural
+    gradients) in the autocast dtype (dense and Toeplitz factors: parameters 1.2-1.7%
+    off those of a step outside it) or failed on the mixed dtypes (block-diagonal,
+    hierarchical: "expected scalar type BFloat16 but found Float"). A closure still
+    runs under the caller's autocast."""
+    on = [kind for kind in _AUTOCAST_TYPES if torch.is_autocast_enabled(kind)]
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for kind in on:
+        stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
 
 
 def _inner(nat: Tensor, G: Tensor) -> Tensor:
