@@ -534,7 +534,7 @@ class SparseOuterOperator:
     def batch_key(self) -> tuple:
         """Operators with one key are applied together (:meth:`stacked_mm`)."""
         W = self.W
-        return (SparseOuterOperator, self.kind, self.head, self.tail, *W.shape, W.dtype, W.device)
+        return (type(self), self.kind, self.head, self.tail, *W.shape, W.dtype, W.device)
 
     @staticmethod
     def stacked_mm(ops: Sequence[SparseOuterOperator], X: Tensor) -> Tensor:

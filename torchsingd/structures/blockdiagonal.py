@@ -95,7 +95,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def batch_key(self) -> tuple:
         blocks = self.blocks
-        return (BlockDiagonalMatrix, self.dim, self.block_size, blocks.dtype, blocks.device)
+        return (type(self), self.dim, self.block_size, blocks.dtype, blocks.device)
 
     @staticmethod
     def stacked_mm(members: Sequence[BlockDiagonalMatrix], X: Tensor) -> Tensor:

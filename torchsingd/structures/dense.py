@@ -47,7 +47,7 @@ class DenseMatrix(StructuredMatrix):
         return self.mat @ X
 
     def batch_key(self) -> tuple:
-        return (DenseMatrix, self.dim, self.mat.dtype, self.mat.device)
+        return (type(self), self.dim, self.mat.dtype, self.mat.device)
 
     @staticmethod
     def stacked_mm(members: Sequence[DenseMatrix], X: Tensor) -> Tensor:

@@ -96,7 +96,7 @@ class DiagonalMatrix(StructuredMatrix):
         return self.diag.unsqueeze(1) * X
 
     def batch_key(self) -> tuple:
-        return (DiagonalMatrix, self.dim, self.diag.dtype, self.diag.device)
+        return (type(self), self.dim, self.diag.dtype, self.diag.device)
 
     @staticmethod
     def stacked_mm(members: Sequence[DiagonalMatrix], X: Tensor) -> Tensor:

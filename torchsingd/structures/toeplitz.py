@@ -202,7 +202,7 @@ class ToeplitzOuterOperator:
         ones (below ``FFT_MIN_DIM``, products with the dense ``L``); FFT ones alone."""
         if _use_fft(self.d) or not self.d:
             return None
-        return (ToeplitzOuterOperator, self.d, self.lower, self.dtype, self.col.device)
+        return (type(self), self.d, self.lower, self.dtype, self.col.device)
 
     @staticmethod
     def stacked_mm(ops: Sequence[ToeplitzOuterOperator], X: Tensor) -> Tensor:
