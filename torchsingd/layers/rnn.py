@@ -374,10 +374,10 @@ def _unpromoted(device_type: str) -> contextlib.AbstractContextManager:
     also for ``addcmul`` and ``index_put``) accepts only float32, float64 and its own
     dtype, so a half-precision model under the other half-precision autocast (a
     bfloat16 model under float16 autocast, or the reverse) failed there with
-    "Unexpected floating ScalarType in
-    at::autocast::prioritize", where PyTorch's fused kernel runs. Their inputs share
-    one dtype (the recurrence's), so without autocast they give the same tensors;
-    inputs of mixed dtypes are promoted as autocast would (to the wider)."""
+    "Unexpected floating ScalarType in at::autocast::prioritize", where PyTorch's
+    fused kernel runs. Their inputs share one dtype (the recurrence's), so without
+    autocast they give the same tensors; inputs of mixed dtypes are promoted as
+    autocast would (to the wider)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

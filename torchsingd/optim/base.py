@@ -2021,7 +2021,7 @@ class KroneckerOptimizer(Optimizer):
             (entry, *(result if work is None else self._directions(entry, work)))
             for entry, work, result in started
         ]
-        del started  # (the gradients each block's natural gradient came from)
+        del started  # (the deferred tasks hold their small layers' gradients)
         self._tell_handed_over()
         if size > 1 and self.distributed_strategy == "shard":
             shared = [d for _, _, dirs, _ in pending for d in dirs]
