@@ -195,7 +195,10 @@ def natural_gradient(
 #: Layers whose gradient has at most this many numbers take part in the batched
 #: natural gradient (:func:`natural_gradients`): their products are a few
 #: microseconds each, so a step's time goes to dispatching them (a ViT of width 64:
-#: 28 products per step); a larger gradient is applied alone (stacking would copy it).
+#: 28 products per step); a larger gradient is applied alone (stacking copies it).
+#: Measured for 8 layers ``[w, w + 1]`` (2 CPU threads, together / alone): w = 64:
+#: block-diagonal 0.54, hierarchical 0.66, diagonal 0.39; w = 128: 0.72, 0.41, 0.89;
+#: w = 256 (65792 numbers, just above): 1.40, 0.82, 1.00; w = 512: 3.0, 1.7, 3.8.
 BATCH_MAX_NUMEL = 2**16
 
 
