@@ -157,17 +157,17 @@ def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
 
 def dense_lower_toeplitz(col: Tensor) -> Tensor:
     """The lower-triangular Toeplitz matrix with first column ``col`` as a dense
-    ``[d, d]`` tensor. On the optimizer's path only below ``FFT_MIN_DIM`` (at most
-    127^2 numbers), where a product with it beats a convolution and keeps no padded
-    copy of the operand."""
-    d = col.shape[0]
+    ``[d, d]`` tensor (``col: [..., d]``: one matrix per leading index, ``[..., d, d]``).
+    On the optimizer's path only below ``FFT_MIN_DIM`` (at most 127^2 numbers), where a
+    product with it beats a convolution and keeps no padded copy of the operand."""
+    *batch, d = col.shape
     if d == 0:
-        return col.new_zeros(0, 0)
+        return col.new_zeros(*batch, 0, 0)
     # q = reversed [0 (d-1 times), col]: q[r + j] = col[d-1-r-j] (0 when negative), so
     # the Hankel view U[r, j] = q[r + j] is L with its rows reversed (one copy: 11 us
     # at d = 65 against 58 us for an index gather)
-    q = torch.cat([col.new_zeros(d - 1), col]).flip(0)
-    return q.as_strided((d, d), (1, 1)).flip(0)
+    q = torch.cat([col.new_zeros(*batch, d - 1), col], -1).flip(-1)  # contiguous
+    return q.as_strided((*batch, d, d), (*q.stride()[:-1], 1, 1)).flip(-2)
 
 
 def causal_conv(col: Tensor, X: Tensor) -> Tensor:
@@ -207,11 +207,8 @@ class ToeplitzOuterOperator:
     @staticmethod
     def stacked_mm(ops: Sequence[ToeplitzOuterOperator], X: Tensor) -> Tensor:
         """``ops[i] @ X[i]`` for ``X: [m, d, n]``: the dense ``L`` of every operator
-        formed at once (as :func:`dense_lower_toeplitz`), then two batched products."""
-        cols = torch.stack([op.col for op in ops])  # [m, d]
-        m, d = cols.shape
-        q = torch.cat([cols.new_zeros(m, d - 1), cols], dim=1).flip(1)
-        L = q.as_strided((m, d, d), (2 * d - 1, 1, 1)).flip(1)
+        formed at once (:func:`dense_lower_toeplitz`), then two batched products."""
+        L = dense_lower_toeplitz(torch.stack([op.col for op in ops]))  # [m, d, d]
         return L @ (L.mT @ X) if ops[0].lower else L.mT @ (L @ X)
 
     def nbytes(self) -> int:
