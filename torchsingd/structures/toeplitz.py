@@ -249,8 +249,7 @@ def column_autocorrelation(S: Tensor) -> Tensor:
             half[d - 1] = torch.dot(S[d - 1].to(work), S[0].to(work))
         return half
     S = S.to(work)
-    gram = S @ S.T  # d < FFT_MIN_DIM: small; half[j] is its j-th sub-diagonal's sum
-    return torch.stack([gram.diagonal(-j).sum() for j in range(d)]) if d else S.new_zeros(0)
+    return _subdiagonal_sums(S @ S.T)  # d < FFT_MIN_DIM: a small Gram
 
 
 def _power(spectrum: Tensor) -> Tensor:
@@ -285,21 +284,25 @@ def project_diagonal_sums(sums: Tensor) -> Tensor:
 GRAM_MAX_DIM = 1024
 
 
-def _diagonal_sums(M: Tensor) -> Tensor:
-    """``sums[j]`` = sum of the j-th sub- and super-diagonal of ``M: [d, d]`` (``sums[0]``
-    its trace), in at least float32, without a loop over diagonals: each triangle read
-    through a skewed view of ``M`` padded by ``d`` zero rows (``V[p, j] = M[p + j, p]``).
-    """
+def _subdiagonal_sums(M: Tensor) -> Tensor:
+    """``sums[j]`` = sum of the j-th sub-diagonal of ``M: [d, d]`` (``sums[0]`` its
+    trace), without a loop over diagonals: read through a skewed view of ``M`` padded by
+    ``d`` zero rows (``V[p, j] = M[p + j, p]``)."""
     d = M.shape[0]
-    M = M.to(_fft_dtype(M.dtype))
     if d == 0:
         return M.new_zeros(0)
+    padded = torch.cat([M, M.new_zeros(d, d)])  # [2d, d], contiguous
+    return padded.as_strided((d, d), (d + 1, d)).sum(0)
 
-    def below(X: Tensor) -> Tensor:
-        padded = torch.cat([X, X.new_zeros(d, d)])  # [2d, d], contiguous
-        return padded.as_strided((d, d), (d + 1, d)).sum(0)
 
-    sums = below(M) + below(M.T.contiguous())
+def _diagonal_sums(M: Tensor) -> Tensor:
+    """``sums[j]`` = sum of the j-th sub- and super-diagonal of ``M: [d, d]`` (``sums[0]``
+    its trace), in at least float32 (:func:`_subdiagonal_sums` of ``M`` and of
+    ``M^T``)."""
+    M = M.to(_fft_dtype(M.dtype))
+    if M.shape[0] == 0:
+        return M.new_zeros(0)
+    sums = _subdiagonal_sums(M) + _subdiagonal_sums(M.T.contiguous())
     sums[0] = M.diagonal().sum()
     return sums
 
@@ -435,15 +438,8 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
 
     @classmethod
     def from_dense(cls, M: Tensor, *options: int) -> TrilToeplitzMatrix:
-        d = check_square(M)
-        work = _fft_dtype(M.dtype)  # sums of d numbers: at least float32
-        if not d:
-            return cls.zeros(0, dtype=M.dtype, device=M.device)
-        sums = torch.stack(
-            [M.diagonal().sum(dtype=work)]
-            + [M.diagonal(-j).sum(dtype=work) + M.diagonal(j).sum(dtype=work) for j in range(1, d)]
-        )
-        return cls(project_diagonal_sums(sums).to(M.dtype))
+        check_square(M)  # (sums of d numbers: at least float32)
+        return cls(project_diagonal_sums(_diagonal_sums(M)).to(M.dtype))
 
     def to_dense(self) -> Tensor:
         return dense_lower_toeplitz(self.col)
