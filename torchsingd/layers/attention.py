@@ -127,6 +127,10 @@ class MultiheadAttentionAdapter(LayerAdapter):
             x = x.unsqueeze(0)
         return linear_input_rows(x, kfac_approx, self._bias(module, block))
 
+    def rows_key(self, module, x: Tensor, *, block: str = "") -> tuple:
+        # (query, key and value of a self-attention read one input)
+        return (type(self), self._bias(module, block))
+
     def input_count(self, module, x: Tensor, kfac_approx: str, *, block: str = ""):
         return linear_input_count(x.unsqueeze(0) if x.ndim == 2 else x, kfac_approx)
 

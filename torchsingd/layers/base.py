@@ -28,7 +28,7 @@ import sys
 import types
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from math import prod, sqrt
 from typing import Any, Protocol
 
@@ -172,6 +172,36 @@ class LayerAdapter(ABC):
         divided by ``sqrt(rows)`` a chunk of ``b`` of the ``B`` samples contributes
         its own statistic times ``b / B`` (every sample has as many rows).
         """
+        by_gram, H = self._input_sum(module, x, K, kfac_approx, block)
+        return K.inner_of_gram(H) if by_gram else H
+
+    def input_gram(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        K: StructuredMatrix,
+        kfac_approx: str,
+        *,
+        block: str = "",
+    ) -> StructuredMatrix | None:
+        """The Gram of the rows that :meth:`input_statistic` applies ``K`` to where it
+        takes the Gram route (``input_statistic = K.inner_of_gram(input_gram)``), or
+        ``None`` (nothing computed) where it does not (``K.gram_pays`` is false for
+        :meth:`input_count` rows).
+
+        The Gram depends on ``K`` only through its family, sizes and dtype: blocks that
+        read the same input (an attention's query, key and value projections) may
+        share it (see :meth:`rows_key`)."""
+        if not K.gram_pays(self.input_count(module, x, kfac_approx, block=block)):
+            return None
+        by_gram, H = self._input_sum(module, x, K, kfac_approx, block)
+        return H if by_gram else None  # (not by_gram: a count that is not the rows')
+
+    def _input_sum(
+        self, module: nn.Module, x: Tensor, K: StructuredMatrix, kfac_approx: str, block: str
+    ) -> tuple[bool, StructuredMatrix]:
+        """``(by the Gram route, H)``: the Gram of the rows summed over chunks (``K``
+        still to apply), or the statistic itself (:meth:`input_statistic`)."""
         x = x.to(K.dtype)
         B = x.shape[0] if self.is_batched(module, x) else 1
         if B > 1:
@@ -187,9 +217,22 @@ class LayerAdapter(ABC):
                     H_part = gram_of_rows(K, a) if gram else inner_of_rows(K, a)
                     H_part.mul_(part.shape[0] / B)
                     H = H_part if H is None else H.add_(H_part)
-                return K.inner_of_gram(H) if gram else H
+                return gram, H
         a = self.input_rows(module, x, kfac_approx, block=block)
-        return inner_of_rows(K, a)
+        if K.gram_pays(a.shape[0]):  # (as inner_of_rows)
+            return True, gram_of_rows(K, a)
+        return False, _sum_over_row_chunks(K.inner_of, a)
+
+    def rows_key(self, module: nn.Module, x: Tensor, *, block: str = "") -> Hashable | None:
+        """What, besides the input tensor ``x``, decides :meth:`input_rows` (and so
+        :meth:`input_gram`) for a block: blocks of any modules whose keys are equal and
+        which read the same input tensor (the same memory, unchanged in between) in one
+        step make the same rows, and the optimizer computes their Gram once (an
+        attention's query, key and value projections of one input; the gate and up
+        projections of a gated MLP). ``None`` (the default): not shared. An adapter
+        that returns a key must compute its statistic as the default
+        :meth:`input_statistic` does (``input_gram``, then ``K``)."""
+        return None
 
     def own_gradient(
         self, module: nn.Module, x: Tensor, grad_output: Tensor, *, block: str = ""

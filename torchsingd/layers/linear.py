@@ -32,6 +32,9 @@ class LinearAdapter(LayerAdapter):
     def input_count(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
         return linear_input_count(x, kfac_approx)
 
+    def rows_key(self, module: nn.Module, x: Tensor, *, block: str = "") -> tuple:
+        return (type(self), self.has_bias(module))  # (the rows of x, with a ones column)
+
     def grad_rows(self, module, g: Tensor, loss_average, kfac_approx: str, *, block: str = ""):
         return linear_grad_rows(g, loss_average, kfac_approx)
 

@@ -165,11 +165,37 @@ class _Application:
     into (:attr:`BlockState.started`), so that a second pass through the same forward
     (``retain_graph=True``, one ``backward`` per loss) does not count its input again."""
 
-    __slots__ = ("x", "into", "__weakref__")
+    __slots__ = ("x", "into", "shared", "__weakref__")
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Tensor, shared: _SharedInput | None = None) -> None:
         self.x: Tensor | None = x
         self.into: int | None = None
+        #: what it shares with the other applications that read the same input (until
+        #: its statistics are captured)
+        self.shared = shared
+
+
+class _SharedInput:
+    """The input Grams of the blocks that read one input tensor in one step with equal
+    :meth:`~torchsingd.layers.LayerAdapter.rows_key` (an attention's query, key and
+    value projections): computed by the first of them to be captured, applied to
+    each block's own ``K`` (:meth:`KroneckerOptimizer._input_statistic`), dropped
+    once every application that joined has been captured.
+
+    Held by those applications only (the optimizer finds it through a weak
+    dictionary), so it never outlives them; they keep the input (and so its memory,
+    part of the lookup key) alive until the step, when the dictionary is emptied."""
+
+    __slots__ = ("grams", "waiting", "__weakref__")
+
+    def __init__(self) -> None:
+        self.grams: dict[tuple, StructuredMatrix] = {}
+        self.waiting = 0  # applications that joined and are not captured yet
+
+    def captured(self) -> None:
+        self.waiting -= 1
+        if self.waiting <= 0:
+            self.grams.clear()
 
 
 class _RefusedError(ValueError):
@@ -675,6 +701,11 @@ class KroneckerOptimizer(Optimizer):
         #: forward applications of this step whose backward is observed (their inputs
         #: are released when the step is taken)
         self._applications: weakref.WeakSet[_Application] = weakref.WeakSet()
+        #: the inputs of this step's applications that blocks may share, by the input's
+        #: memory (address, shape, strides, dtype, device, version) and rows key
+        self._inputs: weakref.WeakValueDictionary[tuple, _SharedInput] = (
+            weakref.WeakValueDictionary()
+        )
         # Hooks see the optimizer only through a weak reference; once it is collected,
         # its hooks are removed (a deleted optimizer neither stays alive nor captures).
         weakref.finalize(self, _remove_handles, self._handles)
@@ -752,12 +783,18 @@ class KroneckerOptimizer(Optimizer):
         adapter.check(module, name)
 
     def _statistics(
-        self, entry: ModuleEntry, layer: BlockState, x: Tensor, g: Tensor
+        self,
+        entry: ModuleEntry,
+        layer: BlockState,
+        x: Tensor,
+        g: Tensor,
+        shared: _SharedInput | None = None,
     ) -> tuple[StructuredMatrix, StructuredMatrix]:
         """The (input side, output side) statistics of one backward pass.
 
         ``x`` is the block's raw input, ``g`` the output-gradient rows ``[N_g, d_o]``
-        (already unscaled by the capture scale).
+        (already unscaled by the capture scale); ``shared``: what the input side may
+        share with other blocks (see :meth:`_input_statistic`).
         """
         raise NotImplementedError
 
@@ -1191,7 +1228,7 @@ class KroneckerOptimizer(Optimizer):
         if entry.watched[0].device != entry.placement[1] or entry.changes()[0]:
             self._check_placement()  # the factors follow it there; a new shape raises
         layer = entry.blocks[block]
-        application = _Application(x.detach())
+        application = _Application(x.detach(), self._shared_input(entry, block, x))
         self._applications.add(application)
         hook = partial(self._capture, entry, layer, application, self.steps)
         base = output._base if isinstance(output, Tensor) else None
@@ -1206,6 +1243,54 @@ class KroneckerOptimizer(Optimizer):
         else:
             output.register_hook(hook)
         layer.hooked_step = self.steps
+
+    def _shared_input(self, entry: ModuleEntry, block: str, x: Tensor) -> _SharedInput | None:
+        """The record a forward application of ``block`` with input ``x`` shares with
+        this step's other applications of the same input and rows key (see
+        :class:`_SharedInput`), or ``None`` where the adapter's statistic is its own."""
+        adapter = entry.adapter
+        if (
+            type(x) is not Tensor
+            or x.layout != torch.strided
+            or type(adapter).input_statistic is not LayerAdapter.input_statistic
+        ):
+            return None
+        rows_key = adapter.rows_key(entry.module, x, block=block)
+        if rows_key is None:
+            return None
+        # (applications keep x alive until the step: no other tensor takes its memory
+        # while its record can be found)
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version, rows_key)
+        shared = self._inputs.get(key)
+        if shared is None:
+            shared = self._inputs[key] = _SharedInput()
+        shared.waiting += 1
+        return shared
+
+    def _input_statistic(
+        self,
+        entry: ModuleEntry,
+        K: StructuredMatrix,
+        x: Tensor,
+        kfac_approx: str,
+        block: str,
+        shared: _SharedInput | None,
+    ) -> StructuredMatrix:
+        """``adapter.input_statistic``, by way of the Gram that blocks reading the same
+        input share (computed once, ``K`` applied per block) where ``shared``."""
+        adapter, module = entry.adapter, entry.module
+        if shared is not None and (shared.waiting > 1 or shared.grams):  # (else: alone)
+            key = (kfac_approx, type(K), K.options(), K.dim, K.dtype, K.device)
+            G = shared.grams.get(key)
+            if G is None:
+                G = adapter.input_gram(module, x, K, kfac_approx, block=block)
+                if G is not None:
+                    shared.grams[key] = G
+            if G is not None:
+                H = K.inner_of_gram(G)
+                # (a new member for each block: KFAC's identity returns G itself)
+                return H.clone() if H is G else H
+        return adapter.input_statistic(module, x, K, kfac_approx, block=block)
 
     def _capture(
         self,
@@ -1238,6 +1323,7 @@ class KroneckerOptimizer(Optimizer):
             or not _accumulates_into(entry.adapter.block_parameter(entry.module, block=layer.block))
         ):
             return
+        shared, application.shared = application.shared, None  # (its first capture only)
         again = layer.has_statistics(self.steps) and application.into == layer.started
         group = self.param_groups[entry.group_index]
         if group["kfac_approx"] not in KFAC_APPROXIMATIONS:  # changed since construction:
@@ -1262,7 +1348,9 @@ class KroneckerOptimizer(Optimizer):
             if again:
                 stats = (None, self._output_statistic(entry, layer, g))
             else:
-                stats = self._statistics(entry, layer, x, g)
+                stats = self._statistics(entry, layer, x, g, shared)
+            if shared is not None:
+                shared.captured()
             own = None
             several = tdist.world(self._group)[1] > 1
             if not layer.own_checked and not several:
@@ -1438,8 +1526,9 @@ class KroneckerOptimizer(Optimizer):
         if count:
             self.steps += 1
             for application in self._applications:  # (their passes are ignored now)
-                application.x = None
+                application.x = application.shared = None
             self._applications = weakref.WeakSet()
+            self._inputs = weakref.WeakValueDictionary()
         self._capture_scale = g_scale
         self._explicit_scale = None
 

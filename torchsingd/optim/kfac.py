@@ -288,12 +288,11 @@ class KFAC(KroneckerOptimizer):
         return layer.S_C.dtype
 
     def _statistics(
-        self, entry: ModuleEntry, layer: KFACLayerState, x: Tensor, g: Tensor
+        self, entry: ModuleEntry, layer: KFACLayerState, x: Tensor, g: Tensor, shared=None
     ) -> tuple[StructuredMatrix, StructuredMatrix]:
         group = self.param_groups[entry.group_index]
-        U = entry.adapter.input_statistic(
-            entry.module, x, identity_like(layer.S_K), group["kfac_approx"], block=layer.block
-        )
+        identity = identity_like(layer.S_K)
+        U = self._input_statistic(entry, identity, x, group["kfac_approx"], layer.block, shared)
         return U, self._output_statistic(entry, layer, g)
 
     def _output_statistic(self, entry: ModuleEntry, layer: KFACLayerState, g: Tensor):

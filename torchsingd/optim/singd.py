@@ -342,12 +342,11 @@ class SINGD(KroneckerOptimizer):
         return layer.C.dtype
 
     def _statistics(
-        self, entry: ModuleEntry, layer: LayerState, x: Tensor, g: Tensor
+        self, entry: ModuleEntry, layer: LayerState, x: Tensor, g: Tensor, shared=None
     ) -> tuple[StructuredMatrix, StructuredMatrix]:
         group = self.param_groups[entry.group_index]
-        H_K = entry.adapter.input_statistic(
-            entry.module, x, layer.K, group["kfac_approx"], block=layer.block
-        )
+        kfac_approx = group["kfac_approx"]
+        H_K = self._input_statistic(entry, layer.K, x, kfac_approx, layer.block, shared)
         return H_K, self._output_statistic(entry, layer, g)
 
     def _output_statistic(self, entry: ModuleEntry, layer: LayerState, g: Tensor):
