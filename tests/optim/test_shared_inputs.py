@@ -165,3 +165,72 @@ def test_shared_grams_are_dropped_after_the_last_capture(monkeypatch):
     assert record.waiting == 1 and len(record.grams) == 1  # layers[1]'s never comes
     opt.step()
     assert not opt._inputs
+
+
+class Scaled(nn.Linear):
+    scale = 1.0
+
+
+class ScaledRows(LinearAdapter):
+    """Inherits ``rows_key`` but makes its rows another way (scaled per module)."""
+
+    def input_rows(self, module, x, kfac_approx, *, block=""):
+        return super().input_rows(module, module.scale * x, kfac_approx, block=block)
+
+
+def _two_layers_on_one_input(make_layer, share, monkeypatch, between=None):
+    """Two layers on one input (their backward passes apart, ``between`` them), one
+    step: the layers' factors."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(make_layer() for _ in range(2))
+    opt = SINGD(layers, structures="hierarchical:2,1", T=1)
+    if not share:
+        monkeypatch.setattr(opt, "_shared_input", lambda *args: None)
+    x = torch.randn(40, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (x itself is not saved)
+        ys = [layer(x) for layer in layers]
+    ys[0].float().square().sum().backward()
+    if between is not None:
+        between(x)
+    ys[1].float().square().sum().backward()
+    opt.step()
+    return [t.clone() for layer in opt.layers.values() for t in layer.K.tensors()]
+
+
+def test_an_input_changed_between_backward_passes_is_read_again(monkeypatch):
+    """An input changed in place after the forward (autograd keeps only its bfloat16
+    copy here, so it does not object) between the two layers' backward passes: the
+    second layer's statistic reads it as changed, as without sharing."""
+    monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)
+
+    def change(x):
+        with torch.no_grad():
+            x.mul_(2)
+
+    shared = _two_layers_on_one_input(lambda: nn.Linear(5, 3), True, monkeypatch, change)
+    alone = _two_layers_on_one_input(lambda: nn.Linear(5, 3), False, monkeypatch, change)
+    for a, b in zip(shared, alone, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_subclass_that_makes_other_rows_is_not_shared(monkeypatch):
+    from torchsingd.optim.base import _rows_keyed
+
+    assert _rows_keyed(LinearAdapter) and not _rows_keyed(ScaledRows)
+    assert not _rows_keyed(OwnStatistic)
+    monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)
+    register_layer(Scaled, ScaledRows())
+    try:
+        scales = iter([1.0, 3.0, 1.0, 3.0])
+
+        def make():
+            layer = Scaled(5, 3)
+            layer.scale = next(scales)
+            return layer
+
+        shared = _two_layers_on_one_input(make, True, monkeypatch)
+        alone = _two_layers_on_one_input(make, False, monkeypatch)
+        for a, b in zip(shared, alone, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        unregister_layer(Scaled)

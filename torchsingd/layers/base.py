@@ -189,9 +189,11 @@ class LayerAdapter(ABC):
         ``None`` (nothing computed) where it does not (``K.gram_pays`` is false for
         :meth:`input_count` rows).
 
-        The Gram depends on ``K`` only through its family, sizes and dtype: blocks that
-        read the same input (an attention's query, key and value projections) may
-        share it (see :meth:`rows_key`)."""
+        The Gram depends on ``K`` only through its class, sizes, dtype and device:
+        blocks that read the same input (an attention's query, key and value
+        projections) may share it (see :meth:`rows_key`). ``None`` also where an
+        adapter's :meth:`input_count` is not the number of its rows (then the
+        statistic computed here is computed again by :meth:`input_statistic`)."""
         if not K.gram_pays(self.input_count(module, x, kfac_approx, block=block)):
             return None
         by_gram, H = self._input_sum(module, x, K, kfac_approx, block)
@@ -224,14 +226,17 @@ class LayerAdapter(ABC):
         return False, _sum_over_row_chunks(K.inner_of, a)
 
     def rows_key(self, module: nn.Module, x: Tensor, *, block: str = "") -> Hashable | None:
-        """What, besides the input tensor ``x``, decides :meth:`input_rows` (and so
-        :meth:`input_gram`) for a block: blocks of any modules whose keys are equal and
-        which read the same input tensor (the same memory, unchanged in between) in one
-        step make the same rows, and the optimizer computes their Gram once (an
-        attention's query, key and value projections of one input; the gate and up
-        projections of a gated MLP). ``None`` (the default): not shared. An adapter
-        that returns a key must compute its statistic as the default
-        :meth:`input_statistic` does (``input_gram``, then ``K``)."""
+        """What, besides the input tensor ``x``, decides :meth:`capture_input`,
+        :meth:`input_rows` (and so :meth:`input_gram`) for a block: blocks of any modules
+        whose keys are equal and which read the same input tensor (the same memory,
+        unchanged in between) in one step make the same rows, and the optimizer
+        computes their Gram once (an attention's query, key and value projections of
+        one input; the gate and up projections of a gated MLP). ``None`` (the
+        default): not shared. Only adapters whose statistic is the default
+        :meth:`input_statistic` (``input_gram``, then ``K``) share; a subclass that
+        inherits a key but makes its rows another way (its own ``input_rows``,
+        ``capture_input``, ``is_batched``, ``input_count``) does not, unless it
+        defines ``rows_key`` itself."""
         return None
 
     def own_gradient(

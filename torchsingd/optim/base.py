@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import numbers
 import operator
@@ -180,7 +181,11 @@ class _SharedInput:
     :meth:`~torchsingd.layers.LayerAdapter.rows_key` (an attention's query, key and
     value projections): computed by the first of them to be captured, applied to
     each block's own ``K`` (:meth:`KroneckerOptimizer._input_statistic`), dropped
-    once every application that joined has been captured.
+    once every application that joined has been captured (or at the step, where one
+    of them is never captured). A Gram is reused only while the input's version is
+    the one it was computed at (an in-place change between two blocks' backward
+    passes computes another; a change through ``.data``, which autograd does not
+    see either, is not seen).
 
     Held by those applications only (the optimizer finds it through a weak
     dictionary), so it never outlives them; they keep the input (and so its memory,
@@ -1249,11 +1254,7 @@ class KroneckerOptimizer(Optimizer):
         this step's other applications of the same input and rows key (see
         :class:`_SharedInput`), or ``None`` where the adapter's statistic is its own."""
         adapter = entry.adapter
-        if (
-            type(x) is not Tensor
-            or x.layout != torch.strided
-            or type(adapter).input_statistic is not LayerAdapter.input_statistic
-        ):
+        if type(x) is not Tensor or x.layout != torch.strided or not _rows_keyed(type(adapter)):
             return None
         rows_key = adapter.rows_key(entry.module, x, block=block)
         if rows_key is None:
@@ -1280,7 +1281,9 @@ class KroneckerOptimizer(Optimizer):
         input share (computed once, ``K`` applied per block) where ``shared``."""
         adapter, module = entry.adapter, entry.module
         if shared is not None and (shared.waiting > 1 or shared.grams):  # (else: alone)
-            key = (kfac_approx, type(K), K.options(), K.dim, K.dtype, K.device)
+            # (x's version now, too: an input changed in place after the forward, where
+            # autograd does not see it, between two blocks' backward passes)
+            key = (kfac_approx, type(K), K.options(), K.dim, K.dtype, K.device, x._version)
             G = shared.grams.get(key)
             if G is None:
                 G = adapter.input_gram(module, x, K, kfac_approx, block=block)
@@ -2833,6 +2836,30 @@ def _autocast_off() -> contextlib.AbstractContextManager:
     for kind in on:
         stack.enter_context(torch.autocast(kind, enabled=False))
     return stack
+
+
+#: the adapter methods that make a block's input rows or statistic (see _rows_keyed)
+_ROWS_METHODS = (
+    "capture_input",
+    "input_rows",
+    "is_batched",
+    "input_count",
+    "input_statistic",
+    "input_gram",
+    "_input_sum",
+)
+
+
+@functools.cache
+def _rows_keyed(adapter_class: type[LayerAdapter]) -> bool:
+    """Whether blocks of ``adapter_class`` may share input Grams: its statistic is the
+    default one (``input_gram``, then ``K``) and it makes its rows as the class that
+    defines its ``rows_key`` does (a subclass that changes how rows are made, but
+    inherits the key, is not shared)."""
+    if adapter_class.input_statistic is not LayerAdapter.input_statistic:
+        return False
+    owner = next(c for c in adapter_class.__mro__ if "rows_key" in c.__dict__)
+    return all(getattr(adapter_class, n) is getattr(owner, n) for n in _ROWS_METHODS)
 
 
 def _inner(nat: Tensor, G: Tensor) -> Tensor:
