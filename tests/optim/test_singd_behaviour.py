@@ -1042,6 +1042,78 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"normalize_lr_cov": True, "alpha1": 0.0}, {"kfac_like": True}, {"safeguards": False}],
+    ids=["default", "normalized", "ikfac", "no-safeguards"],
+)
+def test_equal_layers_update_factors_together(T, options, monkeypatch):
+    """The factor updates of equal-shaped blocks with stacking factors (hierarchical)
+    are computed together (``update_factors_together``: layers 0 and 2 here; layer 4
+    without a bias is another shape, and the head is alone); parameters, momenta and
+    factors after five steps equal those with every block updated alone (float64, up
+    to rounding), with the same safeguard events (with the default options the
+    factor-step bound acts in some of these updates)."""
+    import torchsingd.optim.singd as singd_module
+
+    original = singd_module.update_factors_together
+
+    def run(together: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(6, 6),
+            nn.Tanh(),
+            nn.Linear(6, 6),
+            nn.Tanh(),
+            nn.Linear(6, 6, bias=False),
+            nn.Tanh(),
+            nn.Linear(6, 3),
+        ).to(DTYPE)
+        opt = SINGD(
+            model,
+            structures="hierarchical:2,2",
+            T=T,
+            lr=0.1,
+            lr_cov=0.5,
+            weight_decay=1e-2,
+            **options,
+        )
+        sizes = []
+
+        def spy(jobs, **kwargs):
+            sizes.append(len(jobs))
+            return original(jobs, **kwargs)
+
+        monkeypatch.setattr(singd_module, "update_factors_together", spy)
+        if not together:
+            monkeypatch.setattr(opt, "_prepare_updates", lambda *args: None)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = 10 * torch.randn(16, 6, generator=gen, dtype=DTYPE)
+            y = torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        state = [p.detach().clone() for p in model.parameters()]
+        state += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+        for layer in opt.layers.values():
+            for X in (layer.K, layer.C, layer.m_K, layer.m_C):
+                state += [] if X is None else list(X.tensors())
+        return state, sizes, dict(opt.safeguard_events)
+
+    (alone, sizes_alone, events), (together, sizes_together, events_together) = (
+        run(False),
+        run(True),
+    )
+    assert sizes_alone == [] and sizes_together == [2] * len(range(0, 5, T))
+    assert events_together == events
+    if not options:  # (the default options: the bound acts in some of the updates)
+        assert events["factor_step_bounded"] > 0
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kl_clip", [None, 1e-2])
 def test_a_block_computed_at_once_keeps_no_gradient_copy(kl_clip, monkeypatch):
     """A layer whose natural gradient is computed at once (over ``BATCH_MAX_NUMEL``)

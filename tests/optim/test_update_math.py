@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchsingd.optim.update import natural_gradient, parameter_step, update_factors
+from torchsingd.optim.update import (
+    FactorJob,
+    natural_gradient,
+    parameter_step,
+    update_factors,
+    update_factors_together,
+)
 from torchsingd.structures import get_structure
 
 DTYPE = torch.float64
@@ -192,6 +198,110 @@ def test_update_factors_matches_dense_formula(structure, kfac_like, alpha1, norm
         torch.testing.assert_close(new.m_C.to_dense(), mC1, rtol=1e-11, atol=1e-12)
     after = [t for X in (K, C, H_K, H_C) for t in X.tensors()]
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), "inputs modified"
+
+
+STACKING = ["hierarchical:2,2", "hierarchical:3,1", "hierarchical:5,4", "hierarchical:9,1"]
+
+
+@pytest.mark.parametrize("structure", STACKING)
+@pytest.mark.parametrize(
+    "kfac_like, alpha1",
+    [(False, 0.0), (False, 0.5), (True, 0.0)],
+    ids=["singd", "singd-mom", "ikfac"],
+)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_update_factors_together_matches_dense_formula(structure, kfac_like, alpha1, normalize):
+    """Four blocks updated together (``H_C_scale`` and the statistics' sizes differ per
+    block, so every per-block number differs) each equal the dense formula, as
+    :func:`update_factors` one at a time does; their inputs stay unchanged and each
+    result holds tensors of its own (no view of a stacked tensor)."""
+    gen = torch.Generator().manual_seed(len(structure) + 2 * kfac_like + int(alpha1 > 0))
+    jobs, expected = [], []
+    damping, lr_cov = 0.1, 0.3
+    for i in range(4):
+        K, C = random_member(structure, D_I, gen), random_member(structure, D_O, gen)
+        m_K = m_C = None
+        if alpha1 != 0:
+            m_K = random_member(structure, D_I, gen, eye=False)
+            m_C = random_member(structure, D_O, gen, eye=False)
+        a = (1 + i) * torch.randn(10, D_I, generator=gen, dtype=DTYPE)
+        g = 1.5 * torch.randn(12, D_O, generator=gen, dtype=DTYPE)
+        jobs.append(FactorJob(K, C, m_K, m_C, K.inner_of(a.T), C.inner_of(g.T), 0.25 * (1 + i)))
+        Kd, Cd = K.to_dense(), C.to_dense()
+        expected.append(
+            dense_update(
+                structure,
+                structure,
+                Kd,
+                Cd,
+                None if m_K is None else m_K.to_dense(),
+                None if m_C is None else m_C.to_dense(),
+                project(structure, Kd.T @ a.T @ a @ Kd),
+                project(structure, Cd.T @ g.T @ g @ Cd),
+                damping,
+                alpha1,
+                lr_cov,
+                kfac_like,
+                normalize,
+                0.25 * (1 + i),
+            )
+        )
+    before = [t.clone() for j in jobs for X in (j.K, j.C, j.H_K, j.H_C) for t in X.tensors()]
+    new = update_factors_together(
+        jobs,
+        damping=damping,
+        alpha1=alpha1,
+        lr_cov=lr_cov,
+        kfac_like=kfac_like,
+        normalize_lr_cov=normalize,
+    )
+    if normalize:  # the test must exercise the max(1, max|m|) branch, per block
+        assert len({n.beta1_K for n in new}) > 1
+    for n, (K1, C1, mK1, mC1) in zip(new, expected, strict=True):
+        torch.testing.assert_close(n.K.to_dense(), K1, rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(n.C.to_dense(), C1, rtol=1e-11, atol=1e-12)
+        if alpha1 == 0:
+            assert n.m_K is None and n.m_C is None
+        else:
+            torch.testing.assert_close(n.m_K.to_dense(), mK1, rtol=1e-11, atol=1e-12)
+            torch.testing.assert_close(n.m_C.to_dense(), mC1, rtol=1e-11, atol=1e-12)
+        for X in (n.K, n.C) + ((n.m_K, n.m_C) if alpha1 else ()):
+            for t in X._storage():
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    after = [t for j in jobs for X in (j.K, j.C, j.H_K, j.H_C) for t in X.tensors()]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), "inputs modified"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_step", [0.5, 0.05])
+def test_update_factors_together_bounds_each_block(dtype, max_step):
+    """With the factor-step bound: blocks whose step it reduces (statistics of very
+    different sizes: some are, some are not) take their own bounded step; every
+    result equals update_factors one at a time (16-bit: to its rounding) and counts
+    the same bounded steps."""
+    gen = torch.Generator().manual_seed(7)
+    jobs = []
+    for i in range(5):
+        K = random_member("hierarchical:3,2", 9, gen).to(dtype)
+        C = random_member("hierarchical:3,2", 8, gen).to(dtype)
+        a = 0.1 * 4**i * torch.randn(30, 9, generator=gen, dtype=DTYPE)
+        g = 0.1 * 4**i * torch.randn(30, 8, generator=gen, dtype=DTYPE)
+        H_K, H_C = K.inner_of(a.T.to(dtype)), C.inner_of(g.T.to(dtype))
+        jobs.append(FactorJob(K, C, K.mul(0.1), C.mul(-0.1), H_K, H_C, 1.0))
+    options = dict(damping=1e-3, alpha1=0.5, lr_cov=0.05, kfac_like=False, normalize_lr_cov=False)
+    new = update_factors_together(jobs, max_step=max_step, **options)
+    one = [
+        update_factors(j.K, j.C, j.m_K, j.m_C, j.H_K, j.H_C, max_step=max_step, **options)
+        for j in jobs
+    ]
+    counts = [o.bounded for o in one]
+    assert 0 in counts and max(counts) > 0  # (both kinds of block)
+    assert [n.bounded for n in new] == counts
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for n, o in zip(new, one, strict=True):
+        for x, y in ((n.K, o.K), (n.C, o.C), (n.m_K, o.m_K), (n.m_C, o.m_C)):
+            assert x.dtype == dtype
+            torch.testing.assert_close(x.to_dense(), y.to_dense(), rtol=tol, atol=tol)
 
 
 def test_update_factors_from_identity_dense_closed_form():

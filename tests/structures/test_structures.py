@@ -878,6 +878,47 @@ def test_zero_columns(name, op):
 
 
 @pytest.mark.parametrize("name, d", CASES)
+def test_stacked_factor_operations(name, d):
+    """Families with ``stacks``: ``stacked_inner``, ``stacked_matmul``, ``stacked_trace``
+    and ``stacked_add_identity_`` on three members' storages stacked along a new
+    first dimension equal each member's own ``inner``, ``matmul``, ``trace`` and
+    ``add_identity_`` (float64; the batched products may round differently)."""
+    spec = get_structure(name)
+    members = [random_member(spec, d, "stack", i) for i in range(3)]
+    others = [random_member(spec, d, "stack-other", i) for i in range(3)]
+    if not members[0].stacks:
+        with pytest.raises(NotImplementedError, match="does not stack"):
+            members[0].stacked_trace(members[0]._storage())
+        return
+    X0 = members[0]
+
+    def stack(ms):
+        return tuple(torch.stack(ts) for ts in zip(*(m._storage() for m in ms), strict=True))
+
+    def unstacked(storage, i):
+        return X0._from_storage(tuple(t[i] for t in storage)).to_dense()
+
+    S, S_other = stack(members), stack(others)
+    inner, product = X0.stacked_inner(S), X0.stacked_matmul(S, S_other)
+    traces = X0.stacked_trace(S)
+    assert traces.shape == (3,)
+    shifted = tuple(t.clone() for t in S)
+    X0.stacked_add_identity_(shifted, -0.7)
+    for i, (X, Y) in enumerate(zip(members, others, strict=True)):
+        torch.testing.assert_close(
+            unstacked(inner, i), X.inner().to_dense(), rtol=1e-13, atol=1e-13
+        )
+        torch.testing.assert_close(
+            unstacked(product, i), X.matmul(Y).to_dense(), rtol=1e-13, atol=1e-13
+        )
+        torch.testing.assert_close(traces[i], X.trace(), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(
+            unstacked(shifted, i), X.clone().add_identity_(-0.7).to_dense(), rtol=0, atol=0
+        )
+    assert all(torch.equal(a, b) for a, b in zip(S, stack(members), strict=True))  # unchanged
+
+
+@pytest.mark.parametrize("name, d", CASES)
 def test_stacked_outer_operators(name, d):
     """Operators ``K K^T`` with one ``batch_key`` applied together (``stacked_mm``,
     the batched natural gradient's product) equal each one's ``mm``, for row-major and

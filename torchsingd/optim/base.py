@@ -1571,6 +1571,12 @@ class KroneckerOptimizer(Optimizer):
         """The group's trust-region bound ``kl_clip`` (``None``: off)."""
         return group.get("kl_clip")
 
+    def _prepare_updates(self, entries: list[ModuleEntry], g_scale: float) -> None:
+        """Work on this step's factor updates of ``entries`` (the modules this rank
+        preconditions) done before :meth:`_precondition` takes them one module at a
+        time, e.g. equal-shaped blocks' updates computed together; called again with
+        no entries after them, to drop what was not taken. Default: nothing."""
+
     def _precondition(self, entry: ModuleEntry, g_scale: float, grad_scale: float):
         """New factors and natural gradients of one module's blocks, and their inner
         products ``<G_nat, G>`` with the gradients: ``(new_factors, nats, inners)``, or
@@ -2088,6 +2094,8 @@ class KroneckerOptimizer(Optimizer):
                 if callable(group["lr_cov"]) and self.steps % group["T"] == 0:
                     scheduled_lr_cov(group, self.steps, upper=self.LR_COV_UPPER)
         updated = self._sync_statistics() if size > 1 else []
+        owned = [entry for entry in self._entries.values() if self._owner(entry) == rank]
+        self._prepare_updates(owned, g_scale)
         started = []  # (entry, _precondition's work or None, its result or None)
         for entry in list(self._entries.values()):  # (_precondition may demote one)
             if self._owner(entry) == rank:
@@ -2098,6 +2106,7 @@ class KroneckerOptimizer(Optimizer):
                 result = self._zero_directions(entry)
                 if result is not None:
                     started.append((entry, None, result))
+        self._prepare_updates([], g_scale)  # (drops what no block took)
         # the natural gradients left to compute, of all modules together (layers of
         # equal shapes in batched operations)
         natural_gradients(

@@ -30,10 +30,12 @@ from torchsingd.optim.base import (
     warn,
 )
 from torchsingd.optim.update import (
+    FactorJob,
     FactorUpdate,
     NaturalGradientTask,
     natural_gradient,
     update_factors,
+    update_factors_together,
 )
 from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
 from torchsingd.structures.base import OuterOperator, read_scalars
@@ -280,6 +282,8 @@ class SINGD(KroneckerOptimizer):
                 kl_clip=kl_clip,
             ),
         )
+        #: this step's factor updates computed together, by block (id of its state)
+        self._together: dict[int, FactorUpdate] = {}
         super().__init__(
             model,
             params,
@@ -362,23 +366,20 @@ class SINGD(KroneckerOptimizer):
     ) -> tuple[dict[str, Any], Tensor]:
         K, C, m_K, m_C = layer.K, layer.C, layer.m_K, layer.m_C
         if stats is not None:
-            lr_cov = scheduled_lr_cov(group, self.steps)
             safe = group.get("safeguards", False)
-            new = update_factors(
-                K,
-                C,
-                m_K,
-                m_C,
-                stats[0],
-                stats[1],
-                damping=group["damping"],
-                alpha1=group["alpha1"],
-                lr_cov=lr_cov,
-                kfac_like=group["kfac_like"],
-                normalize_lr_cov=group["normalize_lr_cov"],
-                H_C_scale=output_scale,
-                max_step=group.get("max_factor_step") if safe else None,
-            )
+            # computed with equal-shaped blocks' (_prepare_updates), else now
+            new = self._together.pop(id(layer), None)
+            if new is None:
+                new = update_factors(
+                    K,
+                    C,
+                    m_K,
+                    m_C,
+                    stats[0],
+                    stats[1],
+                    **self._update_options(group),
+                    H_C_scale=output_scale,
+                )
             if safe:
                 new = self._checked(layer, new, G)
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
@@ -391,6 +392,50 @@ class SINGD(KroneckerOptimizer):
         if task.key is None:  # computed now (G is not kept: the step's peak stays)
             return factors, natural_gradient(K, C, G, KKt, CCt)
         return factors, task  # computed with the other layers' (natural_gradients)
+
+    def _update_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The keyword options of :func:`update_factors` in this step."""
+        safe = group.get("safeguards", False)
+        return dict(
+            damping=group["damping"],
+            alpha1=group["alpha1"],
+            lr_cov=scheduled_lr_cov(group, self.steps),
+            kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"],
+            max_step=group.get("max_factor_step") if safe else None,
+        )
+
+    def _prepare_updates(self, entries: list[ModuleEntry], g_scale: float) -> None:
+        """Compute the factor updates due in this step of equal-shaped blocks together
+        (:func:`~torchsingd.optim.update.update_factors_together`: families with
+        ``stacks``, one size, dtype and device on each side, equal options), kept for
+        :meth:`_update_block` by block; a block of no such group is updated there."""
+        self._together = {}
+        groups: dict[tuple, list[tuple[LayerState, FactorJob]]] = {}
+        for entry in entries:
+            group = self.param_groups[entry.group_index]
+            if self.steps % group["T"] != 0 or not self._active(entry):
+                continue
+            options = None
+            for layer in entry.blocks.values():
+                K, C = layer.K, layer.C
+                if not (layer.has_statistics(self.steps) and K.stacks and C.stacks):
+                    continue
+                H_K, H_C = layer.pending
+                if options is None:
+                    options = self._update_options(group)
+                key = tuple(
+                    (type(X), X.options(), X.dim, X.dtype, X.device, type(H), H.dtype, m is None)
+                    for X, H, m in ((K, H_K, layer.m_K), (C, H_C, layer.m_C))
+                ) + (tuple(options.items()),)
+                scale = (layer.capture_scale / g_scale) ** 2
+                job = FactorJob(K, C, layer.m_K, layer.m_C, H_K, H_C, scale)
+                groups.setdefault(key, []).append((layer, job))
+        for key, members in groups.items():
+            if len(members) > 1:
+                results = update_factors_together([job for _, job in members], **dict(key[-1]))
+                for (layer, _), result in zip(members, results, strict=True):
+                    self._together[id(layer)] = result
 
     def _checked(self, layer: LayerState, new: FactorUpdate, G: Tensor) -> FactorUpdate:
         """Note bounded steps; undo a factor update that came out non-finite.

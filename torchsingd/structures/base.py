@@ -45,6 +45,11 @@ class StructuredMatrix(ABC):
     """
 
     family: ClassVar[str]
+    #: whether the ``stacked_*`` methods are defined: equal-shaped members are then
+    #: updated together (:func:`torchsingd.optim.update.update_factors_together`,
+    #: which also takes the default :meth:`bound_inputs` and :meth:`bounded_step`: a
+    #: family that overrides them, or :meth:`frobenius_sq`, does not stack as is)
+    stacks: ClassVar[bool] = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -337,6 +342,27 @@ class StructuredMatrix(ABC):
     @abstractmethod
     def inner_of(self, Z: Tensor) -> StructuredMatrix:
         """``P(self^T @ Z @ Z^T @ self)`` for a dense ``Z`` of shape ``[d, n]``."""
+
+    # ``stacked_*``: the same operations on the storage (:meth:`_storage`) of several
+    # members of this one's family and sizes, each tensor stacked along a new first
+    # dimension (``self`` gives the sizes only); families with ``stacks = True``.
+    def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The storage of each member's :meth:`inner`."""
+        raise NotImplementedError(f"{type(self).__name__} does not stack.")
+
+    def stacked_matmul(
+        self, first: tuple[Tensor, ...], second: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
+        """The storage of each pair's :meth:`matmul`."""
+        raise NotImplementedError(f"{type(self).__name__} does not stack.")
+
+    def stacked_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        """Each member's :meth:`trace` (``[m]``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stack.")
+
+    def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
+        """Each member's :meth:`add_identity_`, in place."""
+        raise NotImplementedError(f"{type(self).__name__} does not stack.")
 
     def gram_of(self, Z: Tensor) -> StructuredMatrix | None:
         """The entries of ``Z Z^T`` (``Z: [d, n]`` dense) that ``P(K^T Z Z^T K)`` reads,

@@ -26,7 +26,6 @@ from torchsingd.structures.base import (
     border_index,
     check_rows,
     check_square,
-    col_sq_sum,
     constant,
     row_sq_sum,
     symmetrized,
@@ -72,6 +71,7 @@ class HierarchicalMatrix(StructuredMatrix):
     """
 
     family = "hierarchical"
+    stacks = True
 
     def __init__(self, A: Tensor, B: Tensor, c: Tensor, D: Tensor, E: Tensor, K1: int, K2: int):
         k1, k2, m = check_square(A, "A"), check_square(E, "E"), c.shape[0]
@@ -145,23 +145,34 @@ class HierarchicalMatrix(StructuredMatrix):
     def _with_tensors(self, tensors):
         return HierarchicalMatrix(*tensors, self.K1, self.K2)
 
-    def _diagonals(self) -> tuple[Tensor, Tensor]:
-        """Views of ``diag(A)`` and ``diag(E)`` in ``R``: ``R``'s main diagonal's first
-        ``k1`` entries and the bottom rows' diagonal from column ``k1 + m`` (two
-        operators each; slicing the blocks first took three). Views that follow ``R``'s
-        own strides and offset, read without Python-level stride arithmetic (which
-        ``torch.compile`` cannot trace on an intermediate tensor)."""
-        return self.R.diagonal()[: self.k1], self.R[self.k1 :].diagonal(self.k1 + self.m)
+    def _diagonals(self, R: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Views of ``diag(A)`` and ``diag(E)`` in ``R`` (this member's, or stacked
+        members' ``[..., k1 + k2, d]``): ``R``'s main diagonal's first ``k1`` entries
+        and the bottom rows' diagonal from column ``k1 + m`` (two operators each;
+        slicing the blocks first took three). Views that follow ``R``'s own strides and
+        offset, read without Python-level stride arithmetic (which ``torch.compile``
+        cannot trace on an intermediate tensor)."""
+        R = self.R if R is None else R
+        top = R.diagonal(dim1=-2, dim2=-1)[..., : self.k1]
+        return top, R[..., self.k1 :, :].diagonal(self.k1 + self.m, dim1=-2, dim2=-1)
 
     def add_identity_(self, value: float) -> HierarchicalMatrix:
-        top, bottom = self._diagonals()
-        # one dispatch for the three: the per-tensor add_, bit for bit
-        torch._foreach_add_([top, self.c, bottom], value)
+        self.stacked_add_identity_((self.R, self.c), value)
         return self
 
+    def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
+        R, c = storage
+        top, bottom = self._diagonals(R)
+        # one dispatch for the three: the per-tensor add_, bit for bit
+        torch._foreach_add_([top, c, bottom], value)
+
     def trace(self) -> Tensor:
-        top, bottom = self._diagonals()
-        return torch.cat([top, self.c, bottom]).sum(dtype=wide(self.dtype))
+        return self.stacked_trace((self.R, self.c))
+
+    def stacked_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        R, c = storage
+        top, bottom = self._diagonals(R)
+        return torch.cat([top, c, bottom], -1).sum(-1, dtype=wide(R.dtype))
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense rows at the ``k1`` top and ``k2`` bottom rows, ``diag(c)`` between."""
@@ -187,10 +198,11 @@ class HierarchicalMatrix(StructuredMatrix):
         return X.index_select(0, self._border_index(X.device))
 
     def _cols_B(self, X: Tensor) -> Tensor:
-        """The columns of ``X`` at the border: ``X`` itself where there is no middle."""
+        """The columns of ``X`` (its last dimension) at the border: ``X`` itself where
+        there is no middle."""
         if self.m == 0:
             return X
-        return X.index_select(1, self._border_index(X.device))
+        return X.index_select(-1, self._border_index(X.device))
 
     def _projected_(self, M: Tensor) -> Tensor:
         """``M = S[B, :]`` for a symmetric ``S``, in place, into ``P(S)``'s border rows:
@@ -207,7 +219,7 @@ class HierarchicalMatrix(StructuredMatrix):
 
         M.mul_(constant(("hierarchical P", k1, m, k2, M.dtype, M.device), make))
         if k1 and k2:
-            M[k1:, :k1].zero_()
+            M[..., k1:, :k1].zero_()
         return M
 
     def mm(self, X: Tensor) -> Tensor:
@@ -231,21 +243,32 @@ class HierarchicalMatrix(StructuredMatrix):
         return out
 
     def matmul(self, other: StructuredMatrix) -> HierarchicalMatrix:
+        self._check_compatible(other)
+        R, c = self.stacked_matmul((self.R, self.c), (other.R, other.c))
+        return HierarchicalMatrix._packed(R, c, self.K1, self.K2)
+
+    def stacked_matmul(self, first: tuple[Tensor, ...], second: tuple[Tensor, ...]):
         # (K K')[B, :] = R[:, B] R' (R' holds K''s rows at B), plus R[:, mid] * c' on
         # the middle columns; the zero block stays exactly zero ([0 E] [A'; 0] = 0)
-        self._check_compatible(other)
+        (R, c), (R2, c2) = first, second
         k1, s = self.k1, self.k1 + self.m
-        R = torch.mm(self._cols_B(self.R), other.R)
-        R[:, k1:s].addcmul_(self.R[:, k1:s], other.c)
-        return HierarchicalMatrix._packed(R, self.c * other.c, self.K1, self.K2)
+        out = torch.matmul(self._cols_B(R), R2)
+        out[..., k1:s].addcmul_(R[..., k1:s], c2.unsqueeze(-2))
+        return out, c * c2
 
     def inner(self) -> HierarchicalMatrix:
+        M, c = self.stacked_inner((self.R, self.c))
+        return HierarchicalMatrix._packed(M, c, self.K1, self.K2)
+
+    def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         # (K^T K)[B, :] = R[:, B]^T R (column i in B of K is R[:, i]); its middle
         # diagonal: colsum(R[:, mid]^2) + c^2
+        R, c = storage
         k1, s = self.k1, self.k1 + self.m
-        M = torch.mm(self._cols_B(self.R).T, self.R)
-        c = col_sq_sum(self.R[:, k1:s]).addcmul_(self.c, self.c)
-        return HierarchicalMatrix._packed(self._projected_(M), c, self.K1, self.K2)
+        M = torch.matmul(self._cols_B(R).mT, R)
+        mid = R[..., k1:s]
+        c = (mid * mid).sum(-2).addcmul_(c, c)
+        return self._projected_(M), c
 
     def inner_of(self, Z: Tensor) -> HierarchicalMatrix:
         # S = K^T Z; P(S S^T) from S[B] S^T (one product) and the middle row norms
