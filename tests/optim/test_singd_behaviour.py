@@ -1042,15 +1042,16 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("structure", ["hierarchical:2,2", "triltoeplitz", "triutoeplitz"])
 @pytest.mark.parametrize("T", [1, 2])
 @pytest.mark.parametrize(
     "options",
     [{}, {"normalize_lr_cov": True, "alpha1": 0.0}, {"kfac_like": True}, {"safeguards": False}],
     ids=["default", "normalized", "ikfac", "no-safeguards"],
 )
-def test_equal_layers_update_factors_together(T, options, monkeypatch):
-    """The factor updates of equal-shaped blocks with stacking factors (hierarchical)
-    are computed together (``update_factors_together``: layers 0 and 2 here; layer 4
+def test_equal_layers_update_factors_together(structure, T, options, monkeypatch):
+    """The factor updates of equal-shaped blocks with stacking factors (hierarchical,
+    small Toeplitz) are computed together (``update_factors_together``: layers 0 and 2 here; layer 4
     without a bias is another shape, and the head is alone); parameters, momenta and
     factors after five steps equal those with every block updated alone (float64, up
     to rounding), with the same safeguard events (with the default options the
@@ -1072,7 +1073,7 @@ def test_equal_layers_update_factors_together(T, options, monkeypatch):
         ).to(DTYPE)
         opt = SINGD(
             model,
-            structures="hierarchical:2,2",
+            structures=structure,
             T=T,
             lr=0.1,
             lr_cov=0.5,

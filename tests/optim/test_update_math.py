@@ -200,7 +200,13 @@ def test_update_factors_matches_dense_formula(structure, kfac_like, alpha1, norm
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), "inputs modified"
 
 
-STACKING = ["hierarchical:2,2", "hierarchical:3,1", "hierarchical:5,4", "hierarchical:9,1"]
+STACKING = [
+    "hierarchical:2,2",
+    "hierarchical:3,1",
+    "hierarchical:5,4",
+    "hierarchical:9,1",
+    "triltoeplitz",
+]
 
 
 @pytest.mark.parametrize("structure", STACKING)
@@ -272,32 +278,40 @@ def test_update_factors_together_matches_dense_formula(structure, kfac_like, alp
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), "inputs modified"
 
 
+@pytest.mark.parametrize("structure", ["hierarchical:3,2", "triltoeplitz", "triutoeplitz"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("max_step", [0.5, 0.05])
-def test_update_factors_together_bounds_each_block(dtype, max_step):
+@pytest.mark.parametrize("max_step", [0.5, 0.05, None])
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_update_factors_together_bounds_each_block(structure, dtype, max_step, normalize):
     """With the factor-step bound: blocks whose step it reduces (statistics of very
     different sizes: some are, some are not) take their own bounded step; every
-    result equals update_factors one at a time (16-bit: to its rounding) and counts
-    the same bounded steps."""
+    result equals update_factors one at a time (16-bit: to its rounding, in the
+    factors' dtype) and counts the same bounded steps; also with ``beta1`` normalised
+    per block and without the bound."""
     gen = torch.Generator().manual_seed(7)
     jobs = []
     for i in range(5):
-        K = random_member("hierarchical:3,2", 9, gen).to(dtype)
-        C = random_member("hierarchical:3,2", 8, gen).to(dtype)
+        K = random_member(structure, 9, gen).to(dtype)
+        C = random_member(structure, 8, gen).to(dtype)
         a = 0.1 * 4**i * torch.randn(30, 9, generator=gen, dtype=DTYPE)
         g = 0.1 * 4**i * torch.randn(30, 8, generator=gen, dtype=DTYPE)
         H_K, H_C = K.inner_of(a.T.to(dtype)), C.inner_of(g.T.to(dtype))
         jobs.append(FactorJob(K, C, K.mul(0.1), C.mul(-0.1), H_K, H_C, 1.0))
-    options = dict(damping=1e-3, alpha1=0.5, lr_cov=0.05, kfac_like=False, normalize_lr_cov=False)
+    options = dict(damping=1e-3, alpha1=0.5, kfac_like=False, normalize_lr_cov=normalize)
+    options["lr_cov"] = 0.05 if not normalize else 0.5
     new = update_factors_together(jobs, max_step=max_step, **options)
     one = [
         update_factors(j.K, j.C, j.m_K, j.m_C, j.H_K, j.H_C, max_step=max_step, **options)
         for j in jobs
     ]
     counts = [o.bounded for o in one]
-    assert 0 in counts and max(counts) > 0  # (both kinds of block)
+    if max_step is not None and not normalize:
+        assert 0 in counts and max(counts) > 0  # (both kinds of block)
+    if normalize:  # (blocks of different beta1)
+        assert len({o.beta1_K for o in one}) > 1
     assert [n.bounded for n in new] == counts
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert [n.beta1_K for n in new] == pytest.approx([o.beta1_K for o in one], rel=1e-6)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
     for n, o in zip(new, one, strict=True):
         for x, y in ((n.K, o.K), (n.C, o.C), (n.m_K, o.m_K), (n.m_C, o.m_C)):
             assert x.dtype == dtype

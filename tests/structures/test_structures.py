@@ -879,18 +879,24 @@ def test_zero_columns(name, op):
 
 @pytest.mark.parametrize("name, d", CASES)
 def test_stacked_factor_operations(name, d):
-    """Families with ``stacks``: ``stacked_inner``, ``stacked_matmul``, ``stacked_trace``
-    and ``stacked_add_identity_`` on three members' storages stacked along a new
-    first dimension equal each member's own ``inner``, ``matmul``, ``trace`` and
-    ``add_identity_`` (float64; the batched products may round differently)."""
+    """Members that stack (hierarchical; Toeplitz below ``FFT_MIN_DIM``):
+    ``stacked_inner``, ``stacked_matmul``, ``stacked_trace``, ``stacked_average_trace``,
+    ``stacked_frobenius_sq`` and ``stacked_add_identity_`` on three members' storages
+    stacked along a new first dimension equal each member's own ``inner``, ``matmul``,
+    ``trace``, ``average_trace``, ``frobenius_sq`` and ``add_identity_`` (float64; the
+    batched products may round differently)."""
     spec = get_structure(name)
     members = [random_member(spec, d, "stack", i) for i in range(3)]
     others = [random_member(spec, d, "stack-other", i) for i in range(3)]
-    if not members[0].stacks:
-        with pytest.raises(NotImplementedError, match="does not stack"):
-            members[0].stacked_trace(members[0]._storage())
+    family = name.partition(":")[0]
+    expected = family == "hierarchical" or (family.endswith("toeplitz") and d < 128)
+    assert members[0].stacks == expected
+    if not expected:
         return
     X0 = members[0]
+    # update_factors_together bounds steps by the default rule only
+    for method in ("bound_inputs", "_quick_inputs", "quick_norm_bound", "bounded_step"):
+        assert getattr(type(X0), method) is getattr(StructuredMatrix, method)
 
     def stack(ms):
         return tuple(torch.stack(ts) for ts in zip(*(m._storage() for m in ms), strict=True))
@@ -901,7 +907,8 @@ def test_stacked_factor_operations(name, d):
     S, S_other = stack(members), stack(others)
     inner, product = X0.stacked_inner(S), X0.stacked_matmul(S, S_other)
     traces = X0.stacked_trace(S)
-    assert traces.shape == (3,)
+    averages, squares = X0.stacked_average_trace(S), X0.stacked_frobenius_sq(S)
+    assert traces.shape == averages.shape == squares.shape == (3,)
     shifted = tuple(t.clone() for t in S)
     X0.stacked_add_identity_(shifted, -0.7)
     for i, (X, Y) in enumerate(zip(members, others, strict=True)):
@@ -912,6 +919,8 @@ def test_stacked_factor_operations(name, d):
             unstacked(product, i), X.matmul(Y).to_dense(), rtol=1e-13, atol=1e-13
         )
         torch.testing.assert_close(traces[i], X.trace(), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(averages[i], X.average_trace(), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(squares[i], X.frobenius_sq(), rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(
             unstacked(shifted, i), X.clone().add_identity_(-0.7).to_dense(), rtol=0, atol=0
         )

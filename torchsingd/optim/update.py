@@ -181,14 +181,13 @@ def update_factors_together(
         coeff_HK, coeff_HC = [1.0] * len(jobs), scales
         damp_K = damp_C = [damping] * len(jobs)
     else:  # the average traces, [4, m], in one sync (as update_factors' four)
-        tr_HC, tr_HK, tr_CtC, tr_KtK = torch.stack(
-            [
-                C0.stacked_trace(H_C) / C0.dim,
-                K0.stacked_trace(H_K) / K0.dim,
-                C0.stacked_trace(CtC) / C0.dim,
-                K0.stacked_trace(KtK) / K0.dim,
-            ]
-        ).tolist()
+        averages = [
+            C0.stacked_average_trace(H_C),
+            K0.stacked_average_trace(H_K),
+            C0.stacked_average_trace(CtC),
+            K0.stacked_average_trace(KtK),
+        ]  # (float64 holds every dtype's values exactly: one stack for K's and C's)
+        tr_HC, tr_HK, tr_CtC, tr_KtK = torch.stack([t.double() for t in averages]).tolist()
         coeff_HK = [s * t for s, t in zip(scales, tr_HC, strict=True)]
         coeff_HC = [s * t for s, t in zip(scales, tr_HK, strict=True)]
         damp_K, damp_C = [damping * t for t in tr_CtC], [damping * t for t in tr_KtK]
@@ -232,7 +231,16 @@ def _column(values: Sequence[float], like: Tensor) -> Tensor:
     return column.view(-1, *([1] * (like.ndim - 1)))
 
 
-def _momentum_together(X0, H, H_coeff, XtX, damp, scale, m_old, alpha1) -> tuple[Tensor, ...]:
+def _momentum_together(
+    X0: StructuredMatrix,
+    H: tuple[Tensor, ...],
+    H_coeff: list[float],
+    XtX: tuple[Tensor, ...],
+    damp: list[float],
+    scale: float,
+    m_old: tuple[Tensor, ...] | None,
+    alpha1: float,
+) -> tuple[Tensor, ...]:
     """:func:`riemannian_momentum_step` of stacked members (per-member coefficients)."""
     m = tuple(torch.mul(h, _column(H_coeff, h)).to(h.dtype) for h in H)
     for t, x in zip(m, XtX, strict=True):
@@ -254,27 +262,35 @@ def _max_abs(storage: tuple[Tensor, ...]) -> Tensor:
     return torch.stack(parts).amax(0)
 
 
-def _factor_steps(X0, X, m, beta1, max_step) -> tuple[list[StructuredMatrix], list[int]]:
+def _factor_steps(
+    X0: StructuredMatrix,
+    X: tuple[Tensor, ...],
+    m: tuple[Tensor, ...],
+    beta1: list[float],
+    max_step: float | None,
+) -> tuple[list[StructuredMatrix], list[int]]:
     """:func:`factor_step` of stacked members: ``X - beta1 X m`` for all at once, and
     for those whose quick bound (:meth:`StructuredMatrix.quick_norm_bound`, from one
     sync for all) does not settle the factor-step bound, :func:`factor_step` alone."""
     count = len(beta1)
     alone: dict[int, list[float] | None] = {}
     if max_step is not None:  # the default bound_inputs: ||m||_F^2 and avgtr(m)
-        wide = torch.promote_types(m[0].dtype, torch.float32)
-        squares = sum((t.flatten(1).to(wide) ** 2).sum(1) for t in m)
-        averages = X0.stacked_trace(m).to(wide) / X0.dim
-        values = torch.stack([squares, averages]).tolist()
+        # (of m in float32 where m is 16-bit: stacked_* sum 16-bit numbers in float32)
+        squares, averages = X0.stacked_frobenius_sq(m), X0.stacked_average_trace(m)
+        values = torch.stack([squares.double(), averages.double()]).tolist()
+        m0 = X0._from_storage(tuple(t[0] for t in m))  # (the bound of each m_i from its inputs)
         for i in range(count):
             inputs = [values[0][i], values[1][i]]
-            if beta1[i] != 0.0 and beta1[i] * X0.quick_norm_bound(inputs) > max_step:
+            if beta1[i] != 0.0 and beta1[i] * m0.quick_norm_bound(inputs) > max_step:
                 alone[i] = inputs
     product = X0.stacked_matmul(X, m)
     if len(set(beta1)) == 1:
         stepped = [torch.add(x, p, alpha=-beta1[0]) for x, p in zip(X, product, strict=True)]
     else:
+        # (a 16-bit x: products in float32 with the float32 column, rounded once)
         stepped = [
-            x.addcmul(p, _column([-b for b in beta1], p)) for x, p in zip(X, product, strict=True)
+            x.addcmul(p, _column([-b for b in beta1], p)).to(x.dtype)
+            for x, p in zip(X, product, strict=True)
         ]
     out, bounded = [], []
     for i in range(count):

@@ -48,7 +48,8 @@ class StructuredMatrix(ABC):
     #: whether the ``stacked_*`` methods are defined: equal-shaped members are then
     #: updated together (:func:`torchsingd.optim.update.update_factors_together`,
     #: which also takes the default :meth:`bound_inputs` and :meth:`bounded_step`: a
-    #: family that overrides them, or :meth:`frobenius_sq`, does not stack as is)
+    #: family that overrides them does not stack as is; one that overrides
+    #: :meth:`frobenius_sq` or :meth:`average_trace` overrides their ``stacked_*``)
     stacks: ClassVar[bool] = False
 
     def __init__(self, dim: int) -> None:
@@ -363,6 +364,16 @@ class StructuredMatrix(ABC):
     def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
         """Each member's :meth:`add_identity_`, in place."""
         raise NotImplementedError(f"{type(self).__name__} does not stack.")
+
+    def stacked_average_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        """Each member's :meth:`average_trace` (``[m]``)."""
+        return self.stacked_trace(storage) / self.dim
+
+    def stacked_frobenius_sq(self, storage: tuple[Tensor, ...]) -> Tensor:
+        """Each member's :meth:`frobenius_sq` (``[m]``; by default the squares of the
+        stored numbers, as :meth:`frobenius_sq`)."""
+        dtype = torch.promote_types(storage[0].dtype, torch.float32)
+        return sum((t.flatten(1).to(dtype) ** 2).sum(1) for t in storage)
 
     def gram_of(self, Z: Tensor) -> StructuredMatrix | None:
         """The entries of ``Z Z^T`` (``Z: [d, n]`` dense) that ``P(K^T Z Z^T K)`` reads,

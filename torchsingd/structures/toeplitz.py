@@ -270,7 +270,7 @@ def project_diagonal_sums(sums: Tensor) -> Tensor:
 
     ``sums[0]`` is the trace; the result is ``sums[j] / (d - j)``.
     """
-    d = sums.shape[0]
+    d = sums.shape[-1]  # (over the last dimension)
     counts = torch.arange(d, 0, -1, dtype=sums.dtype, device=sums.device)
     return sums / counts
 
@@ -322,7 +322,7 @@ def _gram_statistic(apply_transposed, G: StructuredMatrix, d: int) -> Tensor:
 def _symmetric_sums(half_sums: Tensor) -> Tensor:
     """Sub+super diagonal sums of a symmetric matrix from its sub-diagonal sums."""
     out = 2 * half_sums
-    out[:1] = half_sums[:1]  # (nothing for d = 0)
+    out[..., :1] = half_sums[..., :1]  # (nothing for d = 0; over the last dimension)
     return out
 
 
@@ -350,12 +350,28 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
     def _with_tensors(self, tensors):
         return TrilToeplitzMatrix(*tensors)
 
+    @property
+    def stacks(self) -> bool:  # (members below FFT_MIN_DIM: products with the dense L)
+        return not _use_fft(self.dim)
+
     def add_identity_(self, value: float) -> TrilToeplitzMatrix:
-        self.col[:1] += value  # (nothing for d = 0)
+        self.stacked_add_identity_((self.col,), value)
         return self
 
+    def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
+        storage[0][..., :1] += value  # (nothing for d = 0)
+
     def trace(self) -> Tensor:
-        return self.col[:1].to(_fft_dtype(self.dtype)).sum() * self.dim  # (0 for d = 0)
+        return self.stacked_trace((self.col,))
+
+    def stacked_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        col = storage[0]
+        return col[..., :1].to(_fft_dtype(col.dtype)).sum(-1) * self.dim  # (0 for d = 0)
+
+    def stacked_average_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        if not self.dim:
+            return super().stacked_average_trace(storage)
+        return storage[0][..., 0].clone()  # (as average_trace)
 
     def average_trace(self) -> Tensor:
         if not self.dim:  # 0 / 0, as every family's
@@ -363,9 +379,13 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         return self.col[0].clone()
 
     def frobenius_sq(self) -> Tensor:
-        dtype = torch.promote_types(self.col.dtype, torch.float32)  # exact lengths
-        lengths = torch.arange(self.dim, 0, -1, dtype=dtype, device=self.col.device)
-        return (lengths * self.col.to(dtype).square()).sum()
+        return self.stacked_frobenius_sq((self.col,))
+
+    def stacked_frobenius_sq(self, storage: tuple[Tensor, ...]) -> Tensor:
+        col = storage[0]
+        dtype = torch.promote_types(col.dtype, torch.float32)  # exact lengths
+        lengths = torch.arange(self.dim, 0, -1, dtype=dtype, device=col.device)
+        return (lengths * col.to(dtype).square()).sum(-1)
 
     def mm(self, X: Tensor) -> Tensor:
         check_rows(X, self.dim)
@@ -385,20 +405,36 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         self._check_compatible(other)
         return TrilToeplitzMatrix(causal_conv(self.col, other.col.unsqueeze(1)).squeeze(1))
 
+    def stacked_matmul(self, first: tuple[Tensor, ...], second: tuple[Tensor, ...]):
+        # (members below FFT_MIN_DIM) L L' = the lower Toeplitz matrix with column L col'
+        product = dense_lower_toeplitz(first[0]) @ second[0].unsqueeze(-1)
+        return (product.squeeze(-1),)
+
     def _gram_half_sums(self) -> Tensor:
         """Sub-diagonal sums of ``L^T L`` (equal to those of ``L L^T``), in at least
         float32 (see :func:`column_autocorrelation`).
 
         ``s[j] = sum_{v >= j} (d - v) col[v] col[v - j]``.
         """
+        return self._half_sums_of(self.col)
+
+    def _half_sums_of(self, col: Tensor) -> Tensor:
+        """:meth:`_gram_half_sums` of ``col`` (``[..., d]``: several members' columns
+        below ``FFT_MIN_DIM``, each with the dense ``L``)."""
         d = self.dim
-        col = self.col.to(_fft_dtype(self.dtype))
-        weights = torch.arange(d, 0, -1, dtype=col.dtype, device=self.device)
-        return anticausal_conv(col, (weights * col).unsqueeze(1)).squeeze(1)
+        col = col.to(_fft_dtype(col.dtype))
+        weights = torch.arange(d, 0, -1, dtype=col.dtype, device=col.device)
+        if col.ndim == 1:
+            return anticausal_conv(col, (weights * col).unsqueeze(1)).squeeze(1)
+        return (dense_lower_toeplitz(col).mT @ (weights * col).unsqueeze(-1)).squeeze(-1)
 
     def inner(self) -> TrilToeplitzMatrix:
-        sums = _symmetric_sums(self._gram_half_sums())
-        return TrilToeplitzMatrix(project_diagonal_sums(sums).to(self.dtype))
+        return TrilToeplitzMatrix(self.stacked_inner((self.col,))[0])
+
+    def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        col = storage[0]
+        sums = _symmetric_sums(self._half_sums_of(col))
+        return (project_diagonal_sums(sums).to(col.dtype),)
 
     def outer(self) -> TrilToeplitzMatrix:
         return self.inner()
@@ -459,6 +495,30 @@ class TriuToeplitzMatrix(TransposedMatrix):
 
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         return True
+
+    # stacking: U = L^T, so U^T U = L L^T (as L^T L, Toeplitz: the same projection),
+    # U U' = (L' L)^T and trace, identity and norms are L's
+    @property
+    def stacks(self) -> bool:
+        return self.lower.stacks
+
+    def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return self.lower.stacked_inner(storage)
+
+    def stacked_matmul(self, first: tuple[Tensor, ...], second: tuple[Tensor, ...]):
+        return self.lower.stacked_matmul(second, first)
+
+    def stacked_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        return self.lower.stacked_trace(storage)
+
+    def stacked_average_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        return self.lower.stacked_average_trace(storage)
+
+    def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
+        self.lower.stacked_add_identity_(storage, value)
+
+    def stacked_frobenius_sq(self, storage: tuple[Tensor, ...]) -> Tensor:
+        return self.lower.stacked_frobenius_sq(storage)
 
     def gram_of(self, Z: Tensor) -> DenseMatrix:
         """``Z Z^T`` (see :meth:`TrilToeplitzMatrix.gram_of`)."""
