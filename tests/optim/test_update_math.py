@@ -56,6 +56,8 @@ def project(name: str, M: torch.Tensor) -> torch.Tensor:
         out[s:, k1:s] = 2 * M[s:, k1:s]
         out[s:, s:] = M[s:, s:]
         return out
+    if family == "triutoeplitz":  # P_U(M) = P_L(M)^T for a symmetric M
+        return project("triltoeplitz", M).T
     if family == "triltoeplitz":
         out = torch.zeros_like(M)
         for j in range(d):
@@ -206,6 +208,7 @@ STACKING = [
     "hierarchical:5,4",
     "hierarchical:9,1",
     "triltoeplitz",
+    "triutoeplitz",
 ]
 
 

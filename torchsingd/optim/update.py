@@ -161,7 +161,7 @@ def update_factors_together(
     equal-shaped projections: a factor update of a small layer is ~100 operators of
     a few microseconds each).
 
-    The jobs' ``K`` (and ``C``) are of one family with ``stacks = True``, one size,
+    The jobs' ``K`` (and ``C``) are members of one family whose ``stacks`` is true, one size,
     dtype and device; their momenta all present or all ``None``. Their storages are
     stacked (``[m, ...]``) and the family's ``stacked_*`` methods take them; per-block
     numbers (traces, ``H_C_scale``, the normalised or bounded ``beta1``) are read in

@@ -45,12 +45,14 @@ class StructuredMatrix(ABC):
     """
 
     family: ClassVar[str]
-    #: whether the ``stacked_*`` methods are defined: equal-shaped members are then
-    #: updated together (:func:`torchsingd.optim.update.update_factors_together`,
-    #: which also takes the default :meth:`bound_inputs` and :meth:`bounded_step`: a
-    #: family that overrides them does not stack as is; one that overrides
-    #: :meth:`frobenius_sq` or :meth:`average_trace` overrides their ``stacked_*``)
-    stacks: ClassVar[bool] = False
+    #: whether equal-shaped members of this one's family and size are updated together
+    #: (:func:`torchsingd.optim.update.update_factors_together`, with the ``stacked_*``
+    #: methods): a class attribute, or a property where it depends on the member (the
+    #: Toeplitz families: below ``FFT_MIN_DIM`` only). The batched update takes the
+    #: default :meth:`bound_inputs` and :meth:`bounded_step`: a family that overrides
+    #: them does not stack as is; one that overrides :meth:`frobenius_sq` or
+    #: :meth:`average_trace` overrides their ``stacked_*``. Read it on members.
+    stacks: bool = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -346,7 +348,8 @@ class StructuredMatrix(ABC):
 
     # ``stacked_*``: the same operations on the storage (:meth:`_storage`) of several
     # members of this one's family and sizes, each tensor stacked along a new first
-    # dimension (``self`` gives the sizes only); families with ``stacks = True``.
+    # dimension (``self`` gives the sizes only); defined by the families whose members
+    # may stack (see ``stacks``).
     def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """The storage of each member's :meth:`inner`."""
         raise NotImplementedError(f"{type(self).__name__} does not stack.")
