@@ -1042,7 +1042,9 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("structure", ["hierarchical:2,2", "triltoeplitz", "triutoeplitz"])
+@pytest.mark.parametrize(
+    "structure", ["hierarchical:2,2", "triltoeplitz", "triutoeplitz", "blockdiagonal:4"]
+)
 @pytest.mark.parametrize("T", [1, 2])
 @pytest.mark.parametrize(
     "options",
@@ -1054,8 +1056,8 @@ def test_equal_layers_update_factors_together(structure, T, options, monkeypatch
     small Toeplitz) are computed together (``update_factors_together``: layers 0 and 2 here; layer 4
     without a bias is another shape, and the head is alone); parameters, momenta and
     factors after five steps equal those with every block updated alone (float64, up
-    to rounding), with the same safeguard events (with the default options the
-    factor-step bound acts in some of these updates)."""
+    to rounding), with the same safeguard events (with the default options at T=1
+    the factor-step bound acts in some of these updates)."""
     import torchsingd.optim.singd as singd_module
 
     original = singd_module.update_factors_together
@@ -1109,10 +1111,36 @@ def test_equal_layers_update_factors_together(structure, T, options, monkeypatch
     )
     assert sizes_alone == [] and sizes_together == [2] * len(range(0, 5, T))
     assert events_together == events
-    if not options:  # (the default options: the bound acts in some of the updates)
+    if not options and T == 1:  # (the bound acts in some of these updates)
         assert events["factor_step_bounded"] > 0
     for a, b in zip(alone, together, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_large_equal_layers_update_factors_alone(monkeypatch):
+    """Blocks whose gradient holds more than ``BATCH_MAX_NUMEL`` numbers (two 300 x 301
+    layers here) are updated one at a time, as their natural gradients are: stacking
+    copies them and measured no gain (two 513 x 512 block-diagonal layers: slower)."""
+    import torchsingd.optim.singd as singd_module
+    from torchsingd.optim.update import BATCH_MAX_NUMEL
+
+    sizes = []
+    original = singd_module.update_factors_together
+
+    def spy(jobs, **kwargs):
+        sizes.append(len(jobs))
+        return original(jobs, **kwargs)
+
+    monkeypatch.setattr(singd_module, "update_factors_together", spy)
+    assert 300 * 301 > BATCH_MAX_NUMEL >= 30 * 31
+    for width, grouped in ((300, []), (30, [2])):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+        opt = SINGD(model, structures="blockdiagonal:30", T=1)
+        model(torch.randn(8, width)).square().sum().backward()
+        sizes.clear()
+        opt.step()
+        assert sizes == grouped
 
 
 @pytest.mark.parametrize("kl_clip", [None, 1e-2])

@@ -209,6 +209,8 @@ STACKING = [
     "hierarchical:9,1",
     "triltoeplitz",
     "triutoeplitz",
+    "blockdiagonal:3",
+    "blockdiagonal:2",
 ]
 
 
@@ -281,7 +283,9 @@ def test_update_factors_together_matches_dense_formula(structure, kfac_like, alp
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), "inputs modified"
 
 
-@pytest.mark.parametrize("structure", ["hierarchical:3,2", "triltoeplitz", "triutoeplitz"])
+@pytest.mark.parametrize(
+    "structure", ["hierarchical:3,2", "triltoeplitz", "triutoeplitz", "blockdiagonal:3"]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("max_step", [0.5, 0.05, None])
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])

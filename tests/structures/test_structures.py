@@ -889,14 +889,20 @@ def test_stacked_factor_operations(name, d):
     members = [random_member(spec, d, "stack", i) for i in range(3)]
     others = [random_member(spec, d, "stack-other", i) for i in range(3)]
     family = name.partition(":")[0]
-    expected = family == "hierarchical" or (family.endswith("toeplitz") and d < 128)
+    expected = family in ("hierarchical", "blockdiagonal") or (
+        family.endswith("toeplitz") and d < 128
+    )
     assert members[0].stacks == expected
     if not expected:
         return
     X0 = members[0]
-    # update_factors_together bounds steps by the default rule only
-    for method in ("bound_inputs", "_quick_inputs", "quick_norm_bound", "bounded_step"):
+    # update_factors_together decides by the default quick bound, then asks the
+    # member's own bounded_step (which must leave alone what the quick bound passes)
+    for method in ("bound_inputs", "_quick_inputs", "quick_norm_bound"):
         assert getattr(type(X0), method) is getattr(StructuredMatrix, method)
+    beta = 0.5 / X0.quick_norm_bound()
+    assert X0.bounded_step(beta, 0.5 + 1e-9) is None
+    assert X0.bounded_step(4 * beta, 0.5) is not None or not X0.dim
 
     def stack(ms):
         return tuple(torch.stack(ts) for ts in zip(*(m._storage() for m in ms), strict=True))

@@ -49,9 +49,12 @@ class StructuredMatrix(ABC):
     #: (:func:`torchsingd.optim.update.update_factors_together`, with the ``stacked_*``
     #: methods): a class attribute, or a property where it depends on the member (the
     #: Toeplitz families: below ``FFT_MIN_DIM`` only). The batched update takes the
-    #: default :meth:`bound_inputs` and :meth:`bounded_step`: a family that overrides
-    #: them does not stack as is; one that overrides :meth:`frobenius_sq` or
-    #: :meth:`average_trace` overrides their ``stacked_*``. Read it on members.
+    #: default :meth:`bound_inputs` and quick bound, and a member's own
+    #: :meth:`bounded_step` (block-diagonal: per block) only where the quick bound does
+    #: not hold: a family that overrides the former, or whose ``bounded_step`` acts
+    #: where the quick bound holds, does not stack as is; one that overrides
+    #: :meth:`frobenius_sq` or :meth:`average_trace` overrides their ``stacked_*``.
+    #: Read it on members.
     stacks: bool = False
 
     def __init__(self, dim: int) -> None:

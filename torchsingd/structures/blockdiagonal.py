@@ -36,6 +36,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
     """
 
     family = "blockdiagonal"
+    stacks = True
 
     def __init__(self, blocks: Tensor, last: Tensor, block_size: int) -> None:
         if blocks.ndim != 3 or blocks.shape[1:] != (block_size, block_size):
@@ -65,13 +66,22 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return BlockDiagonalMatrix(*tensors, self.block_size)
 
     def add_identity_(self, value: float) -> BlockDiagonalMatrix:
-        self.blocks.diagonal(dim1=1, dim2=2).add_(value)
-        self.last.diagonal().add_(value)
+        self.stacked_add_identity_((self.blocks, self.last), value)
         return self
+
+    def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
+        for part in storage:  # ([..., n, B, B] blocks, [..., r, r] last)
+            part.diagonal(dim1=-2, dim2=-1).add_(value)
 
     def trace(self) -> Tensor:
         w = wide(self.dtype)
         return self.blocks.diagonal(dim1=1, dim2=2).sum(dtype=w) + self.last.diagonal().sum(dtype=w)
+
+    def stacked_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        blocks, last = storage  # [m, n, B, B], [m, r, r]
+        w = wide(blocks.dtype)
+        diagonal = blocks.diagonal(dim1=-2, dim2=-1).flatten(1).sum(-1, dtype=w)
+        return diagonal + last.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=w)
 
     def _split(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Split rows of ``X: [d, m]`` into ``[n, B, m]`` and ``[r, m]``."""
@@ -110,9 +120,11 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def matmul(self, other: StructuredMatrix) -> BlockDiagonalMatrix:
         self._check_compatible(other)
-        return BlockDiagonalMatrix(
-            torch.bmm(self.blocks, other.blocks), self.last @ other.last, self.block_size
-        )
+        storage = self.stacked_matmul((self.blocks, self.last), (other.blocks, other.last))
+        return BlockDiagonalMatrix(*storage, self.block_size)
+
+    def stacked_matmul(self, first: tuple[Tensor, ...], second: tuple[Tensor, ...]):
+        return tuple(torch.matmul(a, b) for a, b in zip(first, second, strict=True))
 
     def bounded_step(
         self, beta: float, max_step: float, inputs: list[float] | None = None
@@ -143,9 +155,10 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return uses * columns >= min(self.block_size, self.dim)
 
     def inner(self) -> BlockDiagonalMatrix:
-        return BlockDiagonalMatrix(
-            torch.bmm(self.blocks.mT, self.blocks), self.last.T @ self.last, self.block_size
-        )
+        return BlockDiagonalMatrix(*self.stacked_inner((self.blocks, self.last)), self.block_size)
+
+    def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(torch.matmul(part.mT, part) for part in storage)
 
     def inner_of(self, Z: Tensor) -> BlockDiagonalMatrix:
         top, bottom = self._split(Z)
