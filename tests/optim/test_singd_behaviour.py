@@ -982,6 +982,21 @@ def test_step_zero_scale_advice_is_given_once_while_overflows_repeat_step_zero()
     assert len(advice) == 1
 
 
+def equal_layers_model() -> nn.Sequential:
+    """Layers 0 and 2 of one shape (6 x 7 with the bias), layer 4 another (no bias),
+    and a head (seeded)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6, bias=False),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    ).to(DTYPE)
+
+
 @pytest.mark.parametrize(
     "structures, T",
     [
@@ -1001,16 +1016,7 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
     from torchsingd.optim import update
 
     def run(batched: bool):
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Linear(6, 6),
-            nn.Tanh(),
-            nn.Linear(6, 6),
-            nn.Tanh(),
-            nn.Linear(6, 6, bias=False),
-            nn.Tanh(),
-            nn.Linear(6, 3),
-        ).to(DTYPE)
+        model = equal_layers_model()
         opt = SINGD(model, structures=structures, T=T, lr=0.1, weight_decay=1e-2)
         groups = []
         original = update.natural_gradients
@@ -1063,16 +1069,7 @@ def test_equal_layers_update_factors_together(structure, T, options, monkeypatch
     original = singd_module.update_factors_together
 
     def run(together: bool):
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Linear(6, 6),
-            nn.Tanh(),
-            nn.Linear(6, 6),
-            nn.Tanh(),
-            nn.Linear(6, 6, bias=False),
-            nn.Tanh(),
-            nn.Linear(6, 3),
-        ).to(DTYPE)
+        model = equal_layers_model()
         opt = SINGD(
             model,
             structures=structure,

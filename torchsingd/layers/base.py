@@ -221,9 +221,9 @@ class LayerAdapter(ABC):
                     H = H_part if H is None else H.add_(H_part)
                 return gram, H
         a = self.input_rows(module, x, kfac_approx, block=block)
-        if K.gram_pays(a.shape[0]):  # (as inner_of_rows)
+        if K.gram_pays(a.shape[0]):  # (else inner_of_rows takes the direct route)
             return True, gram_of_rows(K, a)
-        return False, _sum_over_row_chunks(K.inner_of, a)
+        return False, inner_of_rows(K, a)
 
     def rows_key(self, module: nn.Module, x: Tensor, *, block: str = "") -> Hashable | None:
         """What, besides the input tensor ``x``, decides :meth:`capture_input`,

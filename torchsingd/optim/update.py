@@ -208,8 +208,8 @@ def update_factors_together(
         FactorUpdate(
             new_K[i],
             new_C[i],
-            K0._from_storage(tuple(t[i].clone() for t in new_m_K)) if keep else None,
-            C0._from_storage(tuple(t[i].clone() for t in new_m_C)) if keep else None,
+            _member(K0, new_m_K, i) if keep else None,
+            _member(C0, new_m_C, i) if keep else None,
             beta1_K[i],
             beta1_C[i],
             bounded_K[i] + bounded_C[i],
@@ -220,6 +220,11 @@ def update_factors_together(
 
 def _stack(members: Sequence[StructuredMatrix]) -> tuple[Tensor, ...]:
     return tuple(torch.stack(ts) for ts in zip(*(m._storage() for m in members), strict=True))
+
+
+def _member(like: StructuredMatrix, storage: tuple[Tensor, ...], i: int) -> StructuredMatrix:
+    """Member ``i`` of stacked ``storage``, holding copies (not views of the stack)."""
+    return like._from_storage(tuple(t[i].clone() for t in storage))
 
 
 def _column(values: Sequence[float], like: Tensor) -> Tensor:
@@ -301,7 +306,7 @@ def _factor_steps(
             out.append(new)
             bounded.append(int(acted))
         else:
-            out.append(X0._from_storage(tuple(t[i].clone() for t in stepped)))
+            out.append(_member(X0, stepped, i))
             bounded.append(0)
     return out, bounded
 

@@ -369,14 +369,12 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         return col[..., :1].to(_fft_dtype(col.dtype)).sum(-1) * self.dim  # (0 for d = 0)
 
     def stacked_average_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
-        if not self.dim:
+        if not self.dim:  # 0 / 0, as every family's
             return super().stacked_average_trace(storage)
-        return storage[0][..., 0].clone()  # (as average_trace)
+        return storage[0][..., 0].clone()
 
     def average_trace(self) -> Tensor:
-        if not self.dim:  # 0 / 0, as every family's
-            return super().average_trace()
-        return self.col[0].clone()
+        return self.stacked_average_trace((self.col,))
 
     def frobenius_sq(self) -> Tensor:
         return self.stacked_frobenius_sq((self.col,))
@@ -410,17 +408,11 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         product = dense_lower_toeplitz(first[0]) @ second[0].unsqueeze(-1)
         return (product.squeeze(-1),)
 
-    def _gram_half_sums(self) -> Tensor:
-        """Sub-diagonal sums of ``L^T L`` (equal to those of ``L L^T``), in at least
-        float32 (see :func:`column_autocorrelation`).
-
-        ``s[j] = sum_{v >= j} (d - v) col[v] col[v - j]``.
-        """
-        return self._half_sums_of(self.col)
-
     def _half_sums_of(self, col: Tensor) -> Tensor:
-        """:meth:`_gram_half_sums` of ``col`` (``[..., d]``: several members' columns
-        below ``FFT_MIN_DIM``, each with the dense ``L``)."""
+        """Sub-diagonal sums of ``L^T L`` (equal to those of ``L L^T``) for ``L`` with
+        first column ``col``, in at least float32 (see :func:`column_autocorrelation`):
+        ``s[j] = sum_{v >= j} (d - v) col[v] col[v - j]``. ``col: [d]``, or ``[..., d]``
+        (several members' columns below ``FFT_MIN_DIM``, each with the dense ``L``)."""
         d = self.dim
         col = col.to(_fft_dtype(col.dtype))
         weights = torch.arange(d, 0, -1, dtype=col.dtype, device=col.device)
