@@ -1114,6 +1114,58 @@ def test_equal_layers_update_factors_together(structure, T, options, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("structure", ["hierarchical:2,2", "blockdiagonal:4"])
+@pytest.mark.parametrize("broken", [None, 0, 1])
+def test_a_group_forms_its_operators_together(structure, broken, monkeypatch):
+    """The ``K K^T`` / ``C C^T`` operators of a group's new factors are formed together
+    (``stacked_outer_operators``, one call per side) and the safeguard's finite check
+    reads the group's sums; where that check keeps a block's previous factor (its
+    update made non-finite here), that block forms its operator from the factor it
+    keeps and the other keeps the group's. After the step every block's cached
+    operator is ``K K^T`` (``C C^T``) of its factor, and the step is finite."""
+    import torchsingd.optim.singd as singd_module
+
+    original = singd_module.update_factors_together
+
+    def update(jobs, **kwargs):
+        results = original(jobs, **kwargs)
+        if broken is not None:  # (member order: the blocks' order, layer 0 first)
+            results[broken].K = results[broken].K.mul(float("nan"))
+        return results
+
+    monkeypatch.setattr(singd_module, "update_factors_together", update)
+    model = equal_layers_model()
+    opt = SINGD(model, structures=structure, T=1, lr=0.1, lr_cov=0.5)
+    cls = type(opt.layers["0"].K)
+    formed = []
+    stacked = cls.stacked_outer_operators
+
+    def spy(self, storage):
+        formed.append(stacked(self, storage))
+        return formed[-1]
+
+    monkeypatch.setattr(cls, "stacked_outer_operators", spy)
+    before = {name: layer.K.to_dense().clone() for name, layer in opt.layers.items()}
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 6, generator=gen, dtype=DTYPE)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert len(formed) == 2  # K's and C's of layers 0 and 2
+    assert opt.safeguard_events["factor_repaired"] == (broken is not None)
+    assert opt.skipped_steps == 0
+    for i, name in enumerate(("0", "2")):
+        layer = opt.layers[name]
+        assert torch.equal(layer.K.to_dense(), before[name]) == (i == broken)
+        assert (layer.KKt is formed[0][i]) == (i != broken)
+        assert layer.CCt is formed[1][i]
+    for layer in opt.layers.values():
+        for X, op in ((layer.K, layer.KKt), (layer.C, layer.CCt)):
+            dense, eye = X.to_dense(), torch.eye(X.dim, dtype=DTYPE)
+            torch.testing.assert_close(op.mm(eye), dense @ dense.T, rtol=1e-12, atol=1e-12)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
 def test_large_equal_layers_update_factors_alone(monkeypatch):
     """Blocks whose gradient holds more than ``BATCH_MAX_NUMEL`` numbers (two 300 x 301
     layers here) are updated one at a time, as their natural gradients are: stacking

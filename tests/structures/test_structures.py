@@ -932,6 +932,30 @@ def test_stacked_factor_operations(name, d):
         )
     assert all(torch.equal(a, b) for a, b in zip(S, stack(members), strict=True))  # unchanged
 
+    # what the optimizer forms of a group's new factors: finite sums, K K^T operators
+    sums = X0.stacked_finite_sum(S)
+    assert sums.shape == (3,) and sums.dtype == F64
+    formed = X0.stacked_outer_operators(S)
+    assert (formed is not None) == (family in ("hierarchical", "blockdiagonal"))
+    probe = randn(d, 5, g=gen(name, d, "stack probe"))
+    for i, X in enumerate(members):
+        torch.testing.assert_close(sums[i], X.finite_sum(), rtol=1e-13, atol=1e-13)
+        if formed is None:
+            continue
+        own, dense = X.outer_operator(), X.to_dense()
+        assert type(formed[i]) is type(own) and formed[i].batch_key() == own.batch_key()
+        assert formed[i].nbytes() == own.nbytes()
+        for Y in (probe, probe.T.contiguous().T):  # row-major and transposed operands
+            torch.testing.assert_close(formed[i].mm(Y), own.mm(Y), rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(formed[i].mm(Y), dense @ dense.T @ Y, rtol=1e-12, atol=1e-12)
+    broken = tuple(t.clone() for t in S)
+    next(t for t in broken if t[1].numel())[1].view(-1)[-1] = float("nan")  # member 1 only
+    totals = X0.stacked_finite_sum(broken).tolist()
+    finite = [
+        X0._from_storage(tuple(t[i] for t in broken)).finite_given(v) for i, v in enumerate(totals)
+    ]
+    assert finite == [True, False, True]
+
 
 @pytest.mark.parametrize("name, d", CASES)
 def test_stacked_outer_operators(name, d):

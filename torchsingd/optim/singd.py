@@ -35,6 +35,7 @@ from torchsingd.optim.update import (
     FactorUpdate,
     NaturalGradientTask,
     natural_gradient,
+    stack_storage,
     update_factors,
     update_factors_together,
 )
@@ -79,9 +80,25 @@ class LayerState(BlockState):
         return {"KKt": self.KKt, "CCt": self.CCt}
 
 
-def _outer(X: StructuredMatrix, columns: int, uses: int) -> Any:
-    """``X X^T`` as a cached member where forming it pays over ``uses`` steps."""
-    return X.outer_operator() if X.outer_operator_pays(columns, uses) else OuterOperator(X)
+@dataclass
+class _Prepared:
+    """A block's factor update computed with its group's (:meth:`SINGD._prepare_updates`),
+    with what was formed for the group from the new factors: their
+    :meth:`~torchsingd.structures.StructuredMatrix.finite_sum` values (``None``: not
+    read) and ``K K^T`` / ``C C^T`` operators (``None``: formed by the block)."""
+
+    update: FactorUpdate
+    totals: tuple[float, float] | None = None
+    KKt: Any = None
+    CCt: Any = None
+
+
+def _outer(X: StructuredMatrix, columns: int, uses: int, formed: Any = None) -> Any:
+    """``X X^T`` as a cached member where forming it pays over ``uses`` steps
+    (``formed``: the one formed already, with other blocks', if any)."""
+    if not X.outer_operator_pays(columns, uses):
+        return OuterOperator(X)
+    return X.outer_operator() if formed is None else formed
 
 
 def _like(X: StructuredMatrix, kind: str) -> StructuredMatrix:
@@ -284,7 +301,7 @@ class SINGD(KroneckerOptimizer):
             ),
         )
         #: this step's factor updates computed together, by block (id of its state)
-        self._together: dict[int, FactorUpdate] = {}
+        self._together: dict[int, _Prepared] = {}
         super().__init__(
             model,
             params,
@@ -369,8 +386,10 @@ class SINGD(KroneckerOptimizer):
         if stats is not None:
             safe = group.get("safeguards", False)
             # computed with equal-shaped blocks' (_prepare_updates), else now
-            new = self._together.pop(id(layer), None)
-            if new is None:
+            prepared = self._together.pop(id(layer), None)
+            if prepared is not None:
+                new = prepared.update
+            else:
                 new = update_factors(
                     K,
                     C,
@@ -381,10 +400,15 @@ class SINGD(KroneckerOptimizer):
                     **self._update_options(group),
                     H_C_scale=output_scale,
                 )
+            made = (new.K, new.C)
             if safe:
-                new = self._checked(layer, new, G)
+                totals = None if prepared is None else prepared.totals
+                new = self._checked(layer, new, G, totals)
             K, C, m_K, m_C = new.K, new.C, new.m_K, new.m_C
-            KKt, CCt = _outer(K, G.shape[0], group["T"]), _outer(C, G.shape[1], group["T"])
+            # (operators formed with the group's, for factors kept as they were made)
+            formed = (None, None) if prepared is None else (prepared.KKt, prepared.CCt)
+            KKt = _outer(K, G.shape[0], group["T"], formed[0] if K is made[0] else None)
+            CCt = _outer(C, G.shape[1], group["T"], formed[1] if C is made[1] else None)
         else:
             KKt = layer.KKt if layer.KKt is not None else _outer(K, G.shape[0], group["T"])
             CCt = layer.CCt if layer.CCt is not None else _outer(C, G.shape[1], group["T"])
@@ -413,9 +437,12 @@ class SINGD(KroneckerOptimizer):
         ``BATCH_MAX_NUMEL`` numbers in the gradient, as for the natural gradients:
         stacking two 513 x 512 block-diagonal layers made the MLP's step 0.2-0.5 ms
         longer), kept for :meth:`_update_block` by block; a block of no such group is
-        updated there."""
+        updated there. What :meth:`_update_block` then needs of the new factors is
+        formed for the group too: their finite sums (the safeguard's check, read in one
+        synchronisation) and ``K K^T`` / ``C C^T`` operators (families with
+        ``stacked_outer_operators``)."""
         self._together = {}
-        groups: dict[tuple, list[tuple[LayerState, FactorJob]]] = {}
+        groups: dict[tuple, list[tuple[LayerState, FactorJob, dict]]] = {}
         for entry in entries:
             group = self.param_groups[entry.group_index]
             if self.steps % group["T"] != 0 or not self._active(entry):
@@ -436,14 +463,43 @@ class SINGD(KroneckerOptimizer):
                 ) + (tuple(options.items()),)
                 scale = (layer.capture_scale / g_scale) ** 2
                 job = FactorJob(K, C, layer.m_K, layer.m_C, H_K, H_C, scale)
-                groups.setdefault(key, []).append((layer, job))
+                groups.setdefault(key, []).append((layer, job, group))
         for key, members in groups.items():
             if len(members) > 1:
-                results = update_factors_together([job for _, job in members], **dict(key[-1]))
-                for (layer, _), result in zip(members, results, strict=True):
-                    self._together[id(layer)] = result
+                results = update_factors_together([job for _, job, _ in members], **dict(key[-1]))
+                formed = self._formed_together(results, [group for _, _, group in members])
+                for (layer, _, _), result, extra in zip(members, results, formed, strict=True):
+                    self._together[id(layer)] = _Prepared(result, *extra)
 
-    def _checked(self, layer: LayerState, new: FactorUpdate, G: Tensor) -> FactorUpdate:
+    def _formed_together(
+        self, results: list[FactorUpdate], groups: list[dict[str, Any]]
+    ) -> list[tuple[Any, Any, Any]]:
+        """``(totals, KKt, CCt)`` of each result of one group (see :class:`_Prepared`):
+        the finite sums where a member's group checks them (:meth:`_checked`), the
+        operators where forming them pays for a member (:func:`_outer`) and the
+        family forms them together."""
+        count = len(results)
+        K0, C0 = results[0].K, results[0].C
+        K, C = stack_storage([r.K for r in results]), stack_storage([r.C for r in results])
+        totals: list[Any] = [None] * count
+        if self.on_nonfinite != "raise" and any(g.get("safeguards", False) for g in groups):
+            sums = [K0.stacked_finite_sum(K).double(), C0.stacked_finite_sum(C).double()]
+            totals = list(zip(*torch.stack(sums).tolist(), strict=True))
+        KKt = CCt = None
+        if any(K0.outer_operator_pays(C0.dim, g["T"]) for g in groups):
+            KKt = K0.stacked_outer_operators(K)
+        if any(C0.outer_operator_pays(K0.dim, g["T"]) for g in groups):
+            CCt = C0.stacked_outer_operators(C)
+        KKt, CCt = KKt or [None] * count, CCt or [None] * count
+        return list(zip(totals, KKt, CCt, strict=True))
+
+    def _checked(
+        self,
+        layer: LayerState,
+        new: FactorUpdate,
+        G: Tensor,
+        totals: tuple[float, float] | None = None,
+    ) -> FactorUpdate:
         """Note bounded steps; undo a factor update that came out non-finite.
 
         A non-finite ``K`` (or ``C``) keeps the previous factor (identity if that is
@@ -459,7 +515,8 @@ class SINGD(KroneckerOptimizer):
             self._note("factor_step_bounded")
         if self.on_nonfinite == "raise":
             return new
-        totals = read_scalars([new.K.finite_sum(), new.C.finite_sum()])  # one sync
+        if totals is None:  # (else read with the block's group: _prepare_updates)
+            totals = read_scalars([new.K.finite_sum(), new.C.finite_sum()])  # one sync
         for name, total in zip(("K", "C"), totals, strict=True):
             factor = getattr(new, name)
             if factor.finite_given(total):

@@ -173,8 +173,8 @@ def update_factors_together(
     """
     K0, C0 = jobs[0].K, jobs[0].C
     scale = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
-    K, C = _stack([j.K for j in jobs]), _stack([j.C for j in jobs])
-    H_K, H_C = _stack([j.H_K for j in jobs]), _stack([j.H_C for j in jobs])
+    K, C = stack_storage([j.K for j in jobs]), stack_storage([j.C for j in jobs])
+    H_K, H_C = stack_storage([j.H_K for j in jobs]), stack_storage([j.H_C for j in jobs])
     KtK, CtC = K0.stacked_inner(K), C0.stacked_inner(C)
     scales = [j.H_C_scale for j in jobs]
     if kfac_like:
@@ -191,8 +191,8 @@ def update_factors_together(
         coeff_HK = [s * t for s, t in zip(scales, tr_HC, strict=True)]
         coeff_HC = [s * t for s, t in zip(scales, tr_HK, strict=True)]
         damp_K, damp_C = [damping * t for t in tr_CtC], [damping * t for t in tr_KtK]
-    m_K = _stack([j.m_K for j in jobs]) if jobs[0].m_K is not None else None
-    m_C = _stack([j.m_C for j in jobs]) if jobs[0].m_C is not None else None
+    m_K = stack_storage([j.m_K for j in jobs]) if jobs[0].m_K is not None else None
+    m_C = stack_storage([j.m_C for j in jobs]) if jobs[0].m_C is not None else None
     new_m_K = _momentum_together(K0, H_K, coeff_HK, KtK, damp_K, scale, m_K, alpha1)
     new_m_C = _momentum_together(C0, H_C, coeff_HC, CtC, damp_C, scale, m_C, alpha1)
 
@@ -218,7 +218,9 @@ def update_factors_together(
     ]
 
 
-def _stack(members: Sequence[StructuredMatrix]) -> tuple[Tensor, ...]:
+def stack_storage(members: Sequence[StructuredMatrix]) -> tuple[Tensor, ...]:
+    """The storage of members of one family and sizes, each tensor stacked along a new
+    first dimension (what the ``stacked_*`` methods take)."""
     return tuple(torch.stack(ts) for ts in zip(*(m._storage() for m in members), strict=True))
 
 

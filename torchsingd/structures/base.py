@@ -381,6 +381,19 @@ class StructuredMatrix(ABC):
         dtype = torch.promote_types(storage[0].dtype, torch.float32)
         return sum((t.flatten(1).to(dtype) ** 2).sum(1) for t in storage)
 
+    def stacked_finite_sum(self, storage: tuple[Tensor, ...]) -> Tensor:
+        """Each member's :meth:`finite_sum` (``[m]``, at least float32): finite where
+        every number of that member is (:meth:`finite_given` decides)."""
+        dtype = wide(storage[0].dtype)
+        return sum(t.flatten(1).sum(1, dtype=dtype) for t in storage)
+
+    def stacked_outer_operators(self, storage: tuple[Tensor, ...]) -> list | None:
+        """Each member's :meth:`outer_operator`, formed together (a few batched
+        operations for all members instead of a few each), or ``None``: this family
+        forms them one at a time (its operator costs nothing to form, or it does
+        not stack)."""
+        return None
+
     def gram_of(self, Z: Tensor) -> StructuredMatrix | None:
         """The entries of ``Z Z^T`` (``Z: [d, n]`` dense) that ``P(K^T Z Z^T K)`` reads,
         held in a member of this family, or ``None``.
@@ -568,6 +581,18 @@ class SparseOuterOperator:
         E[rows, torch.arange(h + t, device=K.device)] = 1
         # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
         self.W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
+
+    @classmethod
+    def of_rows(cls, head: int, tail: int, v: Tensor, W: Tensor) -> SparseOuterOperator:
+        """The operator of a ``"rows"`` pattern from its parts, formed elsewhere (several
+        members' together: :meth:`StructuredMatrix.stacked_outer_operators`): ``v =
+        delta^2`` as ``[d, 1]`` and ``W = M[:, B] = K K[B, :]^T`` as ``[d, head + tail]``."""
+        out = cls.__new__(cls)
+        out.kind, out.head, out.tail, out.dtype = "rows", head, tail, W.dtype
+        out.v, out.W = v, W
+        d = W.shape[0]
+        out.index = border_index(d, head, tail, W.device) if head and tail else None
+        return out
 
     def nbytes(self) -> int:
         """Bytes held: ``W`` (``d x b``) and ``delta^2`` (``d``); ``B``'s indices are a

@@ -151,6 +151,12 @@ class BlockDiagonalMatrix(StructuredMatrix):
             torch.bmm(self.blocks, self.blocks.mT), self.last @ self.last.T, self.block_size
         )
 
+    def stacked_outer_operators(self, storage: tuple[Tensor, ...]) -> list:
+        blocks, last = (torch.matmul(part, part.mT) for part in storage)
+        return [
+            BlockDiagonalMatrix(b, r, self.block_size) for b, r in zip(blocks, last, strict=True)
+        ]
+
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         return uses * columns >= min(self.block_size, self.dim)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchsingd.structures.base import (
+    SparseOuterOperator,
     SparsePattern,
     StructuredMatrix,
     border_index,
@@ -178,6 +179,21 @@ class HierarchicalMatrix(StructuredMatrix):
         """Dense rows at the ``k1`` top and ``k2`` bottom rows, ``diag(c)`` between."""
         delta = F.pad(self.c, (self.k1, self.k2))  # [0 (k1), c, 0 (k2)]
         return SparsePattern("rows", self.k1, self.k2, delta)
+
+    def stacked_outer_operators(self, storage: tuple[Tensor, ...]) -> list | None:
+        # SparseOuterOperator's W = K K[B, :]^T = K R^T of every member at once (mm's
+        # three parts, batched), and v = delta^2 from c
+        R, c = storage
+        if not self.dim:
+            return None
+        k1, s = self.k1, self.k1 + self.m
+        RT = R.mT.contiguous()  # [n, d, k1 + k2]: K[B, :]^T, row-major as one member's
+        W = torch.empty_like(RT)
+        W[:, :k1] = torch.matmul(R[:, :k1], RT)
+        torch.mul(c.unsqueeze(-1), RT[:, k1:s], out=W[:, k1:s])
+        W[:, s:] = torch.matmul(R[:, k1:, k1:], RT[:, k1:])
+        v = F.pad(c, (k1, self.k2)).square().unsqueeze(-1)  # [n, d, 1]
+        return [SparseOuterOperator.of_rows(k1, self.k2, v[i], W[i]) for i in range(len(W))]
 
     def sparse_border(self) -> tuple[int, int]:
         return self.k1, self.k2
