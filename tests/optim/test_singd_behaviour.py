@@ -905,7 +905,7 @@ def _numbers(structure: str, d: int) -> tuple[int, int]:
     if structure == "blockdiagonal:4":
         n, r = divmod(d, 4)
         return 16 * n + r * r, 16 * n + r * r  # K K^T is block-diagonal too
-    if structure == "triltoeplitz":  # below d = 128 the operator keeps only the column
+    if structure == "triltoeplitz":  # below d = 256 the operator keeps only the column
         return d, 0
     if structure == "trilbottomrightdiag:2":  # [[A, 0], [b, diag(c)]], A: k x k
         k = min(d, 2)
@@ -946,11 +946,11 @@ def test_state_bytes_counts_factors_caches_and_buffers(structure):
     assert opt.state_bytes() == 8 * (params + factors)
 
 
-@pytest.mark.parametrize("d, held", [(127, 0), (200, (400 // 2 + 1) * 8)])
+@pytest.mark.parametrize("d, held", [(255, 0), (300, (600 // 2 + 1) * 8)])
 def test_toeplitz_operator_holds_only_a_spectrum(d, held):
-    """Toeplitz ``K K^T`` keeps nothing below d = 128 (the small dense ``L`` is formed
-    per product) and the rfft of the column from there on (d = 200: FFT length 400, the
-    smallest 5-smooth number >= 2d - 1; 201 complex64 numbers); both apply ``K K^T``."""
+    """Toeplitz ``K K^T`` keeps nothing below d = 256 (the small dense ``L`` is formed
+    per product) and the rfft of the column from there on (d = 300: FFT length 600, the
+    smallest 5-smooth number >= 2d - 1; 301 complex64 numbers); both apply ``K K^T``."""
     from torchsingd.structures import get_structure
 
     K = get_structure("triltoeplitz").eye(d, dtype=torch.float32)

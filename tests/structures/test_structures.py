@@ -890,7 +890,7 @@ def test_stacked_factor_operations(name, d):
     others = [random_member(spec, d, "stack-other", i) for i in range(3)]
     family = name.partition(":")[0]
     expected = family in ("hierarchical", "blockdiagonal") or (
-        family.endswith("toeplitz") and d < 128
+        family.endswith("toeplitz") and d < 256
     )
     assert members[0].stacks == expected
     if not expected:
@@ -1121,16 +1121,16 @@ def test_reference_blockdiagonal_transpose_bug():
 
 
 # --------------------------------------------- Toeplitz: the FFT path (d >= FFT_MIN_DIM)
-@pytest.mark.parametrize("d", [47, 127, 128, 129, 157, 300, 513, 785])
+@pytest.mark.parametrize("d", [47, 127, 128, 129, 157, 255, 256, 257, 300, 513, 785])
 @pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
 def test_toeplitz_fft_path(name, d):
     """Products through FFTs (lengths from ``conv_size``, from ``FFT_MIN_DIM`` on;
-    circular ones that wrap onto 1 output for ``d = 129, 513`` and 33 for ``d = 785``)
+    circular ones that wrap onto 1 output for ``d = 257, 513`` and 33 for ``d = 785``)
     and through the small dense matrix (below) equal the dense float64 ones, for both
     layouts of ``Z``, including the cached ``outer_operator``."""
     from torchsingd.structures.toeplitz import FFT_MIN_DIM
 
-    assert FFT_MIN_DIM == 128  # the cases above cover both sides of it
+    assert FFT_MIN_DIM == 256  # the cases above cover both sides of it
     spec = get_structure(name)
     X, Y = random_member(spec, d, "fft"), random_member(spec, d, "fftY")
     Xd = X.to_dense()
@@ -1145,7 +1145,7 @@ def test_toeplitz_fft_path(name, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d", [128, 512])
+@pytest.mark.parametrize("d", [256, 512])
 def test_toeplitz_outer_operator_pads_once(d, dtype):
     """``L L^T X`` and ``L^T L X`` through buffers padded once and truncated in place
     are, bit for bit, two plain round trips ``irfft(rfft(x, n) * s, n)[:d]`` along
@@ -1468,7 +1468,7 @@ def test_toeplitz_gram_route_bounds(name, monkeypatch):
     wide_member = spec.eye(GRAM_MAX_DIM + 1, dtype=torch.float32)
     assert not wide_member.gram_pays(10**7)
     assert spec.eye(GRAM_MAX_DIM, dtype=torch.float32).gram_pays(10**7)
-    d = FFT_MIN_DIM + 1  # 2d - 1 = 257: a circular length of 256, one output corrected
+    d = FFT_MIN_DIM + 1  # 2d - 1 = 513: a circular length of 512, one output corrected
     monkeypatch.setattr(structures_base, "GRAM_MIN_NUMEL", 0)  # (the size rule alone)
     X = random_member(spec, d, "toeplitz gram")
     assert not X.gram_pays(3 * d) and X.gram_pays(3 * d + 1)

@@ -25,7 +25,7 @@ FAMILIES = [
     "triltoeplitz",
     "triutoeplitz",
 ]
-DIMS = [100, 200]  # Toeplitz: below and above the FFT threshold (128)
+DIMS = [100, 300]  # Toeplitz: below and above the FFT threshold (256)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

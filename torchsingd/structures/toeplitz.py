@@ -32,10 +32,15 @@ from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMa
 
 #: From this dimension on, products use FFTs (O(n d log d)) instead of one product
 #: with the small dense matrix (O(n d^2), but BLAS-fast and without padded copies).
-#: Measured on 2 CPU threads (torch 2.13): with n = 512 columns the two cross at
-#: d ~ 128 (0.27 ms each); with n = 25088 (a convolution's unfolded input) the dense
-#: product is still 3x faster at d = 256, since batched FFTs are memory-bound.
-FFT_MIN_DIM = 128
+#: Measured on 2 CPU threads (torch 2.13), ``L L^T X`` (dense: ``L`` formed per
+#: product) against the FFT route: d = 128 / 129 / 192 / 224 with n = 64-512 columns
+#: 0.49-0.67 of the FFT route's time, d = 200, n = 200: 0.79, d = 192, n = 3137: 0.49;
+#: from d ~ 240 on the FFT route is as fast or faster (d = 255, n = 512: 1.16; d = 256,
+#: n = 64 / 256: 0.99 / 0.98; d = 384, n = 128: 1.33; d = 512, n = 64: 1.59).
+#: With n = 25088 (a convolution's unfolded input) the dense product is still 3x
+#: faster at d = 256, since batched FFTs are memory-bound. (Until 22cd845 this was
+#: 128, from a crossing measured at n = 512 with an older FFT route.)
+FFT_MIN_DIM = 256
 
 
 def _use_fft(d: int) -> bool:
@@ -158,7 +163,7 @@ def _conv(col: Tensor, X: Tensor, correlate: bool) -> Tensor:
 def dense_lower_toeplitz(col: Tensor) -> Tensor:
     """The lower-triangular Toeplitz matrix with first column ``col`` as a dense
     ``[d, d]`` tensor (``col: [..., d]``: one matrix per leading index, ``[..., d, d]``).
-    On the optimizer's path only below ``FFT_MIN_DIM`` (at most 127^2 numbers), where a
+    On the optimizer's path only below ``FFT_MIN_DIM`` (at most 255^2 numbers), where a
     product with it beats a convolution and keeps no padded copy of the operand."""
     *batch, d = col.shape
     if d == 0:
@@ -455,7 +460,7 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
 
     def gram_pays(self, columns: int) -> bool:
         # inner_of: per column of Z one product with L^T and one autocorrelation (two
-        # FFT round trips from d = 128 on, two small dense products below); Gram: one
+        # FFT round trips from FFT_MIN_DIM on, two small dense products below); Gram: one
         # matrix product per column and, once, inner_of's cost for 2d columns. Measured
         # (2 threads, float32, median of 6): d = 289, n = 3600: 26.0 -> 6.2 ms; d = 577,
         # n = 1800: 22.6 -> 13.6 ms; d = 130, n = 2048: 2.4 -> 1.6 ms; d = 10, n =
