@@ -85,7 +85,13 @@ class _Prepared:
     """A block's factor update computed with its group's (:meth:`SINGD._prepare_updates`),
     with what was formed for the group from the new factors: their
     :meth:`~torchsingd.structures.StructuredMatrix.finite_sum` values (``None``: not
-    read) and ``K K^T`` / ``C C^T`` operators (``None``: formed by the block)."""
+    read) and ``K K^T`` / ``C C^T`` operators (``None``: formed by the block).
+
+    The group's operators are views of one stacked tensor: a member's part that its
+    block does not take (a factor the safeguard replaced; a block whose ``_outer`` rule
+    says forming does not pay) stays allocated until the group's next update, held by
+    the other blocks' operators and not counted by ``state_bytes`` (at most what the
+    group's operators hold together)."""
 
     update: FactorUpdate
     totals: tuple[float, float] | None = None

@@ -463,10 +463,12 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         # FFT round trips from FFT_MIN_DIM on, two small dense products below); Gram: one
         # matrix product per column and, once, inner_of's cost for 2d columns. Measured
         # (2 threads, float32, median of 6): d = 289, n = 3600: 26.0 -> 6.2 ms; d = 577,
-        # n = 1800: 22.6 -> 13.6 ms; d = 130, n = 2048: 2.4 -> 1.6 ms; d = 10, n =
-        # 25088: 0.62 -> 0.43 ms; but d = 289, n = 512: 2.2 -> 3.2 ms and d = 513, n =
-        # 128: 1.3 -> 5.5 ms. So from n > 3d (and the chunks of a statistic share the
-        # one application of L).
+        # n = 1800: 22.6 -> 13.6 ms; d = 10, n = 25088: 0.62 -> 0.43 ms; but d = 289,
+        # n = 512: 2.2 -> 3.2 ms and d = 513, n = 128: 1.3 -> 5.5 ms. Below FFT_MIN_DIM
+        # (dense products, median of 60, since 268cf24): d = 130, n = 2048: 1.23 -> 0.71
+        # ms, n = 391: 0.30 -> 0.31; d = 200, n = 601: 0.74 -> 0.67, n = 300: 0.39 ->
+        # 0.56; d = 250, n = 2000: 3.41 -> 2.11. So from n > 3d (and the chunks of a
+        # statistic share the one application of L).
         return self.dim <= GRAM_MAX_DIM and self._gram_pays_above(columns, 3 * self.dim)
 
     @classmethod
