@@ -38,8 +38,8 @@ from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMa
 #: from d ~ 240 on the FFT route is as fast or faster (d = 255, n = 512: 1.16; d = 256,
 #: n = 64 / 256: 0.99 / 0.98; d = 384, n = 128: 1.33; d = 512, n = 64: 1.59).
 #: With n = 25088 (a convolution's unfolded input) the dense product is still 3x
-#: faster at d = 256, since batched FFTs are memory-bound. (Until 22cd845 this was
-#: 128, from a crossing measured at n = 512 with an older FFT route.)
+#: faster at d = 256, since batched FFTs are memory-bound. (128 before 268cf24, from
+#: a crossing measured at n = 512 with an older FFT route.)
 FFT_MIN_DIM = 256
 
 
