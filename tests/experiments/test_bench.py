@@ -159,3 +159,24 @@ def test_ratios_are_paired_by_round():
     assert statistics.median(ours) / statistics.median(adamw) == pytest.approx(0.6)
     with pytest.raises(ValueError):
         bench.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_peak_column_is_the_ratio_of_medians_over_peak_runs(monkeypatch):
+    """``--peak-runs N``: each candidate's peak is the median of N fresh runs (one run's
+    peak RSS spreads by several percent), the column their ratio."""
+    calls = []
+    values = {"adamw": iter([100.0, 300.0, 110.0]), "ours": iter([120.0, 50.0, 130.0])}
+
+    def fake_peak(kind, model_name, structure, T, device, dtype, batch, iters=10):
+        calls.append((kind, structure, T))
+        return next(values[kind])
+
+    monkeypatch.setattr(bench, "peak_memory", fake_peak)
+    torch.set_num_threads(1)
+    args = ["--device", "cpu", "--threads", "1", "--models", "mlp", "--structures"]
+    args += ["diagonal", "--T", "10", "--dtypes", "float32", "--rounds", "1", "--iters", "2"]
+    rows = bench.main([*args, "--no-reference", "--no-progress", "--peak-runs", "3"])
+    assert calls == [("adamw", "dense", 1)] * 3 + [("ours", "diagonal", 10)] * 3
+    assert rows[0]["peak_ratio"] == pytest.approx(120.0 / 110.0)
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--peak-runs", "0"])

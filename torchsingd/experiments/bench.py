@@ -17,7 +17,9 @@ Columns:
   included;
 - ``state``: optimizer-state bytes / parameter bytes (AdamW: 2.0);
 - ``peak``: peak memory of a training run / AdamW's (CUDA: ``max_memory_allocated``;
-  CPU: the maximum resident set size of a fresh subprocess running that training);
+  CPU: the maximum resident set size of a fresh subprocess running that training), each
+  the median of ``--peak-runs`` runs (the CPU's peak RSS of identical runs spreads by
+  several percent: AdamW's CNN training 389-423 MiB in nine);
 - ``GFLOP/s`` and ``of peak``: the preconditioner work of :func:`preconditioner_flops`
   divided by ``t_ours - t_null``, and its fraction of the machine's measured matmul
   throughput (an ``n^3`` product in the benchmark's dtype, ``n <= 2048``); ``-`` where
@@ -369,6 +371,12 @@ def peak_memory(kind, model_name, structure, T, device, dtype, batch, iters=10) 
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def median_peak(runs: int, *args) -> float:
+    """The median of ``runs`` :func:`peak_memory` measurements of one candidate (``args``
+    as :func:`peak_memory` takes them)."""
+    return statistics.median(peak_memory(*args) for _ in range(runs))
+
+
 def data(batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, generator=gen).to(device=device, dtype=dtype)
@@ -449,6 +457,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--no-reference", action="store_true", help="skip the reference package's rows")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
+    p.add_argument(
+        "--peak-runs",
+        type=positive_int,
+        default=3,
+        help="fresh training runs per candidate for the peak column (median reported)",
+    )
     p.add_argument("--json", type=path_text, help="also write the rows to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     args = p.parse_args(argv)
@@ -515,7 +529,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             adam_peak = (
                 None
                 if args.no_peak
-                else peak_memory("adamw", model_name, "dense", 1, device, dtype, args.batch)
+                else median_peak(
+                    args.peak_runs, "adamw", model_name, "dense", 1, device, dtype, args.batch
+                )
             )
             for T in args.T:
                 for s in args.structures:
@@ -568,7 +584,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row["peak_ratio"] = (
                         None
                         if adam_peak is None
-                        else peak_memory("ours", model_name, s, T, device, dtype, args.batch)
+                        else median_peak(
+                            args.peak_runs, "ours", model_name, s, T, device, dtype, args.batch
+                        )
                         / adam_peak
                     )
                     rows.append(row)
