@@ -997,6 +997,17 @@ def equal_layers_model() -> nn.Sequential:
     ).to(DTYPE)
 
 
+def train_equal_layers(model: nn.Module, opt: SINGD, input_scale: float = 1.0) -> None:
+    """Five steps of :func:`equal_layers_model` on seeded batches of 16 (inputs scaled)."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = input_scale * torch.randn(16, 6, generator=gen, dtype=DTYPE)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize(
     "structures, T",
     [
@@ -1029,13 +1040,7 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
 
         monkeypatch.setattr("torchsingd.optim.base.natural_gradients", spy)
         monkeypatch.setattr(update, "BATCH_MAX_NUMEL", 2**16 if batched else 0)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            x = torch.randn(16, 6, generator=gen, dtype=DTYPE)
-            y = torch.randint(0, 3, (16,), generator=gen)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        train_equal_layers(model, opt)
         state = [p.detach().clone() for p in model.parameters()]
         state += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
         state += [t for layer in opt.layers.values() for t in layer.K.tensors() + layer.C.tensors()]
@@ -1088,13 +1093,7 @@ def test_equal_layers_update_factors_together(structure, T, options, monkeypatch
         monkeypatch.setattr(singd_module, "update_factors_together", spy)
         if not together:
             monkeypatch.setattr(opt, "_prepare_updates", lambda *args: None)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            x = 10 * torch.randn(16, 6, generator=gen, dtype=DTYPE)
-            y = torch.randint(0, 3, (16,), generator=gen)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        train_equal_layers(model, opt, input_scale=10.0)
         state = [p.detach().clone() for p in model.parameters()]
         state += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
         for layer in opt.layers.values():

@@ -474,13 +474,13 @@ class SINGD(KroneckerOptimizer):
             if len(members) > 1:
                 results = update_factors_together([job for _, job, _ in members], **dict(key[-1]))
                 formed = self._formed_together(results, [group for _, _, group in members])
-                for (layer, _, _), result, extra in zip(members, results, formed, strict=True):
-                    self._together[id(layer)] = _Prepared(result, *extra)
+                for (layer, _, _), prepared in zip(members, formed, strict=True):
+                    self._together[id(layer)] = prepared
 
     def _formed_together(
         self, results: list[FactorUpdate], groups: list[dict[str, Any]]
-    ) -> list[tuple[Any, Any, Any]]:
-        """``(totals, KKt, CCt)`` of each result of one group (see :class:`_Prepared`):
+    ) -> list[_Prepared]:
+        """Each result of one group with what is formed for it (:class:`_Prepared`):
         the finite sums where a member's group checks them (:meth:`_checked`), the
         operators where forming them pays for a member (:func:`_outer`) and the
         family forms them together."""
@@ -497,7 +497,7 @@ class SINGD(KroneckerOptimizer):
         if any(C0.outer_operator_pays(K0.dim, g["T"]) for g in groups):
             CCt = C0.stacked_outer_operators(C)
         KKt, CCt = KKt or [None] * count, CCt or [None] * count
-        return list(zip(totals, KKt, CCt, strict=True))
+        return [_Prepared(*parts) for parts in zip(results, totals, KKt, CCt, strict=True)]
 
     def _checked(
         self,

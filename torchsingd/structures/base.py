@@ -567,20 +567,16 @@ class SparseOuterOperator:
 
     def __init__(self, K: StructuredMatrix, pattern: SparsePattern) -> None:
         d, h, t = K.dim, pattern.head, pattern.tail
-        self.kind, self.head, self.tail, self.dtype = pattern.kind, h, t, K.dtype
-        self.v = pattern.delta.square().unsqueeze(1)
-        # B as indices, kept where it has two parts (see _border)
-        self.index = border_index(d, h, t, K.device) if h and t else None
         border = K.border_rows() if pattern.kind == "rows" else None
         if border is not None:  # K^T E = K[B, :]^T exactly: no products with unit vectors
             KtE = border.new_empty(d, h + t).copy_(border.T)  # E's row-major strides
-            self.W = K.mm(KtE)
-            return
-        rows = self.index if self.index is not None else border_index(d, h, t, K.device)
-        E = torch.zeros(d, h + t, dtype=K.dtype, device=K.device)
-        E[rows, torch.arange(h + t, device=K.device)] = 1
-        # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
-        self.W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
+            W = K.mm(KtE)
+        else:
+            E = torch.zeros(d, h + t, dtype=K.dtype, device=K.device)
+            E[border_index(d, h, t, K.device), torch.arange(h + t, device=K.device)] = 1
+            # rows: M[:, B] = K K^T E; columns: F = K E (the dense columns of K)
+            W = K.mm(K.tmm(E)) if pattern.kind == "rows" else K.mm(E)
+        self._hold(pattern.kind, h, t, pattern.delta.square().unsqueeze(1), W)
 
     @classmethod
     def of_rows(cls, head: int, tail: int, v: Tensor, W: Tensor) -> SparseOuterOperator:
@@ -588,11 +584,14 @@ class SparseOuterOperator:
         members' together: :meth:`StructuredMatrix.stacked_outer_operators`): ``v =
         delta^2`` as ``[d, 1]`` and ``W = M[:, B] = K K[B, :]^T`` as ``[d, head + tail]``."""
         out = cls.__new__(cls)
-        out.kind, out.head, out.tail, out.dtype = "rows", head, tail, W.dtype
-        out.v, out.W = v, W
-        d = W.shape[0]
-        out.index = border_index(d, head, tail, W.device) if head and tail else None
+        out._hold("rows", head, tail, v, W)
         return out
+
+    def _hold(self, kind: str, head: int, tail: int, v: Tensor, W: Tensor) -> None:
+        self.kind, self.head, self.tail, self.dtype = kind, head, tail, W.dtype
+        self.v, self.W = v, W
+        # B as indices, kept where it has two parts (see _border)
+        self.index = border_index(W.shape[0], head, tail, W.device) if head and tail else None
 
     def nbytes(self) -> int:
         """Bytes held: ``W`` (``d x b``) and ``delta^2`` (``d``); ``B``'s indices are a
