@@ -1054,7 +1054,15 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
 
 
 @pytest.mark.parametrize(
-    "structure", ["hierarchical:2,2", "triltoeplitz", "triutoeplitz", "blockdiagonal:4"]
+    "structure",
+    [
+        "hierarchical:2,2",
+        "triltoeplitz",
+        "triutoeplitz",
+        "blockdiagonal:4",
+        "trilbottomrightdiag:2",
+        "triutopleftdiag:1",
+    ],
 )
 @pytest.mark.parametrize("T", [1, 2])
 @pytest.mark.parametrize(
@@ -1113,7 +1121,17 @@ def test_equal_layers_update_factors_together(structure, T, options, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("structure", ["hierarchical:2,2", "blockdiagonal:4"])
+@pytest.mark.parametrize(
+    "structure",
+    [
+        "hierarchical:2,2",
+        "blockdiagonal:4",
+        "triltopleftdiag:2",
+        "trilbottomrightdiag:1",
+        "triutopleftdiag:2",
+        "triubottomrightdiag:2",
+    ],
+)
 @pytest.mark.parametrize("broken", [None, 0, 1])
 def test_a_group_forms_its_operators_together(structure, broken, monkeypatch):
     """The ``K K^T`` / ``C C^T`` operators of a group's new factors are formed together

@@ -58,6 +58,22 @@ def project(name: str, M: torch.Tensor) -> torch.Tensor:
         return out
     if family == "triutoeplitz":  # P_U(M) = P_L(M)^T for a symmetric M
         return project("triltoeplitz", M).T
+    if family in ("triutopleftdiag", "triubottomrightdiag"):  # (as for Toeplitz)
+        return project(name.replace("triu", "tril", 1), M).T
+    if family in ("triltopleftdiag", "trilbottomrightdiag"):
+        # a diagonal part, a dense k x k corner (k clipped to d) and the block between
+        # coupled as M21 + M12^T
+        kk = min(int(opts) if opts else 1, d)
+        top = d - kk if family == "triltopleftdiag" else kk  # rows of the first part
+        out = torch.zeros_like(M)
+        out[top:, :top] = M[top:, :top] + M[:top, top:].T
+        if family == "triltopleftdiag":
+            out[:top, :top] = torch.diag(torch.diagonal(M[:top, :top]))
+            out[top:, top:] = M[top:, top:]
+        else:
+            out[:top, :top] = M[:top, :top]
+            out[top:, top:] = torch.diag(torch.diagonal(M[top:, top:]))
+        return out
     if family == "triltoeplitz":
         out = torch.zeros_like(M)
         for j in range(d):
@@ -211,6 +227,10 @@ STACKING = [
     "triutoeplitz",
     "blockdiagonal:3",
     "blockdiagonal:2",
+    "triltopleftdiag:2",
+    "trilbottomrightdiag:1",
+    "triutopleftdiag:1",
+    "triubottomrightdiag:3",
 ]
 
 
@@ -284,7 +304,15 @@ def test_update_factors_together_matches_dense_formula(structure, kfac_like, alp
 
 
 @pytest.mark.parametrize(
-    "structure", ["hierarchical:3,2", "triltoeplitz", "triutoeplitz", "blockdiagonal:3"]
+    "structure",
+    [
+        "hierarchical:3,2",
+        "triltoeplitz",
+        "triutoeplitz",
+        "blockdiagonal:3",
+        "triltopleftdiag:2",
+        "triubottomrightdiag:1",
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("max_step", [0.5, 0.05, None])

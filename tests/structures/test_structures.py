@@ -879,7 +879,8 @@ def test_zero_columns(name, op):
 
 @pytest.mark.parametrize("name, d", CASES)
 def test_stacked_factor_operations(name, d):
-    """Members that stack (hierarchical; Toeplitz below ``FFT_MIN_DIM``):
+    """Members that stack (hierarchical, block-diagonal, the sparse triangular families;
+    Toeplitz below ``FFT_MIN_DIM``):
     ``stacked_inner``, ``stacked_matmul``, ``stacked_trace``, ``stacked_average_trace``,
     ``stacked_frobenius_sq`` and ``stacked_add_identity_`` on three members' storages
     stacked along a new first dimension equal each member's own ``inner``, ``matmul``,
@@ -889,9 +890,8 @@ def test_stacked_factor_operations(name, d):
     members = [random_member(spec, d, "stack", i) for i in range(3)]
     others = [random_member(spec, d, "stack-other", i) for i in range(3)]
     family = name.partition(":")[0]
-    expected = family in ("hierarchical", "blockdiagonal") or (
-        family.endswith("toeplitz") and d < 256
-    )
+    forms = ("hierarchical", "blockdiagonal", *TRIANGULAR)  # (their operators too)
+    expected = family in forms or (family.endswith("toeplitz") and d < 256)
     assert members[0].stacks == expected
     if not expected:
         return
@@ -936,7 +936,7 @@ def test_stacked_factor_operations(name, d):
     sums = X0.stacked_finite_sum(S)
     assert sums.shape == (3,) and sums.dtype == F64
     formed = X0.stacked_outer_operators(S)
-    assert (formed is not None) == (family in ("hierarchical", "blockdiagonal"))
+    assert (formed is not None) == (family in forms)
     probe = randn(d, 5, g=gen(name, d, "stack probe"))
     for i, X in enumerate(members):
         torch.testing.assert_close(sums[i], X.finite_sum(), rtol=1e-13, atol=1e-13)

@@ -587,6 +587,15 @@ class SparseOuterOperator:
         out._hold("rows", head, tail, v, W)
         return out
 
+    @classmethod
+    def of_columns(cls, head: int, tail: int, v: Tensor, W: Tensor) -> SparseOuterOperator:
+        """The operator of a ``"columns"`` pattern from its parts, formed elsewhere
+        (:meth:`StructuredMatrix.stacked_outer_operators`): ``v = delta^2`` as ``[d, 1]``
+        and ``W = F = K E_B``, the dense columns of ``K``, as ``[d, head + tail]``."""
+        out = cls.__new__(cls)
+        out._hold("columns", head, tail, v, W)
+        return out
+
     def _hold(self, kind: str, head: int, tail: int, v: Tensor, W: Tensor) -> None:
         self.kind, self.head, self.tail, self.dtype = kind, head, tail, W.dtype
         self.v, self.W = v, W

@@ -26,6 +26,10 @@ class LowerTriangularMatrix(StructuredMatrix):
         """``P(self @ self^T)``."""
         raise NotImplementedError
 
+    def stacked_outer(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The storage of each stacked member's :meth:`outer` (families that stack)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stack.")
+
     def project_gram(self, S: Tensor) -> LowerTriangularMatrix:
         """``P(S @ S^T)`` for a dense ``S`` of shape ``[d, n]``."""
         raise NotImplementedError
@@ -93,6 +97,30 @@ class TransposedMatrix(StructuredMatrix):
 
     def inner_of(self, Z: Tensor) -> TransposedMatrix:
         return type(self)(self.lower.project_gram(self.lower.mm(Z)))
+
+    # stacking, where the lower family stacks: U^T U = L L^T (P_U(U^T U) = P_L(L L^T)^T,
+    # the same stored numbers), U U' = (L' L)^T; trace, identity and norms are L's
+    @property
+    def stacks(self) -> bool:
+        return self.lower.stacks
+
+    def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return self.lower.stacked_outer(storage)
+
+    def stacked_matmul(self, first: tuple[Tensor, ...], second: tuple[Tensor, ...]):
+        return self.lower.stacked_matmul(second, first)
+
+    def stacked_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        return self.lower.stacked_trace(storage)
+
+    def stacked_average_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
+        return self.lower.stacked_average_trace(storage)
+
+    def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
+        self.lower.stacked_add_identity_(storage, value)
+
+    def stacked_frobenius_sq(self, storage: tuple[Tensor, ...]) -> Tensor:
+        return self.lower.stacked_frobenius_sq(storage)
 
     @classmethod
     def from_dense(cls, M: Tensor, *options: int) -> TransposedMatrix:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchsingd.structures.base import (
+    SparseOuterOperator,
     SparsePattern,
     check_rows,
     check_square,
-    col_sq_sum,
     row_sq_sum,
     wide,
     written,
@@ -34,6 +34,7 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
     """``[[diag(a), 0], [b, C]]`` with ``a: [d-k]``, ``b: [k, d-k]``, ``C: [k, k]``."""
 
     family = "triltopleftdiag"
+    stacks = True  # (the default norms and bounds; stacked_* below)
 
     def __init__(self, a: Tensor, b: Tensor, C: Tensor, k: int = DEFAULT_CORNER) -> None:
         kk, m = check_square(C, "C"), a.shape[0]
@@ -66,12 +67,20 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
         return TrilTopLeftDiagonalMatrix(*tensors, self.k)
 
     def add_identity_(self, value):
-        self.a.add_(value)
-        self.C.diagonal().add_(value)
+        self.stacked_add_identity_(self.tensors(), value)
         return self
 
+    def stacked_add_identity_(self, storage, value):
+        a, _, C = storage
+        a.add_(value)
+        C.diagonal(dim1=-2, dim2=-1).add_(value)
+
     def trace(self):
-        return torch.cat([self.a, self.C.diagonal()]).sum(dtype=wide(self.dtype))
+        return self.stacked_trace(self.tensors())
+
+    def stacked_trace(self, storage):
+        a, _, C = storage
+        return torch.cat([a, C.diagonal(dim1=-2, dim2=-1)], -1).sum(-1, dtype=wide(a.dtype))
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense rows ``[b, C]`` at the bottom, ``diag(a)`` above."""
@@ -84,6 +93,18 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
     def border_rows(self) -> Tensor:
         """``[b C]``: the ``k`` dense bottom rows."""
         return torch.cat([self.b, self.C], 1)
+
+    def stacked_outer_operators(self, storage):
+        # W = K [b C]^T of every member at once, as mm forms it; v = [a, 0]^2
+        a, b, C = storage
+        if not self.dim:
+            return None
+        m, kk = a.shape[-1], C.shape[-1]
+        W = a.new_empty(a.shape[0], self.dim, kk)
+        torch.mul(a.unsqueeze(-1), b.mT, out=W[:, :m])
+        W[:, m:] = torch.matmul(b, b.mT).baddbmm_(C, C.mT)
+        v = F.pad(a, (0, kk)).square().unsqueeze(-1)
+        return [SparseOuterOperator.of_rows(0, kk, v[i], W[i]) for i in range(len(W))]
 
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
@@ -106,28 +127,28 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
 
     def matmul(self, other):
         self._check_compatible(other)
-        return TrilTopLeftDiagonalMatrix(
-            self.a * other.a,
-            torch.mm(self.C, other.b).addcmul_(self.b, other.a),
-            self.C @ other.C,
-            self.k,
-        )
+        return self._with_tensors(self.stacked_matmul(self.tensors(), other.tensors()))
+
+    def stacked_matmul(self, first, second):
+        (a1, b1, C1), (a2, b2, C2) = first, second
+        b = torch.matmul(C1, b2).addcmul_(b1, a2.unsqueeze(-2))
+        return a1 * a2, b, torch.matmul(C1, C2)
 
     def inner(self):
-        return TrilTopLeftDiagonalMatrix(
-            self.a * self.a + col_sq_sum(self.b),
-            2 * (self.C.T @ self.b),
-            self.C.T @ self.C,
-            self.k,
-        )
+        return self._with_tensors(self.stacked_inner(self.tensors()))
+
+    def stacked_inner(self, storage):
+        a, b, C = storage
+        Ct = C.mT
+        return a * a + (b * b).sum(-2), 2 * torch.matmul(Ct, b), torch.matmul(Ct, C)
 
     def outer(self):
-        return TrilTopLeftDiagonalMatrix(
-            self.a * self.a,
-            2 * (self.b * self.a),
-            self.b @ self.b.T + self.C @ self.C.T,
-            self.k,
-        )
+        return self._with_tensors(self.stacked_outer(self.tensors()))
+
+    def stacked_outer(self, storage):
+        a, b, C = storage
+        BBt = torch.matmul(b, b.mT) + torch.matmul(C, C.mT)
+        return a * a, 2 * (b * a.unsqueeze(-2)), BBt
 
     def project_gram(self, S):
         S1, S2 = self._split(S)
@@ -152,6 +173,7 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
     """``[[A, 0], [b, diag(c)]]`` with ``A: [k, k]``, ``b: [d-k, k]``, ``c: [d-k]``."""
 
     family = "trilbottomrightdiag"
+    stacks = True  # (the default norms and bounds; stacked_* below)
 
     def __init__(self, A: Tensor, b: Tensor, c: Tensor, k: int = DEFAULT_CORNER) -> None:
         kk, m = check_square(A, "A"), c.shape[0]
@@ -184,12 +206,20 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
         return TrilBottomRightDiagonalMatrix(*tensors, self.k)
 
     def add_identity_(self, value):
-        self.A.diagonal().add_(value)
-        self.c.add_(value)
+        self.stacked_add_identity_(self.tensors(), value)
         return self
 
+    def stacked_add_identity_(self, storage, value):
+        A, _, c = storage
+        A.diagonal(dim1=-2, dim2=-1).add_(value)
+        c.add_(value)
+
     def trace(self):
-        return torch.cat([self.A.diagonal(), self.c]).sum(dtype=wide(self.dtype))
+        return self.stacked_trace(self.tensors())
+
+    def stacked_trace(self, storage):
+        A, _, c = storage
+        return torch.cat([A.diagonal(dim1=-2, dim2=-1), c], -1).sum(-1, dtype=wide(c.dtype))
 
     def sparse_pattern(self) -> SparsePattern:
         """Dense columns ``[A; b]`` on the left, ``diag(c)`` right of them."""
@@ -198,6 +228,16 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
 
     def sparse_border(self) -> tuple[int, int]:
         return self.A.shape[0], 0
+
+    def stacked_outer_operators(self, storage):
+        # F = [A; b], the dense columns, of every member; v = [0, c]^2
+        A, b, c = storage
+        if not self.dim:
+            return None
+        kk = A.shape[-1]
+        v = F.pad(c, (kk, 0)).square().unsqueeze(-1)
+        W = torch.cat([A, b], -2)
+        return [SparseOuterOperator.of_columns(kk, 0, v[i], W[i]) for i in range(len(W))]
 
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
@@ -220,28 +260,29 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
 
     def matmul(self, other):
         self._check_compatible(other)
-        return TrilBottomRightDiagonalMatrix(
-            self.A @ other.A,
-            torch.mm(self.b, other.A).addcmul_(self.c.unsqueeze(1), other.b),
-            self.c * other.c,
-            self.k,
-        )
+        return self._with_tensors(self.stacked_matmul(self.tensors(), other.tensors()))
+
+    def stacked_matmul(self, first, second):
+        (A1, b1, c1), (A2, b2, c2) = first, second
+        b = torch.matmul(b1, A2).addcmul_(c1.unsqueeze(-1), b2)
+        return torch.matmul(A1, A2), b, c1 * c2
 
     def inner(self):
-        return TrilBottomRightDiagonalMatrix(
-            torch.mm(self.A.T, self.A).addmm_(self.b.T, self.b),
-            2 * (self.c.unsqueeze(1) * self.b),
-            self.c * self.c,
-            self.k,
-        )
+        return self._with_tensors(self.stacked_inner(self.tensors()))
+
+    def stacked_inner(self, storage):
+        A, b, c = storage
+        AtA = torch.matmul(A.mT, A)
+        AtA = AtA.addmm_(b.mT, b) if AtA.ndim == 2 else AtA.baddbmm_(b.mT, b)
+        return AtA, 2 * (c.unsqueeze(-1) * b), c * c
 
     def outer(self):
-        return TrilBottomRightDiagonalMatrix(
-            self.A @ self.A.T,
-            2 * (self.b @ self.A.T),
-            row_sq_sum(self.b) + self.c * self.c,
-            self.k,
-        )
+        return self._with_tensors(self.stacked_outer(self.tensors()))
+
+    def stacked_outer(self, storage):
+        A, b, c = storage
+        At = A.mT
+        return torch.matmul(A, At), 2 * torch.matmul(b, At), (b * b).sum(-1) + c * c
 
     def project_gram(self, S):
         S1, S2 = self._split(S)
@@ -268,9 +309,32 @@ class TriuTopLeftDiagonalMatrix(TransposedMatrix):
     family = "triutopleftdiag"
     BASE = TrilTopLeftDiagonalMatrix
 
+    def stacked_outer_operators(self, storage):
+        # dense columns on the right: F = U[:, B] = [b C]^T of every member; v = [a, 0]^2
+        a, b, C = storage
+        if not self.dim:
+            return None
+        kk = C.shape[-1]
+        v = F.pad(a, (0, kk)).square().unsqueeze(-1)
+        W = torch.cat([b.mT, C.mT], -2)
+        return [SparseOuterOperator.of_columns(0, kk, v[i], W[i]) for i in range(len(W))]
+
 
 class TriuBottomRightDiagonalMatrix(TransposedMatrix):
     """``[[A^T, b^T], [0, diag(c)]]``: transpose of :class:`TrilBottomRightDiagonalMatrix`."""
 
     family = "triubottomrightdiag"
     BASE = TrilBottomRightDiagonalMatrix
+
+    def stacked_outer_operators(self, storage):
+        # dense rows on top, [A^T b^T]: W = U U[B, :]^T = L^T [A; b] of every member
+        # (as L.tmm forms it); v = [0, c]^2
+        A, b, c = storage
+        if not self.dim:
+            return None
+        kk = A.shape[-1]
+        W = A.new_empty(A.shape[0], self.dim, kk)
+        W[:, :kk] = torch.matmul(A.mT, A).baddbmm_(b.mT, b)
+        torch.mul(c.unsqueeze(-1), b, out=W[:, kk:])
+        v = F.pad(c, (kk, 0)).square().unsqueeze(-1)
+        return [SparseOuterOperator.of_rows(kk, 0, v[i], W[i]) for i in range(len(W))]
