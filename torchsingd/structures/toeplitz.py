@@ -495,29 +495,10 @@ class TriuToeplitzMatrix(TransposedMatrix):
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         return True
 
-    # stacking: U = L^T, so U^T U = L L^T (as L^T L, Toeplitz: the same projection),
-    # U U' = (L' L)^T and trace, identity and norms are L's
-    @property
-    def stacks(self) -> bool:
-        return self.lower.stacks
-
+    # stacking (TransposedMatrix's, from L's) but the inner product: U^T U = L L^T, which
+    # Toeplitz projects as L^T L (the same sums of diagonals)
     def stacked_inner(self, storage: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return self.lower.stacked_inner(storage)
-
-    def stacked_matmul(self, first: tuple[Tensor, ...], second: tuple[Tensor, ...]):
-        return self.lower.stacked_matmul(second, first)
-
-    def stacked_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
-        return self.lower.stacked_trace(storage)
-
-    def stacked_average_trace(self, storage: tuple[Tensor, ...]) -> Tensor:
-        return self.lower.stacked_average_trace(storage)
-
-    def stacked_add_identity_(self, storage: tuple[Tensor, ...], value: float) -> None:
-        self.lower.stacked_add_identity_(storage, value)
-
-    def stacked_frobenius_sq(self, storage: tuple[Tensor, ...]) -> Tensor:
-        return self.lower.stacked_frobenius_sq(storage)
 
     def gram_of(self, Z: Tensor) -> DenseMatrix:
         """``Z Z^T`` (see :meth:`TrilToeplitzMatrix.gram_of`)."""
