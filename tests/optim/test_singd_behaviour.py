@@ -1072,11 +1072,12 @@ def test_equal_layers_share_batched_natural_gradients(structures, T, monkeypatch
 )
 def test_equal_layers_update_factors_together(structure, T, options, monkeypatch):
     """The factor updates of equal-shaped blocks with stacking factors (hierarchical,
-    small Toeplitz) are computed together (``update_factors_together``: layers 0 and 2 here; layer 4
-    without a bias is another shape, and the head is alone); parameters, momenta and
-    factors after five steps equal those with every block updated alone (float64, up
-    to rounding), with the same safeguard events (with the default options at T=1
-    the factor-step bound acts in some of these updates)."""
+    block-diagonal, sparse triangular, small Toeplitz) are computed together
+    (``update_factors_together``: layers 0 and 2 here; layer 4 without a bias is
+    another shape, and the head is alone); parameters, momenta and factors after five
+    steps equal those with every block updated alone (float64, up to rounding), with
+    the same safeguard events (with the default options at T=1 the factor-step bound
+    acts in some of these updates)."""
     import torchsingd.optim.singd as singd_module
 
     original = singd_module.update_factors_together
