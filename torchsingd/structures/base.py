@@ -579,21 +579,17 @@ class SparseOuterOperator:
         self._hold(pattern.kind, h, t, pattern.delta.square().unsqueeze(1), W)
 
     @classmethod
-    def of_rows(cls, head: int, tail: int, v: Tensor, W: Tensor) -> SparseOuterOperator:
-        """The operator of a ``"rows"`` pattern from its parts, formed elsewhere (several
-        members' together: :meth:`StructuredMatrix.stacked_outer_operators`): ``v =
-        delta^2`` as ``[d, 1]`` and ``W = M[:, B] = K K[B, :]^T`` as ``[d, head + tail]``."""
-        out = cls.__new__(cls)
-        out._hold("rows", head, tail, v, W)
-        return out
-
-    @classmethod
-    def of_columns(cls, head: int, tail: int, v: Tensor, W: Tensor) -> SparseOuterOperator:
-        """The operator of a ``"columns"`` pattern from its parts, formed elsewhere
-        (:meth:`StructuredMatrix.stacked_outer_operators`): ``v = delta^2`` as ``[d, 1]``
-        and ``W = F = K E_B``, the dense columns of ``K``, as ``[d, head + tail]``."""
-        out = cls.__new__(cls)
-        out._hold("columns", head, tail, v, W)
+    def stacked(
+        cls, kind: str, head: int, tail: int, delta: Tensor, W: Tensor
+    ) -> list[SparseOuterOperator]:
+        """One operator per member from parts formed for several members together
+        (:meth:`StructuredMatrix.stacked_outer_operators`): ``delta: [m, d]`` and ``W:
+        [m, d, head + tail]``, ``M[:, B] = K K[B, :]^T`` (``"rows"``) or the dense
+        columns ``F = K E_B`` (``"columns"``); each operator holds views of them."""
+        v = delta.square().unsqueeze(-1)
+        out = [cls.__new__(cls) for _ in range(len(W))]
+        for i, op in enumerate(out):
+            op._hold(kind, head, tail, v[i], W[i])
         return out
 
     def _hold(self, kind: str, head: int, tail: int, v: Tensor, W: Tensor) -> None:

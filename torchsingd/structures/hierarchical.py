@@ -182,7 +182,7 @@ class HierarchicalMatrix(StructuredMatrix):
 
     def stacked_outer_operators(self, storage: tuple[Tensor, ...]) -> list | None:
         # SparseOuterOperator's W = K K[B, :]^T = K R^T of every member at once (mm's
-        # three parts, batched), and v = delta^2 from c
+        # three parts, batched), and delta from c
         R, c = storage
         if not self.dim:
             return None
@@ -192,8 +192,8 @@ class HierarchicalMatrix(StructuredMatrix):
         W[:, :k1] = torch.matmul(R[:, :k1], RT)
         torch.mul(c.unsqueeze(-1), RT[:, k1:s], out=W[:, k1:s])
         W[:, s:] = torch.matmul(R[:, k1:, k1:], RT[:, k1:])
-        v = F.pad(c, (k1, self.k2)).square().unsqueeze(-1)  # [n, d, 1]
-        return [SparseOuterOperator.of_rows(k1, self.k2, v[i], W[i]) for i in range(len(W))]
+        delta = F.pad(c, (k1, self.k2))  # [n, d]
+        return SparseOuterOperator.stacked("rows", k1, self.k2, delta, W)
 
     def sparse_border(self) -> tuple[int, int]:
         return self.k1, self.k2

@@ -95,7 +95,7 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
         return torch.cat([self.b, self.C], 1)
 
     def stacked_outer_operators(self, storage):
-        # W = K [b C]^T of every member at once, as mm forms it; v = [a, 0]^2
+        # W = K [b C]^T of every member at once, as mm forms it; delta = [a, 0]
         a, b, C = storage
         if not self.dim:
             return None
@@ -103,8 +103,7 @@ class TrilTopLeftDiagonalMatrix(LowerTriangularMatrix):
         W = a.new_empty(a.shape[0], self.dim, kk)
         torch.mul(a.unsqueeze(-1), b.mT, out=W[:, :m])
         W[:, m:] = torch.matmul(b, b.mT).baddbmm_(C, C.mT)
-        v = F.pad(a, (0, kk)).square().unsqueeze(-1)
-        return [SparseOuterOperator.of_rows(0, kk, v[i], W[i]) for i in range(len(W))]
+        return SparseOuterOperator.stacked("rows", 0, kk, F.pad(a, (0, kk)), W)
 
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
@@ -230,14 +229,13 @@ class TrilBottomRightDiagonalMatrix(LowerTriangularMatrix):
         return self.A.shape[0], 0
 
     def stacked_outer_operators(self, storage):
-        # F = [A; b], the dense columns, of every member; v = [0, c]^2
+        # F = [A; b], the dense columns, of every member; delta = [0, c]
         A, b, c = storage
         if not self.dim:
             return None
         kk = A.shape[-1]
-        v = F.pad(c, (kk, 0)).square().unsqueeze(-1)
         W = torch.cat([A, b], -2)
-        return [SparseOuterOperator.of_columns(kk, 0, v[i], W[i]) for i in range(len(W))]
+        return SparseOuterOperator.stacked("columns", kk, 0, F.pad(c, (kk, 0)), W)
 
     def _split(self, X: Tensor):
         check_rows(X, self.dim)
@@ -310,14 +308,13 @@ class TriuTopLeftDiagonalMatrix(TransposedMatrix):
     BASE = TrilTopLeftDiagonalMatrix
 
     def stacked_outer_operators(self, storage):
-        # dense columns on the right: F = U[:, B] = [b C]^T of every member; v = [a, 0]^2
+        # dense columns on the right: F = U[:, B] = [b C]^T of every member; delta = [a, 0]
         a, b, C = storage
         if not self.dim:
             return None
         kk = C.shape[-1]
-        v = F.pad(a, (0, kk)).square().unsqueeze(-1)
         W = torch.cat([b.mT, C.mT], -2)
-        return [SparseOuterOperator.of_columns(0, kk, v[i], W[i]) for i in range(len(W))]
+        return SparseOuterOperator.stacked("columns", 0, kk, F.pad(a, (0, kk)), W)
 
 
 class TriuBottomRightDiagonalMatrix(TransposedMatrix):
@@ -328,7 +325,7 @@ class TriuBottomRightDiagonalMatrix(TransposedMatrix):
 
     def stacked_outer_operators(self, storage):
         # dense rows on top, [A^T b^T]: W = U U[B, :]^T = L^T [A; b] of every member
-        # (as L.tmm forms it); v = [0, c]^2
+        # (as L.tmm forms it); delta = [0, c]
         A, b, c = storage
         if not self.dim:
             return None
@@ -336,5 +333,4 @@ class TriuBottomRightDiagonalMatrix(TransposedMatrix):
         W = A.new_empty(A.shape[0], self.dim, kk)
         W[:, :kk] = torch.matmul(A.mT, A).baddbmm_(b.mT, b)
         torch.mul(c.unsqueeze(-1), b, out=W[:, kk:])
-        v = F.pad(c, (kk, 0)).square().unsqueeze(-1)
-        return [SparseOuterOperator.of_rows(kk, 0, v[i], W[i]) for i in range(len(W))]
+        return SparseOuterOperator.stacked("rows", kk, 0, F.pad(c, (kk, 0)), W)
