@@ -479,11 +479,23 @@ class ObservingHook:
 #: most this many numbers (see :meth:`LayerAdapter.input_statistic`).
 STATISTIC_CHUNK_NUMEL = 1 << 20
 
+#: A statistic of rows (:func:`inner_of_rows`, :func:`gram_of_rows`) sums products
+#: over at most this many rows at a time: one float32 product's sum over ``n`` rows
+#: rounds by up to ~``n`` ulps where the terms share a sign, and the chunks' results
+#: add with one rounding each. Measured on the benchmark CNN's first convolution
+#: (``d = 10``, 100352 rows of positive inputs, against float64): relative error
+#: 1.6e-4 in one product, 1.8e-5 in chunks of 16384 rows (5.1e-6 at 4096, 4.2e-7 at
+#: 1024, at up to twice the time), in the same time as one product (3.4 / 3.1 ms
+#: block-diagonal, 3.5 / 1.9 ms dense; 16.2 / 16.8 ms for the second convolution's
+#: 289 columns, whose chunks of numbers hold fewer rows).
+STATISTIC_CHUNK_ROWS = 1 << 14
+
 
 def inner_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """``X.inner_of(rows.T) = P(X^T rows^T rows X)`` over chunks of at most
-    ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]``: the statistic is a sum
-    over rows, so the products' temporaries stay chunk-sized. By the Gram route
+    ``STATISTIC_CHUNK_NUMEL`` numbers (and ``STATISTIC_CHUNK_ROWS`` rows) of ``rows:
+    [N, d]``: the statistic is a sum over rows, so the products' temporaries stay
+    chunk-sized. By the Gram route
     (:func:`gram_of_rows`, then ``X`` applied once) where ``X.gram_pays(N)``."""
     if X.gram_pays(rows.shape[0]):
         return X.inner_of_gram(gram_of_rows(X, rows))
@@ -492,14 +504,15 @@ def inner_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
 
 def gram_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """``P(rows^T rows)`` in ``X``'s family (:meth:`StructuredMatrix.gram_of`), summed
-    over chunks of at most ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]``."""
+    over chunks of rows (as :func:`inner_of_rows`) of ``rows: [N, d]``."""
     return _sum_over_row_chunks(X.gram_of, rows)
 
 
 def _sum_over_row_chunks(statistic, rows: Tensor) -> StructuredMatrix:
     """``sum of statistic(chunk.T)`` over consecutive chunks of at most
-    ``STATISTIC_CHUNK_NUMEL`` numbers of ``rows: [N, d]`` (one call when all fit)."""
-    step = max(1, STATISTIC_CHUNK_NUMEL // max(rows.shape[1], 1))
+    ``STATISTIC_CHUNK_NUMEL`` numbers and ``STATISTIC_CHUNK_ROWS`` rows of ``rows: [N,
+    d]`` (one call when all fit)."""
+    step = max(1, min(STATISTIC_CHUNK_ROWS, STATISTIC_CHUNK_NUMEL // max(rows.shape[1], 1)))
     H = statistic(rows[:step].T)
     for start in range(step, rows.shape[0], step):
         H.add_(statistic(rows[start : start + step].T))

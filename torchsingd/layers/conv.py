@@ -24,7 +24,6 @@ from torchsingd.layers.base import (
     loss_terms_scale,
 )
 from torchsingd.structures import (
-    BlockDiagonalMatrix,
     DiagonalMatrix,
     HierarchicalMatrix,
     StructuredMatrix,
@@ -74,56 +73,64 @@ def pad_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x
 
 
-def extract_patches(
+def patch_view(
     module: nn.modules.conv._ConvNd, x: Tensor, stride: tuple[int, ...] | None = None
 ) -> Tensor:
-    """Patches ``[B, prod(O), C' * prod(k)]`` of a prepared input ``[B, C', *S]``.
-
-    The column order (channel, then kernel positions) matches ``weight.flatten(1)``.
-    ``stride`` replaces the module's (a transposed convolution's prepared input is
-    read with stride 1).
-    """
-    n = len(module.kernel_size)
-    B = x.shape[0]
+    """Patches of a prepared input ``[B, C', *S]`` as a view ``[B, C', O_1..O_n,
+    k_1..k_n]`` of it (nothing copied): entry ``[b, c, o, j]`` is the input at location
+    ``o * stride + j * dilation`` of channel ``c``. Flattening ``(c, j)`` gives the
+    column order of ``weight.flatten(1)``. ``stride`` replaces the module's (a
+    transposed convolution's prepared input is read with stride 1)."""
     stride = module.stride if stride is None else stride
-    if n == 2:  # one fused kernel for the common case
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=stride)
-        return cols.transpose(1, 2)
     for i, (k, s, d) in enumerate(zip(module.kernel_size, stride, module.dilation, strict=True)):
         x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
-    # x: [B, C', O_1..O_n, k_1..k_n] -> [B, O_1..O_n, C', k_1..k_n]
-    c = x.shape[1]
-    out_sizes = x.shape[2 : 2 + n]
-    perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
-    x = x.permute(perm)
-    return x.reshape(B, out_sizes.numel(), c * math.prod(module.kernel_size))
+    return x
+
+
+def write_patch_columns(view: Tensor, out: Tensor, divisor: float = 1.0) -> None:
+    """Write a :func:`patch_view` ``[B, C', O.., k..]`` as the columns of ``out: [C'
+    prod(k), B prod(O)]`` (one row per patch column, each sample's locations in
+    order), divided by ``divisor``.
+
+    Channel-major: the copy reads each row of the input in order (at the stride) and
+    writes ``out`` in order. On the benchmark CNN (2 threads, batch 128; one pass
+    that also divides by ``sqrt(N)``) this took 6.5 / 4.1 / 0.23 ms for its second,
+    third and first convolutions' patches, against 41.5 / 9.8 / 2.3 ms for
+    ``F.unfold`` then the division written into row-major rows ``[N, C' prod(k)]``,
+    and the Gram products that follow read it faster too (the second convolution's
+    rows and their ``a^T a`` over chunks 72.6 -> 34.6 ms).
+    """
+    n = (view.ndim - 2) // 2
+    order = [1, *range(2 + n, 2 + 2 * n), 0, *range(2, 2 + n)]  # [C', k.., B, O..]
+    moved = view.permute(order)
+    target = out.view(moved.shape)
+    if divisor == 1.0:
+        target.copy_(moved)
+    else:
+        torch.div(moved, divisor, out=target)
 
 
 def patch_gram(
     module: nn.modules.conv._ConvNd, x: Tensor, K: StructuredMatrix
 ) -> StructuredMatrix | None:
     """``K.gram_of(a^T)`` for the rows ``a`` of a 2-D convolution's batched input
-    (``"expand"``), formed without the rows (block-diagonal: from the unfold's own
-    ``[B, C' k, L]`` layout; hierarchical: without the full unfold), or ``None`` where
-    this does not apply (another family, padding that is not symmetric zeros) or the
-    Gram route does not pay (:meth:`StructuredMatrix.gram_pays`).
+    (``"expand"``) and a hierarchical ``K``, formed without the full unfold
+    (:func:`_hierarchical_gram`: the border rows as the convolution's weight gradient
+    for the border patches, the rest from summed images), or ``None`` where this does
+    not apply (another family, padding that is not symmetric zeros, no middle
+    diagonal) or the Gram route does not pay (:meth:`StructuredMatrix.gram_pays`).
 
-    The rows route writes the unfold (one pass), copies it transposed and divided by
-    ``sqrt(N)`` into row-major rows (two more), and the Gram products read them (one);
-    here the products read the unfold itself, per sample (``sum_b U_b[I] U_b[J]^T``,
-    batched), the bias column is a column sum, and ``1 / N`` scales the small result.
-    Block-diagonal: each full block of patch columns as a batch of ``[B, L]`` slices;
-    the last one or two blocks (with the bias) from their few rows. Hierarchical:
-    no full unfold at all (:func:`_hierarchical_gram`: the border rows as the
-    convolution's weight gradient for the border patches, the rest from summed
-    images). Measured on the benchmark CNN (2 threads, both routes alternated every
-    iteration in one process): T=1 iterations 7.5% shorter with block-diagonal factors
-    (149.4 -> 137.9 ms) and 8% with hierarchical ones (154.6 -> 142.2 ms), then 12.6%
-    more with the weight-gradient route (155.0 -> 135.4 ms, 2.09x -> 1.82x AdamW's);
-    its second convolution's block-diagonal statistics (289 columns, 25088 rows)
-    34.5 -> 27.5 ms. At T=10 within noise (1.003, paired 0.983).
+    Measured on the benchmark CNN (2 threads, both routes alternated every iteration
+    in one process): T=1 iterations 12.6% shorter than by per-sample products over
+    the unfold (155.0 -> 135.4 ms, 2.09x -> 1.82x AdamW's). Against the rows route
+    (channel-major rows, :func:`write_patch_columns`) the statistic of its second and
+    third convolutions took 12.2 / 8.6 ms against 25.8 / 12.1 ms; for its first (one
+    input channel, ``d = 10``: the border is every column) 9.4 against 3.7 ms, so
+    without a middle diagonal the rows route serves. (Block-diagonal factors had a
+    route of their own over the unfold's layout, 21.0 / 11.2 / 3.0 ms there; the
+    channel-major rows route takes 16.9 / 8.0 / 1.3 ms.)
     """
-    if not isinstance(K, (BlockDiagonalMatrix, HierarchicalMatrix)):
+    if not isinstance(K, HierarchicalMatrix) or not K.m:
         return None
     left, right, top, bottom = conv_padding(module)
     if module.padding_mode != "zeros" or left != right or top != bottom:
@@ -131,40 +138,21 @@ def patch_gram(
     padded = [size + 2 * pad for size, pad in zip(x.shape[2:], (top, left), strict=True)]
     out_sizes = output_sizes(module, padded, module.stride)
     locations = math.prod(out_sizes)
-    # the per-sample products have `rows` rows and `locations` columns: with fewer
-    # locations than rows (a squeeze-excitation's 1x1 convolution on a pooled input)
-    # they are slow and their outputs outgrow the unfold (rows route: 5-13x faster)
-    rows = K.block_size if isinstance(K, BlockDiagonalMatrix) else K.k1 + K.k2
-    if locations < rows or not K.gram_pays(x.shape[0] * locations):
+    # the weight gradient has k1 + k2 output channels over `locations` locations:
+    # with fewer locations than that (a squeeze-excitation's 1x1 convolution on a
+    # pooled input) the rows route is taken (it was 5-13x faster than the per-sample
+    # products an earlier route used there)
+    if locations < K.k1 + K.k2 or not K.gram_pays(x.shape[0] * locations):
         return None
     patches = (x.shape[1] // module.groups) * math.prod(module.kernel_size)
-    d = K.dim
-    if isinstance(K, HierarchicalMatrix) and d > patches and not K.k2 and K.m:
+    if K.dim > patches and not K.k2:
         return None  # (the bias column in the middle: only with K2 = 0)
     g = group_input(module, x.to(K.dtype))
-    if isinstance(K, HierarchicalMatrix):
-        parts = _hierarchical_gram(module, g, K, (top, left), out_sizes)
-        if parts is None:
-            return None
-        R, c, count = parts
-        return HierarchicalMatrix._packed(R.div_(count), c.div_(count), K.K1, K.K2)
-    batch = g.shape[0]
-    # samples per chunk: at most STATISTIC_CHUNK_NUMEL numbers of the unfold (>= 1)
-    per = max(1, layers_base.STATISTIC_CHUNK_NUMEL // max(patches * locations, 1))
-    parts = []
-    count = 0
-    for start in range(0, batch, per):
-        cols = F.unfold(
-            g[start : start + per],
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=(top, left),
-            stride=module.stride,
-        )  # [b, patches, L]
-        count += cols.shape[0] * cols.shape[2]
-        part = _block_gram(K, cols, d)
-        parts = part if not parts else [p.add_(q) for p, q in zip(parts, part, strict=True)]
-    return BlockDiagonalMatrix(*[t.div_(count) for t in parts], K.block_size)
+    parts = _hierarchical_gram(module, g, K, (top, left), out_sizes)
+    if parts is None:
+        return None
+    R, c, count = parts
+    return HierarchicalMatrix._packed(R.div_(count), c.div_(count), K.K1, K.K2)
 
 
 def column_sums(
@@ -172,8 +160,10 @@ def column_sums(
 ) -> tuple[Tensor, int]:
     """Per patch column of one prepared image ``[1, C', *S]`` (a batch summed first),
     the sum over its locations (``[C' * prod(k)]``), and the number of locations."""
-    patches = extract_patches(module, image, stride)  # [1, O, C' * prod(k)]
-    return patches.sum(1).squeeze(0), patches.shape[1]
+    view = patch_view(module, image, stride)  # [1, C', O.., k..]
+    n = (view.ndim - 2) // 2
+    locations = math.prod(view.shape[2 : 2 + n])
+    return view.sum(dim=tuple(range(2, 2 + n))).flatten(), locations
 
 
 def output_sizes(
@@ -185,32 +175,6 @@ def output_sizes(
         (size - d * (k - 1) - 1) // s + 1
         for size, k, s, d in zip(prepared, module.kernel_size, stride, module.dilation, strict=True)
     ]
-
-
-def _bias_rows(cols: Tensor, first: int, d: int) -> Tensor:
-    """Rows ``[b L, d - first]`` of columns ``first..d-1`` (the patch columns from
-    ``cols``, then a column of ones where ``d`` exceeds them: the bias), unscaled."""
-    b, patches, L = cols.shape
-    rows = cols.new_ones(b * L, d - first)
-    rows[:, : patches - first].view(b, L, patches - first).copy_(cols[:, first:].mT)
-    return rows
-
-
-def _block_gram(K: BlockDiagonalMatrix, cols: Tensor, d: int) -> list[Tensor]:
-    """``[blocks, last]`` of the block-diagonal part of ``a^T a`` (unscaled)."""
-    B, (b, patches, L) = K.block_size, cols.shape
-    n = d // B
-    pure = min(n, patches // B)  # full blocks of patch columns only
-    blocks = cols.new_empty(n, B, B)
-    if pure:
-        v = cols[:, : pure * B].reshape(b * pure, B, L)  # per sample and block
-        torch.sum(torch.bmm(v, v.mT).view(b, pure, B, B), 0, out=blocks[:pure])
-    rows = _bias_rows(cols, pure * B, d)  # the rest: under two blocks
-    tail = rows.T @ rows
-    if n > pure:
-        blocks[pure:] = tail[:B, :B]
-        return [blocks, tail[B:, B:].contiguous()]
-    return [blocks, tail]
 
 
 def _hierarchical_gram(
@@ -314,10 +278,20 @@ class ConvAdapter(LayerAdapter):
         return module.stride
 
     def input_rows(self, module: nn.Module, x: Tensor, kfac_approx: str, *, block: str = ""):
-        # "expand": rows are all samples' patches
-        patches = extract_patches(module, self.prepare(module, x), self.patch_stride(module))
-        a = patches if kfac_approx == "expand" else patches.mean(1)
-        return finish_input_rows(a, self.has_bias(module))
+        view = patch_view(module, self.prepare(module, x), self.patch_stride(module))
+        n = len(module.kernel_size)
+        B, patches = view.shape[0], view.shape[1] * math.prod(view.shape[2 + n :])
+        if kfac_approx != "expand":  # one row per sample: its patches' mean
+            a = view.mean(dim=tuple(range(2, 2 + n))).reshape(B, patches)
+            return finish_input_rows(a, self.has_bias(module))
+        # "expand": rows are all samples' patches, written channel-major ([d_i, N],
+        # returned as its transpose: see write_patch_columns), the bias a row of ones
+        N = B * math.prod(view.shape[2 : 2 + n])
+        columns = view.new_empty(patches + int(self.has_bias(module)), N)
+        write_patch_columns(view, columns[:patches], math.sqrt(N))
+        if self.has_bias(module):
+            columns[patches:].fill_(1.0).div_(math.sqrt(N))
+        return columns.T
 
     def prepared_sizes(self, module: nn.Module, x: Tensor) -> list[int]:
         """Spatial sizes of :meth:`prepare`'s result, from ``x``'s shape alone."""
@@ -440,7 +414,7 @@ class ConvAdapter(LayerAdapter):
         """The mean over all rows of ``a`` (samples and locations) of each patch column
         of a prepared input (or of its square, passed squared), ``[C' * prod(k)]``:
         summed over the batch first and one image unfolded (``stride``: as for
-        :func:`extract_patches`)."""
+        :func:`patch_view`)."""
         sums, locations = column_sums(module, prepared.sum(0, keepdim=True), stride)
         return sums / (prepared.shape[0] * locations)
 
