@@ -10,7 +10,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, symmetrized, wide
+from torchsingd.structures.base import (
+    StructuredMatrix,
+    check_rows,
+    check_square,
+    self_outer,
+    symmetrized,
+    wide,
+)
 
 
 class DenseMatrix(StructuredMatrix):
@@ -62,21 +69,20 @@ class DenseMatrix(StructuredMatrix):
         return DenseMatrix(self.mat @ other.mat)
 
     def outer_operator(self) -> DenseMatrix:
-        return DenseMatrix(self.mat @ self.mat.T)
+        return DenseMatrix(self_outer(self.mat))
 
     def outer_operator_pays(self, columns: int, uses: int) -> bool:
         return uses * columns >= self.dim  # d^3 once vs. d^2 n saved per use
 
     def inner(self) -> DenseMatrix:
-        return DenseMatrix(self.mat.T @ self.mat)
+        return DenseMatrix(self_outer(self.mat.T))
 
     def inner_of(self, Z: Tensor) -> DenseMatrix:
-        S = self.tmm(Z)
-        return DenseMatrix(S @ S.T)
+        return DenseMatrix(self_outer(self.tmm(Z)))
 
     def gram_of(self, Z: Tensor) -> DenseMatrix:
         check_rows(Z, self.dim)
-        return DenseMatrix(Z @ Z.T)
+        return DenseMatrix(self_outer(Z))
 
     def inner_of_gram(self, G: StructuredMatrix) -> DenseMatrix:
         self._check_compatible(G)

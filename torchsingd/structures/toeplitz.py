@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchsingd.structures.base import StructuredMatrix, check_rows, check_square
+from torchsingd.structures.base import StructuredMatrix, check_rows, check_square, self_outer
 from torchsingd.structures.dense import DenseMatrix
 from torchsingd.structures.transposed import LowerTriangularMatrix, TransposedMatrix
 
@@ -450,7 +450,7 @@ class TrilToeplitzMatrix(LowerTriangularMatrix):
         FFT round trips per column of ``Z`` (a convolution's unfolded input: 25088
         columns of ``d = 289``). Only where :meth:`gram_pays` (``d <= GRAM_MAX_DIM``)."""
         check_rows(Z, self.dim)
-        return DenseMatrix(Z @ Z.T)
+        return DenseMatrix(self_outer(Z))
 
     def inner_of_gram(self, G: StructuredMatrix) -> TrilToeplitzMatrix:
         """``P(L^T G L)`` from a dense Gram ``G``: two products of ``L^T`` with a
