@@ -191,7 +191,8 @@ class ToeplitzOuterOperator:
     are applied along contiguous rows (two FFT round trips per product; the
     truncation between ``L^T`` and ``L`` makes a single one impossible). Below
     ``FFT_MIN_DIM`` nothing is kept besides ``col``: each product forms the small
-    dense ``L`` and applies it twice (holding ``L L^T`` would store ``d^2`` numbers
+    dense ``L`` and applies it twice, or forms ``L L^T`` and applies that once where
+    ``X`` has more columns than rows (holding ``L L^T`` would store ``d^2`` numbers
     between steps, more than a small layer's weights: 2.4x the ViT's parameters)."""
 
     def __init__(self, col: Tensor, lower: bool) -> None:
@@ -214,7 +215,8 @@ class ToeplitzOuterOperator:
         """``ops[i] @ X[i]`` for ``X: [m, d, n]``: the dense ``L`` of every operator
         formed at once (:func:`dense_lower_toeplitz`), then two batched products."""
         L = dense_lower_toeplitz(torch.stack([op.col for op in ops]))  # [m, d, d]
-        return L @ (L.mT @ X) if ops[0].lower else L.mT @ (L @ X)
+        A, B = (L, L.mT) if ops[0].lower else (L.mT, L)
+        return (A @ B) @ X if X.shape[-1] > L.shape[-1] else A @ (B @ X)
 
     def nbytes(self) -> int:
         """Bytes held besides ``col`` (the factor's own): the spectrum and the small
@@ -228,7 +230,10 @@ class ToeplitzOuterOperator:
         first_correlates = self.lower  # L L^T X: L^T (a correlation) acts first
         if not _use_fft(self.d):
             L = dense_lower_toeplitz(self.col)
-            return L @ (L.T @ X) if self.lower else L.T @ (L @ X)
+            A, B = (L, L.T) if self.lower else (L.T, L)
+            # more columns than rows: A B once (d^3) and one product with X (d^2 n)
+            # beat two (2 d^2 n); the CNN's [128, 3137] gradient: 3.3 -> 1.7 ms
+            return (A @ B) @ X if X.shape[1] > self.d else A @ (B @ X)
         if X.shape[1] == 0:  # MKL's FFT refuses an empty batch
             return X.new_zeros(self.d, 0)
         Y = _padded_rows(X, self.size, self.work)
