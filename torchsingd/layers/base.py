@@ -497,8 +497,8 @@ def inner_of_rows(X: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """``X.inner_of(rows.T) = P(X^T rows^T rows X)`` over chunks of at most
     ``STATISTIC_CHUNK_NUMEL`` numbers (and ``STATISTIC_CHUNK_ROWS`` rows) of ``rows:
     [N, d]``: the statistic is a sum over rows, so the products' temporaries stay
-    chunk-sized. By the Gram route
-    (:func:`gram_of_rows`, then ``X`` applied once) where ``X.gram_pays(N)``."""
+    chunk-sized. By the Gram route (:func:`gram_of_rows`, then ``X`` applied once)
+    where ``X.gram_pays(N)``."""
     if X.gram_pays(rows.shape[0]):
         return X.inner_of_gram(gram_of_rows(X, rows))
     return _sum_over_row_chunks(X.inner_of, rows)
