@@ -127,3 +127,77 @@ def test_layer_with_an_empty_weight_goes_to_the_fallback(structure):
         opt.step()
         reference.step()
     torch.testing.assert_close(model[0].bias, reference.param_groups[0]["params"][0])
+
+
+def _adapter_cases():
+    """``(name, module, input of n samples)`` for the adapters' own statistic routes:
+    convolutions (the diagonal and ``triltopleftdiag:1`` routes, the Gram routes),
+    a transposed convolution (its diagonal route), linear and embedding layers."""
+    torch.manual_seed(0)
+    return [
+        ("conv2d", nn.Conv2d(2, 3, 3, padding=1).double(), (2, 5, 5)),
+        ("conv1d", nn.Conv1d(2, 3, 3, stride=2).double(), (2, 9)),
+        ("conv_transpose2d", nn.ConvTranspose2d(2, 3, 3, stride=2).double(), (2, 4, 4)),
+        ("linear", nn.Linear(5, 4).double(), (5,)),
+    ]
+
+
+ALL_FAMILIES = [
+    "dense",
+    "diagonal",
+    "blockdiagonal:4",
+    "hierarchical:2,3",
+    "triltoeplitz",
+    "triutoeplitz",
+    "triltopleftdiag:1",
+    "trilbottomrightdiag:1",
+    "triutopleftdiag:2",
+    "triubottomrightdiag:1",
+]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _adapter_cases()])
+def test_statistic_of_an_empty_batch_is_zero(case, family):
+    """An adapter asked for the statistic of zero samples (no rows ``a``): ``P(K^T 0
+    K) = 0`` by every route. The convolutions' diagonal route divided 0 by 0 (NaN) and
+    their ``triltopleftdiag:1`` route read the first sample (IndexError); the optimizer
+    itself never asks (it skips empty outputs: ``test_an_empty_batch_adds_nothing``)."""
+    from torchsingd.structures import get_structure
+
+    _, module, shape = _adapter_cases()[case]
+    adapter = get_adapter(module)
+    d = adapter.dims(module)[0]
+    torch.manual_seed(1)
+    K = get_structure(family).from_dense(torch.eye(d, dtype=torch.float64) + 0.1)
+    x = torch.randn(0, *shape, dtype=torch.float64)
+    x = adapter.capture_input(module, x, module(x).shape)
+    H = adapter.input_statistic(module, x, K, "expand")
+    assert torch.equal(H.to_dense(), torch.zeros(d, d, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _adapter_cases()])
+def test_input_rows_of_an_input_that_requires_grad(case):
+    """With grad mode on and an input that requires a gradient, ``input_rows`` (one
+    pass with ``torch.div(out=)``, which autograd refuses) takes a differentiable
+    copy: the same rows, and their gradient reaches the input. Oracle: ``sum_{rows}
+    <a, W>`` for a random ``W`` is linear in ``x``; its gradient by autograd equals
+    the finite difference along a random direction, exactly up to rounding."""
+    _, module, shape = _adapter_cases()[case]
+    adapter = get_adapter(module)
+    torch.manual_seed(2)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        x = adapter.capture_input(module, x, module(x).shape)
+    with torch.no_grad():
+        expected = adapter.input_rows(module, x, "expand")
+    leaf = x.clone().requires_grad_(True)
+    rows = adapter.input_rows(module, leaf, "expand")
+    torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+    W = torch.randn_like(rows)
+    (rows * W).sum().backward()
+    v = torch.randn_like(x)
+    with torch.no_grad():
+        step = (adapter.input_rows(module, x + v, "expand") * W).sum() - (expected * W).sum()
+    # the bias column does not depend on x: the difference is the directional derivative
+    torch.testing.assert_close((leaf.grad * v).sum(), step, rtol=1e-10, atol=1e-12)

@@ -521,6 +521,16 @@ def _sum_over_row_chunks(statistic, rows: Tensor) -> StructuredMatrix:
     return H
 
 
+def divide_into(a: Tensor, divisor: float, out: Tensor) -> None:
+    """``out <- a / divisor`` in one pass (``torch.div`` with ``out=``), or, where
+    autograd records it (grad mode on and ``a`` requiring a gradient, which ``out=``
+    does not support), as a differentiable copy of the quotient into ``out``."""
+    if torch.is_grad_enabled() and a.requires_grad:
+        out.copy_(a / divisor)
+    else:
+        torch.div(a, divisor, out=out)
+
+
 def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:
     """Rows ``[N, d (+ 1)]``: ``a`` (``[..., d]`` in any layout, ``N`` = the product
     of its leading sizes) divided by ``sqrt(N)``, and a column of ``1 / sqrt(N)`` for
@@ -533,7 +543,7 @@ def finish_input_rows(a: Tensor, with_bias: bool) -> Tensor:
     d = a.shape[-1]
     N = prod(a.shape[:-1])
     rows = a.new_empty(N, d + int(with_bias))
-    torch.div(a, sqrt(N), out=rows[:, :d].view(a.shape))
+    divide_into(a, sqrt(N), rows[:, :d].view(a.shape))
     if with_bias:
         rows[:, d:].fill_(1.0).div_(sqrt(N))
     return rows

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import torchsingd.layers.base as layers_base
 from torchsingd.layers.base import (
     LayerAdapter,
+    divide_into,
     finish_input_rows,
     loss_term_count,
     loss_terms_scale,
@@ -107,7 +108,7 @@ def write_patch_columns(view: Tensor, out: Tensor, divisor: float = 1.0) -> None
     if divisor == 1.0:
         target.copy_(moved)
     else:
-        torch.div(moved, divisor, out=target)
+        divide_into(moved, divisor, target)
 
 
 def patch_gram(
@@ -313,7 +314,10 @@ class ConvAdapter(LayerAdapter):
     def diagonal_statistic(self, module: nn.Module, x: Tensor, K: DiagonalMatrix) -> DiagonalMatrix:
         """``H_K`` for a diagonal ``K`` and ``"expand"``: ``diag(a^T a)[c, k]`` is the mean
         over samples and locations of the squared prepared input shifted by ``k``; square
-        and sum over the batch first, then unfold one image."""
+        and sum over the batch first, then unfold one image. An empty batch (no rows)
+        gives zeros, as the rows route does."""
+        if self.is_batched(module, x) and x.shape[0] == 0:
+            return DiagonalMatrix(torch.zeros_like(K.diag))
         # sums over the batch and locations before the division by N: float32 at
         # least (a float16 sum of squared pixels overflows)
         work = torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype
@@ -351,6 +355,10 @@ class ConvAdapter(LayerAdapter):
           ``q`` is never a small difference of large raw moments. 16-bit factors take
           the generic route.
         """
+        if self.is_batched(module, x) and x.shape[0] == 0:
+            # no rows: the generic route's zero statistic (the routes below divide by
+            # the row count and read the first sample)
+            return super().input_statistic(module, x, K, kfac_approx, block=block)
         if kfac_approx == "expand" and isinstance(K, DiagonalMatrix):
             return self.diagonal_statistic(module, x, K)
         if (
