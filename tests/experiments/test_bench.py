@@ -180,3 +180,47 @@ def test_peak_column_is_the_ratio_of_medians_over_peak_runs(monkeypatch):
     assert rows[0]["peak_ratio"] == pytest.approx(120.0 / 110.0)
     with pytest.raises(SystemExit):
         bench.main([*args, "--peak-runs", "0"])
+
+
+def _row(structure, T, ours, floor, ref=None, dtype="float32", model="mlp"):
+    return dict(
+        model=model,
+        structure=structure,
+        T=T,
+        dtype=dtype,
+        ours_over_adamw=ours,
+        floor_over_adamw=floor,
+        ref_over_adamw=ref,
+        ref_over_ours=None if ref is None else ref / ours,
+    )
+
+
+def test_reach_names_the_rows_whose_floor_is_above_their_line():
+    """A floor above the row's target line (T=10: dense 2x, structured 1.25x; T=1:
+    structured 2x, dense none; float32 only) is out of reach; the bound on the median
+    speed-up over the reference is the median of ``ref / floor``."""
+    rows = [
+        _row("dense", 10, 3.7, 3.16, ref=5.26),  # above 2x: out of reach
+        _row("dense", 1, 11.0, 12.2, ref=11.6),  # T=1 dense: no target
+        _row("diagonal", 10, 1.07, 0.74, ref=1.03),  # reachable by the floor
+        _row("blockdiagonal:30", 10, 1.33, 1.30, ref=1.69),  # above 1.25x
+        _row("hierarchical:15,15", 1, 2.56, 2.01),  # above 2x, no reference
+        _row("triltoeplitz", 10, 3.5, 1.3, dtype="bfloat16"),  # no bfloat16 target
+    ]
+    out, bound = bench.reach(rows)
+    assert [(r["structure"], r["T"], line) for r, line in out] == [
+        ("dense", 10, 2.0),
+        ("blockdiagonal:30", 10, 1.25),
+        ("hierarchical:15,15", 1, 2.0),
+    ]
+    ratios = [5.26 / 3.16, 11.6 / 12.2, 1.03 / 0.74, 1.69 / 1.30]
+    assert bound == pytest.approx(statistics.median(ratios))
+    assert bench.reach([_row("diagonal", 10, 1.0, 0.7)]) == ([], None)
+
+
+def test_summary_prints_what_is_out_of_reach(capsys):
+    bench.summarize([_row("dense", 10, 3.7, 3.16, ref=5.26), _row("diagonal", 10, 1.1, 0.7)])
+    out = capsys.readouterr().out
+    assert "out of reach on this machine" in out
+    assert "mlp dense T=10 float32: floor 3.16x > 2.00x (measured 3.70x)" in out
+    assert "at most 1.66x (target 3x)" in out
