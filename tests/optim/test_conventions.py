@@ -1080,6 +1080,45 @@ def test_numpy_scalar_hyperparameters_train_as_their_python_values(cls):
 
 
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
+def test_state_dict_of_numpy_options_loads_with_weights_only(cls):
+    """``np.float64`` is a subclass of ``float`` and was kept as it came (so were
+    ``StructureSpec`` objects given as ``structures``): ``torch.load(weights_only=True)``
+    of the state_dict then refused the NumPy global. Every option is now stored as a
+    Python number or a name; the reloaded state resumes bit for bit like the original."""
+    np = pytest.importorskip("numpy")
+    from torchsingd.structures import get_structure
+
+    given = dict(lr=np.logspace(-2, -1, 3)[1], damping=np.float64(1e-3), T=np.int64(2))
+    given.update(momentum=np.float64(0.9), weight_decay=np.float64(1e-3))
+    if cls is SINGD:
+        given["structures"] = [get_structure("blockdiagonal:3"), "diagonal"]
+    model = make_mlp(0)
+    opt = cls(model, **_hp(cls, **given))
+    train(model, opt, 0, 3)
+    group = opt.param_groups[0]
+    for key, value in group.items():
+        if key == "params":
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        assert all(
+            type(v) in (int, float, str, bool, type(None)) or isinstance(v, torch.dtype)
+            for v in values
+        ), (key, value)
+    if cls is SINGD:
+        assert group["structures"] == ["blockdiagonal:3", "diagonal"]
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = copy.deepcopy(model)
+    resumed = cls(resumed_model, **_hp(cls, **given))
+    resumed.load_state_dict(saved)
+    train(model, opt, 3, 5)
+    train(resumed_model, resumed, 3, 5)
+    assert_states_equal(_everything(model, opt), _everything(resumed_model, resumed))
+
+
+@pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_tensor_lr_and_scheduler_match_float_lr(cls):
     """``lr`` as a one-element tensor (``torch.optim`` allows it; schedulers then fill
     it in place) trains bit for bit like the same float schedule."""

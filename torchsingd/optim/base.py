@@ -66,7 +66,7 @@ from torchsingd.optim.update import (
     sgd_step,
     trust_region_scale,
 )
-from torchsingd.structures import StructuredMatrix, get_structure
+from torchsingd.structures import StructuredMatrix, StructureSpec, get_structure
 from torchsingd.structures.base import read_scalars
 
 _INTERNAL = (
@@ -362,18 +362,27 @@ def _is_int(x: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """A NumPy scalar as the Python number it holds; anything else as it is."""
-    if is_number(value) and not isinstance(value, (int, float)):
+    """A NumPy scalar as the Python number it holds (``np.float64`` too, though it is a
+    ``float``); a :class:`StructureSpec` as its name; anything else as it is."""
+    if isinstance(value, StructureSpec):
+        return value.name
+    if is_number(value) and type(value) not in (int, float):
         return int(value) if _is_int(value) else float(value)
     return value
 
 
 def plain_numbers(group: dict[str, Any]) -> None:
-    """Replace NumPy scalars among ``group``'s options (and in its tuples, such as
-    ``fallback_betas``) by Python numbers, in place, so that the arithmetic of a step is
-    Python's (float64), whatever the caller passed."""
+    """Replace NumPy scalars among ``group``'s options (and in its tuples and lists, such
+    as ``fallback_betas`` or ``structures``) by Python numbers, and structure specs by
+    their names, in place: the arithmetic of a step is Python's (float64) whatever the
+    caller passed, and ``state_dict()`` holds only what ``torch.load(weights_only=True)``
+    reads back."""
     for key, value in group.items():
-        group[key] = tuple(map(_plain, value)) if isinstance(value, tuple) else _plain(value)
+        if isinstance(value, (tuple, list)) and key != "params":
+            plain = list(map(_plain, value))
+            group[key] = plain if isinstance(value, list) else tuple(plain)
+        else:
+            group[key] = _plain(value)
 
 
 #: The largest learning rate: the parameter updates pass ``-lr`` to float32 arithmetic
