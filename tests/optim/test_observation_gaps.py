@@ -277,6 +277,43 @@ def test_heads_used_in_turns_under_a_weight_penalty_stay_preconditioned() -> Non
     assert len(opt.layers) == 1 + base.HAND_OVER_AFTER and not opt.fallback_parameters
 
 
+def _factors_of(opt, name: str) -> list[torch.Tensor]:
+    factors = opt.layers[name].factors()
+    return [factors[n].to_dense() for n in sorted(factors) if factors[n] is not None]
+
+
+@pytest.mark.parametrize("impl", [SINGD, KFAC])
+@pytest.mark.parametrize(("heads", "T", "idle"), [(2, 2, {1}), (4, 2, {1, 3}), (3, 2, set())])
+def test_a_layer_whose_forward_misses_every_factor_update_is_reported(impl, heads, T, idle):
+    """Heads used in turns: with two heads and T=2 the second one's forward runs only
+    in odd steps, so no statistic ever reaches its factors and it has no gradient in
+    the factor-update steps (the hand-over check never sees it). At its
+    ``HAND_OVER_AFTER * T``-th such step one warning names it, and only it; its
+    factors are still the initial ones. With three heads each one's turn falls on a
+    factor-update step: no warning, every head's factors moved."""
+    torch.manual_seed(0)
+    model = Heads(heads)
+    opt = impl(model, lr=0.01, T=T)
+    initial = {name: _factors_of(opt, name) for name in opt.layers}
+    warned_at = {}
+    for t, batch in enumerate(batches(12 * T * heads)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(model, opt, [batch])
+        for w in caught:
+            assert "steps between factor updates" in str(w.message), str(w.message)
+            warned_at[str(w.message).split("'")[1]] = (t, str(w.message))
+    assert {name for name in warned_at} == {f"heads.{i}" for i in idle}
+    for name, (t, message) in warned_at.items():
+        uses = [s for s in range(t + 1) if s % heads == int(name[-1])]
+        assert len(uses) == base.HAND_OVER_AFTER * T and t == uses[-1], (name, t)
+        assert f"in {base.HAND_OVER_AFTER * T} steps" in message and f"T={T}" in message
+    for name in opt.layers:
+        now = _factors_of(opt, name)
+        moved = [not torch.equal(a, b) for a, b in zip(now, initial[name], strict=True)]
+        assert (not any(moved)) if name in warned_at else all(moved), (name, moved)
+
+
 def test_a_handed_over_layer_stays_with_the_fallback_after_a_checkpoint() -> None:
     """Resume after the hand-over: a fresh optimizer takes the fallback's state for
     those parameters and goes on bit for bit as the uninterrupted one."""

@@ -9,6 +9,7 @@ tested in ``test_reference_equivalence.py``).
 from __future__ import annotations
 
 import copy
+import io
 import math
 import warnings
 import zlib
@@ -442,6 +443,45 @@ def test_a_trust_region_that_sets_the_step_length_is_said_once_per_group():
     # a trust region that never acts says nothing
     opt, messages = _clip_run(1e12, 2 * window)
     assert messages == [] and opt.safeguard_events["kl_clipped"] == 0
+
+
+def test_safeguard_counts_and_the_trust_region_window_survive_a_checkpoint():
+    """``safeguard_events`` and the trust region's warning window were not saved: a
+    resumed run counted from zero and warned a window later than the uninterrupted
+    one. Saved now (and read back with ``weights_only=True``): after the load both runs
+    count the same and warn in the same step; a load that fails keeps the counts."""
+    window, cut = SINGD.KL_WINDOW, SINGD.KL_WINDOW - 3
+    model = _linear()
+    opt = SINGD(model, lr=0.1, T=1, kl_clip=1e-12, max_factor_step=1e-3)
+    for step in range(cut):
+        _mse_step(model, opt, step)
+    assert opt.safeguard_events["kl_clipped"] == cut
+    assert opt.safeguard_events["factor_step_bounded"] > 0
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = copy.deepcopy(model)
+    resumed = SINGD(resumed_model, lr=0.1, T=1, kl_clip=1e-12, max_factor_step=1e-3)
+    resumed.load_state_dict(saved)
+    assert resumed.safeguard_events == opt.safeguard_events
+    warned = []
+    for m, o in ((model, opt), (resumed_model, resumed)):
+        steps = []
+        for step in range(cut, cut + 6):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _mse_step(m, o, step)
+            steps += [step for w in caught if "trust region" in str(w.message)]
+        warned.append(steps)
+    assert warned[0] == warned[1] == [window - 1]
+    assert resumed.safeguard_events == opt.safeguard_events
+    assert opt.safeguard_events["kl_clipped"] == cut + 6
+    events = dict(resumed.safeguard_events)
+    wrong = SINGD(nn.Sequential(nn.Linear(6, 5)).to(F64), kl_clip=1e-12).state_dict()
+    with pytest.raises(ValueError):
+        resumed.load_state_dict(wrong)
+    assert resumed.safeguard_events == events
 
 
 def test_trust_region_advice_counts_windows():

@@ -127,9 +127,16 @@ class BlockState:
     hooked_step: int = -1
     #: whether a forward pass with gradients ran since construction (any step)
     seen: bool = False
+    #: the step of the last forward pass with gradients (any step)
+    forward_step: int = -1
     #: factor-update steps with a gradient, other layers' statistics and no forward
     #: of this one ever (see ``KroneckerOptimizer._missing_statistics``)
     unseen_updates: int = 0
+    #: whether a statistic ever reached the factors (at a factor-update step)
+    updated: bool = False
+    #: steps between factor updates with a forward and a gradient while no statistic
+    #: ever reached the factors (see ``KroneckerOptimizer._never_updated``)
+    idle_steps: int = 0
 
     def clear_captures(self) -> None:
         self.pending = None
@@ -691,6 +698,7 @@ class KroneckerOptimizer(Optimizer):
         self._kl_window: dict[int, tuple[int, int]] = {}
         self._kl_warned: set[int] = set()
         self._lost: set[str] = set()  # blocks warned of a lost output gradient
+        self._idle_warned: set[str] = set()  # blocks warned of factors never updated
         #: layers whose weight is used outside their forward: trained by the fallback
         self._demoted: dict[str, ModuleEntry] = {}
         self._handed_over: list[ModuleEntry] = []  # (in this step, to be told)
@@ -1233,6 +1241,7 @@ class KroneckerOptimizer(Optimizer):
         if output.numel() == 0 or not output.requires_grad:  # empty: an MoE expert without tokens
             return
         entry.blocks[block].seen = True
+        entry.blocks[block].forward_step = self.steps
         if not self._wants(entry) or not self._active(entry):
             return
         if not self._float16_outputs and _float16_forward(output, x):
@@ -1615,6 +1624,10 @@ class KroneckerOptimizer(Optimizer):
             missing = update_now and not fresh and layer.name not in self._lost
             if missing and self._missing_statistics(entry, layer, G):
                 return None  # trained by the fallback rule from this step on
+            if fresh:
+                layer.updated = True
+            elif not (update_now or layer.updated or layer.name in self._idle_warned):
+                self._never_updated(layer, G, group["T"])
             if fresh and layer.own is not None and not layer.own_checked:
                 self._check_own_gradient(entry, layer, G)
             stats = layer.pending if fresh else None
@@ -1694,6 +1707,32 @@ class KroneckerOptimizer(Optimizer):
         self._demote(entry)
         self._handed_over.append(entry)
         return True
+
+    def _never_updated(self, layer: BlockState, G: Tensor, T: int) -> None:
+        """Warn (once per block) of a layer whose forward keeps running, with a
+        gradient, in the steps between factor updates while no statistic ever reached
+        its factors: a layer whose forward runs only in those steps (two heads used in
+        turns with ``T = 2``, a branch taken at odd steps) is stepped by its initial
+        factors, i.e. as momentum SGD at ``lr``, and :meth:`_missing_statistics` never
+        sees it (no gradient in the factor-update steps). At most ``T - 1`` such steps
+        fall between two factor updates, so ``HAND_OVER_AFTER * T`` of them span at
+        least ``HAND_OVER_AFTER`` factor-update steps without its forward."""
+        if layer.forward_step != self.steps or not bool(G.any()):
+            return
+        layer.idle_steps += 1
+        if layer.idle_steps < HAND_OVER_AFTER * T:
+            return
+        self._idle_warned.add(layer.name)
+        warn(
+            f"{type(self).__name__}: the weight of layer {layer.name!r} had gradients in "
+            f"{layer.idle_steps} steps between factor updates (T={T}), but no statistic "
+            "of it has reached its factors since the optimizer was constructed: its "
+            "forward runs only in steps that do not update factors (at least "
+            f"{HAND_OVER_AFTER} factor-update steps passed without it). It is "
+            "preconditioned by its initial factors (an SGD-like step, not a natural-"
+            "gradient one). Run its forward in the steps whose count is a multiple of T "
+            "too (step 0, T, 2T, ...), or use T=1."
+        )
 
     def _observed_now(self) -> bool:
         """Whether some block has statistics captured in this step."""
@@ -2620,6 +2659,10 @@ class KroneckerOptimizer(Optimizer):
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "capture_scale": self._capture_scale,
+            "safeguard_events": dict(self.safeguard_events),
+            # the trust region's warning: steps and hits of each group's window
+            "kl_window": {i: list(w) for i, w in self._kl_window.items()},
+            "kl_warned": sorted(self._kl_warned),
             "demoted": sorted(self._demoted),
             # the parameters each layer's factors cover (a layer woken in a loading
             # optimizer while frozen is made for them)
@@ -2640,6 +2683,8 @@ class KroneckerOptimizer(Optimizer):
                     # (the hand-over of a weight used outside its forward is counted)
                     "seen": s.seen,
                     "unseen_updates": s.unseen_updates,
+                    "updated": s.updated,
+                    "idle_steps": s.idle_steps,
                 }
                 for name, s in self.layers.items()
             },
@@ -2671,7 +2716,7 @@ class KroneckerOptimizer(Optimizer):
             self.state,
             self.param_groups,
             [(layer, dict(vars(layer))) for layer in self.layers.values()],
-            (self.steps, self.skipped_steps, self._capture_scale),
+            (self.steps, self.skipped_steps, self._capture_scale, self._events()),
             (dict(self._entries), list(self._fallback_params), dict(self._demoted)),
             (dict(self._dormant), len(self._handles)),
         )
@@ -2694,7 +2739,8 @@ class KroneckerOptimizer(Optimizer):
             for layer, attributes in layers:
                 vars(layer).clear()
                 vars(layer).update(attributes)
-            self.steps, self.skipped_steps, self._capture_scale = counters
+            self.steps, self.skipped_steps, self._capture_scale, events = counters
+            self._restore_events(events)
             raise
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks[0]
@@ -2806,9 +2852,25 @@ class KroneckerOptimizer(Optimizer):
             layer.reduced = False  # (not saved: the loaded statistics are this rank's)
             layer.seen = bool(saved.get("seen", False))  # (older states: not counted)
             layer.unseen_updates = int(saved.get("unseen_updates", 0))
+            # (older states: as if updated; a factor update on resume sets it anyway)
+            layer.updated = bool(saved.get("updated", True))
+            layer.idle_steps = int(saved.get("idle_steps", 0))
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
+        # (older states: counted from the load on)
+        events = dict.fromkeys(self.safeguard_events, 0)
+        events.update(extra.get("safeguard_events", {}))
+        window = {int(i): (int(w[0]), int(w[1])) for i, w in extra.get("kl_window", {}).items()}
+        self._restore_events((events, window, {int(i) for i in extra.get("kl_warned", ())}))
+
+    def _events(self) -> tuple[dict[str, int], dict[int, tuple[int, int]], set[int]]:
+        """Copies of the safeguards' counts and the trust region's warning window."""
+        return dict(self.safeguard_events), dict(self._kl_window), set(self._kl_warned)
+
+    def _restore_events(self, events) -> None:
+        counts, self._kl_window, self._kl_warned = events
+        self.safeguard_events = {k: int(v) for k, v in counts.items()}
 
 
 #: a state with dense factors this large, and this many times the parameters' bytes,
