@@ -1118,6 +1118,37 @@ def test_state_dict_of_numpy_options_loads_with_weights_only(cls):
     assert_states_equal(_everything(model, opt), _everything(resumed_model, resumed))
 
 
+def test_state_dict_after_a_numpy_schedule_loads_with_weights_only():
+    """A schedule computed with NumPy puts an ``np.float64`` lr back into the group
+    after the step; ``state_dict()`` right after ``scheduler.step()`` (the usual order)
+    now stores it as a float, as it does ``np.str_`` structure names. A spec of an
+    unregistered subclass keeps its class (its name would mean the registered one)."""
+    np = pytest.importorskip("numpy")
+    from torchsingd.structures import StructureSpec, get_structure
+    from torchsingd.structures.dense import DenseMatrix
+
+    model = make_mlp(0)
+    opt = SINGD(model, lr=0.01, T=1, structures=(np.str_("diagonal"), "dense"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / 100)))
+    train(model, opt, 0, 2)
+    sched.step()
+    assert type(opt.param_groups[0]["lr"]) is np.float64  # (put there by the scheduler)
+    saved = opt.state_dict()
+    assert type(saved["param_groups"][0]["lr"]) is float
+    assert [type(s) for s in saved["param_groups"][0]["structures"]] == [str, str]
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
+
+    class Mine(DenseMatrix):
+        pass
+
+    mine = StructureSpec(Mine, ())
+    opt = SINGD(make_mlp(0), structures=(mine, get_structure("dense")))
+    assert opt.param_groups[0]["structures"] == (mine, "dense")
+
+
 @pytest.mark.parametrize("cls", [SINGD, KFAC])
 def test_tensor_lr_and_scheduler_match_float_lr(cls):
     """``lr`` as a one-element tensor (``torch.optim`` allows it; schedulers then fill

@@ -314,6 +314,83 @@ def test_a_layer_whose_forward_misses_every_factor_update_is_reported(impl, head
         assert (not any(moved)) if name in warned_at else all(moved), (name, moved)
 
 
+def _idle_warnings(model, opt, data, start: int = 0, nan_at=()) -> list[int]:
+    """Steps at which the never-updated warning came; at the steps ``nan_at`` a
+    non-finite batch through ``heads.1`` is stepped first (skipped by
+    ``on_nonfinite="skip"``)."""
+    steps = []
+    for t, (x, y) in enumerate(data, start):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if t in nan_at:
+                turn, model.turn = model.turn, 1
+                opt.zero_grad()
+                (float("nan") * nn.functional.mse_loss(model(x), y)).backward()
+                opt.step()
+                model.turn = turn
+            run(model, opt, [(x, y)])
+        steps += [t for w in caught if "between factor updates" in str(w.message)]
+    return steps
+
+
+def test_the_never_updated_warning_is_said_once_across_a_checkpoint() -> None:
+    """Resumed after the warning, a fresh optimizer does not say it again (the count
+    and the warned flag are saved); resumed before it, it warns at the same step as
+    the uninterrupted run."""
+    data = batches(40)
+    warned = {}
+    for cut in (25, 12, None):
+        torch.manual_seed(0)
+        model = Heads(2)
+        opt = SINGD(model, lr=0.01, T=2)
+        steps = _idle_warnings(model, opt, data[: cut or len(data)])
+        if cut is not None:
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+            buffer.seek(0)
+            state = torch.load(buffer, weights_only=True)
+            model = Heads(2)
+            model.load_state_dict(state["model"])
+            model.turn = cut
+            opt = SINGD(model, lr=0.01, T=2)
+            opt.load_state_dict(state["opt"])
+            steps += _idle_warnings(model, opt, data[cut:], start=cut)
+        warned[cut] = steps
+    assert warned[None] == warned[25] == warned[12] == [2 * base.HAND_OVER_AFTER * 2 - 1]
+
+
+def test_skipped_steps_neither_count_nor_update_for_the_warning() -> None:
+    """``on_nonfinite="skip"``: a skipped step is not counted between factor updates,
+    and a skipped factor-update step through the idle head does not mark its factors
+    as updated (they are not): it is still warned about, at the same step."""
+    data = batches(40)
+    torch.manual_seed(0)
+    model = Heads(2)
+    opt = SINGD(model, lr=0.01, T=2, on_nonfinite="skip")
+    clean = _idle_warnings(model, opt, data)
+    for nan_at in ({3, 5, 7, 9, 11}, {2}):  # idle steps of heads.1; a factor-update step
+        torch.manual_seed(0)
+        model = Heads(2)
+        opt = SINGD(model, lr=0.01, T=2, on_nonfinite="skip")
+        steps = _idle_warnings(model, opt, data, nan_at=nan_at)
+        assert opt.skipped_steps == len(nan_at)
+        assert steps == clean == [2 * base.HAND_OVER_AFTER * 2 - 1], (nan_at, steps)
+        assert not opt.layers["heads.1"].updated
+
+
+def test_a_lost_output_gradient_is_not_also_reported_as_never_updated(monkeypatch) -> None:
+    """A layer already warned of a lost output gradient (its forward runs every step)
+    is not warned a second time as one whose forward misses the factor updates."""
+    monkeypatch.setattr(base, "_whole_view", lambda view, root: False)
+    kw = dict(HYPER, T=2, structures=("dense", "dense"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(SINGD, "relu_", steps=12 * 2, **kw)
+    messages = [str(w.message) for w in caught]
+    assert sum("never reached the optimizer" in m for m in messages) == 1
+    assert not [m for m in messages if "between factor updates" in m]
+
+
 def test_a_handed_over_layer_stays_with_the_fallback_after_a_checkpoint() -> None:
     """Resume after the hand-over: a fresh optimizer takes the fallback's state for
     those parameters and goes on bit for bit as the uninterrupted one."""

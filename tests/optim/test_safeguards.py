@@ -463,8 +463,9 @@ def test_safeguard_counts_and_the_trust_region_window_survive_a_checkpoint():
     saved = torch.load(buffer, weights_only=True)
     resumed_model = copy.deepcopy(model)
     resumed = SINGD(resumed_model, lr=0.1, T=1, kl_clip=1e-12, max_factor_step=1e-3)
+    logged = resumed.safeguard_events  # (a reference taken before the load stays live)
     resumed.load_state_dict(saved)
-    assert resumed.safeguard_events == opt.safeguard_events
+    assert logged is resumed.safeguard_events == opt.safeguard_events
     warned = []
     for m, o in ((model, opt), (resumed_model, resumed)):
         steps = []

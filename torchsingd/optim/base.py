@@ -137,6 +137,8 @@ class BlockState:
     #: steps between factor updates with a forward and a gradient while no statistic
     #: ever reached the factors (see ``KroneckerOptimizer._never_updated``)
     idle_steps: int = 0
+    #: whether that was warned about
+    idle_warned: bool = False
 
     def clear_captures(self) -> None:
         self.pending = None
@@ -369,12 +371,18 @@ def _is_int(x: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """A NumPy scalar as the Python number it holds (``np.float64`` too, though it is a
-    ``float``); a :class:`StructureSpec` as its name; anything else as it is."""
+    """A NumPy scalar as the Python number or string it holds (``np.float64`` too,
+    though it is a ``float``); a :class:`StructureSpec` as its name, where the name
+    means it (not a subclass that is not registered); anything else as it is."""
     if isinstance(value, StructureSpec):
-        return value.name
+        try:
+            return value.name if get_structure(value.name) == value else value
+        except ValueError:
+            return value
     if is_number(value) and type(value) not in (int, float):
         return int(value) if _is_int(value) else float(value)
+    if isinstance(value, str) and type(value) is not str:
+        return str(value)
     return value
 
 
@@ -387,9 +395,12 @@ def plain_numbers(group: dict[str, Any]) -> None:
     for key, value in group.items():
         if isinstance(value, (tuple, list)) and key != "params":
             plain = list(map(_plain, value))
-            group[key] = plain if isinstance(value, list) else tuple(plain)
+            if any(a is not b for a, b in zip(plain, value, strict=True)):
+                group[key] = plain if isinstance(value, list) else tuple(plain)
         else:
-            group[key] = _plain(value)
+            plain = _plain(value)
+            if plain is not value:
+                group[key] = plain
 
 
 #: The largest learning rate: the parameter updates pass ``-lr`` to float32 arithmetic
@@ -698,7 +709,8 @@ class KroneckerOptimizer(Optimizer):
         self._kl_window: dict[int, tuple[int, int]] = {}
         self._kl_warned: set[int] = set()
         self._lost: set[str] = set()  # blocks warned of a lost output gradient
-        self._idle_warned: set[str] = set()  # blocks warned of factors never updated
+        #: changes of the blocks' counts that wait for the step to commit
+        self._marks: list[Callable[[], None]] = []
         #: layers whose weight is used outside their forward: trained by the fallback
         self._demoted: dict[str, ModuleEntry] = {}
         self._handed_over: list[ModuleEntry] = []  # (in this step, to be told)
@@ -1582,6 +1594,7 @@ class KroneckerOptimizer(Optimizer):
             for attr in ("grad_scale", "found_inf"):
                 self.__dict__.pop(attr, None)
             self._notes = []  # safeguards of a step that did not commit
+            self._marks = []
             raise
         return loss
 
@@ -1624,9 +1637,9 @@ class KroneckerOptimizer(Optimizer):
             missing = update_now and not fresh and layer.name not in self._lost
             if missing and self._missing_statistics(entry, layer, G):
                 return None  # trained by the fallback rule from this step on
-            if fresh:
-                layer.updated = True
-            elif not (update_now or layer.updated or layer.name in self._idle_warned):
+            if fresh and not layer.updated:
+                self._marks.append(partial(setattr, layer, "updated", True))
+            elif not (update_now or layer.updated or layer.name in self._lost):
                 self._never_updated(layer, G, group["T"])
             if fresh and layer.own is not None and not layer.own_checked:
                 self._check_own_gradient(entry, layer, G)
@@ -1717,21 +1730,24 @@ class KroneckerOptimizer(Optimizer):
         sees it (no gradient in the factor-update steps). At most ``T - 1`` such steps
         fall between two factor updates, so ``HAND_OVER_AFTER * T`` of them span at
         least ``HAND_OVER_AFTER`` factor-update steps without its forward."""
-        if layer.forward_step != self.steps or not bool(G.any()):
+        if layer.idle_warned or layer.forward_step != self.steps or not bool(G.any()):
             return
-        layer.idle_steps += 1
-        if layer.idle_steps < HAND_OVER_AFTER * T:
+        count = layer.idle_steps + 1
+        warned = count >= HAND_OVER_AFTER * T
+        # (written, and said, only if the step commits)
+        self._marks.append(partial(_count_idle, layer, count, warned))
+        if not warned:
             return
-        self._idle_warned.add(layer.name)
-        warn(
+        self._note(
+            None,
             f"{type(self).__name__}: the weight of layer {layer.name!r} had gradients in "
-            f"{layer.idle_steps} steps between factor updates (T={T}), but no statistic "
+            f"{count} steps between factor updates (T={T}), but no statistic "
             "of it has reached its factors since the optimizer was constructed: its "
             "forward runs only in steps that do not update factors (at least "
             f"{HAND_OVER_AFTER} factor-update steps passed without it). It is "
             "preconditioned by its initial factors (an SGD-like step, not a natural-"
             "gradient one). Run its forward in the steps whose count is a multiple of T "
-            "too (step 0, T, 2T, ...), or use T=1."
+            "too (step 0, T, 2T, ...), or use T=1.",
         )
 
     def _observed_now(self) -> bool:
@@ -2118,6 +2134,7 @@ class KroneckerOptimizer(Optimizer):
                     state[key] = value.to(p.device)
 
     def _step(self) -> None:
+        self._marks = []  # (of a step that was skipped)
         check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
         self._check_step_options()
         self._check_placement(in_step=True)
@@ -2214,6 +2231,9 @@ class KroneckerOptimizer(Optimizer):
             if group["max_update_norm"] is not None:
                 clip_by_global_norm(dirs, group["max_update_norm"])
         self._commit_notes()
+        for mark in self._marks:
+            mark()
+        self._marks = []
 
         for entry, new_factors, _, _ in pending:
             for block, factors in new_factors.items():
@@ -2650,6 +2670,8 @@ class KroneckerOptimizer(Optimizer):
             for key, value in group.items():
                 if callable(value):
                     group[key] = _CALLABLE
+            # (a scheduler may have put a NumPy number back since the last step)
+            plain_numbers(group)
 
         def tensors(x: StructuredMatrix | None) -> list[Tensor] | None:
             return None if x is None else list(x.tensors())
@@ -2685,6 +2707,7 @@ class KroneckerOptimizer(Optimizer):
                     "unseen_updates": s.unseen_updates,
                     "updated": s.updated,
                     "idle_steps": s.idle_steps,
+                    "idle_warned": s.idle_warned,
                 }
                 for name, s in self.layers.items()
             },
@@ -2855,6 +2878,7 @@ class KroneckerOptimizer(Optimizer):
             # (older states: as if updated; a factor update on resume sets it anyway)
             layer.updated = bool(saved.get("updated", True))
             layer.idle_steps = int(saved.get("idle_steps", 0))
+            layer.idle_warned = bool(saved.get("idle_warned", False))
         self.steps = extra["steps"]
         self.skipped_steps = extra["skipped_steps"]
         self._capture_scale = extra["capture_scale"]
@@ -2870,13 +2894,22 @@ class KroneckerOptimizer(Optimizer):
 
     def _restore_events(self, events) -> None:
         counts, self._kl_window, self._kl_warned = events
-        self.safeguard_events = {k: int(v) for k, v in counts.items()}
+        restored = {k: int(v) for k, v in counts.items()}
+        self.safeguard_events.clear()  # (in place: a reference taken before stays live)
+        self.safeguard_events.update(restored)
 
 
 #: a state with dense factors this large, and this many times the parameters' bytes,
 #: is warned about at construction (``KroneckerOptimizer._advise_on_size``)
 DENSE_ADVICE_BYTES = 256 * 2**20
 DENSE_ADVICE_RATIO = 8.0
+
+
+def _count_idle(layer: BlockState, count: int, warned: bool) -> None:
+    """Commit what :meth:`KroneckerOptimizer._never_updated` counted in a step."""
+    layer.idle_steps = count
+    layer.idle_warned = layer.idle_warned or warned
+
 
 #: factor-update steps at which a layer's weight has a gradient while its forward has
 #: never run (and other layers' have) before its parameters go to the fallback rule
