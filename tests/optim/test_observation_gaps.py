@@ -345,10 +345,7 @@ def test_the_never_updated_warning_is_said_once_across_a_checkpoint() -> None:
         opt = SINGD(model, lr=0.01, T=2)
         steps = _idle_warnings(model, opt, data[: cut or len(data)])
         if cut is not None:
-            buffer = io.BytesIO()
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-            buffer.seek(0)
-            state = torch.load(buffer, weights_only=True)
+            state = torch.load(io.BytesIO(snapshot(model, opt)), weights_only=True)
             model = Heads(2)
             model.load_state_dict(state["model"])
             model.turn = cut

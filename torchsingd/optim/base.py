@@ -1594,7 +1594,6 @@ class KroneckerOptimizer(Optimizer):
             for attr in ("grad_scale", "found_inf"):
                 self.__dict__.pop(attr, None)
             self._notes = []  # safeguards of a step that did not commit
-            self._marks = []
             raise
         return loss
 
@@ -2134,7 +2133,7 @@ class KroneckerOptimizer(Optimizer):
                     state[key] = value.to(p.device)
 
     def _step(self) -> None:
-        self._marks = []  # (of a step that was skipped)
+        self._marks = []  # (of a step that was skipped or raised)
         check_step_hyperparameters(self.param_groups, self.LR_COV_UPPER)
         self._check_step_options()
         self._check_placement(in_step=True)
